@@ -1,0 +1,462 @@
+"""Token-level algorithms for RL fine-tuning of causal language models.
+
+Conventions shared by every function here:
+
+* Responses are right-padded to a common length ``L``.
+* ``mask`` is ``[B, L]`` (bool or float) with 1 on real response tokens and 0 on
+  padding. Masked reductions treat it as 0/1 weights.
+* Log-probs are ``[B, L]``: one entry per response token (log pi(y_t | x, y_<t)).
+
+Nothing here reads a config object: coefficients are explicit arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+_ADV_ESTIMATORS = ("grpo", "rloo", "reinforce")
+
+
+def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Mask as a floating tensor of ``like``'s dtype (bool -> {0, 1})."""
+    return mask.to(like.dtype) if like.is_floating_point() else mask.float()
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with the positions where ``mask`` is 0 set to 0."""
+    return x.masked_fill(mask == 0, 0)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the positions where ``mask`` is non-zero.
+
+    ``sum_t x_t * m_t`` over ``dim`` (all elements when ``dim`` is None). Masked-out
+    entries are replaced by 0 before multiplying, so NaN/inf in padding cannot leak.
+
+    Args:
+        x: Any shape, e.g. ``[B, L]``.
+        mask: Same shape as ``x``; bool or float weights.
+        dim: Dimension to reduce, or None for a scalar.
+
+    Returns:
+        Scalar (``dim=None``) or ``x`` with ``dim`` reduced.
+    """
+    w = _as_weights(mask, x)
+    xm = _zero_padding(x, mask) * w
+    return xm.sum() if dim is None else xm.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is non-zero.
+
+    ``sum_t x_t * m_t / sum_t m_t`` over ``dim`` (all elements when ``dim`` is None).
+    The denominator is clamped to at least 1e-8, so an all-masked slice gives 0
+    rather than NaN.
+
+    Args:
+        x: Any shape, e.g. ``[B, L]``.
+        mask: Same shape as ``x``; bool or float weights.
+        dim: Dimension to reduce, or None for a scalar.
+
+    Returns:
+        Scalar (``dim=None``) or ``x`` with ``dim`` reduced.
+    """
+    w = _as_weights(mask, x)
+    denom = w.sum() if dim is None else w.sum(dim=dim)
+    return masked_sum(x, mask, dim) / denom.clamp_min(1e-8)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Standardise ``x`` with statistics taken over the masked positions only.
+
+    With n = sum(m), mu = masked_mean(x), and the unbiased (Bessel-corrected)
+    masked variance ``var = sum(m * (x - mu)^2) / max(n - 1, 1)``::
+
+        shift_mean=True:   x' = (x - mu) / sqrt(var + eps)
+        shift_mean=False:  x' = (x - mu) / sqrt(var + eps) + mu   (scale only)
+
+    This is the whitening used for PPO advantages in RLHF (Ziegler et al. 2019,
+    "Fine-Tuning Language Models from Human Preferences"; TRL's ``masked_whiten``).
+    Padded positions of the output are set to 0.
+
+    Args:
+        x: ``[B, L]`` values (e.g. token advantages).
+        mask: ``[B, L]`` bool or {0, 1}.
+        shift_mean: Subtract the mean (True) or only rescale (False).
+        eps: Added to the variance before the square root.
+
+    Returns:
+        ``[B, L]`` tensor of ``x``'s dtype.
+    """
+    w = _as_weights(mask, x)
+    mean = masked_mean(x, mask)
+    n = w.sum()
+    var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp_min(1.0)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened.masked_fill(mask == 0, 0)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token sample estimators of KL(pi || pi_ref), with tokens sampled from pi.
+
+    From Schulman (2020), "Approximating KL Divergence". With
+    ``log r = log pi_ref(y_t) - log pi(y_t) = ref_logprobs - logprobs``::
+
+        k1 = -log r                      (unbiased, high variance, can be < 0)
+        k2 = 0.5 * (log r)^2             (biased, low variance, >= 0)
+        k3 = (r - 1) - log r             (unbiased, low variance, >= 0)
+
+    ``"low_var_kl"`` is accepted as an alias of ``"k3"`` (verl's name). k3 is
+    computed as ``expm1(log r) - log r`` for accuracy near r = 1. No clamping is
+    applied.
+
+    Args:
+        logprobs: ``[B, L]`` log-probs of the sampled tokens under pi.
+        ref_logprobs: ``[B, L]`` log-probs of the same tokens under pi_ref.
+        kind: One of ``"k1"``, ``"k2"``, ``"k3"``, ``"low_var_kl"``.
+
+    Returns:
+        ``[B, L]`` per-token KL estimates (padding is not masked here).
+
+    Raises:
+        ValueError: Unknown ``kind``.
+    """
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind in ("k3", "low_var_kl"):
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {_KL_KINDS}")
+
+
+def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss matrix to a scalar.
+
+    With m the mask, |y_i| = sum_t m_it and B the number of rows::
+
+        "token-mean":          sum_{i,t} l_it m_it / sum_{i,t} m_it
+                               (every token weighs the same; DAPO, Yu et al. 2025)
+        "seq-mean-token-mean": (1/B) sum_i [ sum_t l_it m_it / |y_i| ]
+                               (GRPO, Shao et al. 2024, "DeepSeekMath")
+        "seq-mean-token-sum":  (1/B) sum_i sum_t l_it m_it
+                               (no length normalisation; Dr. GRPO, Liu et al. 2025)
+
+    A row with no real tokens contributes 0 to the sequence modes but still counts
+    in B.
+
+    Args:
+        loss_mat: ``[B, L]`` per-token losses.
+        mask: ``[B, L]`` bool or {0, 1}.
+        mode: One of the three modes above.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: Unknown ``mode``.
+    """
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss_mat, mask, dim=-1).mean()
+    if mode == "seq-mean-token-sum":
+        return masked_sum(loss_mat, mask, dim=-1).mean()
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    estimator: str,
+    eps: float = 1e-6,
+    std_normalize: bool = True,
+) -> torch.Tensor:
+    """Sequence-level advantages from scalar rewards, with a group or batch baseline.
+
+    ``rewards`` holds ``num_prompts * group_size`` entries, the ``group_size``
+    completions of one prompt contiguous. For completion i of group g::
+
+        "grpo":      A_i = (r_i - mean_g) / (std_g + eps)
+                     (Shao et al. 2024, "DeepSeekMath"; GRPO)
+                     std_normalize=False: A_i = r_i - mean_g   (Dr. GRPO, Liu et al. 2025)
+        "rloo":      A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean_g)
+                     (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE ...")
+        "reinforce": A_i = r_i - mean(r over the whole batch)
+                     (REINFORCE with a mean baseline, Williams 1992)
+
+    std_g is the *unbiased* (Bessel-corrected, ``torch.std`` default) standard
+    deviation within the group, as in the DeepSeekMath/TRL/verl implementations;
+    with ``group_size == 1`` it is taken as 0. ``std_normalize`` only affects
+    ``"grpo"``; ``"reinforce"`` ignores the grouping.
+
+    Args:
+        rewards: ``[B]`` scalar rewards, ``B = num_prompts * group_size``.
+        group_size: G, completions per prompt (>= 1; >= 2 for ``"rloo"``).
+        estimator: ``"grpo"``, ``"rloo"`` or ``"reinforce"``.
+        eps: Added to std_g in ``"grpo"`` (a constant group gives 0, not NaN).
+        std_normalize: Divide by std_g in ``"grpo"``.
+
+    Returns:
+        ``[B]`` float32 advantages (no gradient).
+
+    Raises:
+        ValueError: Unknown ``estimator``, ``group_size`` < 1 (or < 2 for
+            ``"rloo"``), or ``B`` not a multiple of ``group_size``.
+    """
+    if estimator not in _ADV_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {estimator!r}; expected one of {_ADV_ESTIMATORS}"
+        )
+    r = rewards.float().reshape(-1)
+    if estimator == "reinforce":
+        return r - r.mean()
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if r.numel() % group_size != 0:
+        raise ValueError(f"{r.numel()} rewards is not a multiple of group_size={group_size}")
+    grouped = r.view(-1, group_size)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError(f"rloo needs group_size >= 2, got {group_size}")
+        adv = grouped - (grouped.sum(dim=-1, keepdim=True) - grouped) / (group_size - 1)
+        return adv.reshape(-1)
+    adv = grouped - mean
+    if std_normalize:
+        if group_size > 1:
+            std = grouped.std(dim=-1, keepdim=True)
+        else:
+            std = torch.zeros_like(mean)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+@torch.no_grad()
+def token_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor | None,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """Per-token rewards with the KL penalty folded in (KL-in-reward shaping).
+
+    As in Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+    Preferences") and Ouyang et al. 2022 (InstructGPT)::
+
+        r_t = -kl_coef * kl_t * m_t + score * [t == last real token]
+
+    Args:
+        scores: ``[B]`` sequence-level scores (reward model / verifier).
+        kl: ``[B, L]`` per-token KL estimates (e.g. ``kl_penalty(..., "k1")``), or
+            None for no penalty.
+        mask: ``[B, L]`` bool or {0, 1}; the last non-zero position of each row
+            receives the score (a row with no real token receives nothing).
+        kl_coef: beta, the KL coefficient.
+
+    Returns:
+        ``[B, L]`` float32 rewards, 0 on padding (no gradient).
+    """
+    if kl is None:
+        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    else:
+        rewards = -kl_coef * _zero_padding(kl.float(), mask)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
+    last = torch.where(mask != 0, positions, -1).max(dim=-1).values  # [B]; -1: no token
+    rows = torch.nonzero(last >= 0, as_tuple=True)[0]
+    rewards[rows, last[rows]] += scores.float().reshape(-1)[rows]
+    return rewards
+
+
+@torch.no_grad()
+def masked_gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation over response tokens (Schulman et al. 2016).
+
+    Each response is one episode whose steps are its real tokens; the value after
+    the last real token is 0 (the episode ends with the response)::
+
+        delta_t = r_t + gamma * m_{t+1} * V_{t+1} - V_t
+        A_t     = m_t * (delta_t + gamma * lambda * A_{t+1})
+        R_t     = m_t * (A_t + V_t)
+
+    with V_{L} = A_{L} = 0. Responses are assumed right-padded (a gap in the mask
+    would cut the bootstrap there). Padded positions get 0.
+
+    Args:
+        token_rewards: ``[B, L]`` per-token rewards (e.g. from ``token_rewards``).
+        values: ``[B, L]`` critic values V_t at sampling time (state: prompt + y_<t).
+        mask: ``[B, L]`` bool or {0, 1}.
+        gamma: Discount factor per token.
+        lam: GAE lambda (0: one-step TD, 1: Monte Carlo).
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, L]`` float32 (no gradient).
+    """
+    w = mask.float()
+    r = _zero_padding(token_rewards.float(), mask)
+    v = _zero_padding(values.float(), mask)
+    length = r.shape[-1]
+    advantages = torch.zeros_like(r)
+    last_gae = torch.zeros_like(r[:, 0])
+    for t in reversed(range(length)):
+        next_v = v[:, t + 1] if t + 1 < length else torch.zeros_like(last_gae)
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * w[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + v) * w
+    return advantages, returns
+
+
+def ppo_token_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO clipped surrogate (Schulman et al. 2017), as a loss to minimise.
+
+    With rho_t = exp(log pi(y_t) - log pi_old(y_t))::
+
+        l_t = max( -A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high) )
+        L   = aggregate_loss(l, mask, agg)
+
+    ``clip_high`` defaults to ``clip_low`` (symmetric PPO); a larger value is
+    DAPO's "clip-higher" (Yu et al. 2025). Sequence-level advantages ``[B]``
+    (GRPO/RLOO) are broadcast over the tokens of each row.
+
+    Args:
+        logprobs: ``[B, L]`` log-probs under the current policy (with grad).
+        old_logprobs: ``[B, L]`` log-probs under the sampling policy.
+        advantages: ``[B]`` or ``[B, L]`` advantages.
+        mask: ``[B, L]`` bool or {0, 1}.
+        clip_low: eps_low, lower clip range.
+        clip_high: eps_high, upper clip range (None: ``clip_low``).
+        agg: Loss aggregation mode, see ``aggregate_loss``.
+
+    Returns:
+        ``(loss, stats)`` where ``stats`` holds detached, masked token means:
+        ``approx_kl`` (k3 estimator (rho - 1) - log rho, Schulman 2020) and
+        ``clip_frac`` (fraction of tokens with rho outside
+        [1 - eps_low, 1 + eps_high]).
+    """
+    if clip_high is None:
+        clip_high = clip_low
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate_loss(torch.max(pg_loss1, pg_loss2), mask, agg)
+    with torch.no_grad():
+        clipped = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+        stats = {
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "clip_frac": masked_mean(clipped.float(), mask),
+        }
+    return loss, stats
+
+
+def ppo_token_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_coef: float | None,
+) -> torch.Tensor:
+    """Per-token value loss, optionally clipped around the sampling-time values.
+
+    Unclipped: ``0.5 * token-mean((V - R)^2)``. Clipped, with
+    V_clip = V_old + clip(V - V_old, -eps, eps) (PPO2; Ziegler et al. 2019)::
+
+        0.5 * token-mean( max( (V - R)^2, (V_clip - R)^2 ) )
+
+    where token-mean is ``masked_mean`` over all real tokens of the batch.
+
+    Args:
+        values: ``[B, L]`` current value predictions.
+        old_values: ``[B, L]`` value predictions at sampling time.
+        returns: ``[B, L]`` return targets (e.g. from ``masked_gae``).
+        mask: ``[B, L]`` bool or {0, 1}.
+        clip_coef: eps, or None for the unclipped loss.
+
+    Returns:
+        Scalar loss.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * masked_mean(unclipped, mask)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    agg: str = "token-mean",
+) -> torch.Tensor:
+    """KL(pi || pi_ref) regulariser added to the loss (GRPO, Shao et al. 2024).
+
+    ``L_KL = aggregate_loss(kl_penalty(logprobs, ref_logprobs, kind), mask, agg)``;
+    GRPO uses the k3 estimator ``pi_ref/pi - log(pi_ref/pi) - 1`` and a weight beta
+    applied by the caller.
+
+    Args:
+        logprobs: ``[B, L]`` log-probs under the current policy (with grad).
+        ref_logprobs: ``[B, L]`` log-probs under the frozen reference policy.
+        mask: ``[B, L]`` bool or {0, 1}.
+        kind: KL estimator, see ``kl_penalty``.
+        agg: Aggregation mode, see ``aggregate_loss``.
+
+    Returns:
+        Scalar loss.
+    """
+    return aggregate_loss(kl_penalty(logprobs, ref_logprobs, kind), mask, agg)
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the given tokens under the logits, in float32.
+
+    ``out[b, t] = log_softmax(logits[b, t])[tokens[b, t]]
+    = logits[b, t, tokens[b, t]] - logsumexp(logits[b, t])``.
+
+    No shifting is done: for a causal LM pass ``logits[:, :-1]`` and
+    ``input_ids[:, 1:]``. Low-precision logits are upcast one row at a time, so
+    peak extra memory is one ``[T, V]`` float32 slice rather than ``[B, T, V]``.
+
+    Args:
+        logits: ``[B, T, V]`` unnormalised logits (any floating dtype).
+        tokens: ``[B, T]`` integer token ids.
+
+    Returns:
+        ``[B, T]`` float32 log-probs (differentiable w.r.t. ``logits``).
+    """
+    index = tokens.long().unsqueeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = logits.gather(-1, index).squeeze(-1)
+        return (selected - torch.logsumexp(logits, dim=-1)).float()
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row = row_logits.float()
+        rows.append(row.gather(-1, row_index).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(rows)

@@ -1,0 +1,1 @@
+"""Algorithm-specific learners behind the one :class:`~rlft_ray.learners.base.Learner` interface."""

@@ -1,0 +1,1 @@
+"""Language-model helpers: tiny offline tokenizers/models and loading of pretrained checkpoints."""

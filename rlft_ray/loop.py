@@ -1,0 +1,189 @@
+"""The training loop every Ray Train worker runs (one per learner rank).
+
+sample (this rank's rollout actors) -> learner.update -> rank 0 publishes weights
+-> report metrics (+ checkpoint). Algorithm differences live in the
+:class:`~rlft_ray.learners.base.Learner` the registry returns for ``cfg.algo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import get_device
+
+from rlft_ray import checkpoint as ckpt
+from rlft_ray.config import RunConfig
+from rlft_ray.learners.base import Learner, LearnerContext, Spaces
+from rlft_ray.models import space_signature
+from rlft_ray.registry import get_learner_cls
+from rlft_ray.rundir import ROWS_KEY
+from rlft_ray.rollout.group import RunnerGroup
+from rlft_ray.utils import seed_everything, torch_threads
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_cfg`` holds ``cfg``, ``spaces`` and ``runners`` (actor handles)."""
+    cfg: RunConfig = loop_cfg["cfg"]
+    spaces: Spaces = loop_cfg["spaces"]
+    _quiet_ray_train_reports()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(torch_threads(cfg.resources.cpus_per_learner))
+    seed_everything(cfg.seed + 7919 * rank)
+
+    learner = get_learner_cls(cfg.algo)(cfg, spaces, LearnerContext(rank, world, get_device()))
+    per_rank = len(loop_cfg["runners"]) // world
+    runners = RunnerGroup(loop_cfg["runners"], mine=range(rank * per_rank, (rank + 1) * per_rank))
+    counters = restore(learner, cfg, spaces)
+    if rank == 0:
+        runners.publish(learner.policy_state(), counters.policy_version)
+    _barrier(world)
+    clock_start = time.perf_counter() - counters.wall_s
+    reporter = _Reporter(cfg, spaces, rank, world)
+
+    while not _finished(cfg, counters):
+        t0 = time.perf_counter()
+        batches = runners.sample(lambda: (learner.policy_state(), counters.policy_version))
+        batch = type(batches[0]).concat(batches)
+        t1 = time.perf_counter()
+
+        returns, successes = _gather_episodes(batch.episodes, world)
+        metrics = learner.update(batch, progress=counters.env_steps / cfg.total_env_steps)
+        counters.iteration += 1
+        counters.env_steps += batch.num_steps * world
+        counters.policy_version += 1
+        counters.record_episodes(returns, successes)
+        t2 = time.perf_counter()
+
+        sync_s = runners.publish(learner.policy_state(), counters.policy_version) if rank == 0 else 0.0
+        _barrier(world)
+        counters.wall_s = time.perf_counter() - clock_start
+
+        metrics.update(_rollout_metrics(counters, returns, batch, world))
+        metrics.update(
+            {
+                "perf/sample_s": t1 - t0,
+                "perf/update_s": t2 - t1,
+                "perf/weight_sync_s": sync_s,
+                "perf/env_steps_per_s": batch.num_steps * world / max(t1 - t0, 1e-9),
+                "perf/iteration_s": time.perf_counter() - t0,
+                "perf/actor_restarts": float(runners.restarts),
+            }
+        )
+        reporter.add(metrics, learner, counters, last=_finished(cfg, counters))
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO from a logger named after its file; mute it."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # private module moved: only the log volume changes
+        pass
+
+
+def restore(learner: Learner, cfg: RunConfig, spaces: Spaces) -> ckpt.Counters:
+    """Resume from Ray Train's latest checkpoint, else start from ``init_from``, else fresh."""
+    sig = _spaces_sig(spaces)
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as path:
+            ckpt.check_compatible(path, cfg, sig)
+            ckpt.load_modules(path, learner.modules())
+            return ckpt.load_training_state(path, learner.optimizer)
+    if cfg.init_from:
+        ckpt.check_compatible(cfg.init_from, cfg, sig)
+        ckpt.load_modules(cfg.init_from, learner.modules())
+        learner.after_init_from()
+    return ckpt.Counters()
+
+
+class _Reporter:
+    """Batches per-iteration rows into few ``ray.train.report`` calls.
+
+    Ray Train V2 hands each report to the controller through a one-slot queue that
+    the controller drains once per poll, so reporting every iteration would throttle
+    a fast loop to the poll rate. Rows are sent together under ``ROWS_KEY`` (the run
+    directory callback writes each one to ``metrics.jsonl``); the flat metrics of the
+    latest iteration ride along for Tune and the checkpoint ranking.
+    """
+
+    def __init__(self, cfg: RunConfig, spaces: Spaces, rank: int, world: int) -> None:
+        self.cfg, self.spaces, self.rank, self.world = cfg, spaces, rank, world
+        self.rows: list[dict[str, float]] = []
+        self.last_report = time.monotonic()
+
+    def add(self, metrics: dict[str, float], learner: Learner, counters: ckpt.Counters, last: bool) -> None:
+        self.rows.append(metrics)
+        checkpoint_due = last or counters.iteration % self.cfg.checkpoint_every == 0
+        if not self._agree(checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s):
+            return
+        payload = {**metrics, ROWS_KEY: self.rows}
+        self.rows, self.last_report = [], time.monotonic()
+        if not (checkpoint_due and self.rank == 0):
+            ray.train.report(payload)
+            return
+        with tempfile.TemporaryDirectory(prefix="rlft_ckpt_") as tmp:
+            ckpt.save_checkpoint(Path(tmp), learner.modules(), learner.optimizer, counters, self.cfg, _spaces_sig(self.spaces))
+            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _agree(self, want: bool) -> bool:
+        # Every rank must call report equally often: rank 0's clock decides.
+        if self.world == 1:
+            return want
+        flag = torch.tensor([1.0 if want else 0.0])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
+    if counters.env_steps >= cfg.total_env_steps:
+        return True
+    mean = counters.return_mean()
+    full_window = len(counters.recent_returns) >= ckpt.RECENT_EPISODES
+    return cfg.stop_return is not None and full_window and mean is not None and mean >= cfg.stop_return
+
+
+def _rollout_metrics(counters: ckpt.Counters, returns: list[float], batch: Any, world: int) -> dict[str, float]:
+    out = {
+        "counters/iteration": float(counters.iteration),
+        "counters/env_steps": float(counters.env_steps),
+        "counters/policy_version": float(counters.policy_version),
+        "counters/episodes": float(counters.episodes),
+        "rollout/episodes_this_iter": float(len(returns)),
+        "rollout/policy_lag": float(counters.policy_version - 1 - batch.policy_version),
+        "time/wall_s": counters.wall_s,
+    }
+    if counters.recent_returns:
+        out["rollout/episode_return_mean"] = float(counters.return_mean())
+    if counters.recent_successes:
+        out["rollout/success_rate"] = sum(counters.recent_successes) / len(counters.recent_successes)
+    return out
+
+
+def _gather_episodes(episodes: Any, world: int) -> tuple[list[float], list[bool]]:
+    """Every rank gets all ranks' finished episodes (so all ranks stop together)."""
+    local = (list(episodes.returns), list(episodes.successes))
+    if world == 1:
+        return local
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    return [r for g in gathered for r in g[0]], [s for g in gathered for s in g[1]]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _spaces_sig(spaces: Spaces) -> dict[str, str]:
+    return {"observation": space_signature(spaces.observation), "action": space_signature(spaces.action)}

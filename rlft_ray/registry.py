@@ -1,0 +1,25 @@
+"""Algorithm name -> learner class. The loop looks algorithms up here, never by ``if``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlft_ray.learners.base import Learner
+
+
+def _algorithms() -> dict[str, type[Learner]]:
+    from rlft_ray.learners.dqn import DQNLearner
+    from rlft_ray.learners.ppo import PPOLearner
+
+    return {"ppo": PPOLearner, "dqn": DQNLearner}
+
+
+def algorithm_names() -> list[str]:
+    """Registered algorithm names, as accepted by ``algo:``."""
+    return sorted(_algorithms())
+
+
+def get_learner_cls(name: str) -> type[Learner]:
+    """The learner class registered as ``name``."""
+    return _algorithms()[name]

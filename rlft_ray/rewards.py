@@ -1,0 +1,194 @@
+"""Loading and safely calling user reward functions.
+
+A reward function has the signature
+``fn(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]`` and is
+named in configs as ``"package.module:function"`` (e.g. ``"envs.arithmetic:exact_match"``).
+:func:`compute_rewards` turns every way such a function can misbehave into a :class:`RewardError`
+that names the function and, where possible, the offending sample. Pure Python (no Ray).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[float]]
+
+_MODULE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_PROMPT_PREVIEW_CHARS = 200
+
+
+class RewardError(RuntimeError):
+    """A reward function raised, or returned something that is not one finite float per sample."""
+
+
+def load_reward_fn(spec: str | RewardFn) -> RewardFn:
+    """Import a reward function from a ``"package.module:function"`` spec.
+
+    The attribute part may be dotted (``"pkg.mod:Class.method"``). A callable is returned as is,
+    so configs can hold either a spec string or the function itself.
+
+    Args:
+        spec: ``"module.path:attribute"`` or a callable.
+
+    Returns:
+        The callable.
+
+    Raises:
+        ValueError: Malformed spec, module that cannot be imported, missing attribute, or an
+            attribute that is not callable; the message names the failing piece.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"reward spec must be a 'module:function' string, got {type(spec).__name__}"
+        )
+    module_name, sep, attr_path = spec.strip().partition(":")
+    if not sep or ":" in attr_path:
+        raise ValueError(
+            f"malformed reward spec {spec!r}: expected exactly one ':' as in "
+            "'package.module:function'"
+        )
+    if not _MODULE_RE.fullmatch(module_name):
+        raise ValueError(f"malformed reward spec {spec!r}: invalid module path {module_name!r}")
+    if not _MODULE_RE.fullmatch(attr_path):
+        raise ValueError(f"malformed reward spec {spec!r}: invalid function name {attr_path!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import reward module {module_name!r} (spec {spec!r}): {e}") from e
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ValueError(
+                f"reward module {module_name!r} has no attribute {attr_path!r} "
+                f"(missing {part!r}; spec {spec!r})"
+            ) from e
+    if not callable(obj):
+        raise ValueError(f"reward spec {spec!r} names a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    """A readable name for ``fn`` ("module:qualname"), unwrapping functools.partial."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}:{qualname}" if module else qualname
+
+
+def _preview(prompt: Any) -> str:
+    text = repr(prompt)
+    if len(text) > _PROMPT_PREVIEW_CHARS:
+        text = text[:_PROMPT_PREVIEW_CHARS] + "...'"
+    return text
+
+
+def _find_failing_sample(
+    fn: RewardFn, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]
+) -> tuple[int, BaseException] | None:
+    """Re-run ``fn`` one sample at a time; return the first index that raises and its error."""
+    for i in range(len(prompts)):
+        try:
+            fn([prompts[i]], [completions[i]], [metadata[i]])
+        except Exception as e:
+            return i, e
+    return None
+
+
+def compute_rewards(
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    metadata: Sequence[dict[str, Any]],
+) -> list[float]:
+    """Call ``fn`` on a batch and validate its output.
+
+    Args:
+        fn: Reward function ``fn(prompts, completions, metadata) -> list[float]``.
+        prompts: One prompt per sample.
+        completions: One completion per sample.
+        metadata: One dict per sample (e.g. with the reference ``"answer"``).
+
+    Returns:
+        One finite float per sample.
+
+    Raises:
+        ValueError: The three inputs differ in length (a caller bug, not the reward's).
+        RewardError: ``fn`` raised (the message names the first failing sample index and its
+            prompt when re-running ``fn`` one sample at a time reproduces the error), returned
+            the wrong number of values, or returned a NaN/inf or non-number value.
+    """
+    prompts, completions, metadata = list(prompts), list(completions), list(metadata)
+    n = len(prompts)
+    if len(completions) != n or len(metadata) != n:
+        raise ValueError(
+            f"prompts, completions and metadata must have equal lengths, got "
+            f"{n}, {len(completions)}, {len(metadata)}"
+        )
+    name = _fn_name(fn)
+    try:
+        # Pass list copies so a reward function that reorders/pops its inputs cannot corrupt
+        # the lists used below for error messages.
+        raw = fn(list(prompts), list(completions), list(metadata))
+    except Exception as e:
+        # With one sample the culprit is known; otherwise re-run per sample to find it.
+        failing = (0, e) if n == 1 else _find_failing_sample(fn, prompts, completions, metadata)
+        if failing is not None:
+            idx, sample_err = failing
+            where = f"sample {idx} (prompt {_preview(prompts[idx])})"
+            if type(sample_err) is type(e) and str(sample_err) == str(e):
+                detail = f"{type(e).__name__}: {e} on {where}"
+            else:  # the per-sample error differs; report both rather than guess
+                detail = (
+                    f"{type(e).__name__}: {e}; re-run alone, {where} raised "
+                    f"{type(sample_err).__name__}: {sample_err}"
+                )
+            raise RewardError(f"reward function {name} raised {detail}") from e
+        raise RewardError(
+            f"reward function {name} raised {type(e).__name__}: {e} "
+            f"(batch of {n}; no single sample reproduces it)"
+        ) from e
+
+    try:
+        values = list(raw)
+    except TypeError as e:
+        raise RewardError(
+            f"reward function {name} must return a list of {n} floats, got {type(raw).__name__}"
+        ) from e
+    if len(values) != n:
+        raise RewardError(
+            f"reward function {name} returned the wrong number of rewards: "
+            f"expected {n} (one per completion), got {len(values)}"
+        )
+
+    rewards: list[float] = []
+    for i, value in enumerate(values):
+        reward: float | None = None
+        if isinstance(value, numbers.Real) or (
+            hasattr(value, "__float__") and not isinstance(value, (str, bytes))
+        ):
+            try:
+                reward = float(value)
+            except (TypeError, ValueError):  # e.g. a multi-element tensor
+                reward = None
+        if reward is None:
+            raise RewardError(
+                f"reward function {name} returned a non-number for sample {i} "
+                f"(prompt {_preview(prompts[i])}): {value!r} ({type(value).__name__})"
+            )
+        if not math.isfinite(reward):
+            raise RewardError(
+                f"reward function {name} returned {reward} for sample {i} "
+                f"(prompt {_preview(prompts[i])}); rewards must be finite"
+            )
+        rewards.append(reward)
+    return rewards

@@ -1,0 +1,1 @@
+"""Rollout workers: plain classes plus thin ``@ray.remote`` wrappers."""

@@ -1,0 +1,111 @@
+"""Driving a set of rollout actors from a learner: sampling, weight sync, recovery."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.actor import ActorHandle
+
+logger = logging.getLogger(__name__)
+
+# What a dead actor's calls raise while Ray restarts it.
+_ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def make_remote_runners(
+    sampler_cls: type,
+    count: int,
+    num_cpus: float,
+    max_restarts: int,
+    name_prefix: str,
+    kwargs_for: Callable[[int], dict[str, Any]],
+) -> list[ActorHandle]:
+    """Start ``count`` actors of the plain class ``sampler_cls`` (thin ``ray.remote`` wrapper).
+
+    Args:
+        sampler_cls: e.g. :class:`~rlft_ray.rollout.env_runner.EnvRunner`.
+        count: Number of actors.
+        num_cpus: CPUs each actor holds (fractional is fine).
+        max_restarts: Ray restarts a dead actor this many times (re-running ``__init__``).
+        name_prefix: Actors are named ``{name_prefix}{i}`` so tools and tests can find them.
+        kwargs_for: Constructor kwargs for actor i.
+    """
+    remote_cls = ray.remote(sampler_cls)
+    return [
+        remote_cls.options(
+            num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, name=f"{name_prefix}{i}"
+        ).remote(**kwargs_for(i))
+        for i in range(count)
+    ]
+
+
+class RunnerGroup:
+    """The rollout actors one learner rank samples from.
+
+    Args:
+        all_runners: Every rollout actor of the run (rank 0 publishes weights to all).
+        mine: Indices of the actors this rank samples from.
+        recovery_timeout_s: How long to wait for Ray to restart a dead actor.
+    """
+
+    def __init__(self, all_runners: Sequence[ActorHandle], mine: Sequence[int], recovery_timeout_s: float = 60.0) -> None:
+        self.all_runners = list(all_runners)
+        self.mine = list(mine)
+        self.recovery_timeout_s = recovery_timeout_s
+        self.restarts = 0
+
+    def publish(self, weights: dict[str, torch.Tensor], version: int) -> float:
+        """Put the weights in the object store once; every actor loads them. Returns seconds."""
+        start = time.perf_counter()
+        ref = ray.put(weights)
+        pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
+        for i, call in pending.items():
+            try:
+                ray.get(call)
+            except _ACTOR_DOWN:
+                # Its rank restores it (with its own copy of the weights) on the next sample.
+                logger.warning("rollout actor %d was down during weight sync", i)
+        return time.perf_counter() - start
+
+    def sample(self, weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]], *args: Any) -> list[Any]:
+        """Sample once from each of this rank's actors, restoring any that died.
+
+        Args:
+            weights_for_recovery: Returns ``(weights, version)`` for a restarted actor.
+            *args: Forwarded to the actors' ``sample``.
+
+        Returns:
+            One batch per actor, in order.
+        """
+        calls = [self.all_runners[i].sample.remote(*args) for i in self.mine]
+        out = []
+        for i, call in zip(self.mine, calls):
+            try:
+                out.append(ray.get(call))
+            except _ACTOR_DOWN as exc:
+                out.append(self._recover(i, exc, weights_for_recovery, args))
+        return out
+
+    def _recover(self, i: int, exc: Exception, weights_for_recovery: Callable, args: tuple) -> Any:
+        logger.warning("rollout actor %d died (%s); waiting for Ray to restart it", i, type(exc).__name__)
+        deadline = time.monotonic() + self.recovery_timeout_s
+        runner = self.all_runners[i]
+        while True:
+            try:
+                weights, version = weights_for_recovery()
+                ray.get(runner.set_weights.remote(weights, version))
+                batch = ray.get(runner.sample.remote(*args))
+                self.restarts += 1
+                return batch
+            except _ACTOR_DOWN as again:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"rollout actor {i} did not come back within {self.recovery_timeout_s:.0f}s "
+                        "(resources.max_actor_restarts exhausted?)"
+                    ) from again
+                time.sleep(0.2)
