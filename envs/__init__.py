@@ -15,6 +15,10 @@ Importing this package registers:
   Without the explicit import, ``gym.make("envs:rlft/Navigation-v0")`` imports this
   package first.
 
+* ``rlft/NaNReward-v0`` — :class:`envs.faults.NaNRewardEnv`, CartPole whose rewards
+  turn NaN after ``nan_after_steps`` steps: a fault-injection env for testing the
+  learners' NaN guard, not for training.
+
 Registration is idempotent: re-importing (or reloading) the package does not register
 the id twice.
 """
@@ -26,6 +30,7 @@ import gymnasium
 from envs.navigation import NavigationEnv
 
 NAVIGATION_ID = "rlft/Navigation-v0"
+NAN_REWARD_ID = "rlft/NaNReward-v0"
 
 if NAVIGATION_ID not in gymnasium.registry:
     gymnasium.register(
@@ -34,4 +39,11 @@ if NAVIGATION_ID not in gymnasium.registry:
         max_episode_steps=50,
     )
 
-__all__ = ["NAVIGATION_ID", "NavigationEnv"]
+if NAN_REWARD_ID not in gymnasium.registry:
+    gymnasium.register(
+        id=NAN_REWARD_ID,
+        entry_point="envs.faults:NaNRewardEnv",
+        max_episode_steps=500,
+    )
+
+__all__ = ["NAN_REWARD_ID", "NAVIGATION_ID", "NavigationEnv"]

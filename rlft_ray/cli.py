@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy/mean action")
     e.add_argument("overrides", nargs="*", help="env overrides, e.g. env.kwargs.goal=[-0.5,-0.5]")
 
+    tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune from a spec (e.g. tuning/cartpole_ppo_asha.yaml)")
+    tu.add_argument("spec", type=Path, help="tuning spec YAML: run config, search space, scheduler, search algorithm")
+    tu.add_argument("--output-dir", type=Path, default=None, help="search directory (default: runs/tune-<spec>-<time>)")
+    tu.add_argument("--resume", action="store_true", help="continue the interrupted search in --output-dir")
+    tu.add_argument("--quiet", action="store_true", help="no Tune status tables while it runs")
+
     q = sub.add_parser("quickstart", help="the main job: CartPole PPO on local embedded Ray (~1 min on 2 cores)")
     q.add_argument("--output-dir", type=Path, default=None)
     q.add_argument("overrides", nargs="*", help="dotted overrides for examples/cartpole_ppo.yaml")
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlft-ray`` / ``python -m rlft_ray``."""
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "quickstart": _quickstart}[args.command](args)
+        return {"train": _train, "eval": _eval, "quickstart": _quickstart, "tune": _tune}[args.command](args)
     except (ConfigError, CheckpointError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +80,26 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = run_training(cfg, output_dir, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rlft_ray.tune import format_table, run_search
+
+    if args.resume and args.output_dir is None:
+        raise ConfigError("--resume", "needs --output-dir of the search to continue")
+    output_dir = args.output_dir or Path("runs") / f"tune-{args.spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_search(args.spec, output_dir, resume=args.resume, verbose=0 if args.quiet else 1)
+    print(format_table(result.rows, result.metric))
+    print(f"\nsearch directory: {result.output_dir}  ({result.wall_s:.0f} s)")
+    for name, path in result.files.items():
+        print(f"  {name}: {path}")
+    if result.best is None:
+        print("error: no trial reported a finite metric; see the error column", file=sys.stderr)
+        return 1
+    print(f"best: trial {result.best['trial']} {result.metric}={result.best['value']:.4g}")
+    print(f"  evaluate: rlft-ray eval {result.best['checkpoint']}")
+    print(f"  retrain:  {result.best['train_command']}")
     return 0
 
 

@@ -81,6 +81,11 @@ class ResourcesConfig:
         max_failures: Ray Train worker-group restarts from the last checkpoint.
         storage_path: Where Ray Train persists checkpoints (shared path or ``s3://``
             URI on multi-node clusters). Defaults to the run's output directory.
+        rollout_actor_resources: Custom Ray resources each rollout actor requires on
+            top of its CPUs (e.g. ``{"rollout_node": 1}`` to place actors only on nodes
+            started with ``--resources='{"rollout_node": 8}'``).
+        learner_resources: Custom Ray resources each learner worker requires (e.g.
+            ``{"learner_node": 1}``), passed to Ray Train's ``resources_per_worker``.
     """
 
     num_rollout_actors: int = 2
@@ -91,8 +96,19 @@ class ResourcesConfig:
     max_actor_restarts: int = 3
     max_failures: int = 0
     storage_path: str | None = None
+    rollout_actor_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("rollout_actor_resources", "learner_resources"):
+            for res, amount in getattr(self, name).items():
+                # CPU/GPU have their own fields; Ray rejects them in custom resources.
+                _require(res not in ("CPU", "GPU", "memory"), f"{name}.{res}", "use cpus_per_* / use_gpu instead")
+                _require(
+                    isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                    f"{name}.{res}",
+                    f"must be a number > 0 (got {amount!r})",
+                )
         _require(self.num_rollout_actors >= 1, "num_rollout_actors", "must be >= 1")
         _require(self.cpus_per_rollout_actor > 0, "cpus_per_rollout_actor", "must be > 0")
         _require(self.num_learners >= 1, "num_learners", "must be >= 1")
@@ -202,6 +218,8 @@ class RunConfig:
         resources: Cluster resources.
         total_env_steps: Stop after this many environment steps.
         stop_return: Stop early once the mean return of the last 20 episodes reaches it.
+        stop_success_rate: Stop early once the success rate (``info["is_success"]``) of
+            the last 20 episodes reaches it.
         seed: Seeds torch, numpy, python and the environments.
         init_from: A checkpoint directory whose policy (and Q-network) to start from.
         checkpoint_every: Iterations between checkpoints (the last one is always saved).
@@ -217,6 +235,7 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     total_env_steps: int = 200_000
     stop_return: float | None = None
+    stop_success_rate: float | None = None
     seed: int = 0
     init_from: str | None = None
     checkpoint_every: int = 10
@@ -232,6 +251,11 @@ class RunConfig:
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ConfigError("algo", f"unknown algorithm '{self.algo}' (known: {', '.join(names)}){hint}")
         _require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
+        _require(
+            self.stop_success_rate is None or 0 < self.stop_success_rate <= 1,
+            "stop_success_rate",
+            "must be in (0, 1] or null",
+        )
         _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _require(self.report_interval_s >= 0, "report_interval_s", "must be >= 0")

@@ -63,6 +63,7 @@ def run_training(
     progress: bool = True,
     callbacks: Sequence[Any] = (),
     address: str | None = None,
+    start_checkpoint: ray.train.Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on Ray and write the run directory; returns ``summary.json``'s content.
 
@@ -73,6 +74,9 @@ def run_training(
         progress: Show a live progress bar on the driver.
         callbacks: Extra Ray Train ``UserCallback`` s (Tune's ``TuneReportCallback``).
         address: Ray address; default: ``RAY_ADDRESS`` or a new local instance.
+        start_checkpoint: Continue this checkpoint (weights, optimizer state, counters)
+            in a fresh run directory, with ``cfg``'s hyperparameters (Tune trials: PBT
+            exploit, trial restarts). Ignored when ``resume`` finds a checkpoint.
 
     Raises:
         RunError: With the cause (NaN loss, dead actor, ...) and the last good checkpoint.
@@ -105,15 +109,16 @@ def run_training(
         cfg.resources.max_actor_restarts,
         name_prefix=f"rlft-runner-{uuid.uuid4().hex[:8]}-",
         kwargs_for=lambda i: learner_cls.sampler_kwargs(cfg, i),
+        resources=cfg.resources.rollout_actor_resources,
     )
     storage = cfg.resources.storage_path or str(output_dir.parent)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spaces": spaces, "runners": runners},
+        train_loop_config={"cfg": cfg, "spaces": spaces, "runners": runners, "start_checkpoint": start_checkpoint},
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_learners,
             use_gpu=cfg.resources.use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_learner},
+            resources_per_worker={"CPU": cfg.resources.cpus_per_learner, **cfg.resources.learner_resources},
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,

@@ -41,7 +41,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     learner = get_learner_cls(cfg.algo)(cfg, spaces, LearnerContext(rank, world, get_device()))
     per_rank = len(loop_cfg["runners"]) // world
     runners = RunnerGroup(loop_cfg["runners"], mine=range(rank * per_rank, (rank + 1) * per_rank))
-    counters = restore(learner, cfg, spaces)
+    counters = restore(learner, cfg, spaces, loop_cfg.get("start_checkpoint"))
     if rank == 0:
         runners.publish(learner.policy_state(), counters.policy_version)
     _barrier(world)
@@ -91,8 +91,12 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
-def restore(learner: Learner, cfg: RunConfig, spaces: Spaces) -> ckpt.Counters:
-    """Resume from Ray Train's latest checkpoint, else start from ``init_from``, else fresh."""
+def restore(
+    learner: Learner, cfg: RunConfig, spaces: Spaces, start_checkpoint: ray.train.Checkpoint | None = None
+) -> ckpt.Counters:
+    """Resume from Ray Train's latest checkpoint, else continue ``start_checkpoint``
+    (counters, optimizer moments; hyperparameters from ``cfg``), else start from
+    ``init_from``, else fresh."""
     sig = _spaces_sig(spaces)
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -100,6 +104,19 @@ def restore(learner: Learner, cfg: RunConfig, spaces: Spaces) -> ckpt.Counters:
             ckpt.check_compatible(path, cfg, sig)
             ckpt.load_modules(path, learner.modules())
             return ckpt.load_training_state(path, learner.optimizer)
+    if start_checkpoint is not None:
+        # Ray Train V2 dropped `resume_from_checkpoint`; its replacement is a checkpoint
+        # passed in the loop config. Used by Tune trials (PBT exploit, trial restarts).
+        with start_checkpoint.as_directory() as path:
+            ckpt.check_compatible(path, cfg, sig)
+            ckpt.load_modules(path, learner.modules())
+            # The checkpoint brings the optimizer's state; this run's config its
+            # hyperparameters (PBT mutates e.g. lr between the two).
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in learner.optimizer.param_groups]
+            counters = ckpt.load_training_state(path, learner.optimizer)
+            for group, fresh in zip(learner.optimizer.param_groups, groups):
+                group.update(fresh)
+            return counters
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, sig)
         ckpt.load_modules(cfg.init_from, learner.modules())
@@ -148,9 +165,14 @@ class _Reporter:
 def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
     if counters.env_steps >= cfg.total_env_steps:
         return True
-    mean = counters.return_mean()
-    full_window = len(counters.recent_returns) >= ckpt.RECENT_EPISODES
-    return cfg.stop_return is not None and full_window and mean is not None and mean >= cfg.stop_return
+    window = ckpt.RECENT_EPISODES
+    if cfg.stop_return is not None and len(counters.recent_returns) >= window:
+        if counters.return_mean() >= cfg.stop_return:
+            return True
+    if cfg.stop_success_rate is not None and len(counters.recent_successes) >= window:
+        if sum(counters.recent_successes) / window >= cfg.stop_success_rate:
+            return True
+    return False
 
 
 def _rollout_metrics(counters: ckpt.Counters, returns: list[float], batch: Any, world: int) -> dict[str, float]:

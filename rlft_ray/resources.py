@@ -30,6 +30,18 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
             f"cluster has {have_cpu:g}; lower resources.num_rollout_actors / cpus_per_rollout_actor / "
             "num_learners / cpus_per_learner or add nodes"
         )
+    custom = set(res.rollout_actor_resources) | set(res.learner_resources)
+    for name in sorted(custom):
+        need = res.num_rollout_actors * res.rollout_actor_resources.get(name, 0.0) + res.num_learners * res.learner_resources.get(
+            name, 0.0
+        )
+        have = float(available.get(name, 0.0))
+        if need > have + 1e-9:
+            raise ResourceError(
+                f"run needs {need:g} of custom resource '{name}' (resources.rollout_actor_resources / "
+                f"learner_resources), cluster has {have:g}; start nodes with --resources='{{\"{name}\": N}}' "
+                "or drop the requirement"
+            )
     if res.use_gpu:
         have_gpu = float(available.get("GPU", 0.0))
         if res.num_learners > have_gpu + 1e-9:

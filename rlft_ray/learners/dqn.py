@@ -118,8 +118,8 @@ class DQNLearner(Learner):
             self.grad_steps += 1
             if self.grad_steps % hp.target_update_interval == 0:
                 polyak_update(self.target, self.q, hp.tau)
-            losses.append(float(loss))
-            q_means.append(float(q_taken.mean()))
+            losses.append(float(loss.detach()))
+            q_means.append(float(q_taken.detach().mean()))
             norms.append(float(grad_norm))
         metrics.update(
             {

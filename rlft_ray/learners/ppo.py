@@ -94,7 +94,7 @@ class PPOLearner(Learner):
                     ("loss/clip_frac", stats["clip_frac"]),
                     ("loss/grad_norm", grad_norm),
                 ):
-                    totals[key] = totals.get(key, 0.0) + float(val)
+                    totals[key] = totals.get(key, 0.0) + float(val.detach())
                 count += 1
             # Early stop on KL must be decided identically on every rank (else DDP hangs).
             mean_kl = self.all_reduce_mean(epoch_kl / hp.num_minibatches)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -24,6 +24,7 @@ def make_remote_runners(
     max_restarts: int,
     name_prefix: str,
     kwargs_for: Callable[[int], dict[str, Any]],
+    resources: Mapping[str, float] | None = None,
 ) -> list[ActorHandle]:
     """Start ``count`` actors of the plain class ``sampler_cls`` (thin ``ray.remote`` wrapper).
 
@@ -34,11 +35,16 @@ def make_remote_runners(
         max_restarts: Ray restarts a dead actor this many times (re-running ``__init__``).
         name_prefix: Actors are named ``{name_prefix}{i}`` so tools and tests can find them.
         kwargs_for: Constructor kwargs for actor i.
+        resources: Custom Ray resources each actor requires (pins actors to nodes).
     """
     remote_cls = ray.remote(sampler_cls)
     return [
         remote_cls.options(
-            num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, name=f"{name_prefix}{i}"
+            num_cpus=num_cpus,
+            resources=dict(resources or {}),
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            name=f"{name_prefix}{i}",
         ).remote(**kwargs_for(i))
         for i in range(count)
     ]

@@ -1,0 +1,33 @@
+"""Shared helpers for the benchmark scripts (each prints JSON lines on stdout)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Print one JSON line and flush (so partial results survive a timeout)."""
+    print(json.dumps(record), flush=True)
+
+
+def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
+    out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
+    cmd = [sys.executable, "-m", "rlft_ray", "train", str(ROOT / config), *overrides, "--output-dir", str(out), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["command_wall_s"] = round(wall, 2)
+    summary["output_dir"] = str(out)
+    return summary

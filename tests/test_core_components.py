@@ -1,0 +1,166 @@
+"""Env runner, learners, checkpoints and resource checks as plain objects (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlft_ray import checkpoint as ckpt
+from rlft_ray.config import build_config
+from rlft_ray.learners.base import LearnerContext, NonFiniteLossError, Spaces
+from rlft_ray.loop import _spaces_sig
+from rlft_ray.registry import get_learner_cls
+from rlft_ray.resources import ResourceError, check_fits
+from rlft_ray.rollout.env_runner import EnvRunner, evaluate_policy, probe_spaces
+from rlft_ray.types import RolloutBatch
+
+
+def _setup(overrides: list[str]):
+    cfg = build_config(None, overrides)
+    spaces = Spaces(*probe_spaces(cfg.env))
+    cls = get_learner_cls(cfg.algo)
+    return cfg, spaces, cls
+
+
+def test_env_runner_batch_shapes_and_time_limit_bootstrap() -> None:
+    cfg, spaces, cls = _setup(["env.max_episode_steps=10", "env.num_envs_per_runner=3", "ppo.rollout_steps=25"])
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    batch = runner.sample()
+    assert batch.obs.shape == (25, 3, 4) and batch.next_obs.shape == (25, 3, 4)
+    assert batch.actions.shape == (25, 3) and batch.actions.dtype == np.int64
+    assert batch.logprobs.shape == batch.values.shape == batch.rewards.shape == (25, 3)
+    assert batch.last_values.shape == (3,)
+    assert batch.num_steps == 75
+    # next_obs is the true successor: equal to the following obs except where an episode ended
+    same = np.isclose(batch.next_obs[:-1], batch.obs[1:]).all(axis=-1)
+    ended = batch.terminated[:-1] | batch.truncated[:-1]
+    assert same[~ended].all()
+    # time-limit truncations carry V(final obs); others carry nothing
+    assert batch.truncated.any()
+    assert (batch.bootstrap_values[~batch.truncated] == 0).all()
+    assert (batch.bootstrap_values[batch.truncated & ~batch.terminated] != 0).all()
+    # each finished episode is reported once, with its length <= the time limit
+    assert len(batch.episodes.returns) == int((batch.terminated | batch.truncated).sum())
+    assert all(1 <= n <= 10 for n in batch.episodes.lengths)
+    assert batch.episodes.returns == [float(n) for n in batch.episodes.lengths]  # CartPole: +1 per step
+
+
+def test_runner_weights_and_version() -> None:
+    cfg, spaces, cls = _setup([])
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    learner = cls(cfg, spaces, LearnerContext())
+    with torch.no_grad():
+        for p in learner.policy.parameters():
+            p.add_(1.0)
+    assert runner.set_weights(learner.policy_state(), 5) == 5
+    assert runner.sample(4).policy_version == 5
+    for a, b in zip(runner.policy.state_dict().values(), learner.policy.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_concat_joins_env_axis_and_keeps_oldest_version() -> None:
+    cfg, spaces, cls = _setup(["env.num_envs_per_runner=2"])
+    a = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    b = EnvRunner(**cls.sampler_kwargs(cfg, 1))
+    b.policy_version = 3
+    joined = RolloutBatch.concat([a.sample(8), b.sample(8)])
+    assert joined.obs.shape == (8, 4, 4) and joined.last_values.shape == (4,)
+    assert joined.policy_version == 0
+
+
+def test_ppo_update_runs_and_reports_namespaced_metrics() -> None:
+    cfg, spaces, cls = _setup(["seed=3"])
+    learner = cls(cfg, spaces, LearnerContext())
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    metrics = learner.update(runner.sample(), progress=0.0)
+    for key in ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_frac", "loss/grad_norm", "optim/lr"):
+        assert key in metrics and np.isfinite(metrics[key])
+    assert metrics["optim/lr"] == pytest.approx(cfg.ppo.lr)
+    # linear annealing: halfway through the budget the lr is halved
+    assert learner.update(runner.sample(), progress=0.5)["optim/lr"] == pytest.approx(cfg.ppo.lr / 2)
+
+
+def test_nan_guard_stops_before_the_optimizer_step() -> None:
+    cfg, spaces, cls = _setup([])
+    learner = cls(cfg, spaces, LearnerContext())
+    batch = EnvRunner(**cls.sampler_kwargs(cfg, 0)).sample()
+    batch.rewards[3, 1] = np.nan
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"loss/total became nan"):
+        learner.update(batch, progress=0.0)
+    for k, v in learner.policy.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_dqn_learner_waits_for_learning_starts_then_updates_target() -> None:
+    cfg, spaces, cls = _setup(["algo=dqn", "dqn.learning_starts=100", "dqn.target_update_interval=4", "dqn.updates_per_iteration=4", "dqn.rollout_steps=16"])
+    learner = cls(cfg, spaces, LearnerContext())
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    first = learner.update(runner.sample(), progress=0.0)  # 64 transitions < 100
+    assert "loss/td" not in first and first["replay/size"] == 64
+    second = learner.update(runner.sample(), progress=0.15)
+    assert second["replay/size"] == 128 and np.isfinite(second["loss/td"])
+    # eps decays linearly: 1.0 -> 0.02 over 30 % of the run; at 15 % it is halfway
+    assert second["explore/epsilon"] == pytest.approx(1.0 + 0.5 * (0.02 - 1.0))
+    assert float(learner.policy_state()["epsilon"]) == pytest.approx(second["explore/epsilon"])
+    # 4 gradient steps with target interval 4 -> target equals online after the update
+    for t, o in zip(learner.target.parameters(), learner.q.parameters()):
+        torch.testing.assert_close(t, o)
+
+
+def test_checkpoint_round_trip_and_compatibility_errors(tmp_path: Path) -> None:
+    cfg, spaces, cls = _setup(["seed=11"])
+    learner = cls(cfg, spaces, LearnerContext())
+    learner.update(EnvRunner(**cls.sampler_kwargs(cfg, 0)).sample(), progress=0.0)
+    counters = ckpt.Counters(iteration=7, env_steps=3584, policy_version=7, episodes=12, recent_returns=[10.0, 20.0])
+    path = tmp_path / "ck"
+    ckpt.save_checkpoint(path, learner.modules(), learner.optimizer, counters, cfg, _spaces_sig(spaces))
+    assert (path / "policy.safetensors").is_file() and (path / "config.yaml").is_file()
+
+    fresh = cls(cfg, spaces, LearnerContext())
+    ckpt.load_modules(path, fresh.modules())
+    restored = ckpt.load_training_state(path, fresh.optimizer)
+    assert restored == counters
+    for a, b in zip(fresh.policy.parameters(), learner.policy.parameters()):
+        torch.testing.assert_close(a, b)
+    assert ckpt.load_config_from_checkpoint(path) == cfg
+
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found: .*missing"):
+        ckpt.read_state(tmp_path / "missing")
+    dqn_cfg = build_config(None, ["algo=dqn"])
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit this run: algo is 'ppo' there, 'dqn' here"):
+        ckpt.check_compatible(path, dqn_cfg, _spaces_sig(spaces))
+    nav = build_config(None, ["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete}"])
+    nav_spaces = Spaces(*probe_spaces(nav.env))
+    with pytest.raises(ckpt.CheckpointError, match=r"action space is Discrete\(2\) there, Discrete\(8\) here"):
+        ckpt.check_compatible(path, nav, _spaces_sig(nav_spaces))
+    wide = build_config(None, ["ppo.hidden_sizes=[32,32]"])
+    with pytest.raises(ckpt.CheckpointError, match=r"policy\.actor\.0\.(weight|bias) has shape \(64.*\), this run.s model has \(32"):
+        ckpt.load_modules(path, cls(wide, spaces, LearnerContext()).modules())
+
+
+def test_evaluate_policy_greedy_is_deterministic() -> None:
+    cfg, spaces, cls = _setup(["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete, goal: [0.5, 0.5]}"])
+    policy = cls.make_policy(cfg, spaces)
+    a = evaluate_policy(policy, cfg.env, 3, seed=1)
+    b = evaluate_policy(policy, cfg.env, 3, seed=1)
+    assert a.returns == b.returns and len(a.successes) == 3
+
+
+def test_check_fits_names_the_numbers() -> None:
+    res = build_config(None, ["resources.num_rollout_actors=4", "resources.num_learners=2"]).resources
+    with pytest.raises(ResourceError, match=r"needs 4 CPUs \(4 rollout actors x 0.5 \+ 2 learners x 1\), cluster has 2"):
+        check_fits(res, {"CPU": 2.0})
+    check_fits(res, {"CPU": 4.0})
+    gpu = build_config(None, ["resources.use_gpu=true"]).resources
+    with pytest.raises(ResourceError, match=r"use_gpu=true needs 1 GPU\(s\).*cluster has 0"):
+        check_fits(gpu, {"CPU": 8.0})
+
+
+def test_probe_spaces_rejects_unknown_env() -> None:
+    cfg = build_config(None, ["env.id=CartPol-v1"])
+    with pytest.raises(ValueError, match="env.id='CartPol-v1'"):
+        probe_spaces(cfg.env)

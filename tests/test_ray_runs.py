@@ -1,0 +1,131 @@
+"""End-to-end runs on local embedded Ray: learning, DDP, resume, actor kill, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from rlft_ray.cli import main
+from rlft_ray.config import build_config
+from rlft_ray.driver import RunError, run_training
+from rlft_ray.resources import ResourceError
+from rlft_ray.rundir import read_metrics
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CARTPOLE = EXAMPLES / "cartpole_ppo.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def _returns(rows: list[dict]) -> list[float]:
+    return [r["rollout/episode_return_mean"] for r in rows if "rollout/episode_return_mean" in r]
+
+
+def test_ppo_return_rises_and_run_dir_is_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    cfg = build_config(CARTPOLE, ["total_env_steps=20480", "seed=1"])
+    summary = run_training(cfg, out, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 41))
+    returns = _returns(rows)
+    assert returns[-1] > 2 * returns[0] and returns[-1] > 100, returns
+    assert summary["env_steps"] == 20480 and summary["policy_version"] == 40
+    assert summary["episode_return_mean"] == pytest.approx(returns[-1])
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "return_curve.png"):
+        assert (out / name).is_file(), name
+    for name in ("checkpoint_best", "checkpoint_last"):
+        assert (out / name / "policy.safetensors").is_file()
+    best = json.loads((out / "checkpoint_best" / "score.json").read_text())
+    assert best["value"] == pytest.approx(max(r["rollout/episode_return_mean"] for r in rows if r["counters/iteration"] % 10 == 0))
+    for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
+        assert key in rows[-1]
+    # the greedy policy of the best checkpoint beats a random one (~22) by far
+    assert main(["eval", str(out / "checkpoint_best"), "--episodes", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 5 and result["episode_return_mean"] > 100
+
+
+def test_resume_continues_counters(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = build_config(CARTPOLE, ["total_env_steps=5120", "checkpoint_every=5", "report_interval_s=0"])
+    run_training(first, out, progress=False)
+    state = json.loads((out / "checkpoint_last" / "state.json").read_text())["counters"]
+    assert (state["iteration"], state["env_steps"], state["policy_version"]) == (10, 5120, 10)
+    more = build_config(CARTPOLE, ["total_env_steps=8192", "checkpoint_every=5"])
+    with pytest.raises(RunError, match="already holds a run"):
+        run_training(more, out, progress=False)
+    summary = run_training(more, out, resume=True, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 17))
+    assert [r["counters/env_steps"] for r in rows] == [512 * i for i in range(1, 17)]
+    assert rows[10]["counters/policy_version"] == 11
+    assert rows[10]["time/wall_s"] > rows[9]["time/wall_s"]
+    assert summary["env_steps"] == 8192
+
+
+def test_ddp_two_learners_learn(tmp_path: Path) -> None:
+    cfg = build_config(
+        CARTPOLE,
+        [
+            "total_env_steps=20480",
+            "seed=1",
+            "resources.num_learners=2",
+            "resources.cpus_per_learner=0.5",
+            "resources.cpus_per_rollout_actor=0.25",
+        ],
+    )
+    summary = run_training(cfg, tmp_path / "ddp", progress=False)
+    rows = read_metrics(tmp_path / "ddp")
+    returns = _returns(rows)
+    # two ranks, one runner each: every iteration still covers both runners' 512 steps
+    assert rows[0]["counters/env_steps"] == 512 and summary["env_steps"] == 20480
+    assert returns[-1] > 2 * returns[0] and returns[-1] > 100, returns
+
+
+def test_killed_env_runner_is_restarted_and_run_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = build_config(CARTPOLE, ["total_env_steps=25600", "report_interval_s=0"])
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, out, progress=False)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(read_metrics(out)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victims = [a for a in ray.util.list_named_actors() if a.startswith("rlft-runner-") and a.endswith("-0")]
+    assert victims, "no rollout actor found"
+    ray.kill(ray.get_actor(victims[0]), no_restart=False)
+    thread.join(timeout=180)
+    assert not thread.is_alive()
+    rows = read_metrics(out)
+    assert result["env_steps"] == 25600
+    assert max(r["perf/actor_restarts"] for r in rows) >= 1
+
+
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = build_config(
+        None,
+        ["env.id=rlft/NaNReward-v0", "env.kwargs={nan_after_steps: 1000}", "checkpoint_every=1", "total_env_steps=20000"],
+    )
+    with pytest.raises(RunError, match=r"NonFiniteLossError: loss/total became nan") as info:
+        run_training(cfg, out, progress=False)
+    assert f"last good checkpoint: {out / 'checkpoint_last'}" in str(info.value)
+    state = json.loads((out / "checkpoint_last" / "state.json").read_text())["counters"]
+    assert state["iteration"] >= 1
+    assert json.loads((out / "summary.json").read_text())["error"].startswith("NonFiniteLossError")
+
+
+def test_run_that_cannot_be_placed_fails_with_numbers(tmp_path: Path) -> None:
+    cfg = build_config(CARTPOLE, ["resources.num_rollout_actors=8"])
+    with pytest.raises(ResourceError, match=r"needs 5 CPUs \(8 rollout actors x 0.5 \+ 1 learners x 1\), cluster has 2"):
+        run_training(cfg, tmp_path / "big", progress=False)
