@@ -21,7 +21,17 @@ def emit(record: dict[str, Any]) -> None:
 def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
     """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
     out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
-    cmd = [sys.executable, "-m", "rlft_ray", "train", str(ROOT / config), *overrides, "--output-dir", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlft_ray",
+        "train",
+        str(ROOT / config),
+        *overrides,
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start

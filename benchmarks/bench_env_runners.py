@@ -39,7 +39,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=20)
     args = p.parse_args()
-    cfg = build_config(None, ["env.num_envs_per_runner=8", "ppo.rollout_steps=256", "resources.cpus_per_rollout_actor=1"])
+    cfg = build_config(
+        None,
+        [
+            "env.num_envs_per_runner=8",
+            "ppo.rollout_steps=256",
+            "resources.cpus_per_rollout_actor=1",
+        ],
+    )
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     one = throughput(1, args.rounds, cfg)
     two = throughput(2, args.rounds, cfg)

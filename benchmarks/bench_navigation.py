@@ -10,8 +10,8 @@ Usage: python benchmarks/bench_navigation.py [--seeds 1 2]
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import tempfile
+from pathlib import Path
 
 from _common import emit, train_cli
 
@@ -28,7 +28,9 @@ def main() -> None:
         base = train_cli("examples/navigation_ppo.yaml", bar, root / "base")
         scratch = train_cli("examples/navigation_ppo.yaml", [*bar, MOVED], root / "scratch")
         tuned = train_cli(
-            "examples/navigation_ppo.yaml", [*bar, MOVED, f"init_from={base['output_dir']}/checkpoint_last"], root / "finetune"
+            "examples/navigation_ppo.yaml",
+            [*bar, MOVED, f"init_from={base['output_dir']}/checkpoint_last"],
+            root / "finetune",
         )
         emit(
             {

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlft_ray.config import RunConfig, build_config, load_yaml, save_config
-from rlft_ray.models import space_signature
 
 RECENT_EPISODES = 20
 
@@ -57,7 +56,12 @@ class Counters:
 
 
 def save_checkpoint(
-    path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, counters: Counters, cfg: RunConfig, spaces_sig: dict[str, str]
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    counters: Counters,
+    cfg: RunConfig,
+    spaces_sig: dict[str, str],
 ) -> None:
     """Write a checkpoint directory at ``path`` (a fresh temp dir the caller hands to Ray)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -66,10 +70,19 @@ def save_checkpoint(
         save_file(tensors, str(path / f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     torch.save(
-        {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        },
         path / "rng.pt",
     )
-    state = {"counters": asdict(counters), "algo": cfg.algo, "spaces": spaces_sig, "modules": sorted(modules)}
+    state = {
+        "counters": asdict(counters),
+        "algo": cfg.algo,
+        "spaces": spaces_sig,
+        "modules": sorted(modules),
+    }
     (path / "state.json").write_text(json.dumps(state, indent=2))
     save_config(cfg, path / "config.yaml")
 
@@ -80,7 +93,9 @@ def read_state(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if not (p / "state.json").is_file() or not (p / "policy.safetensors").is_file():
-        raise CheckpointError(f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors)")
+        raise CheckpointError(
+            f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors)"
+        )
     return json.loads((p / "state.json").read_text())
 
 
@@ -90,7 +105,9 @@ def load_config_from_checkpoint(path: str | Path) -> RunConfig:
     return build_config(base=load_yaml(Path(path) / "config.yaml"))
 
 
-def check_compatible(path: str | Path, cfg: RunConfig, spaces_sig: dict[str, str]) -> dict[str, Any]:
+def check_compatible(
+    path: str | Path, cfg: RunConfig, spaces_sig: dict[str, str]
+) -> dict[str, Any]:
     """Fail with what does not match when ``path`` cannot seed or resume this run."""
     state = read_state(path)
     problems = []
@@ -104,7 +121,9 @@ def check_compatible(path: str | Path, cfg: RunConfig, spaces_sig: dict[str, str
     return state
 
 
-def load_modules(path: str | Path, modules: dict[str, torch.nn.Module], names: list[str] | None = None) -> list[str]:
+def load_modules(
+    path: str | Path, modules: dict[str, torch.nn.Module], names: list[str] | None = None
+) -> list[str]:
     """Load ``{name}.safetensors`` into each module; shape mismatches name the tensor. Returns loaded names."""
     loaded = []
     for name, module in modules.items():
@@ -124,7 +143,9 @@ def load_modules(path: str | Path, modules: dict[str, torch.nn.Module], names: l
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path}: {name} missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} missing {missing}, unexpected {unexpected}"
+            )
         module.load_state_dict({k: v.to(own[k].device) for k, v in tensors.items()})
         loaded.append(name)
     return loaded

@@ -103,9 +103,15 @@ class ResourcesConfig:
         for name in ("rollout_actor_resources", "learner_resources"):
             for res, amount in getattr(self, name).items():
                 # CPU/GPU have their own fields; Ray rejects them in custom resources.
-                _require(res not in ("CPU", "GPU", "memory"), f"{name}.{res}", "use cpus_per_* / use_gpu instead")
                 _require(
-                    isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                    res not in ("CPU", "GPU", "memory"),
+                    f"{name}.{res}",
+                    "use cpus_per_* / use_gpu instead",
+                )
+                _require(
+                    isinstance(amount, (int, float))
+                    and not isinstance(amount, bool)
+                    and amount > 0,
                     f"{name}.{res}",
                     f"must be a number > 0 (got {amount!r})",
                 )
@@ -200,7 +206,11 @@ class DQNConfig:
         _require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
         _require(0 < self.tau <= 1, "tau", f"must be in (0, 1] (got {self.tau})")
         _require(self.target_update_interval >= 1, "target_update_interval", "must be >= 1")
-        _require(0 <= self.eps_end <= self.eps_start <= 1, "eps_end", "need 0 <= eps_end <= eps_start <= 1")
+        _require(
+            0 <= self.eps_end <= self.eps_start <= 1,
+            "eps_end",
+            "need 0 <= eps_end <= eps_start <= 1",
+        )
         _require(0 < self.exploration_fraction <= 1, "exploration_fraction", "must be in (0, 1]")
         _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", "sizes must be >= 1")
@@ -249,7 +259,9 @@ class RunConfig:
         if self.algo not in names:
             near = difflib.get_close_matches(self.algo, names, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise ConfigError("algo", f"unknown algorithm '{self.algo}' (known: {', '.join(names)}){hint}")
+            raise ConfigError(
+                "algo", f"unknown algorithm '{self.algo}' (known: {', '.join(names)}){hint}"
+            )
         _require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
         _require(
             self.stop_success_rate is None or 0 < self.stop_success_rate <= 1,

@@ -28,7 +28,13 @@ from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import check_fits
 from rlft_ray.rollout.env_runner import probe_spaces
 from rlft_ray.rollout.group import make_remote_runners
-from rlft_ray.rundir import RunDirCallback, plot_curve, read_metrics, truncate_metrics, write_summary
+from rlft_ray.rundir import (
+    RunDirCallback,
+    plot_curve,
+    read_metrics,
+    truncate_metrics,
+    write_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,9 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     if resume and not has_run:
         raise RunError(f"--resume: {output_dir} holds no run to resume (no config.yaml)")
     if not resume and has_run:
-        raise RunError(f"{output_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+        raise RunError(
+            f"{output_dir} already holds a run; pass --resume to continue it or choose another --output-dir"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -114,11 +122,19 @@ def run_training(
     storage = cfg.resources.storage_path or str(output_dir.parent)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spaces": spaces, "runners": runners, "start_checkpoint": start_checkpoint},
+        train_loop_config={
+            "cfg": cfg,
+            "spaces": spaces,
+            "runners": runners,
+            "start_checkpoint": start_checkpoint,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_learners,
             use_gpu=cfg.resources.use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_learner, **cfg.resources.learner_resources},
+            resources_per_worker={
+                "CPU": cfg.resources.cpus_per_learner,
+                **cfg.resources.learner_resources,
+            },
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,
@@ -140,7 +156,9 @@ def run_training(
         for r in runners:
             ray.kill(r)
     wall_s = time.perf_counter() - started
-    summary = write_summary(output_dir, wall_s, {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error)})
+    summary = write_summary(
+        output_dir, wall_s, {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error)}
+    )
     plot_curve(output_dir)
     if error is not None:
         kept = summary["checkpoint_last"] or "none (failed before the first checkpoint)"
@@ -167,7 +185,12 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.output_dir = output_dir
-        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, mininterval=0.5 if os.isatty(2) else 10.0)
+        self.bar = tqdm(
+            total=total_steps,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if os.isatty(2) else 10.0,
+        )
         self.start_rows = len(read_metrics(output_dir))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

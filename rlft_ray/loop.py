@@ -23,8 +23,8 @@ from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.models import space_signature
 from rlft_ray.registry import get_learner_cls
-from rlft_ray.rundir import ROWS_KEY
 from rlft_ray.rollout.group import RunnerGroup
+from rlft_ray.rundir import ROWS_KEY
 from rlft_ray.utils import seed_everything, torch_threads
 
 
@@ -62,7 +62,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         counters.record_episodes(returns, successes)
         t2 = time.perf_counter()
 
-        sync_s = runners.publish(learner.policy_state(), counters.policy_version) if rank == 0 else 0.0
+        sync_s = (
+            runners.publish(learner.policy_state(), counters.policy_version) if rank == 0 else 0.0
+        )
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start
 
@@ -92,7 +94,10 @@ def _quiet_ray_train_reports() -> None:
 
 
 def restore(
-    learner: Learner, cfg: RunConfig, spaces: Spaces, start_checkpoint: ray.train.Checkpoint | None = None
+    learner: Learner,
+    cfg: RunConfig,
+    spaces: Spaces,
+    start_checkpoint: ray.train.Checkpoint | None = None,
 ) -> ckpt.Counters:
     """Resume from Ray Train's latest checkpoint, else continue ``start_checkpoint``
     (counters, optimizer moments; hyperparameters from ``cfg``), else start from
@@ -112,7 +117,10 @@ def restore(
             ckpt.load_modules(path, learner.modules())
             # The checkpoint brings the optimizer's state; this run's config its
             # hyperparameters (PBT mutates e.g. lr between the two).
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in learner.optimizer.param_groups]
+            groups = [
+                {k: v for k, v in g.items() if k != "params"}
+                for g in learner.optimizer.param_groups
+            ]
             counters = ckpt.load_training_state(path, learner.optimizer)
             for group, fresh in zip(learner.optimizer.param_groups, groups):
                 group.update(fresh)
@@ -139,10 +147,14 @@ class _Reporter:
         self.rows: list[dict[str, float]] = []
         self.last_report = time.monotonic()
 
-    def add(self, metrics: dict[str, float], learner: Learner, counters: ckpt.Counters, last: bool) -> None:
+    def add(
+        self, metrics: dict[str, float], learner: Learner, counters: ckpt.Counters, last: bool
+    ) -> None:
         self.rows.append(metrics)
         checkpoint_due = last or counters.iteration % self.cfg.checkpoint_every == 0
-        if not self._agree(checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s):
+        if not self._agree(
+            checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s
+        ):
             return
         payload = {**metrics, ROWS_KEY: self.rows}
         self.rows, self.last_report = [], time.monotonic()
@@ -150,7 +162,14 @@ class _Reporter:
             ray.train.report(payload)
             return
         with tempfile.TemporaryDirectory(prefix="rlft_ckpt_") as tmp:
-            ckpt.save_checkpoint(Path(tmp), learner.modules(), learner.optimizer, counters, self.cfg, _spaces_sig(self.spaces))
+            ckpt.save_checkpoint(
+                Path(tmp),
+                learner.modules(),
+                learner.optimizer,
+                counters,
+                self.cfg,
+                _spaces_sig(self.spaces),
+            )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def _agree(self, want: bool) -> bool:
@@ -165,17 +184,24 @@ class _Reporter:
 def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
     if counters.env_steps >= cfg.total_env_steps:
         return True
+    # Early stops need a full window of the last 20 episodes.
     window = ckpt.RECENT_EPISODES
-    if cfg.stop_return is not None and len(counters.recent_returns) >= window:
-        if counters.return_mean() >= cfg.stop_return:
-            return True
-    if cfg.stop_success_rate is not None and len(counters.recent_successes) >= window:
-        if sum(counters.recent_successes) / window >= cfg.stop_success_rate:
-            return True
-    return False
+    return_reached = (
+        cfg.stop_return is not None
+        and len(counters.recent_returns) >= window
+        and counters.return_mean() >= cfg.stop_return
+    )
+    success_reached = (
+        cfg.stop_success_rate is not None
+        and len(counters.recent_successes) >= window
+        and sum(counters.recent_successes) / window >= cfg.stop_success_rate
+    )
+    return return_reached or success_reached
 
 
-def _rollout_metrics(counters: ckpt.Counters, returns: list[float], batch: Any, world: int) -> dict[str, float]:
+def _rollout_metrics(
+    counters: ckpt.Counters, returns: list[float], batch: Any, world: int
+) -> dict[str, float]:
     out = {
         "counters/iteration": float(counters.iteration),
         "counters/env_steps": float(counters.env_steps),
@@ -188,7 +214,9 @@ def _rollout_metrics(counters: ckpt.Counters, returns: list[float], batch: Any, 
     if counters.recent_returns:
         out["rollout/episode_return_mean"] = float(counters.return_mean())
     if counters.recent_successes:
-        out["rollout/success_rate"] = sum(counters.recent_successes) / len(counters.recent_successes)
+        out["rollout/success_rate"] = sum(counters.recent_successes) / len(
+            counters.recent_successes
+        )
     return out
 
 
@@ -208,4 +236,7 @@ def _barrier(world: int) -> None:
 
 
 def _spaces_sig(spaces: Spaces) -> dict[str, str]:
-    return {"observation": space_signature(spaces.observation), "action": space_signature(spaces.action)}
+    return {
+        "observation": space_signature(spaces.observation),
+        "action": space_signature(spaces.action),
+    }

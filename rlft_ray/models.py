@@ -57,7 +57,9 @@ class ActorCritic(nn.Module):
     used in one call: logits ``[B, A]`` (discrete) or ``(mean, log_std)`` (box).
     """
 
-    def __init__(self, obs_space: gym.Space, action_space: gym.Space, hidden_sizes: tuple[int, ...]) -> None:
+    def __init__(
+        self, obs_space: gym.Space, action_space: gym.Space, hidden_sizes: tuple[int, ...]
+    ) -> None:
         super().__init__()
         obs_dim = flat_dim(obs_space)
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
@@ -71,14 +73,18 @@ class ActorCritic(nn.Module):
         self.actor = mlp(obs_dim, hidden_sizes, out, out_gain=0.01)
         self.critic = mlp(obs_dim, hidden_sizes, 1, out_gain=1.0)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def forward(
+        self, obs: torch.Tensor
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Distribution parameters and ``[B]`` values for ``[B, obs_dim]`` observations."""
         obs = obs.flatten(1).float()
         out = self.actor(obs)
         params = out if self.discrete else (out, self.log_std.expand_as(out))
         return params, self.critic(obs).squeeze(-1)
 
-    def distribution(self, params: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.distributions.Distribution:
+    def distribution(
+        self, params: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.distributions.Distribution:
         """The action distribution for ``forward``'s parameters."""
         if self.discrete:
             return Categorical(logits=params)
@@ -95,7 +101,9 @@ class ActorCritic(nn.Module):
         return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def act(
+        self, obs: torch.Tensor, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample (or take the mode of) actions; returns ``(actions, logprobs, values)``."""
         params, values = self(obs)
         dist = self.distribution(params)
@@ -115,7 +123,9 @@ class ActorCritic(nn.Module):
 class QNetwork(nn.Module):
     """MLP Q-network with ε-greedy acting; ε travels with the weights as a buffer."""
 
-    def __init__(self, obs_space: gym.Space, action_space: gym.Space, hidden_sizes: tuple[int, ...]) -> None:
+    def __init__(
+        self, obs_space: gym.Space, action_space: gym.Space, hidden_sizes: tuple[int, ...]
+    ) -> None:
         super().__init__()
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ValueError(f"DQN needs a Discrete action space, got {action_space}")
@@ -128,7 +138,9 @@ class QNetwork(nn.Module):
         return self.q(obs.flatten(1).float())
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def act(
+        self, obs: torch.Tensor, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ε-greedy actions (greedy if ``deterministic``); logprobs and values are zeros."""
         q = self(obs)
         actions = q.argmax(-1)

@@ -32,9 +32,9 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
         )
     custom = set(res.rollout_actor_resources) | set(res.learner_resources)
     for name in sorted(custom):
-        need = res.num_rollout_actors * res.rollout_actor_resources.get(name, 0.0) + res.num_learners * res.learner_resources.get(
+        need = res.num_rollout_actors * res.rollout_actor_resources.get(
             name, 0.0
-        )
+        ) + res.num_learners * res.learner_resources.get(name, 0.0)
         have = float(available.get(name, 0.0))
         if need > have + 1e-9:
             raise ResourceError(

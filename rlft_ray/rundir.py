@@ -69,7 +69,9 @@ class RunDirCallback(UserCallback):
             return float(json.loads(score_file.read_text())["value"])
         return -math.inf
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
+    ) -> None:
         # Pop the rows so later callbacks (Tune) see only the flat latest metrics.
         rows = metrics[0].pop(ROWS_KEY, None) or [metrics[0]]
         row = metrics[0]
@@ -83,7 +85,11 @@ class RunDirCallback(UserCallback):
             dest = self._materialize(checkpoint, "checkpoint_best")
             atomic_write_json(
                 dest / "score.json",
-                {"metric": self.score_metric, "value": score, "iteration": row.get("counters/iteration")},
+                {
+                    "metric": self.score_metric,
+                    "value": score,
+                    "iteration": row.get("counters/iteration"),
+                },
             )
 
     def _materialize(self, checkpoint: Checkpoint, name: str) -> Path:
@@ -94,7 +100,9 @@ class RunDirCallback(UserCallback):
         return dest
 
 
-def write_summary(output_dir: Path, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_summary(
+    output_dir: Path, wall_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``summary.json`` from the last metrics row; returns it."""
     rows = read_metrics(output_dir)
     last = rows[-1] if rows else {}
@@ -105,15 +113,24 @@ def write_summary(output_dir: Path, wall_s: float, extra: dict[str, Any] | None 
         "episode_return_mean": last.get("rollout/episode_return_mean"),
         "success_rate": last.get("rollout/success_rate"),
         "policy_version": int(last.get("counters/policy_version", 0)),
-        "checkpoint_best": str(output_dir / "checkpoint_best") if (output_dir / "checkpoint_best").exists() else None,
-        "checkpoint_last": str(output_dir / "checkpoint_last") if (output_dir / "checkpoint_last").exists() else None,
+        "checkpoint_best": str(output_dir / "checkpoint_best")
+        if (output_dir / "checkpoint_best").exists()
+        else None,
+        "checkpoint_last": str(output_dir / "checkpoint_last")
+        if (output_dir / "checkpoint_last").exists()
+        else None,
     }
     summary.update(extra or {})
     atomic_write_json(output_dir / "summary.json", summary)
     return summary
 
 
-def plot_curve(output_dir: Path, y_key: str = "rollout/episode_return_mean", x_key: str = "counters/env_steps", name: str = "return_curve.png") -> Path | None:
+def plot_curve(
+    output_dir: Path,
+    y_key: str = "rollout/episode_return_mean",
+    x_key: str = "counters/env_steps",
+    name: str = "return_curve.png",
+) -> Path | None:
     """PNG of ``y_key`` against ``x_key`` from ``metrics.jsonl``; None if there is nothing to plot."""
     rows = [r for r in read_metrics(output_dir) if y_key in r and x_key in r]
     if not rows:

@@ -87,7 +87,9 @@ class RolloutBatch:
             return batches[0]
         lengths = {b.rewards.shape[0] for b in batches}
         if len(lengths) != 1:
-            raise ValueError(f"cannot concat rollout segments of different lengths {sorted(lengths)}")
+            raise ValueError(
+                f"cannot concat rollout segments of different lengths {sorted(lengths)}"
+            )
 
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(b, name) for b in batches], axis=1)

@@ -33,7 +33,9 @@ def _gae_loop(rewards, values, term, trunc, boot, last_values, gamma, lam):
         running = 0.0
         for t in reversed(range(T)):
             done = bool(term[t, n]) or bool(trunc[t, n])
-            r = float(rewards[t, n]) + (gamma * float(boot[t, n]) if trunc[t, n] and not term[t, n] else 0.0)
+            r = float(rewards[t, n]) + (
+                gamma * float(boot[t, n]) if trunc[t, n] and not term[t, n] else 0.0
+            )
             next_v = float(last_values[n]) if t == T - 1 else float(values[t + 1, n])
             delta = r + (0.0 if done else gamma * next_v) - float(values[t, n])
             running = delta + (0.0 if done else gamma * lam * running)
@@ -120,13 +122,18 @@ def test_dqn_and_double_dqn_targets() -> None:
     next_q_target = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
     next_q_online = torch.tensor([[2.0, 0.0], [0.0, 9.0]])
     # DQN: 1 + 0.9 * max(1, 3) = 3.7 ; terminal row: 0.5
-    torch.testing.assert_close(dqn_targets(rewards, terminated, next_q_target, 0.9), torch.tensor([3.7, 0.5]))
+    torch.testing.assert_close(
+        dqn_targets(rewards, terminated, next_q_target, 0.9), torch.tensor([3.7, 0.5])
+    )
     # Double DQN: online argmax is action 0 -> 1 + 0.9 * Q_target(s', 0) = 1.9
     torch.testing.assert_close(
-        dqn_targets(rewards, terminated, next_q_target, 0.9, next_q_online), torch.tensor([1.9, 0.5])
+        dqn_targets(rewards, terminated, next_q_target, 0.9, next_q_online),
+        torch.tensor([1.9, 0.5]),
     )
     # Huber: |d| <= 1 -> 0.5 d^2, else |d| - 0.5
-    assert dqn_loss(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx((0.125 + 2.5) / 2)
+    assert dqn_loss(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx(
+        (0.125 + 2.5) / 2
+    )
 
 
 def test_polyak_and_hard_update() -> None:
@@ -155,7 +162,9 @@ def test_algorithms_never_import_ray() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
-            assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path.name} imports ray"
+            assert not any(n == "ray" or n.startswith("ray.") for n in names), (
+                f"{path.name} imports ray"
+            )
     code = "import sys, rlft_ray.algorithms; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

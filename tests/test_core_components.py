@@ -26,7 +26,9 @@ def _setup(overrides: list[str]):
 
 
 def test_env_runner_batch_shapes_and_time_limit_bootstrap() -> None:
-    cfg, spaces, cls = _setup(["env.max_episode_steps=10", "env.num_envs_per_runner=3", "ppo.rollout_steps=25"])
+    cfg, _spaces, cls = _setup(
+        ["env.max_episode_steps=10", "env.num_envs_per_runner=3", "ppo.rollout_steps=25"]
+    )
     runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
     batch = runner.sample()
     assert batch.obs.shape == (25, 3, 4) and batch.next_obs.shape == (25, 3, 4)
@@ -45,7 +47,9 @@ def test_env_runner_batch_shapes_and_time_limit_bootstrap() -> None:
     # each finished episode is reported once, with its length <= the time limit
     assert len(batch.episodes.returns) == int((batch.terminated | batch.truncated).sum())
     assert all(1 <= n <= 10 for n in batch.episodes.lengths)
-    assert batch.episodes.returns == [float(n) for n in batch.episodes.lengths]  # CartPole: +1 per step
+    assert batch.episodes.returns == [
+        float(n) for n in batch.episodes.lengths
+    ]  # CartPole: +1 per step
 
 
 def test_runner_weights_and_version() -> None:
@@ -62,7 +66,7 @@ def test_runner_weights_and_version() -> None:
 
 
 def test_concat_joins_env_axis_and_keeps_oldest_version() -> None:
-    cfg, spaces, cls = _setup(["env.num_envs_per_runner=2"])
+    cfg, _spaces, cls = _setup(["env.num_envs_per_runner=2"])
     a = EnvRunner(**cls.sampler_kwargs(cfg, 0))
     b = EnvRunner(**cls.sampler_kwargs(cfg, 1))
     b.policy_version = 3
@@ -76,11 +80,21 @@ def test_ppo_update_runs_and_reports_namespaced_metrics() -> None:
     learner = cls(cfg, spaces, LearnerContext())
     runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
     metrics = learner.update(runner.sample(), progress=0.0)
-    for key in ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clip_frac", "loss/grad_norm", "optim/lr"):
+    for key in (
+        "loss/policy",
+        "loss/value",
+        "loss/entropy",
+        "loss/approx_kl",
+        "loss/clip_frac",
+        "loss/grad_norm",
+        "optim/lr",
+    ):
         assert key in metrics and np.isfinite(metrics[key])
     assert metrics["optim/lr"] == pytest.approx(cfg.ppo.lr)
     # linear annealing: halfway through the budget the lr is halved
-    assert learner.update(runner.sample(), progress=0.5)["optim/lr"] == pytest.approx(cfg.ppo.lr / 2)
+    assert learner.update(runner.sample(), progress=0.5)["optim/lr"] == pytest.approx(
+        cfg.ppo.lr / 2
+    )
 
 
 def test_nan_guard_stops_before_the_optimizer_step() -> None:
@@ -96,7 +110,15 @@ def test_nan_guard_stops_before_the_optimizer_step() -> None:
 
 
 def test_dqn_learner_waits_for_learning_starts_then_updates_target() -> None:
-    cfg, spaces, cls = _setup(["algo=dqn", "dqn.learning_starts=100", "dqn.target_update_interval=4", "dqn.updates_per_iteration=4", "dqn.rollout_steps=16"])
+    cfg, spaces, cls = _setup(
+        [
+            "algo=dqn",
+            "dqn.learning_starts=100",
+            "dqn.target_update_interval=4",
+            "dqn.updates_per_iteration=4",
+            "dqn.rollout_steps=16",
+        ]
+    )
     learner = cls(cfg, spaces, LearnerContext())
     runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
     first = learner.update(runner.sample(), progress=0.0)  # 64 transitions < 100
@@ -115,9 +137,13 @@ def test_checkpoint_round_trip_and_compatibility_errors(tmp_path: Path) -> None:
     cfg, spaces, cls = _setup(["seed=11"])
     learner = cls(cfg, spaces, LearnerContext())
     learner.update(EnvRunner(**cls.sampler_kwargs(cfg, 0)).sample(), progress=0.0)
-    counters = ckpt.Counters(iteration=7, env_steps=3584, policy_version=7, episodes=12, recent_returns=[10.0, 20.0])
+    counters = ckpt.Counters(
+        iteration=7, env_steps=3584, policy_version=7, episodes=12, recent_returns=[10.0, 20.0]
+    )
     path = tmp_path / "ck"
-    ckpt.save_checkpoint(path, learner.modules(), learner.optimizer, counters, cfg, _spaces_sig(spaces))
+    ckpt.save_checkpoint(
+        path, learner.modules(), learner.optimizer, counters, cfg, _spaces_sig(spaces)
+    )
     assert (path / "policy.safetensors").is_file() and (path / "config.yaml").is_file()
 
     fresh = cls(cfg, spaces, LearnerContext())
@@ -131,19 +157,28 @@ def test_checkpoint_round_trip_and_compatibility_errors(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match="checkpoint not found: .*missing"):
         ckpt.read_state(tmp_path / "missing")
     dqn_cfg = build_config(None, ["algo=dqn"])
-    with pytest.raises(ckpt.CheckpointError, match=r"does not fit this run: algo is 'ppo' there, 'dqn' here"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"does not fit this run: algo is 'ppo' there, 'dqn' here"
+    ):
         ckpt.check_compatible(path, dqn_cfg, _spaces_sig(spaces))
     nav = build_config(None, ["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete}"])
     nav_spaces = Spaces(*probe_spaces(nav.env))
-    with pytest.raises(ckpt.CheckpointError, match=r"action space is Discrete\(2\) there, Discrete\(8\) here"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"action space is Discrete\(2\) there, Discrete\(8\) here"
+    ):
         ckpt.check_compatible(path, nav, _spaces_sig(nav_spaces))
     wide = build_config(None, ["ppo.hidden_sizes=[32,32]"])
-    with pytest.raises(ckpt.CheckpointError, match=r"policy\.actor\.0\.(weight|bias) has shape \(64.*\), this run.s model has \(32"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"policy\.actor\.0\.(weight|bias) has shape \(64.*\), this run.s model has \(32",
+    ):
         ckpt.load_modules(path, cls(wide, spaces, LearnerContext()).modules())
 
 
 def test_evaluate_policy_greedy_is_deterministic() -> None:
-    cfg, spaces, cls = _setup(["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete, goal: [0.5, 0.5]}"])
+    cfg, spaces, cls = _setup(
+        ["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete, goal: [0.5, 0.5]}"]
+    )
     policy = cls.make_policy(cfg, spaces)
     a = evaluate_policy(policy, cfg.env, 3, seed=1)
     b = evaluate_policy(policy, cfg.env, 3, seed=1)
@@ -151,8 +186,13 @@ def test_evaluate_policy_greedy_is_deterministic() -> None:
 
 
 def test_check_fits_names_the_numbers() -> None:
-    res = build_config(None, ["resources.num_rollout_actors=4", "resources.num_learners=2"]).resources
-    with pytest.raises(ResourceError, match=r"needs 4 CPUs \(4 rollout actors x 0.5 \+ 2 learners x 1\), cluster has 2"):
+    res = build_config(
+        None, ["resources.num_rollout_actors=4", "resources.num_learners=2"]
+    ).resources
+    with pytest.raises(
+        ResourceError,
+        match=r"needs 4 CPUs \(4 rollout actors x 0.5 \+ 2 learners x 1\), cluster has 2",
+    ):
         check_fits(res, {"CPU": 2.0})
     check_fits(res, {"CPU": 4.0})
     gpu = build_config(None, ["resources.use_gpu=true"]).resources

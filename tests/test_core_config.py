@@ -6,15 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from rlft_ray.config import ConfigError, PPOConfig, RunConfig, build_config, load_yaml, save_config, to_dict
+from rlft_ray.config import (
+    ConfigError,
+    PPOConfig,
+    RunConfig,
+    build_config,
+    load_yaml,
+    save_config,
+    to_dict,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_examples_load_and_overrides_apply() -> None:
-    cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["ppo.lr=3e-4", "resources.num_rollout_actors=2"])
+    cfg = build_config(
+        EXAMPLES / "cartpole_ppo.yaml", ["ppo.lr=3e-4", "resources.num_rollout_actors=2"]
+    )
     assert cfg.algo == "ppo"
-    assert cfg.ppo.lr == pytest.approx(3e-4)  # YAML 1.1 reads "3e-4" as a string; the schema makes it a float
+    assert cfg.ppo.lr == pytest.approx(
+        3e-4
+    )  # YAML 1.1 reads "3e-4" as a string; the schema makes it a float
     assert cfg.resources.num_rollout_actors == 2
     assert cfg.env.id == "CartPole-v1"
     assert isinstance(cfg.ppo.hidden_sizes, tuple)
@@ -23,7 +35,10 @@ def test_examples_load_and_overrides_apply() -> None:
 
 
 def test_override_of_nested_kwargs_and_lists() -> None:
-    cfg = build_config(EXAMPLES / "navigation_ppo.yaml", ["env.kwargs.goal=[-0.5,-0.5]", "ppo.hidden_sizes=[32,32]"])
+    cfg = build_config(
+        EXAMPLES / "navigation_ppo.yaml",
+        ["env.kwargs.goal=[-0.5,-0.5]", "ppo.hidden_sizes=[32,32]"],
+    )
     assert cfg.env.kwargs == {"goal": [-0.5, -0.5], "action_type": "discrete"}
     assert cfg.ppo.hidden_sizes == (32, 32)
 
@@ -32,7 +47,11 @@ def test_override_of_nested_kwargs_and_lists() -> None:
     ("override", "key", "fragment"),
     [
         ("ppo.lrr=1e-3", "ppo.lrr", "did you mean 'ppo.lr'"),
-        ("resources.num_rollout_actor=2", "resources.num_rollout_actor", "did you mean 'resources.num_rollout_actors'"),
+        (
+            "resources.num_rollout_actor=2",
+            "resources.num_rollout_actor",
+            "did you mean 'resources.num_rollout_actors'",
+        ),
         ("ppo.lr=-0.1", "ppo.lr", "must be > 0"),
         ("ppo.clip_coef=0", "ppo.clip_coef", "must be > 0"),
         ("ppo.num_epochs=two", "ppo.num_epochs", "expected an int"),
@@ -56,7 +75,9 @@ def test_bad_keys_and_values_name_the_key(override: str, key: str, fragment: str
 def test_unknown_top_level_key_in_yaml(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("algo: ppo\ntotal_env_step: 100\n")
-    with pytest.raises(ConfigError, match=r"total_env_step: unknown key; did you mean 'total_env_steps'"):
+    with pytest.raises(
+        ConfigError, match=r"total_env_step: unknown key; did you mean 'total_env_steps'"
+    ):
         build_config(bad)
 
 
@@ -87,11 +108,19 @@ def test_config_is_frozen_and_round_trips(tmp_path: Path) -> None:
 
 def test_defaults_are_the_papers() -> None:
     ppo = PPOConfig()
-    assert (ppo.clip_coef, ppo.gamma, ppo.gae_lambda, ppo.vf_coef, ppo.max_grad_norm) == (0.2, 0.99, 0.95, 0.5, 0.5)
+    assert (ppo.clip_coef, ppo.gamma, ppo.gae_lambda, ppo.vf_coef, ppo.max_grad_norm) == (
+        0.2,
+        0.99,
+        0.95,
+        0.5,
+        0.5,
+    )
     assert RunConfig().algo == "ppo"
 
 
-def test_cli_rejects_bad_input_before_any_ray_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_bad_input_before_any_ray_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import ray
 
     from rlft_ray.cli import main
@@ -99,7 +128,18 @@ def test_cli_rejects_bad_input_before_any_ray_work(tmp_path: Path, capsys: pytes
     example = str(EXAMPLES / "cartpole_ppo.yaml")
     assert main(["train", example, "ppo.lrr=1", "--output-dir", str(tmp_path / "a")]) == 2
     assert "ppo.lrr: unknown key; did you mean 'ppo.lr'?" in capsys.readouterr().err
-    assert main(["train", example, f"init_from={tmp_path / 'nope'}", "--output-dir", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                example,
+                f"init_from={tmp_path / 'nope'}",
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert f"checkpoint not found: {tmp_path / 'nope'}" in capsys.readouterr().err
     assert main(["train", example, "--resume", "--output-dir", str(tmp_path / "c")]) == 1
     assert "holds no run to resume" in capsys.readouterr().err
@@ -107,6 +147,18 @@ def test_cli_rejects_bad_input_before_any_ray_work(tmp_path: Path, capsys: pytes
     (tmp_path / "d" / "config.yaml").write_text("algo: ppo\n")
     assert main(["train", example, "--output-dir", str(tmp_path / "d")]) == 1
     assert "already holds a run; pass --resume" in capsys.readouterr().err
-    assert main(["train", example, "algo=dqn", "env.id=rlft/Navigation-v0", "--output-dir", str(tmp_path / "e")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                example,
+                "algo=dqn",
+                "env.id=rlft/Navigation-v0",
+                "--output-dir",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 1
+    )
     assert "DQN needs a Discrete action space" in capsys.readouterr().err
     assert not ray.is_initialized()

@@ -31,7 +31,9 @@ def _returns(rows: list[dict]) -> list[float]:
     return [r["rollout/episode_return_mean"] for r in rows if "rollout/episode_return_mean" in r]
 
 
-def test_ppo_return_rises_and_run_dir_is_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ppo_return_rises_and_run_dir_is_complete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     cfg = build_config(CARTPOLE, ["total_env_steps=20480", "seed=1"])
     summary = run_training(cfg, out, progress=False)
@@ -46,7 +48,9 @@ def test_ppo_return_rises_and_run_dir_is_complete(tmp_path: Path, capsys: pytest
     for name in ("checkpoint_best", "checkpoint_last"):
         assert (out / name / "policy.safetensors").is_file()
     best = json.loads((out / "checkpoint_best" / "score.json").read_text())
-    assert best["value"] == pytest.approx(max(r["rollout/episode_return_mean"] for r in rows if r["counters/iteration"] % 10 == 0))
+    assert best["value"] == pytest.approx(
+        max(r["rollout/episode_return_mean"] for r in rows if r["counters/iteration"] % 10 == 0)
+    )
     for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
         assert key in rows[-1]
     # the greedy policy of the best checkpoint beats a random one (~22) by far
@@ -57,7 +61,9 @@ def test_ppo_return_rises_and_run_dir_is_complete(tmp_path: Path, capsys: pytest
 
 def test_resume_continues_counters(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = build_config(CARTPOLE, ["total_env_steps=5120", "checkpoint_every=5", "report_interval_s=0"])
+    first = build_config(
+        CARTPOLE, ["total_env_steps=5120", "checkpoint_every=5", "report_interval_s=0"]
+    )
     run_training(first, out, progress=False)
     state = json.loads((out / "checkpoint_last" / "state.json").read_text())["counters"]
     assert (state["iteration"], state["env_steps"], state["policy_version"]) == (10, 5120, 10)
@@ -101,7 +107,9 @@ def test_killed_env_runner_is_restarted_and_run_finishes(tmp_path: Path) -> None
     deadline = time.monotonic() + 120
     while len(read_metrics(out)) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
-    victims = [a for a in ray.util.list_named_actors() if a.startswith("rlft-runner-") and a.endswith("-0")]
+    victims = [
+        a for a in ray.util.list_named_actors() if a.startswith("rlft-runner-") and a.endswith("-0")
+    ]
     assert victims, "no rollout actor found"
     ray.kill(ray.get_actor(victims[0]), no_restart=False)
     thread.join(timeout=180)
@@ -115,7 +123,12 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> No
     out = tmp_path / "run"
     cfg = build_config(
         None,
-        ["env.id=rlft/NaNReward-v0", "env.kwargs={nan_after_steps: 1000}", "checkpoint_every=1", "total_env_steps=20000"],
+        [
+            "env.id=rlft/NaNReward-v0",
+            "env.kwargs={nan_after_steps: 1000}",
+            "checkpoint_every=1",
+            "total_env_steps=20000",
+        ],
     )
     with pytest.raises(RunError, match=r"NonFiniteLossError: loss/total became nan") as info:
         run_training(cfg, out, progress=False)
@@ -127,5 +140,8 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> No
 
 def test_run_that_cannot_be_placed_fails_with_numbers(tmp_path: Path) -> None:
     cfg = build_config(CARTPOLE, ["resources.num_rollout_actors=8"])
-    with pytest.raises(ResourceError, match=r"needs 5 CPUs \(8 rollout actors x 0.5 \+ 1 learners x 1\), cluster has 2"):
+    with pytest.raises(
+        ResourceError,
+        match=r"needs 5 CPUs \(8 rollout actors x 0.5 \+ 1 learners x 1\), cluster has 2",
+    ):
         run_training(cfg, tmp_path / "big", progress=False)

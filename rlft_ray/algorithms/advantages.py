@@ -61,7 +61,10 @@ def compute_gae(
 
 
 def normalize_advantages(
-    advantages: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None, eps: float = 1e-8
+    advantages: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    eps: float = 1e-8,
 ) -> torch.Tensor:
     """Standardise advantages: (A - mean) / (std + eps).
 

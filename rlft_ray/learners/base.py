@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -42,7 +42,7 @@ class LearnerContext:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 class Learner(ABC):
@@ -102,7 +102,7 @@ class Learner(ABC):
     def modules(self) -> dict[str, nn.Module]:
         """Modules saved in checkpoints as ``{name}.safetensors`` (``policy`` first)."""
 
-    def after_init_from(self) -> None:
+    def after_init_from(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Hook run after ``init_from`` loaded module weights (e.g. sync a target net)."""
 
     # -- helpers for subclasses -------------------------------------------------------
@@ -141,7 +141,9 @@ class Learner(ABC):
             )
 
 
-def _policy_from_spaces(cls: type[Learner], cfg: RunConfig, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
+def _policy_from_spaces(
+    cls: type[Learner], cfg: RunConfig, obs_space: gym.Space, act_space: gym.Space
+) -> nn.Module:
     return cls.make_policy(cfg, Spaces(obs_space, act_space))
 
 

@@ -38,19 +38,36 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, terminated: np.ndarray) -> None:
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+    ) -> None:
         """Append ``[B, ...]`` transitions."""
         for i in range(obs.shape[0]):
             j = self.pos
             self.obs[j], self.next_obs[j] = obs[i], next_obs[i]
-            self.actions[j], self.rewards[j], self.terminated[j] = actions[i], rewards[i], terminated[i]
+            self.actions[j], self.rewards[j], self.terminated[j] = (
+                actions[i],
+                rewards[i],
+                terminated[i],
+            )
             self.pos = (self.pos + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, ...]:
         """Uniformly sample ``batch_size`` transitions (with replacement)."""
         idx = self.rng.integers(0, self.size, size=batch_size)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx]
+        return (
+            self.obs[idx],
+            self.actions[idx],
+            self.rewards[idx],
+            self.next_obs[idx],
+            self.terminated[idx],
+        )
 
 
 class DQNLearner(Learner):
@@ -64,7 +81,9 @@ class DQNLearner(Learner):
         self.target = copy.deepcopy(self.q).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.hp.lr)
         self.replay = ReplayBuffer(
-            max(1, self.hp.buffer_size // ctx.world_size), spaces.observation.shape, seed=cfg.seed + ctx.rank
+            max(1, self.hp.buffer_size // ctx.world_size),
+            spaces.observation.shape,
+            seed=cfg.seed + ctx.rank,
         )
         self.grad_steps = 0
 
@@ -92,7 +111,10 @@ class DQNLearner(Learner):
         )
         epsilon = linear_schedule(hp.eps_start, hp.eps_end, hp.exploration_fraction, progress)
         self.q.epsilon.fill_(epsilon)
-        metrics: dict[str, float] = {"explore/epsilon": epsilon, "replay/size": float(len(self.replay))}
+        metrics: dict[str, float] = {
+            "explore/epsilon": epsilon,
+            "replay/size": float(len(self.replay)),
+        }
         # Every rank holds an equal share of the data, so this test agrees across ranks.
         if len(self.replay) * self.ctx.world_size < hp.learning_starts:
             return metrics

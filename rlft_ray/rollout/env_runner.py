@@ -35,7 +35,9 @@ def probe_spaces(env_cfg: EnvConfig) -> tuple[gym.Space, gym.Space]:
     try:
         env = make_env(env_cfg)
     except Exception as exc:  # gymnasium raises several types; name the cause for the user
-        raise ValueError(f"env.id={env_cfg.id!r} with env.kwargs={env_cfg.kwargs} cannot be made: {exc}") from exc
+        raise ValueError(
+            f"env.id={env_cfg.id!r} with env.kwargs={env_cfg.kwargs} cannot be made: {exc}"
+        ) from exc
     spaces = (env.observation_space, env.action_space)
     env.close()
     return spaces
@@ -92,9 +94,15 @@ class EnvRunner:
         obs_buf = np.zeros((T, N, *self.obs.shape[1:]), dtype=np.float32)
         next_obs_buf = np.zeros_like(obs_buf)
         act_shape = self.env.single_action_space.shape
-        act_dtype = np.int64 if isinstance(self.env.single_action_space, gym.spaces.Discrete) else np.float32
+        act_dtype = (
+            np.int64
+            if isinstance(self.env.single_action_space, gym.spaces.Discrete)
+            else np.float32
+        )
         actions_buf = np.zeros((T, N, *act_shape), dtype=act_dtype)
-        logp_buf, val_buf, rew_buf, boot_buf = (np.zeros((T, N), dtype=np.float32) for _ in range(4))
+        logp_buf, val_buf, rew_buf, boot_buf = (
+            np.zeros((T, N), dtype=np.float32) for _ in range(4)
+        )
         term_buf, trunc_buf = np.zeros((T, N), dtype=bool), np.zeros((T, N), dtype=bool)
         episodes = EpisodeStats()
 
@@ -102,7 +110,9 @@ class EnvRunner:
             obs_t = torch.as_tensor(self.obs, dtype=torch.float32)
             actions, logp, values = self.policy.act(obs_t)
             env_actions = actions.numpy()
-            if act_dtype == np.float32:  # Gaussian samples are unbounded; the env sees a legal action
+            if (
+                act_dtype == np.float32
+            ):  # Gaussian samples are unbounded; the env sees a legal action
                 space = self.env.single_action_space
                 env_actions = np.clip(env_actions, space.low, space.high)
             next_obs, rewards, terminated, truncated, infos = self.env.step(env_actions)
@@ -121,7 +131,9 @@ class EnvRunner:
                 if truncated.any():
                     idx = np.flatnonzero(truncated & ~terminated)
                     if idx.size:
-                        boot_buf[t, idx] = self.policy.value(torch.as_tensor(real_next[idx])).numpy()
+                        boot_buf[t, idx] = self.policy.value(
+                            torch.as_tensor(real_next[idx])
+                        ).numpy()
             next_obs_buf[t] = real_next
 
             self.ep_return += rewards
@@ -178,7 +190,9 @@ def evaluate_policy(
         obs, _ = env.reset(seed=seed + ep)
         total, length, done, info = 0.0, 0, False, {}
         while not done:
-            action, _, _ = policy.act(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0), deterministic)
+            action, _, _ = policy.act(
+                torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0), deterministic
+            )
             a = action[0].numpy()
             if isinstance(space, gym.spaces.Box):
                 a = np.clip(a, space.low, space.high)

@@ -59,7 +59,12 @@ class RunnerGroup:
         recovery_timeout_s: How long to wait for Ray to restart a dead actor.
     """
 
-    def __init__(self, all_runners: Sequence[ActorHandle], mine: Sequence[int], recovery_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        all_runners: Sequence[ActorHandle],
+        mine: Sequence[int],
+        recovery_timeout_s: float = 60.0,
+    ) -> None:
         self.all_runners = list(all_runners)
         self.mine = list(mine)
         self.recovery_timeout_s = recovery_timeout_s
@@ -78,7 +83,9 @@ class RunnerGroup:
                 logger.warning("rollout actor %d was down during weight sync", i)
         return time.perf_counter() - start
 
-    def sample(self, weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]], *args: Any) -> list[Any]:
+    def sample(
+        self, weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]], *args: Any
+    ) -> list[Any]:
         """Sample once from each of this rank's actors, restoring any that died.
 
         Args:
@@ -98,7 +105,9 @@ class RunnerGroup:
         return out
 
     def _recover(self, i: int, exc: Exception, weights_for_recovery: Callable, args: tuple) -> Any:
-        logger.warning("rollout actor %d died (%s); waiting for Ray to restart it", i, type(exc).__name__)
+        logger.warning(
+            "rollout actor %d died (%s); waiting for Ray to restart it", i, type(exc).__name__
+        )
         deadline = time.monotonic() + self.recovery_timeout_s
         runner = self.all_runners[i]
         while True:
