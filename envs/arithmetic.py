@@ -320,3 +320,28 @@ def exact_match_with_format(
     exact = exact_match(prompts, completions, metadata)
     fmt = format_reward(prompts, completions, metadata)
     return [(1.0 - format_weight) * e + format_weight * f for e, f in zip(exact, fmt)]
+
+
+def digit_fraction(
+    prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]
+) -> list[float]:
+    """Fraction of the completion's characters (before any EOS marker) that are digits.
+
+    A dense shaping reward: a randomly initialised model almost never produces an exact
+    answer, but it can quickly learn to answer with digits. Empty completions score 0.0.
+
+    Args:
+        prompts: The prompts (unused).
+        completions: Generated continuations.
+        metadata: Per-sample dicts (unused, but must match ``completions`` in length).
+
+    Returns:
+        One reward in [0, 1] per completion.
+    """
+    if len(completions) != len(metadata):
+        raise ValueError(f"got {len(completions)} completions but {len(metadata)} metadata entries")
+    out = []
+    for completion in completions:
+        text = _cut_at_eos(completion)
+        out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
+    return out

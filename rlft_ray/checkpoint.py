@@ -4,6 +4,8 @@ Layout of a checkpoint directory::
 
     policy.safetensors    # the acting policy (what `rlft-ray eval` and `init_from` load)
     <module>.safetensors  # other learner modules (e.g. the DQN target network)
+    policy/               # instead, for a Hugging Face model: a `save_pretrained` directory
+                          # (safetensors + config + tokenizer) that `from_pretrained` loads
     optimizer.pt          # optimizer state
     state.json            # counters (iteration, env_steps, policy_version, ...) + spaces
     rng.pt                # python / numpy / torch RNG state of rank 0
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +65,21 @@ def save_checkpoint(
     counters: Counters,
     cfg: RunConfig,
     spaces_sig: dict[str, str],
+    extras: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write a checkpoint directory at ``path`` (a fresh temp dir the caller hands to Ray)."""
+    """Write a checkpoint directory at ``path`` (a fresh temp dir the caller hands to Ray).
+
+    ``extras(path)`` writes further files (the learner's ``save_extras``, e.g. the tokenizer).
+    """
     path.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
+        if _is_pretrained(module):
+            module.save_pretrained(path / name)
+            continue
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(tensors, str(path / f"{name}.safetensors"))
+    if extras is not None:
+        extras(path)
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     torch.save(
         {
@@ -92,9 +104,10 @@ def read_state(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if not (p / "state.json").is_file() or not (p / "policy.safetensors").is_file():
+    has_policy = (p / "policy.safetensors").is_file() or (p / "policy" / "config.json").is_file()
+    if not (p / "state.json").is_file() or not has_policy:
         raise CheckpointError(
-            f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors)"
+            f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors or policy/)"
         )
     return json.loads((p / "state.json").read_text())
 
@@ -129,6 +142,10 @@ def load_modules(
     for name, module in modules.items():
         if names is not None and name not in names:
             continue
+        if _is_pretrained(module) and (Path(path) / name).is_dir():
+            _load_pretrained_into(module, Path(path) / name)
+            loaded.append(name)
+            continue
         file = Path(path) / f"{name}.safetensors"
         if not file.is_file():
             continue
@@ -161,3 +178,31 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> C
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     return Counters(**state["counters"])
+
+
+def _is_pretrained(module: torch.nn.Module) -> bool:
+    """A Hugging Face model (saved as a ``save_pretrained`` directory)?"""
+    return hasattr(module, "save_pretrained") and hasattr(type(module), "from_pretrained")
+
+
+def _load_pretrained_into(module: torch.nn.Module, directory: Path) -> None:
+    """Copy the weights of the ``save_pretrained`` directory into ``module`` (same architecture).
+
+    Loading through ``from_pretrained`` handles sharded files and tied weights.
+    """
+    try:
+        loaded = type(module).from_pretrained(directory, dtype=next(module.parameters()).dtype)
+    except Exception as exc:  # OSError, shape mismatch, ...: name the directory
+        raise CheckpointError(f"cannot load {directory}: {type(exc).__name__}: {exc}") from exc
+    own, theirs = module.state_dict(), loaded.state_dict()
+    if set(own) != set(theirs):
+        raise CheckpointError(
+            f"{directory}: parameters differ from this run's model "
+            f"(missing {sorted(set(own) - set(theirs))[:5]}, unexpected {sorted(set(theirs) - set(own))[:5]})"
+        )
+    for key, value in theirs.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{directory}: {key} has shape {tuple(value.shape)}, this run's model has {tuple(own[key].shape)}"
+            )
+    module.load_state_dict(theirs)

@@ -28,27 +28,115 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from a YAML run file plus dotted key=value overrides")
     t.add_argument("config", help="YAML run file (e.g. examples/cartpole_ppo.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=3e-4 resources.num_rollout_actors=2")
-    t.add_argument("--output-dir", type=Path, default=None, help="run directory (default: runs/<config>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. ppo.lr=3e-4 resources.num_rollout_actors=2",
+    )
+    t.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="run directory (default: runs/<config>-<time>)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its last checkpoint",
+    )
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint's policy on its env")
-    e.add_argument("checkpoint", type=Path, help="checkpoint directory (e.g. runs/a/checkpoint_best)")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint's policy (episodes on its env, or exact-match on a prompt file)",
+    )
+    e.add_argument(
+        "checkpoint",
+        type=Path,
+        help="checkpoint directory (e.g. runs/a/checkpoint_best) or an LM model directory",
+    )
     e.add_argument("--episodes", type=int, default=20)
     e.add_argument("--seed", type=int, default=12345)
-    e.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy/mean action")
-    e.add_argument("overrides", nargs="*", help="env overrides, e.g. env.kwargs.goal=[-0.5,-0.5]")
+    e.add_argument(
+        "--stochastic", action="store_true", help="sample actions instead of the greedy/mean action"
+    )
+    e.add_argument(
+        "--dataset",
+        default=None,
+        help="LM runs: prompt file to score greedy completions on (default: lm.eval_prompts)",
+    )
+    e.add_argument(
+        "--limit", type=int, default=None, help="LM runs: score only the first N prompts"
+    )
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. env.kwargs.goal=[-0.5,-0.5] or lm.max_new_tokens=16",
+    )
 
-    tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune from a spec (e.g. tuning/cartpole_ppo_asha.yaml)")
-    tu.add_argument("spec", type=Path, help="tuning spec YAML: run config, search space, scheduler, search algorithm")
-    tu.add_argument("--output-dir", type=Path, default=None, help="search directory (default: runs/tune-<spec>-<time>)")
-    tu.add_argument("--resume", action="store_true", help="continue the interrupted search in --output-dir")
+    tu = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Ray Tune from a spec (e.g. tuning/cartpole_ppo_asha.yaml)",
+    )
+    tu.add_argument(
+        "spec",
+        type=Path,
+        help="tuning spec YAML: run config, search space, scheduler, search algorithm",
+    )
+    tu.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="search directory (default: runs/tune-<spec>-<time>)",
+    )
+    tu.add_argument(
+        "--resume", action="store_true", help="continue the interrupted search in --output-dir"
+    )
     tu.add_argument("--quiet", action="store_true", help="no Tune status tables while it runs")
 
-    q = sub.add_parser("quickstart", help="the main job: CartPole PPO on local embedded Ray (~1 min on 2 cores)")
+    q = sub.add_parser(
+        "quickstart",
+        help="the main job: tiny LM, SFT base, GRPO on local Ray, before/after table (<= 5 min on 2 cores)",
+    )
     q.add_argument("--output-dir", type=Path, default=None)
-    q.add_argument("overrides", nargs="*", help="dotted overrides for examples/cartpole_ppo.yaml")
+    q.add_argument(
+        "--task",
+        choices=("lm", "cartpole"),
+        default="lm",
+        help="lm (default) or the CartPole PPO flow",
+    )
+    q.add_argument(
+        "--seed", type=int, default=0, help="lm: seed of the data, model init, SFT and RL"
+    )
+    q.add_argument("--sft-steps", type=int, default=1000, help="lm: supervised steps (batch 64)")
+    q.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides for examples/arithmetic_grpo.yaml (or cartpole_ppo.yaml)",
+    )
+
+    m = sub.add_parser(
+        "make-tiny-model",
+        help="build a small random GPT-2/Llama/Qwen2 + char tokenizer (save_pretrained)",
+    )
+    m.add_argument("out", type=Path, help="output directory (e.g. out/tiny-gpt2)")
+    m.add_argument("--arch", choices=("gpt2", "llama", "qwen2"), default="gpt2")
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--hidden", type=int, default=64)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--max-positions", type=int, default=128)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+
+    d = sub.add_parser(
+        "make-arith-data", help="write arith_train.jsonl / arith_test.jsonl prompt files"
+    )
+    d.add_argument("out", type=Path, help="output directory (e.g. data)")
+    d.add_argument("--train", type=int, default=2000)
+    d.add_argument("--test", type=int, default=200)
+    d.add_argument("--kind", choices=("add", "mul", "multi", "mixed"), default="add")
+    d.add_argument("--max-operand", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -56,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlft-ray`` / ``python -m rlft_ray``."""
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "quickstart": _quickstart, "tune": _tune}[args.command](args)
+        commands = {
+            "train": _train,
+            "eval": _eval,
+            "quickstart": _quickstart,
+            "tune": _tune,
+            "make-tiny-model": _make_tiny_model,
+            "make-arith-data": _make_arith_data,
+        }
+        return commands[args.command](args)
     except (ConfigError, CheckpointError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -88,7 +184,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.resume and args.output_dir is None:
         raise ConfigError("--resume", "needs --output-dir of the search to continue")
-    output_dir = args.output_dir or Path("runs") / f"tune-{args.spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_dir = (
+        args.output_dir or Path("runs") / f"tune-{args.spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     result = run_search(args.spec, output_dir, resume=args.resume, verbose=0 if args.quiet else 1)
     print(format_table(result.rows, result.metric))
     print(f"\nsearch directory: {result.output_dir}  ({result.wall_s:.0f} s)")
@@ -104,45 +202,104 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    config = EXAMPLES / "cartpole_ppo.yaml"
-    cfg = build_config(config, ["stop_return=475", *args.overrides])
     output_dir = args.output_dir or _default_dir(Path("quickstart"))
+    if args.task == "lm":
+        from rlft_ray.lm.quickstart import QuickstartSettings, run_lm_quickstart
+
+        settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps)
+        summary = run_lm_quickstart(output_dir, args.overrides, settings)
+        print(
+            f"\nrun directory: {output_dir}  (summary.json, metrics.jsonl, reward_curve.png, checkpoint_best/)"
+        )
+        print(
+            f"evaluate with: rlft-ray eval {output_dir}/checkpoint_best --dataset {output_dir}/data/arith_test.jsonl"
+        )
+        return 0 if summary.get("error") is None else 1
+    cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["stop_return=475", *args.overrides])
     from rlft_ray.driver import run_training
 
     summary = run_training(cfg, output_dir, progress=True)
     print(json.dumps(summary, indent=2))
-    print(f"\nrun directory: {output_dir}\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --episodes 20")
+    print(
+        f"\nrun directory: {output_dir}\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --episodes 20"
+    )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rlft_ray.checkpoint import load_config_from_checkpoint, load_modules
-    from rlft_ray.learners.base import Spaces
+    from rlft_ray.checkpoint import load_config_from_checkpoint
+    from rlft_ray.learners.base import EvalOptions
     from rlft_ray.registry import get_learner_cls
-    from rlft_ray.rollout.env_runner import evaluate_policy, probe_spaces
 
     if args.episodes < 1:
         raise ConfigError("--episodes", "must be >= 1")
-    saved = load_config_from_checkpoint(args.checkpoint)
-    cfg = build_config(base=_plain(saved), overrides=args.overrides) if args.overrides else saved
-    spaces = Spaces(*probe_spaces(cfg.env))
-    policy = get_learner_cls(cfg.algo).make_policy(cfg, spaces)
-    load_modules(args.checkpoint, {"policy": policy})
-    policy.eval()
-    stats = evaluate_policy(policy, cfg.env, args.episodes, args.seed, deterministic=not args.stochastic)
-    import numpy as np
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", "must be >= 1")
+    opts = EvalOptions(
+        episodes=args.episodes,
+        seed=args.seed,
+        stochastic=args.stochastic,
+        dataset=args.dataset,
+        limit=args.limit,
+    )
+    if _is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
+        from rlft_ray.learners.lm_core import evaluate_lm
 
-    result = {
-        "checkpoint": str(args.checkpoint),
-        "env": cfg.env.id,
-        "episodes": args.episodes,
-        "episode_return_mean": float(np.mean(stats.returns)),
-        "episode_return_std": float(np.std(stats.returns)),
-        "episode_len_mean": float(np.mean(stats.lengths)),
-    }
-    if stats.successes:
-        result["success_rate"] = float(np.mean(stats.successes))
+        cfg = build_config(overrides=["algo=grpo", *args.overrides])
+        result = evaluate_lm(args.checkpoint, cfg, opts)
+    else:
+        saved = load_config_from_checkpoint(args.checkpoint)
+        cfg = (
+            build_config(base=_plain(saved), overrides=args.overrides) if args.overrides else saved
+        )
+        result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "state.json").is_file()
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from rlft_ray.lm import quiet_transformers
+    from rlft_ray.lm.tiny import make_tiny_model
+
+    quiet_transformers()
+    try:
+        out = make_tiny_model(
+            args.out,
+            arch=args.arch,
+            n_layer=args.layers,
+            hidden=args.hidden,
+            n_head=args.heads,
+            max_positions=args.max_positions,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as exc:
+        raise ConfigError("make-tiny-model", str(exc)) from None
+    print(
+        f"wrote {args.arch} model + tokenizer to {out} (load with AutoModelForCausalLM.from_pretrained)"
+    )
+    return 0
+
+
+def _make_arith_data(args: argparse.Namespace) -> int:
+    from envs.arithmetic import write_splits
+
+    try:
+        train, test = write_splits(
+            args.out,
+            args.train,
+            args.test,
+            kind=args.kind,
+            seed=args.seed,
+            max_operand=args.max_operand,
+        )
+    except ValueError as exc:
+        raise ConfigError("make-arith-data", str(exc)) from None
+    print(f"wrote {args.train} problems to {train} and {args.test} to {test}")
     return 0
 
 

@@ -21,12 +21,10 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rlft_ray import checkpoint as ckpt
-from rlft_ray.config import RunConfig, save_config
-from rlft_ray.learners.base import Spaces
+from rlft_ray.config import ConfigError, RunConfig, save_config
 from rlft_ray.loop import _spaces_sig, train_loop_per_worker
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import check_fits
-from rlft_ray.rollout.env_runner import probe_spaces
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
     RunDirCallback,
@@ -93,12 +91,15 @@ def run_training(
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
     # --- checks before Ray -------------------------------------------------------------
-    obs_space, act_space = probe_spaces(cfg.env)
-    spaces = Spaces(obs_space, act_space)
     try:
-        learner_cls.make_policy(cfg, spaces)
+        probe = learner_cls.probe(cfg)  # env spaces / model, tokenizer and prompt data
+    except ConfigError:
+        raise
     except ValueError as exc:
-        raise RunError(f"algo={cfg.algo} cannot act in env {cfg.env.id}: {exc}") from exc
+        raise RunError(str(exc)) from exc
+    spaces, cfg = probe.spaces, probe.cfg or cfg
+    for line in _describe(probe.info):
+        logger.warning(line)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, _spaces_sig(spaces))
     prepare_output_dir(output_dir, resume)
@@ -110,6 +111,7 @@ def run_training(
     # --- Ray: resources, rollout actors, learners ----------------------------------
     init_ray(address)
     check_fits(cfg.resources, ray.cluster_resources())
+    datasets = _ray_datasets(probe.datasets)
     runners = make_remote_runners(
         learner_cls.sampler_cls,
         cfg.resources.num_rollout_actors,
@@ -118,6 +120,7 @@ def run_training(
         name_prefix=f"rlft-runner-{uuid.uuid4().hex[:8]}-",
         kwargs_for=lambda i: learner_cls.sampler_kwargs(cfg, i),
         resources=cfg.resources.rollout_actor_resources,
+        num_gpus=cfg.resources.gpus_per_rollout_actor,
     )
     storage = cfg.resources.storage_path or str(output_dir.parent)
     trainer = TorchTrainer(
@@ -127,7 +130,9 @@ def run_training(
             "spaces": spaces,
             "runners": runners,
             "start_checkpoint": start_checkpoint,
+            "datasets": sorted(datasets),
         },
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_learners,
             use_gpu=cfg.resources.use_gpu,
@@ -144,7 +149,7 @@ def run_training(
             callbacks=[RunDirCallback(str(output_dir), learner_cls.score_metric), *callbacks],
         ),
     )
-    bar = _Progress(output_dir, cfg.total_env_steps) if progress else None
+    bar = _Progress(output_dir, cfg, learner_cls.score_metric) if progress else None
     error: BaseException | None = None
     try:
         trainer.fit()
@@ -156,14 +161,46 @@ def run_training(
         for r in runners:
             ray.kill(r)
     wall_s = time.perf_counter() - started
-    summary = write_summary(
-        output_dir, wall_s, {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error)}
-    )
-    plot_curve(output_dir)
+    extra = {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error), **probe.info}
+    summary = write_summary(output_dir, wall_s, extra)
+    y_key, x_key, png = learner_cls.curve
+    plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
     if error is not None:
         kept = summary["checkpoint_last"] or "none (failed before the first checkpoint)"
         raise RunError(f"run failed: {_cause(error)}\nlast good checkpoint: {kept}") from error
     return summary
+
+
+def _ray_datasets(tables: dict[str, Any]) -> dict[str, Any]:
+    """The probe's tables (pandas) as Ray Datasets for Ray Train to shard over the ranks."""
+    if not tables:
+        return {}
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return {name: ray.data.from_pandas(table) for name, table in tables.items()}
+
+
+def _describe(info: dict[str, Any]) -> list[str]:
+    """Console lines for the probe's counted decisions (prompts dropped, pad token chosen)."""
+    lines = []
+    dropped = {
+        k: v
+        for k, v in info.items()
+        if k.startswith("data/") and k.endswith(("_dropped", "truncated")) and v
+    }
+    if dropped:
+        lines.append(
+            f"prompts from {info.get('data/source')}: kept {info.get('data/kept')}/{info.get('data/total')}, "
+            + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in dropped.items())
+        )
+    if info.get("tokenizer_pad"):
+        lines.append(str(info["tokenizer_pad"]))
+    return lines
 
 
 def _cause(error: BaseException | None) -> str | None:
@@ -181,13 +218,17 @@ def _cause(error: BaseException | None) -> str | None:
 class _Progress:
     """Driver-side live progress: tails ``metrics.jsonl`` (written by the controller)."""
 
-    def __init__(self, output_dir: Path, total_steps: int) -> None:
+    def __init__(self, output_dir: Path, cfg: RunConfig, score_metric: str) -> None:
         from tqdm.auto import tqdm
 
         self.output_dir = output_dir
+        self.score_metric = score_metric
+        # Count iterations when they bound the run (LM runs), else environment steps.
+        by_iter = cfg.total_iterations is not None
+        self.x_key = "counters/iteration" if by_iter else "counters/env_steps"
         self.bar = tqdm(
-            total=total_steps,
-            unit="step",
+            total=cfg.total_iterations if by_iter else cfg.total_env_steps,
+            unit="it" if by_iter else "step",
             dynamic_ncols=True,
             mininterval=0.5 if os.isatty(2) else 10.0,
         )
@@ -205,15 +246,19 @@ class _Progress:
         if len(rows) <= self.start_rows:
             return
         last = rows[-1]
-        self.bar.n = int(last.get("counters/env_steps", 0))
-        ret = last.get("rollout/episode_return_mean")
+        self.bar.n = int(last.get(self.x_key, 0))
+        score = last.get(self.score_metric)
         self.bar.set_postfix(
             it=int(last.get("counters/iteration", 0)),
-            ret=f"{ret:.1f}" if ret is not None else "-",
+            **{
+                self.score_metric.rsplit("/", 1)[-1][:8]: f"{score:.3g}"
+                if score is not None
+                else "-"
+            },
             sps=f"{last.get('perf/env_steps_per_s', 0):.0f}",
             refresh=False,
         )
-        self.bar.refresh()
+        self.bar.update(0)  # redraws at most every `mininterval` (10 s when not a terminal)
 
     def close(self) -> None:
         self.stop.set()

@@ -29,7 +29,11 @@ from rlft_ray.utils import seed_everything, torch_threads
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_cfg`` holds ``cfg``, ``spaces`` and ``runners`` (actor handles)."""
+    """Ray Train entry point.
+
+    ``loop_cfg`` holds ``cfg``, ``spaces``, ``runners`` (actor handles), ``datasets`` (names
+    of the Ray Datasets Ray Train shards over the ranks) and ``start_checkpoint``.
+    """
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
     _quiet_ray_train_reports()
@@ -38,7 +42,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.set_num_threads(torch_threads(cfg.resources.cpus_per_learner))
     seed_everything(cfg.seed + 7919 * rank)
 
-    learner = get_learner_cls(cfg.algo)(cfg, spaces, LearnerContext(rank, world, get_device()))
+    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg.get("datasets", ())}
+    learner = get_learner_cls(cfg.algo)(
+        cfg, spaces, LearnerContext(rank, world, get_device(), shards)
+    )
     per_rank = len(loop_cfg["runners"]) // world
     runners = RunnerGroup(loop_cfg["runners"], mine=range(rank * per_rank, (rank + 1) * per_rank))
     counters = restore(learner, cfg, spaces, loop_cfg.get("start_checkpoint"))
@@ -50,12 +57,15 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     while not _finished(cfg, counters):
         t0 = time.perf_counter()
-        batches = runners.sample(lambda: (learner.policy_state(), counters.policy_version))
+        batches = runners.sample(
+            lambda: (learner.policy_state(), counters.policy_version),
+            per_actor=learner.next_sample_args(len(runners.mine)),
+        )
         batch = type(batches[0]).concat(batches)
         t1 = time.perf_counter()
 
         returns, successes = _gather_episodes(batch.episodes, world)
-        metrics = learner.update(batch, progress=counters.env_steps / cfg.total_env_steps)
+        metrics = learner.update(batch, progress=_progress(cfg, counters))
         counters.iteration += 1
         counters.env_steps += batch.num_steps * world
         counters.policy_version += 1
@@ -76,9 +86,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 "perf/weight_sync_s": sync_s,
                 "perf/env_steps_per_s": batch.num_steps * world / max(t1 - t0, 1e-9),
                 "perf/iteration_s": time.perf_counter() - t0,
+                "perf/weight_sync_frac": sync_s / max(time.perf_counter() - t0, 1e-9),
                 "perf/actor_restarts": float(runners.restarts),
             }
         )
+        tokens = getattr(batch, "num_tokens", 0) * world  # generated tokens (LM batches)
+        if tokens:
+            metrics["perf/tokens_per_s"] = tokens / max(t1 - t0, 1e-9)
         reporter.add(metrics, learner, counters, last=_finished(cfg, counters))
 
 
@@ -169,6 +183,7 @@ class _Reporter:
                 counters,
                 self.cfg,
                 _spaces_sig(self.spaces),
+                extras=learner.save_extras,
             )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -181,8 +196,16 @@ class _Reporter:
         return bool(flag.item())
 
 
+def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:
+    """Fraction of the budget used: env steps, or iterations when ``total_iterations`` is set."""
+    done = counters.env_steps / cfg.total_env_steps
+    if cfg.total_iterations is not None:
+        done = max(done, counters.iteration / cfg.total_iterations)
+    return min(done, 1.0)
+
+
 def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
-    if counters.env_steps >= cfg.total_env_steps:
+    if _progress(cfg, counters) >= 1.0:
         return True
     # Early stops need a full window of the last 20 episodes.
     window = ckpt.RECENT_EPISODES

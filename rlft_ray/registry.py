@@ -10,9 +10,11 @@ if TYPE_CHECKING:
 
 def _algorithms() -> dict[str, type[Learner]]:
     from rlft_ray.learners.dqn import DQNLearner
+    from rlft_ray.learners.grpo import GRPOLearner
+    from rlft_ray.learners.lm_ppo import LMPPOLearner
     from rlft_ray.learners.ppo import PPOLearner
 
-    return {"ppo": PPOLearner, "dqn": DQNLearner}
+    return {"ppo": PPOLearner, "dqn": DQNLearner, "grpo": GRPOLearner, "lm_ppo": LMPPOLearner}
 
 
 def algorithm_names() -> list[str]:

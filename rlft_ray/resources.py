@@ -42,10 +42,17 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
                 f"learner_resources), cluster has {have:g}; start nodes with --resources='{{\"{name}\": N}}' "
                 "or drop the requirement"
             )
-    if res.use_gpu:
-        have_gpu = float(available.get("GPU", 0.0))
-        if res.num_learners > have_gpu + 1e-9:
-            raise ResourceError(
-                f"resources.use_gpu=true needs {res.num_learners} GPU(s) for {res.num_learners} learner(s), "
-                f"cluster has {have_gpu:g}; set resources.use_gpu=false or add GPU nodes"
-            )
+    have_gpu = float(available.get("GPU", 0.0))
+    if res.use_gpu and res.num_learners > have_gpu + 1e-9:
+        raise ResourceError(
+            f"resources.use_gpu=true needs {res.num_learners} GPU(s) for {res.num_learners} learner(s), "
+            f"cluster has {have_gpu:g}; set resources.use_gpu=false or add GPU nodes"
+        )
+    rollout_gpus = res.num_rollout_actors * res.gpus_per_rollout_actor
+    learner_gpus = res.num_learners if res.use_gpu else 0
+    if rollout_gpus > 0 and rollout_gpus + learner_gpus > have_gpu + 1e-9:
+        raise ResourceError(
+            f"resources.gpus_per_rollout_actor={res.gpus_per_rollout_actor:g} needs {rollout_gpus:g} GPU(s) for "
+            f"{res.num_rollout_actors} rollout actors (+ {learner_gpus} for learners), cluster has {have_gpu:g}; "
+            "set resources.gpus_per_rollout_actor=0 or add GPU nodes"
+        )

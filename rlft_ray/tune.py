@@ -47,6 +47,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import shlex
 import threading
 import time
@@ -65,8 +66,10 @@ from rlft_ray.utils import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "tune"
+#: Set (to 1.0) in the final result of a trial whose run reached its end.
+COMPLETED_KEY = "trial/completed"
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
-#: Time attributes a scheduler may use besides Tune's own counters.
+#: Tune's own time attributes, allowed next to the run's ``counters/*`` and ``time/*``.
 _TUNE_TIME_ATTRS = ("training_iteration", "time_total_s")
 
 
@@ -178,7 +181,27 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class _SpecFile:
-    """The top level of a spec file (parsed with :func:`rlft_ray.config.from_dict`)."""
+    """The top level of a spec file (parsed with :func:`rlft_ray.config.from_dict`).
+
+    Attributes:
+        run_config: The run YAML every trial starts from (relative to the spec file).
+        search_space: ``{dotted.key: {distribution: args}}`` with one of ``choice``,
+            ``grid`` (lists of values), ``uniform``, ``loguniform`` (``[low, high]``)
+            or ``randint`` (``[low, high)``, upper bound exclusive as in Tune).
+        overrides: Dotted overrides fixed for every trial.
+        resources: ``resources.*`` fields of one trial (rollout actors, learners, CPUs).
+        scheduler: See :class:`SchedulerSpec`.
+        search: See :class:`SearchSpec`.
+        num_samples: Trials to sample (grid dimensions multiply it).
+        max_concurrent_trials: Trials at once; default as many as the cluster fits.
+        metric: Reported metric that ranks trials (and Tune checkpoints).
+        mode: ``max`` or ``min``.
+        max_failures: Tune restarts a crashed trial this often (from its checkpoint).
+        keep_checkpoints: Tune checkpoints kept per trial (best by metric + latest);
+            default 3, for PBT all (an exploiting trial may restore an old one).
+        storage_path: Where Tune keeps the experiment (shared path or ``s3://`` URI on
+            multi-node clusters); default ``--output-dir``.
+    """
 
     run_config: str = ""
     search_space: dict[str, Any] = field(default_factory=dict)
@@ -191,7 +214,7 @@ class _SpecFile:
     metric: str = "rollout/episode_return_mean"
     mode: Literal["max", "min"] = "max"
     max_failures: int = 0
-    keep_checkpoints: int = 3
+    keep_checkpoints: int | None = None
     storage_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -210,8 +233,8 @@ class _SpecFile:
             raise ConfigError("max_concurrent_trials", "must be >= 1 or null (as many as fit)")
         if self.max_failures < -1:
             raise ConfigError("max_failures", "must be >= -1 (-1: unlimited retries)")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("keep_checkpoints", "must be >= 1")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints", "must be >= 1 or null (keep all)")
         if not self.metric:
             raise ConfigError(
                 "metric", "must name a reported metric, e.g. rollout/episode_return_mean"
@@ -293,7 +316,7 @@ class TuneSpec:
     metric: str
     mode: str
     max_failures: int
-    keep_checkpoints: int
+    keep_checkpoints: int | None
     storage_path: str | None
     raw: dict[str, Any]
     base: dict[str, Any]
@@ -420,7 +443,9 @@ def load_spec(path: str | Path) -> TuneSpec:
                 build_config(base=base, overrides={dim.key: value})
             except ConfigError as exc:
                 reason = exc.reason if exc.key == dim.key else str(exc)
-                raise SpecError(dim.spec_key, f"{reason} (value {value!r})") from None
+                if not reason.startswith("unknown key") and repr(value) not in reason:
+                    reason += f" (for the sampled value {value!r})"
+                raise SpecError(dim.spec_key, reason) from None
     _check_combination(parsed, dims)
     raw = dict(data)
     raw["run_config"] = str(run_config)
@@ -436,11 +461,22 @@ def load_spec(path: str | Path) -> TuneSpec:
         metric=parsed.metric,
         mode=parsed.mode,
         max_failures=parsed.max_failures,
-        keep_checkpoints=parsed.keep_checkpoints,
+        keep_checkpoints=_keep_checkpoints(parsed),
         storage_path=parsed.storage_path,
         raw=raw,
         base=base,
     )
+
+
+def _keep_checkpoints(parsed: _SpecFile) -> int | None:
+    """Tune checkpoints kept per trial (the best by ``metric`` plus the latest).
+
+    PBT keeps all by default: a trial told to exploit may wait (paused) for a free
+    slot while its source keeps checkpointing, and Tune refuses to restore a deleted one.
+    """
+    if parsed.keep_checkpoints is not None:
+        return parsed.keep_checkpoints
+    return None if parsed.scheduler.type == "pbt" else 3
 
 
 def _check_combination(parsed: _SpecFile, dims: tuple[Dimension, ...]) -> None:
@@ -515,18 +551,22 @@ class _TrialContext:
     output_dir: str
     metric: str
     checkpoint_reports_only: bool
+    cwd: str
 
 
 def _run_trial(config: dict[str, Any], ctx: _TrialContext) -> None:
     """The Tune trainable: one training run per (re)start of the trial."""
     import dataclasses
 
-    import ray
     from ray import tune
     from ray.util.queue import Queue
 
     from rlft_ray.driver import run_training
 
+    if Path(ctx.cwd).is_dir():
+        # Tune starts trials in their own directory; relative paths in the run config
+        # (lm.model, lm.prompts, ...) mean what they mean to `rlft-ray train` here.
+        os.chdir(ctx.cwd)
     cfg = build_config(base=ctx.base, overrides=config)
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(ctx.output_dir) / "trials" / trial_id
@@ -564,6 +604,27 @@ def _run_trial(config: dict[str, Any], ctx: _TrialContext) -> None:
     thread = threading.Thread(target=train, name="rlft-trial-run", daemon=True)
     thread.start()
     seen_metric = False
+
+    def report(metrics: dict[str, Any], checkpoint: Any, final: bool = False) -> None:
+        nonlocal seen_metric
+        if ctx.metric in metrics:
+            seen_metric = True
+        else:
+            metrics[ctx.metric] = float("nan")  # e.g. no episode finished yet
+        metrics[COMPLETED_KEY] = 1.0 if final else 0.0
+        tune_ckpt = (
+            tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem)
+            if checkpoint
+            else None
+        )
+        tune.report(metrics, checkpoint=tune_ckpt)
+
+    # Each report goes to Tune when the next one arrives, so that the run's last
+    # report can carry the completion marker: Tune marks a trial's last result
+    # `done` alike when the run finished and when a scheduler stopped it, and the
+    # marker is a stop criterion, so no scheduler acts on a finished run's result
+    # (PBT would otherwise clone into or from a trial that has nothing left to run).
+    held: tuple[dict[str, Any], Any] | None = None
     while True:
         item = queue.get()
         if item == _DONE:
@@ -571,20 +632,20 @@ def _run_trial(config: dict[str, Any], ctx: _TrialContext) -> None:
         metrics, checkpoint = item
         if ctx.checkpoint_reports_only and checkpoint is None:
             continue  # PBT: every result Tune sees must be restorable
-        if ctx.metric in metrics:
-            seen_metric = True
-        else:
-            metrics[ctx.metric] = float("nan")  # e.g. no episode finished yet
-        tune_ckpt = (
-            tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem)
-            if checkpoint
-            else None
-        )
-        tune.report(metrics, checkpoint=tune_ckpt)
+        if held is not None:
+            report(*held)
+        held = (metrics, checkpoint)
     thread.join()
-    ray.kill(queue.actor)
+    queue.shutdown(force=True)
+    if held is not None:
+        report(*held, final="error" not in outcome)
     if "error" in outcome:
         raise outcome["error"]
+    if held is None:
+        # Restarted from a checkpoint that had already reached the end of the budget
+        # (PBT can clone a trial on its final report): nothing left to train.
+        logger.warning("trial %s: start checkpoint was already at the end of the run", trial_id)
+        return
     if not seen_metric:
         raise SpecError(
             "metric",
@@ -633,15 +694,17 @@ def build_scheduler(spec: TuneSpec) -> Any:
     return FIFOScheduler()
 
 
-def build_search_alg(spec: TuneSpec) -> Any:
-    """The Tune search algorithm for ``spec.search``."""
-    from ray.tune.search import BasicVariantGenerator
+def build_search_alg(spec: TuneSpec, concurrency: int) -> Any:
+    """The Tune search algorithm for ``spec.search``, limited to ``concurrency`` running trials."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if spec.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.search.seed)
-    return BasicVariantGenerator(random_state=spec.search.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.search.seed), max_concurrent=concurrency)
+    # TuneConfig.max_concurrent_trials is ignored for a variant generator instance;
+    # the generator has its own limit.
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=concurrency)
 
 
 def trial_resources(spec: TuneSpec) -> Any:
@@ -685,6 +748,61 @@ def check_concurrency(spec: TuneSpec, cluster: Mapping[str, float]) -> int:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(address: str | None = None, needs_cleanup: bool = True) -> None:
+    """Connect to ``address``/``RAY_ADDRESS`` or start local Ray, ready for trials that
+    a scheduler stops.
+
+    A stopped trial's process dies with its Ray Train controller; a detached Ray Train
+    actor then removes the learners' placement group, finding the controller's state
+    through the dashboard's state API. It looks the cluster up by address, which is
+    ambiguous when several local Ray instances run on one machine, and a placement
+    group left behind would starve every later trial of CPUs. A local instance started
+    here therefore runs the dashboard on a known port and tells every worker where it is.
+
+    Raises:
+        RunError: Ray is already running without a dashboard and the scheduler stops
+            trials (asha/pbt): stopped trials would leak their learners' CPUs.
+    """
+    import ray
+
+    from rlft_ray.driver import RunError, init_ray
+
+    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address)
+    else:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        port = _free_port()
+        ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    if needs_cleanup:
+        try:
+            from ray._private.worker import get_dashboard_url
+
+            has_dashboard = bool(get_dashboard_url())
+        except Exception:  # private helper moved: skip the check rather than fail
+            has_dashboard = True
+        if not has_dashboard:
+            raise RunError(
+                "Ray runs without its dashboard: Ray Train could not free the learners of "
+                "trials that asha/pbt stop, and later trials would wait for CPUs forever; "
+                "start Ray with the dashboard (ray.init(include_dashboard=True))"
+            )
 
 
 @dataclass
@@ -742,9 +860,10 @@ def run_search(
     import ray
     from ray import tune
 
-    from rlft_ray.driver import init_ray
-
-    init_ray(address)
+    # Tune warns each time a checkpoint forces an experiment-state snapshot; with
+    # frequent small checkpoints that is noise, not a bottleneck.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    connect_ray(address, needs_cleanup=spec.scheduler.type != "fifo")
     concurrency = check_concurrency(spec, ray.cluster_resources())
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_spec, yaml.safe_dump(spec.raw, sort_keys=False))
@@ -754,6 +873,7 @@ def run_search(
         output_dir=str(output_dir),
         metric=spec.metric,
         checkpoint_reports_only=spec.scheduler.type == "pbt",
+        cwd=os.getcwd(),
     )
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), trial_resources(spec)
@@ -774,10 +894,9 @@ def run_search(
             tune_config=tune.TuneConfig(
                 metric=spec.metric,
                 mode=spec.mode,
-                search_alg=build_search_alg(spec),
+                search_alg=build_search_alg(spec, concurrency),
                 scheduler=build_scheduler(spec),
                 num_samples=spec.num_samples,
-                max_concurrent_trials=concurrency,
                 trial_dirname_creator=_trial_dirname,
                 reuse_actors=False,  # a stopped trial's actor must die, and its Train run with it
             ),
@@ -790,6 +909,7 @@ def run_search(
                     checkpoint_score_order=spec.mode,
                 ),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                stop={COMPLETED_KEY: 1.0},
                 verbose=verbose,
             ),
         )
@@ -798,7 +918,9 @@ def run_search(
     best = best_of(grid, spec)
     exploits = count_exploits(exp_path) if spec.scheduler.type == "pbt" else 0
     files = write_results(output_dir, spec, rows, best, grid)
-    return SearchResult(output_dir, spec.metric, rows, best, time.perf_counter() - started, exploits, files)
+    return SearchResult(
+        output_dir, spec.metric, rows, best, time.perf_counter() - started, exploits, files
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -828,6 +950,21 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
+def _reached_end(metrics: Mapping[str, Any], config: Mapping[str, Any], spec: TuneSpec) -> bool:
+    """Whether a trial without the completion marker still ran its full budget (ASHA
+    stops every trial at ``max_t``, before the run's own last report arrives)."""
+    total = config.get("total_env_steps", spec.base["total_env_steps"])
+    if float(metrics.get("counters/env_steps", 0) or 0) >= total:
+        return True
+    iterations = config.get("total_iterations", spec.base.get("total_iterations"))
+    if iterations is not None and float(metrics.get("counters/iteration", 0) or 0) >= iterations:
+        return True
+    s = spec.scheduler
+    return s.type == "asha" and float(metrics.get(s.time_attr, 0) or 0) >= float(
+        s.max_t or math.inf
+    )
+
+
 def collect_rows(grid: Any, spec: TuneSpec) -> list[dict[str, Any]]:
     """One row per trial: id, status, iterations, env steps, metric (last and best), config, error."""
     rows = []
@@ -848,8 +985,8 @@ def collect_rows(grid: Any, spec: TuneSpec) -> list[dict[str, Any]]:
         pick = max if spec.mode == "max" else min
         if result.error is not None:
             status = "ERROR"
-        elif metrics.get("done"):
-            status = "TERMINATED"
+        elif metrics.get(COMPLETED_KEY) or _reached_end(metrics, result.config or {}, spec):
+            status = "TERMINATED"  # the run reached its end (total_env_steps, stop_return, max_t)
         else:
             status = "STOPPED"  # the scheduler ended it early (or the search was interrupted)
         rows.append(

@@ -108,3 +108,121 @@ class RolloutBatch:
             policy_version=min(b.policy_version for b in batches),
             episodes=EpisodeStats.concat([b.episodes for b in batches]),
         )
+
+
+@dataclass
+class GenerationBatch:
+    """Completions sampled by generation actors, with their rewards.
+
+    Shapes use B = prompts x ``group_size`` completions (the ``group_size`` completions
+    of one prompt are contiguous rows), P = longest prompt, L = longest completion.
+
+    Attributes:
+        prompt_ids: ``[B, P]`` int64 prompt token ids, left-padded with ``pad_token_id``.
+        prompt_mask: ``[B, P]`` bool, True on real prompt tokens.
+        response_ids: ``[B, L]`` int64 completion token ids, right-padded.
+        response_mask: ``[B, L]`` bool, True on real completion tokens (up to and
+            including the EOS that stopped generation).
+        logprobs: ``[B, L]`` float32 log-probs of each completion token under the
+            sampling policy (temperature-scaled logits, full vocabulary); 0 on padding.
+        rewards: ``[B]`` float32 scalar reward of each completion.
+        group_ids: ``[B]`` int64; rows with the same id are completions of one prompt.
+        prompts: ``B`` prompt texts (repeated per completion).
+        completions: ``B`` decoded completions (special tokens removed).
+        metadata: ``B`` per-prompt metadata dicts (``answer``, ...), repeated per completion.
+        policy_version: Version of the weights that sampled the batch (oldest after concat).
+        group_size: Completions per prompt.
+        pad_token_id: Id used for padding.
+        generate_s: Seconds the actors spent in ``generate`` (summed over actors).
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    logprobs: np.ndarray
+    rewards: np.ndarray
+    group_ids: np.ndarray
+    prompts: list[str]
+    completions: list[str]
+    metadata: list[dict]
+    policy_version: int
+    group_size: int
+    pad_token_id: int
+    generate_s: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        """Completions in the batch (an LM run's "environment steps")."""
+        return len(self)
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens in the batch (real completion tokens only)."""
+        return int(self.response_mask.sum())
+
+    @property
+    def episodes(self) -> EpisodeStats:
+        """Each completion is one episode whose return is its reward."""
+        return EpisodeStats(
+            returns=[float(r) for r in self.rewards],
+            lengths=[int(n) for n in self.response_mask.sum(axis=1)],
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[GenerationBatch]) -> GenerationBatch:
+        """Join actors' batches: prompts re-padded on the left, completions on the right.
+
+        Group ids are offset so groups stay distinct; ``policy_version`` is the oldest.
+        """
+        if len(batches) == 1:
+            return batches[0]
+        sizes = {b.group_size for b in batches}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot concat generation batches with group sizes {sorted(sizes)}")
+        pad = batches[0].pad_token_id
+        p_len = max(b.prompt_ids.shape[1] for b in batches)
+        r_len = max(b.response_ids.shape[1] for b in batches)
+
+        def left(x: np.ndarray, value: float) -> np.ndarray:
+            return np.pad(x, ((0, 0), (p_len - x.shape[1], 0)), constant_values=value)
+
+        def right(x: np.ndarray, value: float) -> np.ndarray:
+            return np.pad(x, ((0, 0), (0, r_len - x.shape[1])), constant_values=value)
+
+        offsets = np.cumsum([0] + [int(b.group_ids.max()) + 1 if len(b) else 0 for b in batches])
+        return GenerationBatch(
+            prompt_ids=np.concatenate([left(b.prompt_ids, pad) for b in batches]),
+            prompt_mask=np.concatenate([left(b.prompt_mask, False) for b in batches]),
+            response_ids=np.concatenate([right(b.response_ids, pad) for b in batches]),
+            response_mask=np.concatenate([right(b.response_mask, False) for b in batches]),
+            logprobs=np.concatenate([right(b.logprobs, 0.0) for b in batches]),
+            rewards=np.concatenate([b.rewards for b in batches]),
+            group_ids=np.concatenate([b.group_ids + off for b, off in zip(batches, offsets)]),
+            prompts=[p for b in batches for p in b.prompts],
+            completions=[c for b in batches for c in b.completions],
+            metadata=[m for b in batches for m in b.metadata],
+            policy_version=min(b.policy_version for b in batches),
+            group_size=batches[0].group_size,
+            pad_token_id=pad,
+            generate_s=sum(b.generate_s for b in batches),
+        )
+
+
+@dataclass
+class Prompt:
+    """One validated prompt, as the learner hands it to a generation actor.
+
+    Attributes:
+        text: The prompt as the model sees it (chat template applied, truncated if so
+            configured); reward functions receive this text.
+        ids: Its token ids (at most ``lm.max_prompt_tokens``).
+        metadata: The data row's other columns (``answer``, ``ground_truth``, ...).
+    """
+
+    text: str
+    ids: list[int]
+    metadata: dict = field(default_factory=dict)

@@ -6,15 +6,47 @@ nothing in this package imports ``ray`` or reads a config object.
 
 from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
 from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, linear_schedule, polyak_update
+from rlft_ray.algorithms.lm import (
+    aggregate_loss,
+    aggregate_loss_parts,
+    group_advantages,
+    kl_loss,
+    kl_penalty,
+    masked_gae,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    ppo_token_policy_loss,
+    ppo_token_policy_losses,
+    ppo_token_value_loss,
+    ppo_token_value_losses,
+    sequence_logprobs,
+    token_rewards,
+)
 from rlft_ray.algorithms.ppo import ppo_policy_loss, ppo_value_loss
 
 __all__ = [
+    "aggregate_loss",
+    "aggregate_loss_parts",
     "compute_gae",
     "dqn_loss",
     "dqn_targets",
+    "group_advantages",
+    "kl_loss",
+    "kl_penalty",
     "linear_schedule",
+    "masked_gae",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
     "normalize_advantages",
     "polyak_update",
     "ppo_policy_loss",
+    "ppo_token_policy_loss",
+    "ppo_token_policy_losses",
+    "ppo_token_value_loss",
+    "ppo_token_value_losses",
     "ppo_value_loss",
+    "sequence_logprobs",
+    "token_rewards",
 ]

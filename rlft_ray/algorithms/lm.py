@@ -137,6 +137,41 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) ->
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {_KL_KINDS}")
 
 
+def aggregate_loss_parts(
+    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator and denominator of :func:`aggregate_loss`, so they can be summed over shards.
+
+    ``aggregate_loss(l, m, mode) == num / den`` (with ``den`` clamped to 1e-8 for
+    ``token-mean``). Splitting a batch into micro-batches (or DDP ranks) and computing
+    ``sum(num_k) / sum(den_k)`` gives exactly the full-batch loss, which is how the
+    learners keep gradient accumulation and DDP equal to one big batch::
+
+        "token-mean":          num = sum_{i,t} l_it m_it,            den = sum_{i,t} m_it
+        "seq-mean-token-mean": num = sum_i sum_t l_it m_it / |y_i|,  den = B
+        "seq-mean-token-sum":  num = sum_i sum_t l_it m_it,          den = B
+
+    Args:
+        loss_mat: ``[B, L]`` per-token losses.
+        mask: ``[B, L]`` bool or {0, 1}.
+        mode: One of the three modes above.
+
+    Returns:
+        ``(numerator, denominator)``, scalars; the numerator carries the gradient.
+
+    Raises:
+        ValueError: Unknown ``mode``.
+    """
+    rows = torch.tensor(float(loss_mat.shape[0]), device=loss_mat.device)
+    if mode == "token-mean":
+        return masked_sum(loss_mat, mask), _as_weights(mask, loss_mat).sum()
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss_mat, mask, dim=-1).sum(), rows
+    if mode == "seq-mean-token-sum":
+        return masked_sum(loss_mat, mask, dim=-1).sum(), rows
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")
+
+
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Reduce a per-token loss matrix to a scalar.
 
@@ -163,13 +198,8 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
     Raises:
         ValueError: Unknown ``mode``.
     """
-    if mode == "token-mean":
-        return masked_mean(loss_mat, mask)
-    if mode == "seq-mean-token-mean":
-        return masked_mean(loss_mat, mask, dim=-1).mean()
-    if mode == "seq-mean-token-sum":
-        return masked_sum(loss_mat, mask, dim=-1).mean()
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")
+    num, den = aggregate_loss_parts(loss_mat, mask, mode)
+    return num / den.clamp_min(1e-8)
 
 
 @torch.no_grad()
@@ -356,6 +386,36 @@ def ppo_token_policy_loss(
         ``clip_frac`` (fraction of tokens with rho outside
         [1 - eps_low, 1 + eps_high]).
     """
+    loss_mat, stats = ppo_token_policy_losses(
+        logprobs, old_logprobs, advantages, clip_low, clip_high
+    )
+    with torch.no_grad():
+        stats = {key: masked_mean(value, mask) for key, value in stats.items()}
+    return aggregate_loss(loss_mat, mask, agg), stats
+
+
+def ppo_token_policy_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO clipped-surrogate losses, before aggregation.
+
+    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high))`` with
+    ``rho_t = exp(logprobs - old_logprobs)``; see :func:`ppo_token_policy_loss`.
+
+    Args:
+        logprobs: ``[B, L]`` log-probs under the current policy (with grad).
+        old_logprobs: ``[B, L]`` log-probs under the sampling policy.
+        advantages: ``[B]`` (broadcast over tokens) or ``[B, L]``.
+        clip_low: eps_low. clip_high: eps_high (None: ``clip_low``).
+
+    Returns:
+        ``(loss_mat, stats)``: ``[B, L]`` losses and detached ``[B, L]`` per-token
+        ``approx_kl`` ((rho - 1) - log rho) and ``clip_frac`` (1 where rho was clipped).
+    """
     if clip_high is None:
         clip_high = clip_low
     if advantages.dim() == 1:
@@ -364,14 +424,10 @@ def ppo_token_policy_loss(
     ratio = log_ratio.exp()
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate_loss(torch.max(pg_loss1, pg_loss2), mask, agg)
     with torch.no_grad():
         clipped = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
-        stats = {
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "clip_frac": masked_mean(clipped.float(), mask),
-        }
-    return loss, stats
+        stats = {"approx_kl": (ratio - 1.0) - log_ratio, "clip_frac": clipped.float()}
+    return torch.max(pg_loss1, pg_loss2), stats
 
 
 def ppo_token_value_loss(
@@ -400,12 +456,28 @@ def ppo_token_value_loss(
     Returns:
         Scalar loss.
     """
+    return masked_mean(ppo_token_value_losses(values, old_values, returns, clip_coef), mask)
+
+
+def ppo_token_value_losses(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    clip_coef: float | None,
+) -> torch.Tensor:
+    """Per-token value losses ``0.5 * max((V - R)^2, (V_clip - R)^2)`` before aggregation.
+
+    See :func:`ppo_token_value_loss`; without ``clip_coef`` it is ``0.5 * (V - R)^2``.
+
+    Returns:
+        ``[B, L]`` losses (padding is not masked here).
+    """
     unclipped = (values - returns) ** 2
     if clip_coef is None:
-        return 0.5 * masked_mean(unclipped, mask)
+        return 0.5 * unclipped
     clipped_values = old_values + torch.clamp(values - old_values, -clip_coef, clip_coef)
     clipped = (clipped_values - returns) ** 2
-    return 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    return 0.5 * torch.max(unclipped, clipped)
 
 
 def kl_loss(

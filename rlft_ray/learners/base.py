@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -38,11 +39,54 @@ class Spaces:
 
 @dataclass(frozen=True)
 class LearnerContext:
-    """Where this learner runs: its DDP rank, the world size and the device."""
+    """Where this learner runs: its DDP rank, the world size, the device and its data.
+
+    ``datasets`` maps the names of :attr:`TaskProbe.datasets` to this rank's shard
+    (a Ray Data ``DataIterator`` under Ray Train; anything with ``iter_batches`` in tests).
+    """
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskProbe:
+    """What the driver learns about the task before starting Ray (see :meth:`Learner.probe`).
+
+    Attributes:
+        spaces: Observation/action spaces (checked against checkpoints).
+        datasets: Named tables (pandas DataFrames) that become Ray Datasets, sharded
+            over the learner ranks by Ray Train (``LearnerContext.datasets``).
+        info: Decisions worth recording in ``summary.json`` (e.g. prompts dropped).
+        cfg: The config as workers must see it (e.g. local paths made absolute, since
+            Ray workers do not share the driver's working directory); None: unchanged.
+    """
+
+    spaces: Spaces
+    datasets: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    cfg: RunConfig | None = None
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``rlft-ray eval`` options; each learner reads the ones that apply to it.
+
+    Attributes:
+        episodes: Episodes to run (gym tasks).
+        seed: Seed of the first episode (gym tasks).
+        stochastic: Sample actions instead of the greedy/mean action (gym tasks).
+        dataset: Prompt file to score greedy completions on (LM tasks).
+        limit: Score at most this many prompts (LM tasks).
+    """
+
+    episodes: int = 20
+    seed: int = 12345
+    stochastic: bool = False
+    dataset: str | None = None
+    limit: int | None = None
 
 
 class Learner(ABC):
@@ -58,12 +102,62 @@ class Learner(ABC):
     sampler_cls: ClassVar[type] = EnvRunner
     #: Metric that ranks checkpoints (higher is better).
     score_metric: ClassVar[str] = "rollout/episode_return_mean"
+    #: ``(y, x, file name)`` of the learning-curve PNG written into the run directory.
+    curve: ClassVar[tuple[str, str, str]] = (
+        "rollout/episode_return_mean",
+        "counters/env_steps",
+        "return_curve.png",
+    )
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         self.cfg = cfg
         self.spaces = spaces
         self.ctx = ctx
         self.optimizer: torch.optim.Optimizer
+
+    # -- before Ray -----------------------------------------------------------------------
+    @classmethod
+    def probe(cls, cfg: RunConfig) -> TaskProbe:
+        """Check the task and read its spaces before any Ray work (gym: make the env once).
+
+        Raises:
+            ConfigError: A config value the task cannot use (names the key).
+            ValueError: The environment cannot be made or the policy cannot act in it.
+        """
+        from rlft_ray.rollout.env_runner import probe_spaces
+
+        spaces = Spaces(*probe_spaces(cfg.env))
+        try:
+            cls.make_policy(cfg, spaces)
+        except ValueError as exc:
+            raise ValueError(f"algo={cfg.algo} cannot act in env {cfg.env.id}: {exc}") from exc
+        return TaskProbe(spaces)
+
+    @classmethod
+    def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
+        """``rlft-ray eval``: run the checkpoint's policy for ``opts.episodes`` episodes."""
+        import numpy as np
+
+        from rlft_ray.checkpoint import load_modules
+        from rlft_ray.rollout.env_runner import evaluate_policy, probe_spaces
+
+        policy = cls.make_policy(cfg, Spaces(*probe_spaces(cfg.env)))
+        load_modules(checkpoint, {"policy": policy})
+        policy.eval()
+        stats = evaluate_policy(
+            policy, cfg.env, opts.episodes, opts.seed, deterministic=not opts.stochastic
+        )
+        result: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "env": cfg.env.id,
+            "episodes": opts.episodes,
+            "episode_return_mean": float(np.mean(stats.returns)),
+            "episode_return_std": float(np.std(stats.returns)),
+            "episode_len_mean": float(np.mean(stats.lengths)),
+        }
+        if stats.successes:
+            result["success_rate"] = float(np.mean(stats.successes))
+        return result
 
     # -- what the actors need -------------------------------------------------------
     @classmethod
@@ -84,6 +178,13 @@ class Learner(ABC):
             "num_threads": max(1, int(cfg.resources.cpus_per_rollout_actor)),
         }
 
+    def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
+        """Positional arguments of each of this rank's actors' next ``sample`` call.
+
+        Env runners take none; generation actors take their share of the next prompts.
+        """
+        return [() for _ in range(num_actors)]
+
     @abstractmethod
     def policy_state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the weights the actors load after each update."""
@@ -100,7 +201,14 @@ class Learner(ABC):
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
-        """Modules saved in checkpoints as ``{name}.safetensors`` (``policy`` first)."""
+        """Modules saved in checkpoints (``policy`` first).
+
+        A Hugging Face ``PreTrainedModel`` is saved as a ``save_pretrained`` directory
+        ``{name}/``, any other module as ``{name}.safetensors``.
+        """
+
+    def save_extras(self, path: Path) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Write files beside the modules into checkpoint directory ``path`` (e.g. the tokenizer)."""
 
     def after_init_from(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Hook run after ``init_from`` loaded module weights (e.g. sync a target net)."""

@@ -260,6 +260,7 @@ def load_model_and_tokenizer(
     path_or_id: str | os.PathLike[str],
     trust_remote_code: bool = False,
     dtype: str | torch.dtype | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, making sure the tokenizer has a pad token.
 
@@ -275,6 +276,7 @@ def load_model_and_tokenizer(
         trust_remote_code: Forwarded to ``from_pretrained`` (custom modelling code).
         dtype: Model dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` keeps the transformers default.
+        tokenizer_path: Load the tokenizer from here instead of ``path_or_id``.
 
     Returns:
         ``(model, tokenizer)``.
@@ -296,7 +298,8 @@ def load_model_and_tokenizer(
     if resolved_dtype is not None:
         model_kwargs["dtype"] = resolved_dtype  # transformers 5.x: `torch_dtype` is deprecated
 
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tok_name = os.path.expanduser(os.fspath(tokenizer_path)) if tokenizer_path else name
+    tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
 
     pad_changed = tokenizer.pad_token is None

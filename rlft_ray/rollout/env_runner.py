@@ -16,6 +16,7 @@ from torch import nn
 
 from rlft_ray.config import EnvConfig
 from rlft_ray.types import EpisodeStats, RolloutBatch
+from rlft_ray.utils import weights_from_wire
 
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
@@ -79,8 +80,8 @@ class EnvRunner:
         self.ep_len = np.zeros(self.num_envs, dtype=np.int64)
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        """Load published policy weights; returns the version now held."""
-        self.policy.load_state_dict(weights)
+        """Load published policy weights (tensors or numpy arrays); returns the version now held."""
+        self.policy.load_state_dict(weights_from_wire(weights))
         self.policy_version = version
         return version
 

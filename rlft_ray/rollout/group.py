@@ -11,6 +11,8 @@ import ray
 import torch
 from ray.actor import ActorHandle
 
+from rlft_ray.utils import weights_to_wire
+
 logger = logging.getLogger(__name__)
 
 # What a dead actor's calls raise while Ray restarts it.
@@ -25,6 +27,7 @@ def make_remote_runners(
     name_prefix: str,
     kwargs_for: Callable[[int], dict[str, Any]],
     resources: Mapping[str, float] | None = None,
+    num_gpus: float = 0.0,
 ) -> list[ActorHandle]:
     """Start ``count`` actors of the plain class ``sampler_cls`` (thin ``ray.remote`` wrapper).
 
@@ -36,11 +39,13 @@ def make_remote_runners(
         name_prefix: Actors are named ``{name_prefix}{i}`` so tools and tests can find them.
         kwargs_for: Constructor kwargs for actor i.
         resources: Custom Ray resources each actor requires (pins actors to nodes).
+        num_gpus: GPUs each actor holds (generation actors on GPU nodes).
     """
     remote_cls = ray.remote(sampler_cls)
     return [
         remote_cls.options(
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             resources=dict(resources or {}),
             max_restarts=max_restarts,
             max_task_retries=0,
@@ -71,9 +76,13 @@ class RunnerGroup:
         self.restarts = 0
 
     def publish(self, weights: dict[str, torch.Tensor], version: int) -> float:
-        """Put the weights in the object store once; every actor loads them. Returns seconds."""
+        """Put the weights in the object store once; every actor loads them. Returns seconds.
+
+        Tensors travel as numpy arrays (shared memory, no per-tensor unpickling); the
+        actors' ``set_weights`` accept either.
+        """
         start = time.perf_counter()
-        ref = ray.put(weights)
+        ref = ray.put(weights_to_wire(weights))
         pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
         for i, call in pending.items():
             try:
@@ -84,24 +93,30 @@ class RunnerGroup:
         return time.perf_counter() - start
 
     def sample(
-        self, weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]], *args: Any
+        self,
+        weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]],
+        *args: Any,
+        per_actor: Sequence[tuple[Any, ...]] | None = None,
     ) -> list[Any]:
         """Sample once from each of this rank's actors, restoring any that died.
 
         Args:
             weights_for_recovery: Returns ``(weights, version)`` for a restarted actor.
-            *args: Forwarded to the actors' ``sample``.
+            *args: Forwarded to every actor's ``sample``.
+            per_actor: Arguments for each of this rank's actors, in order (e.g. each
+                generation actor's share of the prompts); appended after ``args``.
 
         Returns:
             One batch per actor, in order.
         """
-        calls = [self.all_runners[i].sample.remote(*args) for i in self.mine]
+        actor_args = [args + tuple(extra) for extra in (per_actor or [()] * len(self.mine))]
+        calls = [self.all_runners[i].sample.remote(*a) for i, a in zip(self.mine, actor_args)]
         out = []
-        for i, call in zip(self.mine, calls):
+        for i, call, a in zip(self.mine, calls, actor_args):
             try:
                 out.append(ray.get(call))
             except _ACTOR_DOWN as exc:
-                out.append(self._recover(i, exc, weights_for_recovery, args))
+                out.append(self._recover(i, exc, weights_for_recovery, a))
         return out
 
     def _recover(self, i: int, exc: Exception, weights_for_recovery: Callable, args: tuple) -> Any:

@@ -1,0 +1,256 @@
+"""Prompt files: reading, validation and the rows that flow through Ray Data.
+
+A prompt file is ``.jsonl`` (one JSON object per line), ``.json`` (a list of
+objects) or ``.parquet`` with a ``prompt`` column (``lm.prompt_key``) and any
+metadata columns; ``answer`` (or ``ground_truth``, copied to ``answer`` when
+``answer`` is absent) is what the arithmetic rewards compare against.
+
+:func:`load_prompts` runs on the driver before Ray starts: it tokenizes every
+prompt once, drops or fails on empty and over-long prompts as configured, and
+counts each decision (:class:`PromptStats`). The cleaned table (columns
+``prompt``, ``prompt_ids``, ``metadata`` as JSON) becomes the Ray Dataset that
+Ray Train shards over the learner ranks; :func:`prompts_from_batch` turns a
+batch of it back into :class:`~rlft_ray.types.Prompt` objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rlft_ray.config import ConfigError, LMConfig
+from rlft_ray.types import Prompt
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+_SHOW_ROWS = 5
+
+
+class PromptDataError(ConfigError):
+    """A prompt file is missing, unreadable, or holds prompts the config does not allow."""
+
+
+@dataclass(frozen=True)
+class PromptStats:
+    """What :func:`load_prompts` did with each row of a prompt file.
+
+    Attributes:
+        source: The file read.
+        total: Rows in the file.
+        kept: Prompts kept for training.
+        empty_dropped: Empty prompts dropped (``lm.drop_empty_prompts``).
+        overlong_dropped: Prompts over ``lm.max_prompt_tokens`` dropped.
+        truncated: Prompts over the limit that were truncated instead.
+        max_tokens: Longest kept prompt, in tokens.
+    """
+
+    source: str
+    total: int
+    kept: int
+    empty_dropped: int = 0
+    overlong_dropped: int = 0
+    truncated: int = 0
+    max_tokens: int = 0
+
+    def as_dict(self, prefix: str = "data/") -> dict[str, Any]:
+        """Flat ``data/...`` entries for ``summary.json``."""
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        """One line for the console."""
+        parts = [f"{self.kept}/{self.total} prompts kept from {self.source}"]
+        for name, n in (
+            ("empty dropped", self.empty_dropped),
+            ("over-long dropped", self.overlong_dropped),
+            ("over-long truncated", self.truncated),
+        ):
+            if n:
+                parts.append(f"{n} {name}")
+        return ", ".join(parts)
+
+
+def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame:
+    """Read a ``.jsonl`` / ``.json`` / ``.parquet`` prompt file into a DataFrame.
+
+    Values are kept as written (an ``answer`` of ``"19"`` stays a string).
+
+    Raises:
+        PromptDataError: Missing file, unknown suffix, or unparsable content (naming
+            the config key and the file).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PromptDataError(key, f"prompt file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise PromptDataError(
+            key, f"{p}: unsupported prompt file type {suffix!r}; use one of {', '.join(SUFFIXES)}"
+        )
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(p)
+        if suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise PromptDataError(
+                            key, f"{p}:{n} is not valid JSON: {exc.msg}"
+                        ) from None
+                    if not isinstance(row, dict):
+                        raise PromptDataError(
+                            key, f"{p}:{n} must be a JSON object, got {type(row).__name__}"
+                        )
+                    rows.append(row)
+            return pd.DataFrame(rows)
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise PromptDataError(key, f"{p} must hold a JSON list of objects")
+        return pd.DataFrame(data)
+    except PromptDataError:
+        raise
+    except Exception as exc:  # pyarrow / json errors: name the file
+        raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+
+
+def render_prompt(text: str, tokenizer: Any, chat_template: bool, system_prompt: str | None) -> str:
+    """The prompt as the model sees it: verbatim, or one user turn through the chat template."""
+    if not chat_template:
+        return text
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            "lm.chat_template", "the tokenizer has no chat template; set lm.chat_template=false"
+        )
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(text: str, tokenizer: Any, chat_template: bool) -> list[int]:
+    """Token ids of a rendered prompt (special tokens are the chat template's job when it is on)."""
+    return list(tokenizer(text, add_special_tokens=not chat_template)["input_ids"])
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return not str(value).strip()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays -> JSON-able python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _rows_list(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:_SHOW_ROWS])
+    return shown + (f" and {len(rows) - _SHOW_ROWS} more" if len(rows) > _SHOW_ROWS else "")
+
+
+def prepare_prompts(
+    table: pd.DataFrame, tokenizer: Any, lm: LMConfig, source: str, key: str = "lm.prompts"
+) -> tuple[pd.DataFrame, PromptStats]:
+    """Validate, render, tokenize and (per ``lm.prompt_overflow``) drop or truncate prompts.
+
+    Args:
+        table: Rows read by :func:`read_prompt_table`.
+        tokenizer: The run's tokenizer.
+        lm: The ``lm`` config section (prompt key, chat template, limits, policies).
+        source: File name used in messages.
+        key: Config key named in errors.
+
+    Returns:
+        ``(clean, stats)`` where ``clean`` has columns ``prompt`` (rendered text),
+        ``prompt_ids`` (list of ints) and ``metadata`` (JSON object string).
+
+    Raises:
+        PromptDataError: No prompt column, empty prompts (unless dropped), over-long
+            prompts with ``prompt_overflow=error``, or nothing left to train on. Row
+            numbers in messages are 1-based lines of the file.
+    """
+    if lm.prompt_key not in table.columns:
+        cols = ", ".join(map(str, table.columns)) or "none"
+        raise PromptDataError(
+            key, f"{source} has no {lm.prompt_key!r} column (columns: {cols}); set lm.prompt_key"
+        )
+    records = table.to_dict(orient="records")
+    empty = [i + 1 for i, r in enumerate(records) if _is_empty(r[lm.prompt_key])]
+    if empty and not lm.drop_empty_prompts:
+        raise PromptDataError(
+            key,
+            f"{source}: {len(empty)} empty prompt(s) at row(s) {_rows_list(empty)}; "
+            "fix the file or set lm.drop_empty_prompts=true to drop them",
+        )
+    out: list[dict[str, Any]] = []
+    overlong: list[int] = []
+    truncated = dropped_long = 0
+    for n, record in enumerate(records, start=1):
+        if _is_empty(record[lm.prompt_key]):
+            continue
+        text = render_prompt(
+            str(record[lm.prompt_key]), tokenizer, lm.chat_template, lm.system_prompt
+        )
+        ids = encode_prompt(text, tokenizer, lm.chat_template)
+        if len(ids) > lm.max_prompt_tokens:
+            overlong.append(n)
+            if lm.prompt_overflow == "drop":
+                dropped_long += 1
+                continue
+            if lm.prompt_overflow == "truncate":
+                ids = ids[-lm.max_prompt_tokens :]
+                text = tokenizer.decode(ids)
+                truncated += 1
+        meta = {str(k): _plain(v) for k, v in record.items() if k != lm.prompt_key}
+        if meta.get("answer") is None and meta.get("ground_truth") is not None:
+            meta["answer"] = meta["ground_truth"]
+        out.append({"prompt": text, "prompt_ids": ids, "metadata": json.dumps(meta, default=str)})
+    if overlong and lm.prompt_overflow == "error":
+        raise PromptDataError(
+            key,
+            f"{source}: {len(overlong)} prompt(s) longer than lm.max_prompt_tokens={lm.max_prompt_tokens} "
+            f"at row(s) {_rows_list(overlong)}; raise the limit or set lm.prompt_overflow=drop|truncate",
+        )
+    stats = PromptStats(
+        source=source,
+        total=len(records),
+        kept=len(out),
+        empty_dropped=len(empty),
+        overlong_dropped=dropped_long,
+        truncated=truncated,
+        max_tokens=max((len(r["prompt_ids"]) for r in out), default=0),
+    )
+    if not out:
+        raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()})")
+    return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
+
+
+def load_prompts(
+    path: str | Path, tokenizer: Any, lm: LMConfig, key: str = "lm.prompts"
+) -> tuple[pd.DataFrame, PromptStats]:
+    """:func:`read_prompt_table` then :func:`prepare_prompts`."""
+    table = read_prompt_table(path, key)
+    return prepare_prompts(table, tokenizer, lm, str(path), key)
+
+
+def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
+    """Rows of a prepared table (a Ray Data numpy/pandas batch) as :class:`Prompt` objects."""
+    if isinstance(batch, pd.DataFrame):
+        batch = {c: batch[c].to_numpy() for c in batch.columns}
+    return [
+        Prompt(text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta))
+        for text, ids, meta in zip(batch["prompt"], batch["prompt_ids"], batch["metadata"])
+    ]

@@ -1,0 +1,126 @@
+"""A causal LM as a trainable policy: optional value head and the response forward pass.
+
+The learners and the tests share :func:`response_forward`, which scores given
+completions under a model exactly the way the generation actors sampled them
+(left-padded prompt, temperature-scaled logits, positions counted from the first
+real token), so log-probs from sampling and from training agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlft_ray.algorithms.lm import sequence_logprobs
+
+
+class PolicyWithValueHead(nn.Module):
+    """A Hugging Face causal LM plus an optional scalar value head on its last hidden state.
+
+    One module so that DDP sees every trainable parameter in a single forward call.
+
+    Args:
+        lm: A ``PreTrainedModel`` with a causal LM head.
+        value_head: ``nn.Linear(hidden_size, 1)`` for PPO, or None.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the last ``logits_to_keep`` positions and values of every position.
+
+        Returns:
+            ``(logits [B, logits_to_keep, V], values [B, T] or None)``.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        values = None
+        if self.value_head is not None:
+            hidden = out.hidden_states[-1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return out.logits, values
+
+
+def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
+    """A ``hidden -> 1`` linear layer, zero-initialised (or normal with ``init_std``)."""
+    head = nn.Linear(hidden_size, 1)
+    if init_std > 0:
+        nn.init.normal_(head.weight, std=init_std)
+    else:
+        nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+@dataclass
+class ResponseOutput:
+    """Per-token quantities of completions under a policy.
+
+    Attributes:
+        logprobs: ``[B, L]`` float32 log pi(y_t | x, y_<t) (with grad when computed so).
+        values: ``[B, L]`` V of the state before each completion token, or None.
+        entropy: ``[B, L]`` detached entropy of the temperature-scaled next-token distribution.
+    """
+
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
+    entropy: torch.Tensor
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def response_forward(
+    policy: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> ResponseOutput:
+    """Score completions under ``policy`` (a :class:`PolicyWithValueHead`, maybe DDP-wrapped).
+
+    Args:
+        policy: Module with ``forward(input_ids, attention_mask, logits_to_keep)``.
+        prompt_ids: ``[B, P]`` left-padded prompts. prompt_mask: ``[B, P]``.
+        response_ids: ``[B, L]`` right-padded completions. response_mask: ``[B, L]``.
+        temperature: Logits are divided by it, as when sampling.
+
+    Returns:
+        Log-probs, values (if the policy has a value head) and entropies, each ``[B, L]``.
+    """
+    p_len, r_len = prompt_ids.shape[1], response_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    with autocast_for(input_ids.device):
+        logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len + 1)
+    logits = logits[:, :-1].float() / temperature
+    logprobs = sequence_logprobs(logits, response_ids)
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+    if values is not None:
+        values = values[:, p_len - 1 : p_len + r_len - 1].float()
+    return ResponseOutput(logprobs=logprobs, values=values, entropy=entropy)

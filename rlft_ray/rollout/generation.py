@@ -1,0 +1,277 @@
+"""Generation actors: sample completions from a causal LM, then score them.
+
+:class:`GenerationActor` is a plain class (tests drive it without Ray); the driver
+wraps it with ``ray.remote`` like the env runners. Its three steps stay separate so
+later samplers can recombine them (e.g. rejection sampling: generate many, score,
+select a few):
+
+* :meth:`GenerationActor.generate` — batched sampling with the KV cache
+  (``model.generate``), returning token ids, masks and per-token log-probs under
+  the sampling policy, tagged with the policy version;
+* :meth:`GenerationActor.score` — the reward function on the decoded completions;
+* :meth:`GenerationActor.select` — which completions go to the learner (all of them here).
+
+:meth:`GenerationActor.sample` chains the three; it is what the training loop calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rlft_ray.config import LMConfig
+from rlft_ray.rewards import compute_rewards, load_reward_fn
+from rlft_ray.types import GenerationBatch, Prompt
+from rlft_ray.utils import weights_from_wire
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+
+class GenerationActor:
+    """Holds one copy of the policy LM and samples completions for prompts.
+
+    Args:
+        lm: The ``lm`` config section (model, sampling parameters, reward function).
+        seed: Seeds torch's sampling RNG in this actor.
+        num_threads: torch threads (the CPUs this actor holds).
+        device: ``"cpu"`` or ``"cuda"``.
+        model_path: Load weights from here instead of ``lm.model`` (e.g. a checkpoint's
+            ``policy/`` directory); the learner publishes its weights before the
+            first sample anyway, so this only matters for evaluation.
+    """
+
+    def __init__(
+        self,
+        lm: LMConfig,
+        seed: int = 0,
+        num_threads: int = 1,
+        device: str = "cpu",
+        model_path: str | None = None,
+    ) -> None:
+        from rlft_ray.lm import quiet_transformers
+        from rlft_ray.lm.tiny import load_model_and_tokenizer
+
+        quiet_transformers()
+        torch.set_num_threads(max(1, num_threads))
+        torch.manual_seed(seed)
+        self.lm = lm
+        self.device = torch.device(device)
+        path = model_path or lm.model
+        if path is None:
+            raise ValueError("lm.model is not set")
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            path,
+            trust_remote_code=lm.trust_remote_code,
+            dtype=lm.dtype,
+            tokenizer_path=None if model_path else lm.tokenizer,
+        )
+        self.model.to(self.device).eval()
+        self._tensors = self.model.state_dict(keep_vars=True)
+        self.reward_fn = load_reward_fn(lm.reward_fn)
+        self.policy_version = 0
+        gen_eos = self.model.generation_config.eos_token_id
+        eos = set(
+            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        )
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.max_positions = getattr(
+            self.model.config.get_text_config(), "max_position_embeddings", None
+        )
+
+    # -- weights ------------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        """Load published policy weights (tensors or numpy arrays); returns the version now held.
+
+        Copies straight into the parameters (dtype and device converted on the way).
+
+        Raises:
+            KeyError: The published weights do not name exactly this model's tensors.
+        """
+        if weights.keys() != self._tensors.keys():
+            missing, extra = (
+                sorted(self._tensors.keys() - weights.keys()),
+                sorted(weights.keys() - self._tensors.keys()),
+            )
+            raise KeyError(
+                f"published weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        with torch.no_grad():
+            for name, value in weights_from_wire(weights).items():
+                self._tensors[name].copy_(value)
+        self.policy_version = version
+        return version
+
+    def get_version(self) -> int:
+        """The policy version this actor samples with."""
+        return self.policy_version
+
+    # -- generate / score / select -------------------------------------------------------
+    def _generation_config(
+        self, num_samples: int, greedy: bool, max_new_tokens: int
+    ) -> GenerationConfig:
+        from transformers import GenerationConfig
+
+        kwargs = (
+            {"do_sample": False}
+            if greedy
+            else {
+                "do_sample": True,
+                "temperature": self.lm.temperature,
+                "top_p": self.lm.top_p,
+                "top_k": 0,
+            }
+        )
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids or None,
+            bos_token_id=self.tokenizer.bos_token_id,
+            return_dict_in_generate=True,
+            output_logits=not greedy,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        num_samples: int | None = None,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> GenerationBatch:
+        """Sample ``num_samples`` completions per prompt (greedy: one, argmax decoding).
+
+        Prompts are left-padded and generated in chunks of at most
+        ``lm.generation_batch_size`` sequences; generation stops at EOS or after
+        ``max_new_tokens``. Rewards are left at 0 (see :meth:`score`).
+
+        Returns:
+            A :class:`GenerationBatch`; greedy batches carry zero log-probs.
+        """
+        n = 1 if greedy else (num_samples or self.lm.num_samples)
+        max_new = max_new_tokens or self.lm.max_new_tokens
+        config = self._generation_config(n, greedy, max_new)
+        per_call = max(1, self.lm.generation_batch_size // n)
+        start = time.perf_counter()
+        parts = [
+            self._generate_chunk(list(prompts[i : i + per_call]), n, config, greedy)
+            for i in range(0, len(prompts), per_call)
+        ]
+        batch = GenerationBatch.concat(parts) if parts else self._empty(n)
+        batch.generate_s = time.perf_counter() - start
+        return batch
+
+    def _generate_chunk(
+        self, prompts: list[Prompt], n: int, config: GenerationConfig, greedy: bool
+    ) -> GenerationBatch:
+        """One ``generate`` call; group ids start at 0 (``GenerationBatch.concat`` offsets them)."""
+        p_len = max(len(p.ids) for p in prompts)
+        if self.max_positions is not None and p_len + config.max_new_tokens > self.max_positions:
+            # Never generate past the model's positions (GPT-2 would index out of range).
+            if p_len >= self.max_positions:
+                raise ValueError(
+                    f"a prompt of {p_len} tokens leaves no room in the model's {self.max_positions} positions"
+                )
+            config = copy.copy(config)
+            config.max_new_tokens = self.max_positions - p_len
+        prompt_ids = np.full((len(prompts), p_len), self.pad_id, dtype=np.int64)
+        prompt_mask = np.zeros((len(prompts), p_len), dtype=bool)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, p_len - len(p.ids) :] = p.ids
+            prompt_mask[i, p_len - len(p.ids) :] = True
+        out = self.model.generate(
+            input_ids=torch.as_tensor(prompt_ids, device=self.device),
+            attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
+            generation_config=config,
+        )
+        response = out.sequences[:, p_len:]
+        # Real tokens: everything up to and including the first EOS.
+        is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        mask = ~after_eos
+        response = response.masked_fill(~mask, self.pad_id)
+        if greedy:
+            logprobs = torch.zeros(response.shape, dtype=torch.float32)
+        else:
+            logits = torch.stack(out.logits, dim=1).float() / self.lm.temperature
+            logprobs = (
+                torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+            )
+            logprobs = logprobs.masked_fill(~mask, 0.0)
+        response_np = response.cpu().numpy()
+        mask_np = mask.cpu().numpy()
+        completions = self.tokenizer.batch_decode(
+            [row[m].tolist() for row, m in zip(response_np, mask_np)], skip_special_tokens=True
+        )
+        return GenerationBatch(
+            prompt_ids=np.repeat(prompt_ids, n, axis=0),
+            prompt_mask=np.repeat(prompt_mask, n, axis=0),
+            response_ids=response_np.astype(np.int64),
+            response_mask=mask_np,
+            logprobs=logprobs.cpu().numpy().astype(np.float32),
+            rewards=np.zeros(len(prompts) * n, dtype=np.float32),
+            group_ids=np.repeat(np.arange(len(prompts)), n),
+            prompts=[p.text for p in prompts for _ in range(n)],
+            completions=list(completions),
+            metadata=[p.metadata for p in prompts for _ in range(n)],
+            policy_version=self.policy_version,
+            group_size=n,
+            pad_token_id=self.pad_id,
+        )
+
+    def _empty(self, n: int) -> GenerationBatch:
+        zeros = np.zeros((0, 0), dtype=np.int64)
+        return GenerationBatch(
+            prompt_ids=zeros,
+            prompt_mask=zeros.astype(bool),
+            response_ids=zeros,
+            response_mask=zeros.astype(bool),
+            logprobs=zeros.astype(np.float32),
+            rewards=np.zeros(0, dtype=np.float32),
+            group_ids=np.zeros(0, dtype=np.int64),
+            prompts=[],
+            completions=[],
+            metadata=[],
+            policy_version=self.policy_version,
+            group_size=n,
+            pad_token_id=self.pad_id,
+        )
+
+    def score(self, batch: GenerationBatch) -> np.ndarray:
+        """Rewards of ``batch``'s completions from ``lm.reward_fn``.
+
+        Raises:
+            RewardError: The reward function raised or returned the wrong number of
+                values or a non-finite value; the message names the sample.
+        """
+        rewards = compute_rewards(self.reward_fn, batch.prompts, batch.completions, batch.metadata)
+        return np.asarray(rewards, dtype=np.float32)
+
+    def select(self, batch: GenerationBatch) -> GenerationBatch:
+        """The completions handed to the learner: all of them (rejection sampling overrides this)."""
+        return batch
+
+    def sample(self, prompts: Sequence[Prompt]) -> GenerationBatch:
+        """generate -> score -> select: one iteration's completions for these prompts."""
+        batch = self.generate(prompts)
+        batch.rewards = self.score(batch)
+        return self.select(batch)
+
+    def evaluate(
+        self, prompts: Sequence[Prompt], eval_fn: str | None = None
+    ) -> tuple[GenerationBatch, np.ndarray]:
+        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores."""
+        batch = self.generate(prompts, greedy=True)
+        fn = load_reward_fn(eval_fn or self.lm.eval_fn)
+        scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
+        return batch, np.asarray(scores, dtype=np.float32)

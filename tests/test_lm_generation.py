@@ -1,0 +1,176 @@
+"""Generation actor without Ray: sampling round trip, EOS masks, log-probs, weight sync, rewards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlft_ray.config import LMConfig
+from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
+from rlft_ray.lm.tiny import make_tiny_model
+from rlft_ray.rewards import RewardError
+from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.types import GenerationBatch, Prompt
+
+PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
+    )
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m2") / "tiny",
+        n_layer=1,
+        hidden=32,
+        n_head=2,
+        max_positions=64,
+        seed=1,
+    )
+
+
+def _actor(model_dir: Path, **lm_kwargs) -> GenerationActor:
+    lm = LMConfig(**{"model": str(model_dir), "max_new_tokens": 6, "num_samples": 3, **lm_kwargs})
+    return GenerationActor(lm, seed=0)
+
+
+def _prompts(actor: GenerationActor) -> list[Prompt]:
+    return [Prompt(t, actor.tokenizer(t)["input_ids"], {"answer": "3"}) for t in PROMPTS]
+
+
+def _check_eos_masks(batch: GenerationBatch, eos_ids: list[int], pad: int) -> None:
+    for ids, mask in zip(batch.response_ids, batch.response_mask):
+        real = ids[mask]
+        # real tokens are a prefix; an EOS, if any, is the last real token
+        assert mask[: len(real)].all() and not mask[len(real) :].any()
+        assert not np.isin(real[:-1], eos_ids).any()
+        if len(real) < batch.response_ids.shape[1]:
+            assert real[-1] in eos_ids
+        assert (ids[~mask] == pad).all()
+
+
+def test_generate_round_trip(model_dir: Path) -> None:
+    actor = _actor(model_dir)
+    batch = actor.sample(_prompts(actor))
+    b = len(PROMPTS) * 3
+    assert batch.response_ids.shape[0] == b and batch.prompt_ids.shape == (b, 6)
+    assert batch.response_ids.shape[1] <= 6 and batch.num_steps == b
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert batch.prompts[:3] == ["1+2="] * 3 and batch.metadata[0] == {"answer": "3"}
+    # prompts are left-padded: "1+2=" has 4 tokens in a 6-wide block
+    assert batch.prompt_mask[0].tolist() == [False, False, True, True, True, True]
+    assert batch.policy_version == 0 and batch.group_size == 3
+    assert batch.rewards.shape == (b,) and set(batch.rewards.tolist()) <= {0.0, 1.0}
+    _check_eos_masks(batch, actor.eos_ids, actor.pad_id)
+    # completions are the decoded real tokens
+    for ids, mask, text in zip(batch.response_ids, batch.response_mask, batch.completions):
+        assert actor.tokenizer.decode(ids[mask], skip_special_tokens=True) == text
+    # sampling log-probs agree with a fresh forward pass of the same model (the learner's view)
+    out = response_forward(
+        PolicyWithValueHead(actor.model),
+        torch.as_tensor(batch.prompt_ids),
+        torch.as_tensor(batch.prompt_mask),
+        torch.as_tensor(batch.response_ids),
+        torch.as_tensor(batch.response_mask),
+    )
+    mask = torch.as_tensor(batch.response_mask)
+    assert torch.allclose(out.logprobs[mask], torch.as_tensor(batch.logprobs)[mask], atol=1e-4)
+    assert (torch.as_tensor(batch.logprobs)[~mask] == 0).all()
+    assert (out.logprobs[mask] <= 0).all()
+
+
+def test_temperature_scales_logprobs(model_dir: Path) -> None:
+    actor = _actor(model_dir, temperature=0.5)
+    batch = actor.generate(_prompts(actor))
+    out = response_forward(
+        PolicyWithValueHead(actor.model),
+        *(
+            torch.as_tensor(x)
+            for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        ),
+        temperature=0.5,
+    )
+    mask = torch.as_tensor(batch.response_mask)
+    assert torch.allclose(out.logprobs[mask], torch.as_tensor(batch.logprobs)[mask], atol=1e-4)
+
+
+def test_generation_stops_at_eos(model_dir: Path) -> None:
+    actor = _actor(model_dir, num_samples=4)
+    # Treat half the vocabulary as EOS so completions end at different lengths.
+    actor.eos_ids = list(range(0, len(actor.tokenizer), 2))
+    batch = actor.generate(_prompts(actor) * 4)
+    lengths = batch.response_mask.sum(1)
+    assert lengths.min() >= 1 and len(set(lengths.tolist())) > 1
+    _check_eos_masks(batch, actor.eos_ids, actor.pad_id)
+
+
+def test_generation_chunks_and_greedy(model_dir: Path) -> None:
+    actor = _actor(model_dir, generation_batch_size=4)  # 3 samples -> one prompt per generate call
+    batch = actor.generate(_prompts(actor))
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    greedy = actor.generate(_prompts(actor), greedy=True)
+    again = actor.generate(_prompts(actor), greedy=True)
+    assert greedy.group_size == 1 and len(greedy) == len(PROMPTS)
+    assert greedy.completions == again.completions  # argmax decoding is deterministic
+
+
+def test_weight_sync_changes_outputs_and_version(model_dir: Path, other_model_dir: Path) -> None:
+    actor = _actor(model_dir)
+    other = _actor(other_model_dir)
+    prompts = _prompts(actor)
+
+    def sampled(a: GenerationActor) -> GenerationBatch:
+        torch.manual_seed(123)  # same sampling noise: any difference comes from the weights
+        return a.generate(prompts)
+
+    before = sampled(actor)
+    assert actor.set_weights({k: v.clone() for k, v in other.model.state_dict().items()}, 7) == 7
+    after = sampled(actor)
+    assert actor.get_version() == 7 and after.policy_version == 7 and before.policy_version == 0
+    assert after.completions == sampled(other).completions
+    assert after.completions != before.completions
+
+
+def test_reward_errors_name_the_sample(model_dir: Path) -> None:
+    actor = _actor(model_dir)
+    prompts = _prompts(actor)
+    prompts[2] = Prompt(prompts[2].text, prompts[2].ids, {"no_answer": 1})
+    with pytest.raises(RewardError, match=r"sample 6 \(prompt '5\+7='\).*no 'answer'"):
+        actor.sample(prompts)
+
+    def wrong_length(prompts, completions, metadata):
+        return [1.0]
+
+    actor.reward_fn = wrong_length
+    with pytest.raises(RewardError, match="wrong number of rewards: expected 12"):
+        actor.sample(_prompts(actor))
+
+    def nan_reward(prompts, completions, metadata):
+        return [float("nan")] * len(prompts)
+
+    actor.reward_fn = nan_reward
+    with pytest.raises(RewardError, match=r"returned nan for sample 0"):
+        actor.sample(_prompts(actor))
+
+
+def test_concat_pads_and_offsets_groups(model_dir: Path) -> None:
+    actor = _actor(model_dir)
+    a = actor.sample(_prompts(actor)[:1])  # short prompt
+    b = actor.sample(_prompts(actor)[1:2])  # longer prompt
+    a.policy_version, b.policy_version = 3, 2
+    both = GenerationBatch.concat([a, b])
+    assert both.prompt_ids.shape[1] == max(a.prompt_ids.shape[1], b.prompt_ids.shape[1])
+    assert both.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert both.policy_version == 2
+    # left padding preserved: the last column is always a real prompt token
+    assert both.prompt_mask[:, -1].all()
+    assert both.num_tokens == a.num_tokens + b.num_tokens
+    assert both.episodes.returns == [*a.rewards.tolist(), *b.rewards.tolist()]

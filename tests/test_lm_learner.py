@@ -1,0 +1,332 @@
+"""LM learners without Ray: updates, checkpoints through from_pretrained, DDP/micro-batch gradients."""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlft_ray import checkpoint as ckpt
+from rlft_ray.algorithms import aggregate_loss, aggregate_loss_parts
+from rlft_ray.cli import main
+from rlft_ray.config import LMConfig, build_config
+from rlft_ray.learners.base import LearnerContext
+from rlft_ray.lm.tiny import make_tiny_model
+from rlft_ray.registry import get_learner_cls
+from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.types import GenerationBatch, Prompt
+
+GROUP = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
+    )
+
+
+def make_batch(model_dir: Path, n_prompts: int = 4, seed: int = 0) -> GenerationBatch:
+    """Real sampled completions (consistent log-probs) with fixed 0/1 rewards."""
+    actor = GenerationActor(
+        LMConfig(model=str(model_dir), num_samples=GROUP, max_new_tokens=5), seed=seed
+    )
+    texts = ["1+2=", "12+34=", "5+7=", "40+40=", "9+9=", "3+30="][:n_prompts]
+    batch = actor.generate(
+        [Prompt(t, actor.tokenizer(t)["input_ids"], {"answer": "3"}) for t in texts]
+    )
+    batch.rewards = np.random.default_rng(seed).integers(0, 2, len(batch)).astype(np.float32)
+    batch.rewards[:GROUP] = 1.0  # one group without signal
+    return batch
+
+
+def make_learner(algo: str, model_dir: Path, *overrides: str, rank: int = 0, world: int = 1):
+    cfg = build_config(
+        overrides=[f"algo={algo}", f"lm.model={model_dir}", f"{algo}.lr=1e-3", *overrides]
+    )
+    return get_learner_cls(algo)(cfg, None, LearnerContext(rank, world))
+
+
+def slice_batch(batch: GenerationBatch, rows: slice) -> GenerationBatch:
+    arrays = {
+        k: getattr(batch, k)[rows]
+        for k in (
+            "prompt_ids",
+            "prompt_mask",
+            "response_ids",
+            "response_mask",
+            "logprobs",
+            "rewards",
+            "group_ids",
+        )
+    }
+    lists = {k: getattr(batch, k)[rows] for k in ("prompts", "completions", "metadata")}
+    return GenerationBatch(
+        **arrays,
+        **lists,
+        policy_version=batch.policy_version,
+        group_size=batch.group_size,
+        pad_token_id=batch.pad_token_id,
+    )
+
+
+def first_step_grads(learner, batch: GenerationBatch) -> dict[str, torch.Tensor]:
+    """Gradients the optimizer sees at its first step of ``learner.update(batch)``."""
+    params = dict(learner.core.policy.named_parameters())
+    seen: dict[str, torch.Tensor] = {}
+    step = learner.optimizer.step
+
+    def capture(*args, **kwargs):
+        if not seen:
+            seen.update(
+                {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+            )
+        return step(*args, **kwargs)
+
+    learner.optimizer.step = capture
+    learner.update(batch, progress=0.0)
+    return seen
+
+
+# Settings under which one step sees the whole batch (so 1 and 2 ranks must agree).
+CASES = {
+    "grpo-token-mean-kl-loss": (
+        "grpo",
+        ["grpo.loss_agg=token-mean", "grpo.kl_coef=0.1", "grpo.kl_in=loss"],
+    ),
+    "rloo-seq-mean-kl-reward": (
+        "grpo",
+        ["grpo.estimator=rloo", "grpo.kl_coef=0.1", "grpo.kl_in=reward"],
+    ),
+    "reinforce-seq-sum": ("grpo", ["grpo.estimator=reinforce", "grpo.loss_agg=seq-mean-token-sum"]),
+    "lm-ppo-value-head": ("lm_ppo", ["lm_ppo.num_epochs=1", "lm_ppo.value_head_init_std=0.1"]),
+}
+
+
+def test_aggregate_loss_parts_hand_values() -> None:
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    num, den = aggregate_loss_parts(loss, mask, "token-mean")
+    assert (num.item(), den.item()) == (10.0, 4.0)
+    num, den = aggregate_loss_parts(loss, mask, "seq-mean-token-mean")
+    assert (num.item(), den.item()) == (2.0 + 4.0, 2.0)
+    num, den = aggregate_loss_parts(loss, mask, "seq-mean-token-sum")
+    assert (num.item(), den.item()) == (10.0, 2.0)
+    # shards add up to the full-batch aggregate
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        parts = [aggregate_loss_parts(loss[i : i + 1], mask[i : i + 1], mode) for i in range(2)]
+        total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+        assert torch.allclose(total, aggregate_loss(loss, mask, mode))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "lm_ppo"])
+def test_update_moves_policy_and_reports_metrics(model_dir: Path, algo: str) -> None:
+    learner = make_learner(algo, model_dir, f"{algo}.micro_batch_size=5", f"{algo}.kl_coef=0.05")
+    before = {k: v.clone() for k, v in learner.policy_state().items()}
+    metrics = learner.update(make_batch(model_dir), progress=0.0)
+    after = learner.policy_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for key in (
+        "reward/mean",
+        "kl/mean",
+        "loss/policy",
+        "loss/entropy",
+        "loss/grad_norm",
+        "perf/learner_tokens_per_s",
+        "optim/lr",
+    ):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["optim/grad_accum_steps"] == 4.0  # 16 rows in micro-batches of 5
+    assert metrics["rollout/flat_group_frac"] >= 0.25
+    if algo == "lm_ppo":
+        assert "loss/value" in metrics and "value/explained_variance" in metrics
+
+
+def test_lr_schedule(model_dir: Path) -> None:
+    core = make_learner(
+        "grpo", model_dir, "grpo.lr_schedule=cosine", "grpo.warmup_fraction=0.1"
+    ).core
+    assert core.set_lr(0.05) == pytest.approx(0.5e-3)
+    assert core.set_lr(0.1) == pytest.approx(1e-3)
+    assert core.set_lr(0.55) == pytest.approx(0.5e-3)
+    assert core.set_lr(1.0) == pytest.approx(0.0, abs=1e-12)
+    assert core.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_checkpoint_round_trip_through_from_pretrained(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    learner = make_learner("lm_ppo", model_dir)
+    learner.update(make_batch(model_dir), progress=0.0)
+    path = tmp_path / "ck"
+    counters = ckpt.Counters(iteration=3, env_steps=48, policy_version=3)
+    sig = {"observation": "Text", "action": "Discrete(95)"}
+    ckpt.save_checkpoint(
+        path,
+        learner.modules(),
+        learner.optimizer,
+        counters,
+        learner.cfg,
+        sig,
+        extras=learner.save_extras,
+    )
+    for name in (
+        "policy/model.safetensors",
+        "policy/config.json",
+        "policy/tokenizer.json",
+        "value_head.safetensors",
+        "optimizer.pt",
+        "state.json",
+    ):
+        assert (path / name).is_file(), name
+    assert ckpt.read_state(path)["counters"]["iteration"] == 3
+
+    model = AutoModelForCausalLM.from_pretrained(path / "policy").eval()
+    tok = AutoTokenizer.from_pretrained(path / "policy")
+    x = torch.tensor([tok("12+34=")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, learner.core.model.eval()(x).logits, atol=1e-6)
+
+    fresh = make_learner("lm_ppo", model_dir)
+    assert ckpt.load_modules(path, fresh.modules()) == ["policy", "value_head"]
+    for key, value in learner.core.policy.state_dict().items():
+        assert torch.equal(value, fresh.core.policy.state_dict()[key]), key
+    assert ckpt.load_training_state(path, fresh.optimizer).policy_version == 3
+    # the reference stays the base model; init_from makes the loaded policy the reference
+    ref = fresh.core.reference.lm.state_dict()
+    assert not all(torch.equal(ref[k], v) for k, v in fresh.core.model.state_dict().items())
+    fresh.after_init_from()
+    ref = fresh.core.reference.lm.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in fresh.core.model.state_dict().items())
+
+
+def test_eval_command_on_checkpoint_and_model_dir(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    learner = make_learner("grpo", model_dir)
+    data = tmp_path / "test.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(6))
+    )
+    path = tmp_path / "ck"
+    ckpt.save_checkpoint(
+        path,
+        learner.modules(),
+        learner.optimizer,
+        ckpt.Counters(),
+        learner.cfg,
+        {},
+        extras=learner.save_extras,
+    )
+    assert main(["eval", str(path), "--dataset", str(data), "--limit", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (
+        result["num_prompts"] == 4
+        and 0.0 <= result["accuracy"] <= 1.0
+        and len(result["examples"]) == 3
+    )
+    assert (
+        main(["eval", str(model_dir), "--dataset", str(data)]) == 0
+    )  # a bare save_pretrained directory
+    assert json.loads(capsys.readouterr().out)["num_prompts"] == 6
+    assert main(["eval", str(path)]) == 2  # no --dataset and no lm.eval_prompts
+    assert "--dataset" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, port: int, model_dir: str, batch: GenerationBatch, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        half = len(batch) // 2
+        mine = slice_batch(batch, slice(rank * half, (rank + 1) * half))
+        for name, (algo, overrides) in CASES.items():
+            torch.manual_seed(0)
+            learner = make_learner(
+                algo, Path(model_dir), *overrides, f"{algo}.micro_batch_size=3", rank=rank, world=2
+            )
+            grads = first_step_grads(learner, mine)
+            torch.save(grads, Path(out_dir) / f"{name}-rank{rank}.pt")
+            del learner  # free the DDP reducer while the process group is alive
+            gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_and_micro_batching_match_one_worker(model_dir: Path, tmp_path: Path) -> None:
+    batch = make_batch(model_dir, n_prompts=4)  # 16 rows: 8 per rank = 2 whole groups
+    mp.spawn(
+        _ddp_worker, args=(_free_port(), str(model_dir), batch, str(tmp_path)), nprocs=2, join=True
+    )
+    for name, (algo, overrides) in CASES.items():
+        torch.manual_seed(0)
+        full = first_step_grads(
+            make_learner(algo, model_dir, *overrides, f"{algo}.micro_batch_size=64"), batch
+        )
+        torch.manual_seed(0)
+        micro = first_step_grads(
+            make_learner(algo, model_dir, *overrides, f"{algo}.micro_batch_size=3"), batch
+        )
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(2)]
+        assert set(full) == set(micro) == set(ranks[0]) and len(full) > 5
+        assert any(g.abs().max() > 0 for g in full.values())
+        for key, g in full.items():
+            for other, label in (
+                (micro, "micro-batched"),
+                (ranks[0], "DDP rank 0"),
+                (ranks[1], "DDP rank 1"),
+            ):
+                torch.testing.assert_close(
+                    other[key], g, atol=2e-6, rtol=1e-4, msg=f"{name}: {label} grad of {key}"
+                )
+
+
+@pytest.mark.gpu
+def test_update_on_gpu_with_bf16_autocast(model_dir: Path) -> None:
+    cfg = build_config(overrides=["algo=grpo", f"lm.model={model_dir}", "grpo.kl_coef=0.05"])
+    learner = get_learner_cls("grpo")(cfg, None, LearnerContext(device=torch.device("cuda", 0)))
+    assert next(learner.core.policy.parameters()).device.type == "cuda"
+    metrics = learner.update(make_batch(model_dir), progress=0.0)
+    assert np.isfinite(metrics["loss/policy"]) and np.isfinite(metrics["kl/mean"])
+    state = learner.policy_state()
+    assert all(v.device.type == "cpu" for v in state.values())  # what the actors receive
+    actor = GenerationActor(cfg.lm, device="cuda")
+    actor.set_weights(state, 1)
+    assert (
+        len(actor.generate([Prompt("1+2=", actor.tokenizer("1+2=")["input_ids"], {})]))
+        == cfg.lm.num_samples
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_other_architectures_sample_and_learn(tmp_path: Path, arch: str) -> None:
+    model_dir = make_tiny_model(
+        tmp_path / arch, arch=arch, n_layer=1, hidden=32, n_head=4, max_positions=64
+    )
+    batch = make_batch(model_dir)
+    learner = make_learner("lm_ppo", model_dir, "lm_ppo.num_epochs=1")
+    # the learner's first forward pass reproduces the sampler's log-probs (RoPE, GQA, left padding)
+    t = learner.core.tensors(batch)
+    out = learner.core.forward(learner.core.policy, t, torch.arange(len(batch)))
+    mask = t["mask"][:, : out.logprobs.shape[1]]
+    assert torch.allclose(
+        out.logprobs[mask], t["old_logprobs"][:, : out.logprobs.shape[1]][mask], atol=1e-4
+    )
+    metrics = learner.update(batch, progress=0.0)
+    assert np.isfinite(metrics["loss/value"]) and np.isfinite(metrics["loss/policy"])

@@ -1,0 +1,144 @@
+"""LM runs on local embedded Ray: weight sync to generation actors, a short GRPO run, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from rlft_ray.config import build_config
+from rlft_ray.driver import RunError, run_training
+from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
+from rlft_ray.lm.tiny import load_model_and_tokenizer, make_tiny_model
+from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.rollout.group import RunnerGroup, make_remote_runners
+from rlft_ray.rundir import read_metrics
+from rlft_ray.types import Prompt
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
+    )
+
+
+def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> None:
+    other_dir = make_tiny_model(
+        tmp_path / "other", n_layer=1, hidden=32, n_head=2, max_positions=64, seed=5
+    )
+    cfg = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml", [f"lm.model={model_dir}", "lm.num_samples=2"]
+    )
+    actors = make_remote_runners(
+        GenerationActor, 2, 0.5, 0, "test-gen-", kwargs_for=lambda i: {"lm": cfg.lm, "seed": i}
+    )
+    try:
+        new, tok = load_model_and_tokenizer(other_dir)
+        group = RunnerGroup(actors, mine=[0, 1])
+        prompts = [Prompt(t, tok(t)["input_ids"], {"answer": "0"}) for t in ("1+2=", "33+4=")]
+        sync_s = group.publish({k: v.clone() for k, v in new.state_dict().items()}, version=5)
+        assert sync_s > 0 and ray.get([a.get_version.remote() for a in actors]) == [5, 5]
+        batches = group.sample(lambda: ({}, 0), per_actor=[(prompts,), (prompts[:1],)])
+        assert [b.policy_version for b in batches] == [5, 5] and [len(b) for b in batches] == [4, 2]
+        # the actors now sample from the published weights: their log-probs are the new model's
+        for b in batches:
+            t = [
+                torch.tensor(x)
+                for x in (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
+            ]
+            mask = t[3]
+            new_lp = response_forward(PolicyWithValueHead(new.eval()), *t).logprobs
+            assert torch.allclose(new_lp[mask], torch.tensor(b.logprobs)[mask], atol=1e-4)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_grpo_reward_rises_then_resumes(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    overrides = [
+        f"lm.model={model_dir}",
+        "lm.reward_fn=envs.arithmetic:digit_fraction",  # dense reward a random model can learn
+        "lm.max_new_tokens=4",
+        "lm.num_samples=4",
+        "lm.prompts_per_iteration=8",
+        "grpo.lr=3e-3",
+        "grpo.kl_coef=0.01",
+        "grpo.micro_batch_size=16",  # 2 micro-batches per step
+        "checkpoint_every=12",
+        "seed=1",
+    ]
+    cfg = build_config(EXAMPLES / "arithmetic_grpo.yaml", [*overrides, "total_iterations=24"])
+    summary = run_training(cfg, out, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 25))
+    rewards = [r["reward/mean"] for r in rows]
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.1, rewards
+    for key in (
+        "kl/mean",
+        "loss/policy",
+        "perf/tokens_per_s",
+        "perf/weight_sync_s",
+        "perf/learner_tokens_per_s",
+    ):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["kl/mean"] > rows[0]["kl/mean"]  # the policy moved away from the reference
+    assert all(r["rollout/policy_lag"] == 0 for r in rows)
+    assert summary["policy_version"] == 24 and summary["env_steps"] == 24 * 32
+    assert summary["data/kept"] == 2000 and summary["error"] is None
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "reward_curve.png"):
+        assert (out / name).is_file(), name
+    # checkpoints are save_pretrained directories
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (
+        json.loads((out / "checkpoint_last" / "state.json").read_text())["counters"]["iteration"]
+        == 24
+    )
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint_best" / "policy")
+    AutoTokenizer.from_pretrained(out / "checkpoint_best" / "policy")
+
+    # --resume continues counters and metrics from checkpoint_last
+    more = build_config(EXAMPLES / "arithmetic_grpo.yaml", [*overrides, "total_iterations=30"])
+    summary = run_training(more, out, resume=True, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 31))
+    assert summary["policy_version"] == 30
+    assert np.mean([r["reward/mean"] for r in rows[-5:]]) > np.mean(rewards[:5])
+
+
+def test_reward_error_names_the_sample(model_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "no_answers.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(16)))
+    cfg = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml",
+        [
+            f"lm.model={model_dir}",
+            f"lm.prompts={prompts}",
+            "lm.eval_prompts=null",
+            "total_iterations=2",
+        ],
+    )
+    with pytest.raises(
+        RunError,
+        match=r"RewardError: .*exact_match raised ValueError: metadata\[0\] has no 'answer' key.* on sample 0 \(prompt '\d+\+1='\)",
+    ):
+        run_training(cfg, tmp_path / "err", progress=False)
+    assert json.loads((tmp_path / "err" / "summary.json").read_text())["error"].startswith(
+        "RewardError"
+    )
