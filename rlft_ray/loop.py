@@ -60,6 +60,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         batches = runners.sample(
             lambda: (learner.policy_state(), counters.policy_version),
             per_actor=learner.next_sample_args(len(runners.mine)),
+            version=counters.policy_version,
         )
         batch = type(batches[0]).concat(batches)
         t1 = time.perf_counter()

@@ -62,6 +62,7 @@ class RunDirCallback(UserCallback):
     def __init__(self, output_dir: str, score_metric: str) -> None:
         self.output_dir = Path(output_dir)
         self.score_metric = score_metric
+        self._last_iteration: float | None = None
 
     def _best_score(self) -> float:
         score_file = self.output_dir / "checkpoint_best" / "score.json"
@@ -75,6 +76,12 @@ class RunDirCallback(UserCallback):
         # Pop the rows so later callbacks (Tune) see only the flat latest metrics.
         rows = metrics[0].pop(ROWS_KEY, None) or [metrics[0]]
         row = metrics[0]
+        first = rows[0].get("counters/iteration")
+        if first is not None and self._last_iteration is not None and first <= self._last_iteration:
+            # Ray Train restarted the workers from the last checkpoint (max_failures):
+            # the iterations after it run again, so drop their earlier rows.
+            truncate_metrics(self.output_dir, int(first) - 1)
+        self._last_iteration = rows[-1].get("counters/iteration", self._last_iteration)
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         if checkpoint is None:

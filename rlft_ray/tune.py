@@ -718,7 +718,24 @@ def trial_resources(spec: TuneSpec) -> Any:
 
     res = build_config(base=spec.base).resources
     rollout = {"CPU": res.cpus_per_rollout_actor, **res.rollout_actor_resources}
+    if res.gpus_per_rollout_actor > 0:
+        rollout["GPU"] = res.gpus_per_rollout_actor
     return PlacementGroupFactory([{}] + [dict(rollout) for _ in range(res.num_rollout_actors)])
+
+
+def per_trial_needs(spec: TuneSpec) -> dict[str, float]:
+    """Everything one trial holds: rollout actors plus learners (CPU, GPU, custom)."""
+    res = build_config(base=spec.base).resources
+    needs = {
+        "CPU": res.total_cpus,
+        "GPU": res.num_rollout_actors * res.gpus_per_rollout_actor
+        + (res.num_learners if res.use_gpu else 0),
+    }
+    for name in set(res.rollout_actor_resources) | set(res.learner_resources):
+        needs[name] = res.num_rollout_actors * res.rollout_actor_resources.get(
+            name, 0.0
+        ) + res.num_learners * res.learner_resources.get(name, 0.0)
+    return {k: v for k, v in needs.items() if v > 0}
 
 
 def check_concurrency(spec: TuneSpec, cluster: Mapping[str, float]) -> int:
@@ -729,20 +746,25 @@ def check_concurrency(spec: TuneSpec, cluster: Mapping[str, float]) -> int:
     """
     res = build_config(base=spec.base).resources
     check_fits(res, cluster)
-    per_trial = res.total_cpus
-    have = float(cluster.get("CPU", 0.0))
-    fit = max(1, math.floor(have / per_trial + 1e-9))
-    if res.use_gpu:
-        fit = min(fit, int(float(cluster.get("GPU", 0.0)) // res.num_learners))
+    needs = per_trial_needs(spec)
+    fits = {k: math.floor(float(cluster.get(k, 0.0)) / v + 1e-9) for k, v in needs.items()}
+    limit = min(fits, key=fits.get)
+    fit = max(1, fits[limit])
     want = spec.max_concurrent_trials
     if want is None:
         return fit
     if want > fit:
+        detail = (
+            f"{res.num_rollout_actors} rollout actors x {res.cpus_per_rollout_actor:g} + "
+            f"{res.num_learners} learners x {res.cpus_per_learner:g}"
+            if limit == "CPU"
+            else "rollout actors + learners"
+        )
         raise ResourceError(
-            f"max_concurrent_trials={want} needs {want} x {per_trial:g} CPUs per trial "
-            f"({res.num_rollout_actors} rollout actors x {res.cpus_per_rollout_actor:g} + "
-            f"{res.num_learners} learners x {res.cpus_per_learner:g}) = {want * per_trial:g} CPUs, "
-            f"cluster has {have:g}: at most {fit} fit; lower max_concurrent_trials or the per-trial resources"
+            f"max_concurrent_trials={want} needs {want} x {needs[limit]:g} {limit} per trial "
+            f"({detail}) = {want * needs[limit]:g} {limit}, cluster has "
+            f"{float(cluster.get(limit, 0.0)):g}: at most {fit} fit; lower max_concurrent_trials "
+            "or the per-trial resources"
         )
     return want
 
@@ -837,6 +859,7 @@ def run_search(
     Raises:
         SpecError: Invalid spec (before Ray starts).
         ResourceError: Trials do not fit the cluster (before any trial starts).
+        RunError: asha/pbt on a Ray instance without a dashboard (see :func:`connect_ray`).
     """
     started = time.perf_counter()
     spec = load_spec(spec_path)
@@ -1019,7 +1042,7 @@ def best_of(grid: Any, spec: TuneSpec) -> dict[str, Any] | None:
     checkpoint = result.get_best_checkpoint(spec.metric, spec.mode) or result.checkpoint
     overrides = spec.overrides_for(result.config or {})
     command = ["rlft-ray", "train", str(spec.run_config)] + [
-        f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items()
+        f"{k}={_override_value(v)}" for k, v in overrides.items()
     ]
     return {
         "trial": Path(result.path).name.removeprefix("trial_"),
@@ -1032,6 +1055,17 @@ def best_of(grid: Any, spec: TuneSpec) -> dict[str, Any] | None:
         "checkpoint": checkpoint.path if checkpoint is not None else None,
         "train_command": shlex.join(command),
     }
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as the CLI reads it back (YAML): bare strings where unambiguous."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value, separators=(",", ":"))
 
 
 def count_exploits(exp_path: str) -> int:

@@ -108,14 +108,11 @@ def test_actors_and_learners_spread_over_nodes_and_a_lost_learner_node_recovers(
         assert "error" not in outcome, outcome.get("error")
         summary = outcome["summary"]
         assert summary["env_steps"] == 8192 and summary["error"] is None
-        # The worker group came back on the spare node from the last checkpoint: the
-        # iteration counter steps back to just after a checkpoint and goes on to the end.
+        # The worker group came back on the spare node from the last checkpoint; the
+        # iterations it ran again replace their earlier rows, so metrics.jsonl stays one
+        # row per iteration from 1 to the end.
         iterations = [int(r["counters/iteration"]) for r in read_metrics(out)]
-        backs = [i for i in range(1, len(iterations)) if iterations[i] <= iterations[i - 1]]
-        assert len(backs) == 1, iterations
-        resumed_at = iterations[backs[0]]
-        assert (resumed_at - 1) % 4 == 0 and resumed_at > 1, iterations
-        assert iterations[-1] == 32
+        assert iterations == list(range(1, 33)), iterations
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -22,7 +22,7 @@ CARTPOLE = EXAMPLES / "cartpole_ppo.yaml"
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -19,6 +19,7 @@ from rlft_ray.tune import (
     check_concurrency,
     format_table,
     load_spec,
+    trial_resources,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +275,8 @@ def test_concurrency_is_checked_against_the_cluster(tmp_path: Path) -> None:
     assert check_concurrency(spec, {"CPU": 2.0}) == 2
     assert check_concurrency(load_spec(_spec(tmp_path, max_concurrent_trials=1)), {"CPU": 2.0}) == 1
     with pytest.raises(
-        ResourceError, match=r"max_concurrent_trials=3 needs 3 x 0.75 CPUs .* at most 2 fit"
+        ResourceError,
+        match=r"max_concurrent_trials=3 needs 3 x 0.75 CPU per trial .* at most 2 fit",
     ):
         check_concurrency(load_spec(_spec(tmp_path, max_concurrent_trials=3)), {"CPU": 2.0})
     big = _spec(
@@ -283,6 +285,23 @@ def test_concurrency_is_checked_against_the_cluster(tmp_path: Path) -> None:
     )
     with pytest.raises(ResourceError, match="run needs 6 CPUs"):
         check_concurrency(load_spec(big), {"CPU": 2.0})
+
+
+def test_custom_and_gpu_resources_bound_concurrency_and_trial_bundles(tmp_path: Path) -> None:
+    resources = {
+        "num_rollout_actors": 2,
+        "cpus_per_rollout_actor": 0.25,
+        "gpus_per_rollout_actor": 0.5,
+        "cpus_per_learner": 0.5,
+        "rollout_actor_resources": {"rollout_node": 1},
+    }
+    spec = load_spec(_spec(tmp_path, resources=resources))
+    # 1 CPU, 1 GPU and 2 rollout_node per trial: the custom resource limits first
+    assert check_concurrency(spec, {"CPU": 8, "GPU": 4, "rollout_node": 5}) == 2
+    assert check_concurrency(spec, {"CPU": 8, "GPU": 1, "rollout_node": 8}) == 1
+    pgf = trial_resources(spec)
+    assert pgf.head_bundle_is_empty
+    assert pgf.bundles == [{"CPU": 0.25, "GPU": 0.5, "rollout_node": 1.0}] * 2
 
 
 def test_results_table_formats_rows() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -256,5 +257,11 @@ def _policy_from_spaces(
 
 
 def to_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """numpy array -> tensor on ``device``."""
+    """numpy array -> tensor on ``device``.
+
+    Arrays read from Ray's object store are read-only; copy those (torch warns on
+    wrapping non-writable memory, and an in-place op would fault).
+    """
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()
     return torch.as_tensor(x, dtype=dtype, device=device)

@@ -97,6 +97,7 @@ class RunnerGroup:
         weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]],
         *args: Any,
         per_actor: Sequence[tuple[Any, ...]] | None = None,
+        version: int | None = None,
     ) -> list[Any]:
         """Sample once from each of this rank's actors, restoring any that died.
 
@@ -105,6 +106,9 @@ class RunnerGroup:
             *args: Forwarded to every actor's ``sample``.
             per_actor: Arguments for each of this rank's actors, in order (e.g. each
                 generation actor's share of the prompts); appended after ``args``.
+            version: The policy version every actor should hold; a batch sampled with
+                another one comes from an actor Ray restarted in between, which is
+                then restored and resampled.
 
         Returns:
             One batch per actor, in order.
@@ -114,15 +118,22 @@ class RunnerGroup:
         out = []
         for i, call, a in zip(self.mine, calls, actor_args):
             try:
-                out.append(ray.get(call))
+                batch = ray.get(call)
             except _ACTOR_DOWN as exc:
-                out.append(self._recover(i, exc, weights_for_recovery, a))
+                batch = self._recover(i, exc, weights_for_recovery, a)
+            else:
+                if version is not None and batch.policy_version != version:
+                    # Ray restarted the actor between our calls (e.g. during the weight
+                    # sync): it came back with fresh weights, so restore and resample.
+                    batch = self._recover(i, None, weights_for_recovery, a)
+            out.append(batch)
         return out
 
-    def _recover(self, i: int, exc: Exception, weights_for_recovery: Callable, args: tuple) -> Any:
-        logger.warning(
-            "rollout actor %d died (%s); waiting for Ray to restart it", i, type(exc).__name__
-        )
+    def _recover(
+        self, i: int, exc: Exception | None, weights_for_recovery: Callable, args: tuple
+    ) -> Any:
+        cause = type(exc).__name__ if exc is not None else "restarted with stale weights"
+        logger.warning("rollout actor %d died (%s); restoring it", i, cause)
         deadline = time.monotonic() + self.recovery_timeout_s
         runner = self.all_runners[i]
         while True:
