@@ -74,7 +74,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         t2 = time.perf_counter()
 
         sync_s = (
-            runners.publish(learner.policy_state(), counters.policy_version) if rank == 0 else 0.0
+            runners.publish(learner.policy_state(), counters.policy_version, wait=world > 1)
+            if rank == 0
+            else 0.0
         )
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start

@@ -75,21 +75,31 @@ class RunnerGroup:
         self.recovery_timeout_s = recovery_timeout_s
         self.restarts = 0
 
-    def publish(self, weights: dict[str, torch.Tensor], version: int) -> float:
+    def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
         """Put the weights in the object store once; every actor loads them. Returns seconds.
 
         Tensors travel as numpy arrays (shared memory, no per-tensor unpickling); the
         actors' ``set_weights`` accept either.
+
+        Args:
+            weights: The policy's state dict.
+            version: The policy version the actors hold afterwards.
+            wait: Block until every actor has loaded them. Needed when other learner
+                ranks sample next (their calls are not ordered after ours). With one rank
+                the learner's own ``sample`` calls queue behind ``set_weights`` (Ray runs
+                one caller's calls to an actor in order), so it need not wait; a failed
+                load then shows up as a version mismatch at the next sample.
         """
         start = time.perf_counter()
         ref = ray.put(weights_to_wire(weights))
         pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
-        for i, call in pending.items():
-            try:
-                ray.get(call)
-            except _ACTOR_DOWN:
-                # Its rank restores it (with its own copy of the weights) on the next sample.
-                logger.warning("rollout actor %d was down during weight sync", i)
+        if wait:
+            for i, call in pending.items():
+                try:
+                    ray.get(call)
+                except _ACTOR_DOWN:
+                    # Its rank restores it (with its own copy of the weights) on the next sample.
+                    logger.warning("rollout actor %d was down during weight sync", i)
         return time.perf_counter() - start
 
     def sample(
