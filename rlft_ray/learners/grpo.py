@@ -9,31 +9,18 @@ when ``kl_in=loss`` (GRPO; Shao et al. 2024).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar
-
 import torch
-from torch import nn
 
 from rlft_ray.algorithms.lm import group_advantages, kl_penalty, masked_sum, ppo_token_policy_losses
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
-from rlft_ray.learners.lm_core import LMCore, evaluate_lm, lm_sampler_kwargs, probe_lm
+from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.lm_core import LMCore, LMLearnerHooks
 from rlft_ray.lm.policy import ResponseOutput
-from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import GenerationBatch
 
 
-class GRPOLearner(Learner):
+class GRPOLearner(LMLearnerHooks, Learner):
     """GRPO / RLOO / REINFORCE (``grpo.estimator``) on one rank; DDP across ranks."""
-
-    sampler_cls: ClassVar[type] = GenerationActor
-    score_metric: ClassVar[str] = "reward/mean"
-    curve: ClassVar[tuple[str, str, str]] = (
-        "reward/mean",
-        "counters/iteration",
-        "reward_curve.png",
-    )
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
@@ -48,37 +35,7 @@ class GRPOLearner(Learner):
             raise ConfigError(
                 "lm.num_samples", "grpo.estimator=rloo needs at least 2 completions per prompt"
             )
-        return probe_lm(cfg)
-
-    @classmethod
-    def sampler_kwargs(cls, cfg: RunConfig, index: int) -> dict[str, Any]:
-        return lm_sampler_kwargs(cfg, index)
-
-    @classmethod
-    def make_policy(cls, cfg: RunConfig, spaces: Spaces) -> nn.Module:
-        from rlft_ray.lm.tiny import load_model_and_tokenizer
-
-        return load_model_and_tokenizer(cfg.lm.model, cfg.lm.trust_remote_code)[0]
-
-    @classmethod
-    def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
-        return evaluate_lm(checkpoint, cfg, opts)
-
-    # -- per-rank hooks ----------------------------------------------------------------------
-    def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
-        return self.core.next_sample_args(num_actors)
-
-    def policy_state(self) -> dict[str, torch.Tensor]:
-        return self.core.policy_state()
-
-    def modules(self) -> dict[str, nn.Module]:
-        return self.core.modules()
-
-    def save_extras(self, path: Path) -> None:
-        self.core.save_extras(path)
-
-    def after_init_from(self) -> None:
-        self.core.reset_reference()
+        return super().probe(cfg)
 
     # -- learning ------------------------------------------------------------------------------
     def advantages(self, scores: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
 import gymnasium as gym
@@ -40,6 +40,7 @@ from rlft_ray.lm.policy import (
     make_value_head,
     response_forward,
 )
+from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import GenerationBatch, Prompt
 from rlft_ray.utils import torch_threads
 
@@ -623,3 +624,60 @@ def global_masked_whiten(
     mean = total / max(n, 1.0)
     var = max(sq - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
     return ((x - mean) / math.sqrt(var + eps)).masked_fill(mask == 0, 0.0)
+
+
+# --------------------------------------------------------------------------- shared hooks
+
+
+class LMLearnerHooks:
+    """The :class:`~rlft_ray.learners.base.Learner` hooks every LM learner shares.
+
+    Mixed in ahead of ``Learner`` (``class GRPOLearner(LMLearnerHooks, Learner)``), so
+    inheritance stays one level deep: generation actors feed the learner, checkpoints
+    rank by ``reward/mean``, and the per-rank hooks forward to ``self.core``
+    (an :class:`LMCore`). Each learner adds its ``__init__`` and ``update``.
+    """
+
+    sampler_cls: ClassVar[type] = GenerationActor
+    score_metric: ClassVar[str] = "reward/mean"
+    curve: ClassVar[tuple[str, str, str]] = (
+        "reward/mean",
+        "counters/iteration",
+        "reward_curve.png",
+    )
+    core: LMCore
+
+    # -- class-level hooks ---------------------------------------------------------------
+    @classmethod
+    def probe(cls, cfg: RunConfig) -> TaskProbe:
+        return probe_lm(cfg)
+
+    @classmethod
+    def sampler_kwargs(cls, cfg: RunConfig, index: int) -> dict[str, Any]:
+        return lm_sampler_kwargs(cfg, index)
+
+    @classmethod
+    def make_policy(cls, cfg: RunConfig, spaces: Any) -> nn.Module:
+        from rlft_ray.lm.tiny import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(cfg.lm.model, cfg.lm.trust_remote_code)[0]
+
+    @classmethod
+    def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
+        return evaluate_lm(checkpoint, cfg, opts)
+
+    # -- per-rank hooks ------------------------------------------------------------------
+    def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
+        return self.core.next_sample_args(num_actors)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return self.core.policy_state()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self.core.modules()
+
+    def save_extras(self, path: Path) -> None:
+        self.core.save_extras(path)
+
+    def after_init_from(self) -> None:
+        self.core.reset_reference()
