@@ -180,6 +180,51 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> C
     return Counters(**state["counters"])
 
 
+RANK_STATE_DIR = "rank_state"
+
+
+def save_rank_states(path: str | Path, states: list[dict[str, np.ndarray]]) -> None:
+    """Write each learner rank's own state (``Learner.rank_state``) as ``rank_state/{rank}.npz``."""
+    if not any(states):
+        return
+    directory = Path(path) / RANK_STATE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    for rank, state in enumerate(states):
+        np.savez(directory / f"{rank}.npz", **state)
+
+
+def check_rank_states(path: str | Path, world_size: int) -> bool:
+    """Whether ``path`` holds per-rank state, failing if it was saved by another number of ranks.
+
+    Raises:
+        CheckpointError: Saved by a different number of learner ranks (the replay shards
+            would not line up).
+    """
+    directory = Path(path) / RANK_STATE_DIR
+    if not directory.is_dir():
+        return False
+    saved = len(list(directory.glob("*.npz")))
+    if saved != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} holds per-rank state (e.g. replay) of {saved} learner rank(s), "
+            f"this run has resources.num_learners={world_size}; resume with {saved}"
+        )
+    return True
+
+
+def load_rank_state(path: str | Path, rank: int, world_size: int) -> dict[str, np.ndarray] | None:
+    """This rank's saved state, or None when the checkpoint has none for this world size.
+
+    Raises:
+        CheckpointError: The checkpoint holds rank states for a different number of ranks
+            (the replay shards would not line up).
+    """
+    if not check_rank_states(path, world_size):
+        return None
+    with np.load(Path(path) / RANK_STATE_DIR / f"{rank}.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
 def _is_pretrained(module: torch.nn.Module) -> bool:
     """A Hugging Face model (saved as a ``save_pretrained`` directory)?"""
     return hasattr(module, "save_pretrained") and hasattr(type(module), "from_pretrained")

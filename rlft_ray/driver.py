@@ -104,6 +104,8 @@ def run_training(
         ckpt.check_compatible(cfg.init_from, cfg, _spaces_sig(spaces))
     prepare_output_dir(output_dir, resume)
     if resume and (output_dir / "checkpoint_last").is_dir():
+        ckpt.check_compatible(output_dir / "checkpoint_last", cfg, _spaces_sig(spaces))
+        ckpt.check_rank_states(output_dir / "checkpoint_last", cfg.resources.num_learners)
         last = ckpt.read_state(output_dir / "checkpoint_last")["counters"]["iteration"]
         truncate_metrics(output_dir, last)
     save_config(cfg, output_dir / "config.yaml")

@@ -125,7 +125,9 @@ def restore(
         with resume.as_directory() as path:
             ckpt.check_compatible(path, cfg, sig)
             ckpt.load_modules(path, learner.modules())
-            return ckpt.load_training_state(path, learner.optimizer)
+            return _load_rank_parts(
+                learner, path, ckpt.load_training_state(path, learner.optimizer)
+            )
     if start_checkpoint is not None:
         # Ray Train V2 dropped `resume_from_checkpoint`; its replacement is a checkpoint
         # passed in the loop config. Used by Tune trials (PBT exploit, trial restarts).
@@ -141,12 +143,36 @@ def restore(
             counters = ckpt.load_training_state(path, learner.optimizer)
             for group, fresh in zip(learner.optimizer.param_groups, groups):
                 group.update(fresh)
-            return counters
+            return _load_rank_parts(learner, path, counters)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, sig)
         ckpt.load_modules(cfg.init_from, learner.modules())
         learner.after_init_from()
     return ckpt.Counters()
+
+
+def _load_rank_parts(learner: Learner, path: str, counters: ckpt.Counters) -> ckpt.Counters:
+    """Per-rank parts of a resume: the learner's rank state, and distinct RNG streams
+    (``rng.pt`` is rank 0's, so other ranks reseed from the seed, rank and iteration)."""
+    rank, world = learner.ctx.rank, learner.ctx.world_size
+    state = ckpt.load_rank_state(path, rank, world)
+    if state is not None:
+        learner.load_rank_state(state)
+    if rank > 0:
+        seed_everything(learner.cfg.seed + 7919 * rank + counters.iteration)
+    return counters
+
+
+def _gather_rank_states(learner: Learner, world: int) -> list[dict[str, Any]]:
+    """Every rank's ``rank_state`` on rank 0 (an empty list elsewhere)."""
+    if type(learner).rank_state is Learner.rank_state:  # same class on every rank
+        return []
+    state = learner.rank_state()
+    if world == 1:
+        return [state]
+    states: list[Any] = [None] * world if learner.ctx.rank == 0 else []
+    dist.gather_object(state, states if learner.ctx.rank == 0 else None, dst=0)
+    return states
 
 
 class _Reporter:
@@ -175,9 +201,15 @@ class _Reporter:
             return
         payload = {**metrics, ROWS_KEY: self.rows}
         self.rows, self.last_report = [], time.monotonic()
+        rank_states = _gather_rank_states(learner, self.world) if checkpoint_due else []
         if not (checkpoint_due and self.rank == 0):
             ray.train.report(payload)
             return
+
+        def extras(path: Path) -> None:
+            learner.save_extras(path)
+            ckpt.save_rank_states(path, rank_states)
+
         with tempfile.TemporaryDirectory(prefix="rlft_ckpt_") as tmp:
             ckpt.save_checkpoint(
                 Path(tmp),
@@ -186,7 +218,7 @@ class _Reporter:
                 counters,
                 self.cfg,
                 _spaces_sig(self.spaces),
-                extras=learner.save_extras,
+                extras=extras,
             )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

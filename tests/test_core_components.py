@@ -204,3 +204,55 @@ def test_probe_spaces_rejects_unknown_env() -> None:
     cfg = build_config(None, ["env.id=CartPol-v1"])
     with pytest.raises(ValueError, match="env.id='CartPol-v1'"):
         probe_spaces(cfg.env)
+
+
+def test_replay_buffer_wraps_and_round_trips_with_its_sampler() -> None:
+    from rlft_ray.learners.dqn import ReplayBuffer
+
+    buf = ReplayBuffer(capacity=5, obs_shape=(2,), seed=0)
+    for start in (0, 3):  # 3 then 4 transitions: the ring wraps, 0..1 are overwritten
+        n = 3 if start == 0 else 4
+        ids = np.arange(start, start + n, dtype=np.float32)
+        buf.add(
+            np.stack([ids, ids], axis=1),
+            ids.astype(np.int64),
+            ids,
+            np.stack([ids + 1, ids + 1], axis=1),
+            np.zeros(n, dtype=np.float32),
+        )
+    assert len(buf) == 5 and buf.pos == 2
+    state = buf.state_dict()
+    np.testing.assert_array_equal(state["rewards"], [5, 6, 2, 3, 4])  # ring layout, pos 2
+    np.testing.assert_array_equal(state["next_obs"][:, 0], [6, 7, 3, 4, 5])
+
+    restored = ReplayBuffer(capacity=5, obs_shape=(2,), seed=123)
+    restored.load_state_dict(state)
+    for a, b in zip(buf.sample(8), restored.sample(8)):  # same transitions, same draws
+        np.testing.assert_array_equal(a, b)
+    smaller = ReplayBuffer(capacity=3, obs_shape=(2,), seed=0)
+    smaller.load_state_dict(state)
+    np.testing.assert_array_equal(smaller.rewards, [4, 5, 6])  # the newest 3, in order
+    assert smaller.pos == 0 and len(smaller) == 3
+    with pytest.raises(ValueError, match="shape"):
+        ReplayBuffer(capacity=5, obs_shape=(3,), seed=0).load_state_dict(state)
+
+
+def test_dqn_rank_state_restores_replay_and_grad_steps() -> None:
+    cfg, spaces, cls = _setup(["algo=dqn", "dqn.learning_starts=32", "dqn.rollout_steps=16"])
+    learner = cls(cfg, spaces, LearnerContext())
+    learner.update(EnvRunner(**cls.sampler_kwargs(cfg, 0)).sample(), progress=0.0)
+    state = learner.rank_state()
+    fresh = cls(cfg, spaces, LearnerContext())
+    fresh.load_rank_state(state)
+    assert len(fresh.replay) == len(learner.replay) == 64
+    assert fresh.grad_steps == learner.grad_steps == cfg.dqn.updates_per_iteration
+    np.testing.assert_array_equal(fresh.replay.obs[:64], learner.replay.obs[:64])
+
+
+def test_rank_state_files_must_match_the_number_of_learners(tmp_path: Path) -> None:
+    ckpt.save_rank_states(tmp_path, [{"x": np.arange(3)}, {"x": np.arange(2)}])
+    np.testing.assert_array_equal(ckpt.load_rank_state(tmp_path, 1, 2)["x"], [0, 1])
+    with pytest.raises(ckpt.CheckpointError, match="2 learner rank.*num_learners=1"):
+        ckpt.load_rank_state(tmp_path, 0, 1)
+    ckpt.save_rank_states(tmp_path / "none", [{}])  # learners without rank state write nothing
+    assert ckpt.load_rank_state(tmp_path / "none", 0, 1) is None

@@ -7,9 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
+from rlft_ray.checkpoint import CheckpointError
 from rlft_ray.cli import main
 from rlft_ray.config import build_config
 from rlft_ray.driver import RunError, run_training
@@ -18,6 +20,7 @@ from rlft_ray.rundir import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CARTPOLE = EXAMPLES / "cartpole_ppo.yaml"
+DQN = EXAMPLES / "cartpole_dqn.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,6 +80,30 @@ def test_resume_continues_counters(tmp_path: Path) -> None:
     assert rows[10]["counters/policy_version"] == 11
     assert rows[10]["time/wall_s"] > rows[9]["time/wall_s"]
     assert summary["env_steps"] == 8192
+
+
+def test_dqn_resume_keeps_its_replay(tmp_path: Path) -> None:
+    out = tmp_path / "dqn"
+    common = [
+        "checkpoint_every=5",
+        "report_interval_s=0",
+        "dqn.learning_starts=256",
+        "dqn.updates_per_iteration=4",
+    ]
+    run_training(build_config(DQN, ["total_env_steps=1280", *common]), out, progress=False)
+    with np.load(out / "checkpoint_last" / "rank_state" / "0.npz") as saved:
+        assert len(saved["obs"]) == 1280
+        assert int(saved["grad_steps"]) == 4 * 9  # iteration 1 only fills the replay
+    two = build_config(DQN, ["total_env_steps=1536", "resources.num_learners=2", *common])
+    with pytest.raises(CheckpointError, match="1 learner rank.*num_learners=2"):
+        run_training(two, out, resume=True, progress=False)  # fails before any Ray work
+    more = build_config(DQN, ["total_env_steps=1536", *common])
+    run_training(more, out, resume=True, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 13))
+    # the first resumed iteration adds to the saved replay and keeps learning at once
+    assert rows[10]["replay/size"] == 1280 + 128 and "loss/td" in rows[10]
+    assert rows[10]["counters/grad_steps"] == 4 * 9 + 4
 
 
 def test_ddp_two_learners_learn(tmp_path: Path) -> None:

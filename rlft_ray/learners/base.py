@@ -211,6 +211,17 @@ class Learner(ABC):
     def save_extras(self, path: Path) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Write files beside the modules into checkpoint directory ``path`` (e.g. the tokenizer)."""
 
+    def rank_state(self) -> dict[str, np.ndarray]:
+        """This rank's own training state beyond modules and optimizer (e.g. DQN's replay).
+
+        Saved per rank in checkpoints (``rank_state/{rank}.npz``) and handed back to
+        :meth:`load_rank_state` on ``--resume``, so a resumed run loses no data. Default: none.
+        """
+        return {}
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`rank_state` returned."""
+
     def after_init_from(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Hook run after ``init_from`` loaded module weights (e.g. sync a target net)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import torch
@@ -46,17 +47,46 @@ class ReplayBuffer:
         next_obs: np.ndarray,
         terminated: np.ndarray,
     ) -> None:
-        """Append ``[B, ...]`` transitions."""
-        for i in range(obs.shape[0]):
-            j = self.pos
-            self.obs[j], self.next_obs[j] = obs[i], next_obs[i]
-            self.actions[j], self.rewards[j], self.terminated[j] = (
-                actions[i],
-                rewards[i],
-                terminated[i],
+        """Append ``[B, ...]`` transitions (a batch larger than the capacity keeps its last ones)."""
+        n = min(obs.shape[0], self.capacity)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.obs[idx], self.next_obs[idx] = obs[-n:], next_obs[-n:]
+        self.actions[idx], self.rewards[idx] = actions[-n:], rewards[-n:]
+        self.terminated[idx] = terminated[-n:]
+        self.pos = int((self.pos + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The stored transitions as laid out in the ring, its write position and the RNG state."""
+        n = self.size
+        return {
+            "obs": self.obs[:n],
+            "actions": self.actions[:n],
+            "rewards": self.rewards[:n],
+            "next_obs": self.next_obs[:n],
+            "terminated": self.terminated[:n],
+            "pos": np.array(self.pos),
+            "rng": np.array(json.dumps(self.rng.bit_generator.state)),
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`: exactly at the same capacity, else the newest
+        ``capacity`` transitions in order."""
+        if state["obs"].shape[1:] != self.obs.shape[1:]:
+            raise ValueError(
+                f"replay observations have shape {state['obs'].shape[1:]}, "
+                f"this run's are {self.obs.shape[1:]}"
             )
-            self.pos = (self.pos + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        keys = ("obs", "actions", "rewards", "next_obs", "terminated")
+        n, pos = len(state["obs"]), int(state["pos"])
+        if n <= self.capacity and (n == self.capacity or pos == n):
+            for k in keys:
+                getattr(self, k)[:n] = state[k]
+            self.pos, self.size = pos % self.capacity, n
+        else:  # another capacity: replay oldest-first (the ring starts at pos when full)
+            self.pos = self.size = 0
+            self.add(*(np.roll(state[k], -pos, axis=0) for k in keys))
+        self.rng.bit_generator.state = json.loads(str(state["rng"]))
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, ...]:
         """Uniformly sample ``batch_size`` transitions (with replacement)."""
@@ -93,6 +123,14 @@ class DQNLearner(Learner):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"policy": self.q, "target": self.target}
+
+    def rank_state(self) -> dict[str, np.ndarray]:
+        # The replay is this rank's shard of the data; saving it makes --resume lossless.
+        return {**self.replay.state_dict(), "grad_steps": np.array(self.grad_steps)}
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
+        self.replay.load_state_dict(state)
+        self.grad_steps = int(state["grad_steps"])
 
     def after_init_from(self) -> None:
         self.target.load_state_dict(self.q.state_dict())
