@@ -165,8 +165,6 @@ def _load_rank_parts(learner: Learner, path: str, counters: ckpt.Counters) -> ck
 
 def _gather_rank_states(learner: Learner, world: int) -> list[dict[str, Any]]:
     """Every rank's ``rank_state`` on rank 0 (an empty list elsewhere)."""
-    if type(learner).rank_state is Learner.rank_state:  # same class on every rank
-        return []
     state = learner.rank_state()
     if world == 1:
         return [state]
