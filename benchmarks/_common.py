@@ -18,25 +18,30 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
-def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
-    out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlft_ray",
-        "train",
-        str(ROOT / config),
-        *overrides,
-        "--output-dir",
-        str(out),
-        "--no-progress",
-    ]
+def run_cli(*args: str) -> float:
+    """Run ``python -m rlft_ray *args`` in a fresh process from the repo root.
+
+    Returns:
+        Wall seconds from the command's start.
+
+    Raises:
+        RuntimeError: The command failed (with the tail of its stderr).
+    """
+    cmd = [sys.executable, "-m", "rlft_ray", *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
+    out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
+    wall = run_cli(
+        "train", str(ROOT / config), *overrides, "--output-dir", str(out), "--no-progress"
+    )
     summary = json.loads((out / "summary.json").read_text())
     summary["command_wall_s"] = round(wall, 2)
     summary["output_dir"] = str(out)

@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, emit
+from _common import ROOT, emit, run_cli
 
 SPECS = {
     "asha": "tuning/cartpole_ppo_asha.yaml",
@@ -30,21 +27,7 @@ SPECS = {
 def tune_cli(spec: str) -> dict[str, Any]:
     """Run ``rlft-ray tune`` in a fresh process; returns the results and the wall time."""
     out = Path(tempfile.mkdtemp(prefix="rlft_bench_tune_")) / "search"
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlft_ray",
-        "tune",
-        str(ROOT / spec),
-        "--output-dir",
-        str(out),
-        "--quiet",
-    ]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    wall = run_cli("tune", str(ROOT / spec), "--output-dir", str(out), "--quiet")
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     pbt_log = out / "tune" / "pbt_global.txt"

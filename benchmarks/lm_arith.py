@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT, emit
+from _common import emit, run_cli
 
 
 def main() -> None:
@@ -33,21 +30,7 @@ def main() -> None:
     gains = []
     for seed in args.seeds:
         out = Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "q"
-        cmd = [
-            sys.executable,
-            "-m",
-            "rlft_ray",
-            "quickstart",
-            "--output-dir",
-            str(out),
-            "--seed",
-            str(seed),
-            *args.overrides,
-        ]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        wall = run_cli("quickstart", "--output-dir", str(out), "--seed", str(seed), *args.overrides)
         s = json.loads((out / "summary.json").read_text())
         gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
         gains.append(gain)
@@ -62,7 +45,7 @@ def main() -> None:
                 "rl_iterations": s["iterations"],
                 "sft_s": s["sft_s"],
                 "quickstart_wall_s": s["wall_s"],
-                "command_wall_s": round(time.perf_counter() - start, 2),
+                "command_wall_s": round(wall, 2),
                 "met": gain >= 25 and s["rl_s"] <= 180,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "output_dir": str(out),
