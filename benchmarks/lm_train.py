@@ -26,8 +26,9 @@ from _common import emit, train_cli
 def sft_base(directory: Path) -> Path:
     from envs.arithmetic import write_splits
     from rlft_ray.lm import quiet_transformers
+    from rlft_ray.lm.loading import load_model_and_tokenizer
     from rlft_ray.lm.sft import supervised_finetune
-    from rlft_ray.lm.tiny import load_model_and_tokenizer, make_tiny_model
+    from rlft_ray.lm.tiny import make_tiny_model
 
     quiet_transformers()
     train, _ = write_splits(directory / "data", 400, 10, seed=0)

@@ -243,7 +243,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     if _is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
-        from rlft_ray.learners.lm_core import evaluate_lm
+        from rlft_ray.learners.lm_hooks import evaluate_lm
 
         cfg = build_config(overrides=["algo=grpo", *args.overrides])
         result = evaluate_lm(args.checkpoint, cfg, opts)

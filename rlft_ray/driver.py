@@ -22,9 +22,10 @@ from ray.train.torch import TorchTrainer
 
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import ConfigError, RunConfig, save_config
-from rlft_ray.loop import _spaces_sig, train_loop_per_worker
+from rlft_ray.learners.base import Learner, TaskProbe
+from rlft_ray.loop import train_loop_per_worker
 from rlft_ray.registry import get_learner_cls
-from rlft_ray.resources import check_fits
+from rlft_ray.resources import check_fits, init_ray
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
     RunDirCallback,
@@ -53,15 +54,6 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``RAY_ADDRESS``/``address`` if set (cluster, ``ray job submit``), else start embedded Ray."""
-    # Faster Ray Train controller polling: the default 2 s adds seconds to short runs.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    if ray.is_initialized():
-        return
-    ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
-
-
 def run_training(
     cfg: RunConfig,
     output_dir: str | Path,
@@ -78,7 +70,7 @@ def run_training(
         output_dir: Run directory (created; must not hold another run unless ``resume``).
         resume: Continue from the directory's last checkpoint with continuous counters.
         progress: Show a live progress bar on the driver.
-        callbacks: Extra Ray Train ``UserCallback`` s (Tune's ``TuneReportCallback``).
+        callbacks: Extra Ray Train ``UserCallback`` s (the Tune trial's report bridge).
         address: Ray address; default: ``RAY_ADDRESS`` or a new local instance.
         start_checkpoint: Continue this checkpoint (weights, optimizer state, counters)
             in a fresh run directory, with ``cfg``'s hyperparameters (Tune trials: PBT
@@ -90,67 +82,13 @@ def run_training(
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
-    # --- checks before Ray -------------------------------------------------------------
-    try:
-        probe = learner_cls.probe(cfg)  # env spaces / model, tokenizer and prompt data
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise RunError(str(exc)) from exc
-    spaces, cfg = probe.spaces, probe.cfg or cfg
-    for line in _describe(probe.info):
-        logger.warning(line)
-    if cfg.init_from:
-        ckpt.check_compatible(cfg.init_from, cfg, _spaces_sig(spaces))
-    prepare_output_dir(output_dir, resume)
-    if resume and (output_dir / "checkpoint_last").is_dir():
-        ckpt.check_compatible(output_dir / "checkpoint_last", cfg, _spaces_sig(spaces))
-        ckpt.check_rank_states(output_dir / "checkpoint_last", cfg.resources.num_learners)
-        last = ckpt.read_state(output_dir / "checkpoint_last")["counters"]["iteration"]
-        truncate_metrics(output_dir, last)
-    save_config(cfg, output_dir / "config.yaml")
-
-    # --- Ray: resources, rollout actors, learners ----------------------------------
+    # 1. Everything about the input that can be wrong, checked before Ray.
+    cfg, probe = preflight(learner_cls, cfg, output_dir, resume)
+    # 2. Ray, rollout actors, learners.
     init_ray(address)
     check_fits(cfg.resources, ray.cluster_resources())
-    datasets = _ray_datasets(probe.datasets)
-    runners = make_remote_runners(
-        learner_cls.sampler_cls,
-        cfg.resources.num_rollout_actors,
-        cfg.resources.cpus_per_rollout_actor,
-        cfg.resources.max_actor_restarts,
-        name_prefix=f"rlft-runner-{uuid.uuid4().hex[:8]}-",
-        kwargs_for=lambda i: learner_cls.sampler_kwargs(cfg, i),
-        resources=cfg.resources.rollout_actor_resources,
-        num_gpus=cfg.resources.gpus_per_rollout_actor,
-    )
-    storage = cfg.resources.storage_path or str(output_dir.parent)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg,
-            "spaces": spaces,
-            "runners": runners,
-            "start_checkpoint": start_checkpoint,
-            "datasets": sorted(datasets),
-        },
-        datasets=datasets,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.resources.num_learners,
-            use_gpu=cfg.resources.use_gpu,
-            resources_per_worker={
-                "CPU": cfg.resources.cpus_per_learner,
-                **cfg.resources.learner_resources,
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=output_dir.name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
-            callbacks=[RunDirCallback(str(output_dir), learner_cls.score_metric), *callbacks],
-        ),
-    )
+    runners = _start_rollout_actors(learner_cls, cfg)
+    trainer = _trainer(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
     bar = _Progress(output_dir, cfg, learner_cls.score_metric) if progress else None
     error: BaseException | None = None
     try:
@@ -162,15 +100,98 @@ def run_training(
             bar.close()
         for r in runners:
             ray.kill(r)
-    wall_s = time.perf_counter() - started
+    # 3. Summary, learning curve, and the error with what was kept.
     extra = {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error), **probe.info}
-    summary = write_summary(output_dir, wall_s, extra)
+    summary = write_summary(output_dir, time.perf_counter() - started, extra)
     y_key, x_key, png = learner_cls.curve
     plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
     if error is not None:
         kept = summary["checkpoint_last"] or "none (failed before the first checkpoint)"
         raise RunError(f"run failed: {_cause(error)}\nlast good checkpoint: {kept}") from error
     return summary
+
+
+def preflight(
+    learner_cls: type[Learner], cfg: RunConfig, output_dir: Path, resume: bool
+) -> tuple[RunConfig, TaskProbe]:
+    """Probe the task and check ``init_from``, the output directory and ``--resume``'s
+    checkpoint; write ``config.yaml``. Returns the config as workers see it and the probe.
+
+    Raises:
+        ConfigError / CheckpointError: Naming the key or path at fault.
+        RunError: The task cannot be made, or the output directory does not fit ``resume``.
+    """
+    try:
+        probe = learner_cls.probe(cfg)  # env spaces / model, tokenizer and prompt data
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    cfg, signature = probe.cfg or cfg, probe.spaces.signature()
+    for line in _describe(probe.info):
+        logger.warning(line)
+    if cfg.init_from:
+        ckpt.check_compatible(cfg.init_from, cfg, signature)
+    prepare_output_dir(output_dir, resume)
+    last = output_dir / "checkpoint_last"
+    if resume and last.is_dir():
+        ckpt.check_compatible(last, cfg, signature)
+        ckpt.check_rank_states(last, cfg.resources.num_learners)
+        truncate_metrics(output_dir, ckpt.read_state(last)["counters"]["iteration"])
+    save_config(cfg, output_dir / "config.yaml")
+    return cfg, probe
+
+
+def _start_rollout_actors(learner_cls: type[Learner], cfg: RunConfig) -> list[Any]:
+    """The run's rollout actors (env runners or generation actors), named uniquely."""
+    res = cfg.resources
+    return make_remote_runners(
+        learner_cls.sampler_cls,
+        res.num_rollout_actors,
+        res.cpus_per_rollout_actor,
+        res.max_actor_restarts,
+        name_prefix=f"rlft-runner-{uuid.uuid4().hex[:8]}-",
+        kwargs_for=lambda i: learner_cls.sampler_kwargs(cfg, i),
+        resources=res.rollout_actor_resources,
+        num_gpus=res.gpus_per_rollout_actor,
+    )
+
+
+def _trainer(
+    cfg: RunConfig,
+    probe: TaskProbe,
+    runners: list[Any],
+    output_dir: Path,
+    learner_cls: type[Learner],
+    callbacks: Sequence[Any],
+    start_checkpoint: ray.train.Checkpoint | None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` whose workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
+    datasets = _ray_datasets(probe.datasets)
+    res = cfg.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "spaces": probe.spaces,
+            "runners": runners,
+            "start_checkpoint": start_checkpoint,
+            "datasets": sorted(datasets),
+        },
+        datasets=datasets,
+        scaling_config=ScalingConfig(
+            num_workers=res.num_learners,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
+        ),
+        run_config=ray.train.RunConfig(
+            name=output_dir.name,
+            storage_path=res.storage_path or str(output_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            callbacks=[RunDirCallback(str(output_dir), learner_cls.score_metric), *callbacks],
+        ),
+    )
 
 
 def _ray_datasets(tables: dict[str, Any]) -> dict[str, Any]:

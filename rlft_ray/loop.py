@@ -21,7 +21,6 @@ from ray.train.torch import get_device
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
-from rlft_ray.models import space_signature
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.rollout.group import RunnerGroup
 from rlft_ray.rundir import ROWS_KEY
@@ -119,7 +118,7 @@ def restore(
     """Resume from Ray Train's latest checkpoint, else continue ``start_checkpoint``
     (counters, optimizer moments; hyperparameters from ``cfg``), else start from
     ``init_from``, else fresh."""
-    sig = _spaces_sig(spaces)
+    sig = spaces.signature()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as path:
@@ -215,7 +214,7 @@ class _Reporter:
                 learner.optimizer,
                 counters,
                 self.cfg,
-                _spaces_sig(self.spaces),
+                self.spaces.signature(),
                 extras=extras,
             )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -289,10 +288,3 @@ def _gather_episodes(episodes: Any, world: int) -> tuple[list[float], list[bool]
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
-
-
-def _spaces_sig(spaces: Spaces) -> dict[str, str]:
-    return {
-        "observation": space_signature(spaces.observation),
-        "action": space_signature(spaces.action),
-    }

@@ -1,7 +1,17 @@
-"""Checking that a run fits the cluster before asking Ray for anything."""
+"""What a run asks of the cluster, checked before asking Ray for anything; and Ray's start.
+
+All resource arithmetic lives here: :func:`run_needs` (what one run holds),
+:func:`check_fits` (fail with the numbers instead of hanging on unschedulable work)
+and :func:`runs_that_fit` (how many Tune trials run at once). :func:`init_ray` is
+the one way train and tune connect to a cluster or start embedded Ray.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import socket
 from collections.abc import Mapping
 
 from rlft_ray.config import ResourcesConfig
@@ -9,6 +19,28 @@ from rlft_ray.config import ResourcesConfig
 
 class ResourceError(RuntimeError):
     """The requested actors and learners cannot be placed; the message has the numbers."""
+
+
+def rollout_bundle(res: ResourcesConfig) -> dict[str, float]:
+    """What one rollout actor holds (CPU, GPU where set, custom resources)."""
+    bundle = {"CPU": res.cpus_per_rollout_actor, **res.rollout_actor_resources}
+    if res.gpus_per_rollout_actor > 0:
+        bundle["GPU"] = res.gpus_per_rollout_actor
+    return bundle
+
+
+def run_needs(res: ResourcesConfig) -> dict[str, float]:
+    """Everything one run holds: rollout actors plus learners (CPU, GPU, custom); no zeros."""
+    needs = {
+        "CPU": res.total_cpus,
+        "GPU": res.num_rollout_actors * res.gpus_per_rollout_actor
+        + (res.num_learners if res.use_gpu else 0),
+    }
+    for name in set(res.rollout_actor_resources) | set(res.learner_resources):
+        needs[name] = res.num_rollout_actors * res.rollout_actor_resources.get(
+            name, 0.0
+        ) + res.num_learners * res.learner_resources.get(name, 0.0)
+    return {k: v for k, v in needs.items() if v > 0}
 
 
 def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
@@ -21,24 +53,20 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
     Raises:
         ResourceError: e.g. "needs 3 CPUs (2 rollout actors x 0.5 + 2 learners x 1), cluster has 2".
     """
-    need_cpu = res.total_cpus
+    needs = run_needs(res)
     have_cpu = float(available.get("CPU", 0.0))
-    if need_cpu > have_cpu + 1e-9:
+    if needs["CPU"] > have_cpu + 1e-9:
         raise ResourceError(
-            f"run needs {need_cpu:g} CPUs ({res.num_rollout_actors} rollout actors x "
+            f"run needs {needs['CPU']:g} CPUs ({res.num_rollout_actors} rollout actors x "
             f"{res.cpus_per_rollout_actor:g} + {res.num_learners} learners x {res.cpus_per_learner:g}), "
             f"cluster has {have_cpu:g}; lower resources.num_rollout_actors / cpus_per_rollout_actor / "
             "num_learners / cpus_per_learner or add nodes"
         )
-    custom = set(res.rollout_actor_resources) | set(res.learner_resources)
-    for name in sorted(custom):
-        need = res.num_rollout_actors * res.rollout_actor_resources.get(
-            name, 0.0
-        ) + res.num_learners * res.learner_resources.get(name, 0.0)
+    for name in sorted(set(res.rollout_actor_resources) | set(res.learner_resources)):
         have = float(available.get(name, 0.0))
-        if need > have + 1e-9:
+        if needs.get(name, 0.0) > have + 1e-9:
             raise ResourceError(
-                f"run needs {need:g} of custom resource '{name}' (resources.rollout_actor_resources / "
+                f"run needs {needs[name]:g} of custom resource '{name}' (resources.rollout_actor_resources / "
                 f"learner_resources), cluster has {have:g}; start nodes with --resources='{{\"{name}\": N}}' "
                 "or drop the requirement"
             )
@@ -56,3 +84,74 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
             f"{res.num_rollout_actors} rollout actors (+ {learner_gpus} for learners), cluster has {have_gpu:g}; "
             "set resources.gpus_per_rollout_actor=0 or add GPU nodes"
         )
+
+
+def runs_that_fit(res: ResourcesConfig, want: int | None, cluster: Mapping[str, float]) -> int:
+    """How many runs of ``res`` (Tune trials) hold their resources at once on ``cluster``.
+
+    Args:
+        res: One run's resources.
+        want: The runs asked for at once (``max_concurrent_trials``); None: as many as fit.
+        cluster: ``ray.cluster_resources()``.
+
+    Raises:
+        ResourceError: One run does not fit, or ``want`` runs do not (with the numbers).
+    """
+    check_fits(res, cluster)
+    needs = run_needs(res)
+    fits = {k: math.floor(float(cluster.get(k, 0.0)) / v + 1e-9) for k, v in needs.items()}
+    limit = min(fits, key=fits.get)
+    fit = max(1, fits[limit])
+    if want is None:
+        return fit
+    if want > fit:
+        detail = (
+            f"{res.num_rollout_actors} rollout actors x {res.cpus_per_rollout_actor:g} + "
+            f"{res.num_learners} learners x {res.cpus_per_learner:g}"
+            if limit == "CPU"
+            else "rollout actors + learners"
+        )
+        raise ResourceError(
+            f"max_concurrent_trials={want} needs {want} x {needs[limit]:g} {limit} per trial "
+            f"({detail}) = {want * needs[limit]:g} {limit}, cluster has "
+            f"{float(cluster.get(limit, 0.0)):g}: at most {fit} fit; lower max_concurrent_trials "
+            "or the per-trial resources"
+        )
+    return want
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None = None, dashboard: bool = False) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, ``ray job submit``), else start
+    embedded Ray; nothing when Ray is already up in this process.
+
+    Args:
+        address: Ray address; default ``RAY_ADDRESS`` or a new local instance.
+        dashboard: A local instance started here runs the dashboard on a free loopback
+            port and tells every worker where it is. Tune needs it when a scheduler stops
+            trials: a detached Ray Train actor frees a stopped trial's learners through the
+            dashboard's state API, which it finds by address; that is ambiguous when several
+            local Ray instances run on one machine, and a placement group left behind would
+            starve every later trial of CPUs.
+    """
+    import ray
+
+    # Faster Ray Train controller polling: the default 2 s adds seconds to short runs.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
+    if dashboard and not (address or os.environ.get("RAY_ADDRESS")):
+        port = _free_port()
+        kwargs.update(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
+    ray.init(address=address, **kwargs)

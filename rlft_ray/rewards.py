@@ -135,10 +135,23 @@ def compute_rewards(
             f"{n}, {len(completions)}, {len(metadata)}"
         )
     name = _fn_name(fn)
+    raw = _call(fn, name, prompts, completions, metadata)
+    return _check_values(raw, name, prompts)
+
+
+def _call(
+    fn: RewardFn,
+    name: str,
+    prompts: list[str],
+    completions: list[str],
+    metadata: list[dict[str, Any]],
+) -> Any:
+    """``fn``'s raw output; a :class:`RewardError` naming the first failing sample if it raises."""
+    n = len(prompts)
     try:
         # Pass list copies so a reward function that reorders/pops its inputs cannot corrupt
         # the lists used below for error messages.
-        raw = fn(list(prompts), list(completions), list(metadata))
+        return fn(list(prompts), list(completions), list(metadata))
     except Exception as e:
         # With one sample the culprit is known; otherwise re-run per sample to find it.
         failing = (0, e) if n == 1 else _find_failing_sample(fn, prompts, completions, metadata)
@@ -158,6 +171,10 @@ def compute_rewards(
             f"(batch of {n}; no single sample reproduces it)"
         ) from e
 
+
+def _check_values(raw: Any, name: str, prompts: list[str]) -> list[float]:
+    """One finite float per sample, or a :class:`RewardError` naming the bad one."""
+    n = len(prompts)
     try:
         values = list(raw)
     except TypeError as e:

@@ -21,7 +21,8 @@ from typing import Any
 
 from ray.train import Checkpoint, UserCallback
 
-from rlft_ray.utils import atomic_write_json, replace_dir
+from rlft_ray.fileio import atomic_write_json, atomic_write_text, replace_dir
+from rlft_ray.plots import plot_curves
 
 METRICS_FILE = "metrics.jsonl"
 #: Key under which a report carries every iteration's row since the previous report.
@@ -45,8 +46,6 @@ def truncate_metrics(output_dir: Path, last_iteration: int) -> None:
     """On resume, drop rows logged after the checkpoint we resume from."""
     rows = [r for r in read_metrics(output_dir) if r.get("counters/iteration", 0) <= last_iteration]
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    from rlft_ray.utils import atomic_write_text
-
     atomic_write_text(output_dir / METRICS_FILE, text)
 
 
@@ -140,23 +139,5 @@ def plot_curve(
 ) -> Path | None:
     """PNG of ``y_key`` against ``x_key`` from ``metrics.jsonl``; None if there is nothing to plot."""
     rows = [r for r in read_metrics(output_dir) if y_key in r and x_key in r]
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows])
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(y_key)
-    ax.set_title(output_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = output_dir / name
-    tmp = out.with_name(f".{name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    curve = (None, [r[x_key] for r in rows], [r[y_key] for r in rows])
+    return plot_curves(output_dir / name, [curve], x_key, y_key, output_dir.name)

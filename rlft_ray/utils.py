@@ -1,49 +1,12 @@
-"""Small shared helpers: atomic file writes, seeding, thread counts."""
+"""Small torch helpers: seeding, thread counts, weights on the wire (file writes: ``fileio``)."""
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """JSON version of :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Atomically move the finished directory ``src`` to ``dest``, replacing any old one."""
-    dest = Path(dest)
-    old = dest.with_name(f".{dest.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,7 +11,6 @@ import torch
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import build_config
 from rlft_ray.learners.base import LearnerContext, NonFiniteLossError, Spaces
-from rlft_ray.loop import _spaces_sig
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import ResourceError, check_fits
 from rlft_ray.rollout.env_runner import EnvRunner, evaluate_policy, probe_spaces
@@ -142,7 +141,7 @@ def test_checkpoint_round_trip_and_compatibility_errors(tmp_path: Path) -> None:
     )
     path = tmp_path / "ck"
     ckpt.save_checkpoint(
-        path, learner.modules(), learner.optimizer, counters, cfg, _spaces_sig(spaces)
+        path, learner.modules(), learner.optimizer, counters, cfg, spaces.signature()
     )
     assert (path / "policy.safetensors").is_file() and (path / "config.yaml").is_file()
 
@@ -160,13 +159,13 @@ def test_checkpoint_round_trip_and_compatibility_errors(tmp_path: Path) -> None:
     with pytest.raises(
         ckpt.CheckpointError, match=r"does not fit this run: algo is 'ppo' there, 'dqn' here"
     ):
-        ckpt.check_compatible(path, dqn_cfg, _spaces_sig(spaces))
+        ckpt.check_compatible(path, dqn_cfg, spaces.signature())
     nav = build_config(None, ["env.id=rlft/Navigation-v0", "env.kwargs={action_type: discrete}"])
     nav_spaces = Spaces(*probe_spaces(nav.env))
     with pytest.raises(
         ckpt.CheckpointError, match=r"action space is Discrete\(2\) there, Discrete\(8\) here"
     ):
-        ckpt.check_compatible(path, nav, _spaces_sig(nav_spaces))
+        ckpt.check_compatible(path, nav, nav_spaces.signature())
     wide = build_config(None, ["ppo.hidden_sizes=[32,32]"])
     with pytest.raises(
         ckpt.CheckpointError,

@@ -10,8 +10,9 @@ import pytest
 
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
-from rlft_ray.learners.lm_core import load_tokenizer, probe_lm
+from rlft_ray.learners.lm_hooks import probe_lm
 from rlft_ray.lm.data import PromptDataError, load_prompts, prompts_from_batch
+from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import ResourceError, check_fits

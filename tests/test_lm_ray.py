@@ -12,8 +12,9 @@ import torch
 
 from rlft_ray.config import build_config
 from rlft_ray.driver import RunError, run_training
+from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
-from rlft_ray.lm.tiny import load_model_and_tokenizer, make_tiny_model
+from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.group import RunnerGroup, make_remote_runners
 from rlft_ray.rundir import read_metrics

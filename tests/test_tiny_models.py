@@ -10,10 +10,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.tiny import (
     SUPPORTED_ARCHS,
     build_tokenizer,
-    load_model_and_tokenizer,
     make_tiny_model,
 )
 

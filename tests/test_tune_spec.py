@@ -14,13 +14,13 @@ from rlft_ray.config import ConfigError
 from rlft_ray.resources import ResourceError
 from rlft_ray.tune import (
     SpecError,
-    _clip_explored,
     build_scheduler,
     check_concurrency,
     format_table,
     load_spec,
     trial_resources,
 )
+from rlft_ray.tune.search import _clip_explored
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -5,17 +5,12 @@ nothing in this package imports ``ray`` or reads a config object.
 """
 
 from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
-from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, linear_schedule, polyak_update
+from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, polyak_update
 from rlft_ray.algorithms.lm import (
-    aggregate_loss,
-    aggregate_loss_parts,
     group_advantages,
     kl_loss,
     kl_penalty,
     masked_gae,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
     ppo_token_policy_loss,
     ppo_token_policy_losses,
     ppo_token_value_loss,
@@ -23,7 +18,15 @@ from rlft_ray.algorithms.lm import (
     sequence_logprobs,
     token_rewards,
 )
+from rlft_ray.algorithms.masked import (
+    aggregate_loss,
+    aggregate_loss_parts,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
 from rlft_ray.algorithms.ppo import ppo_policy_loss, ppo_value_loss
+from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
 __all__ = [
     "aggregate_loss",
@@ -35,6 +38,7 @@ __all__ = [
     "kl_loss",
     "kl_penalty",
     "linear_schedule",
+    "lr_factor",
     "masked_gae",
     "masked_mean",
     "masked_sum",

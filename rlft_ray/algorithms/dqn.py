@@ -69,19 +69,3 @@ def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
             t.copy_(o)
         else:
             t.mul_(1.0 - tau).add_(o, alpha=tau)
-
-
-def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
-    """Linear interpolation from ``start`` to ``end`` over ``duration``, then flat.
-
-    Args:
-        start: Value at t = 0.
-        end: Value from t = duration on.
-        duration: Length of the ramp (> 0).
-        t: Current time (steps, or a fraction of the run).
-
-    Returns:
-        The scheduled value.
-    """
-    frac = min(max(t / duration, 0.0), 1.0) if duration > 0 else 1.0
-    return start + frac * (end - start)

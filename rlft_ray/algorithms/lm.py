@@ -14,92 +14,34 @@ from __future__ import annotations
 
 import torch
 
+from rlft_ray.algorithms.masked import (
+    aggregate_loss,
+    aggregate_loss_parts,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    zero_padding,
+)
+
+__all__ = [
+    "aggregate_loss",
+    "aggregate_loss_parts",
+    "group_advantages",
+    "kl_loss",
+    "kl_penalty",
+    "masked_gae",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "ppo_token_policy_loss",
+    "ppo_token_policy_losses",
+    "ppo_token_value_loss",
+    "ppo_token_value_losses",
+    "sequence_logprobs",
+    "token_rewards",
+]
 _KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
-_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 _ADV_ESTIMATORS = ("grpo", "rloo", "reinforce")
-
-
-def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Mask as a floating tensor of ``like``'s dtype (bool -> {0, 1})."""
-    return mask.to(like.dtype) if like.is_floating_point() else mask.float()
-
-
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` with the positions where ``mask`` is 0 set to 0."""
-    return x.masked_fill(mask == 0, 0)
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of ``x`` over the positions where ``mask`` is non-zero.
-
-    ``sum_t x_t * m_t`` over ``dim`` (all elements when ``dim`` is None). Masked-out
-    entries are replaced by 0 before multiplying, so NaN/inf in padding cannot leak.
-
-    Args:
-        x: Any shape, e.g. ``[B, L]``.
-        mask: Same shape as ``x``; bool or float weights.
-        dim: Dimension to reduce, or None for a scalar.
-
-    Returns:
-        Scalar (``dim=None``) or ``x`` with ``dim`` reduced.
-    """
-    w = _as_weights(mask, x)
-    xm = _zero_padding(x, mask) * w
-    return xm.sum() if dim is None else xm.sum(dim=dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is non-zero.
-
-    ``sum_t x_t * m_t / sum_t m_t`` over ``dim`` (all elements when ``dim`` is None).
-    The denominator is clamped to at least 1e-8, so an all-masked slice gives 0
-    rather than NaN.
-
-    Args:
-        x: Any shape, e.g. ``[B, L]``.
-        mask: Same shape as ``x``; bool or float weights.
-        dim: Dimension to reduce, or None for a scalar.
-
-    Returns:
-        Scalar (``dim=None``) or ``x`` with ``dim`` reduced.
-    """
-    w = _as_weights(mask, x)
-    denom = w.sum() if dim is None else w.sum(dim=dim)
-    return masked_sum(x, mask, dim) / denom.clamp_min(1e-8)
-
-
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
-    """Standardise ``x`` with statistics taken over the masked positions only.
-
-    With n = sum(m), mu = masked_mean(x), and the unbiased (Bessel-corrected)
-    masked variance ``var = sum(m * (x - mu)^2) / max(n - 1, 1)``::
-
-        shift_mean=True:   x' = (x - mu) / sqrt(var + eps)
-        shift_mean=False:  x' = (x - mu) / sqrt(var + eps) + mu   (scale only)
-
-    This is the whitening used for PPO advantages in RLHF (Ziegler et al. 2019,
-    "Fine-Tuning Language Models from Human Preferences"; TRL's ``masked_whiten``).
-    Padded positions of the output are set to 0.
-
-    Args:
-        x: ``[B, L]`` values (e.g. token advantages).
-        mask: ``[B, L]`` bool or {0, 1}.
-        shift_mean: Subtract the mean (True) or only rescale (False).
-        eps: Added to the variance before the square root.
-
-    Returns:
-        ``[B, L]`` tensor of ``x``'s dtype.
-    """
-    w = _as_weights(mask, x)
-    mean = masked_mean(x, mask)
-    n = w.sum()
-    var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp_min(1.0)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened.masked_fill(mask == 0, 0)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -135,71 +77,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) ->
     if kind in ("k3", "low_var_kl"):
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {_KL_KINDS}")
-
-
-def aggregate_loss_parts(
-    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Numerator and denominator of :func:`aggregate_loss`, so they can be summed over shards.
-
-    ``aggregate_loss(l, m, mode) == num / den`` (with ``den`` clamped to 1e-8 for
-    ``token-mean``). Splitting a batch into micro-batches (or DDP ranks) and computing
-    ``sum(num_k) / sum(den_k)`` gives exactly the full-batch loss, which is how the
-    learners keep gradient accumulation and DDP equal to one big batch::
-
-        "token-mean":          num = sum_{i,t} l_it m_it,            den = sum_{i,t} m_it
-        "seq-mean-token-mean": num = sum_i sum_t l_it m_it / |y_i|,  den = B
-        "seq-mean-token-sum":  num = sum_i sum_t l_it m_it,          den = B
-
-    Args:
-        loss_mat: ``[B, L]`` per-token losses.
-        mask: ``[B, L]`` bool or {0, 1}.
-        mode: One of the three modes above.
-
-    Returns:
-        ``(numerator, denominator)``, scalars; the numerator carries the gradient.
-
-    Raises:
-        ValueError: Unknown ``mode``.
-    """
-    rows = torch.tensor(float(loss_mat.shape[0]), device=loss_mat.device)
-    if mode == "token-mean":
-        return masked_sum(loss_mat, mask), _as_weights(mask, loss_mat).sum()
-    if mode == "seq-mean-token-mean":
-        return masked_mean(loss_mat, mask, dim=-1).sum(), rows
-    if mode == "seq-mean-token-sum":
-        return masked_sum(loss_mat, mask, dim=-1).sum(), rows
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")
-
-
-def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a per-token loss matrix to a scalar.
-
-    With m the mask, |y_i| = sum_t m_it and B the number of rows::
-
-        "token-mean":          sum_{i,t} l_it m_it / sum_{i,t} m_it
-                               (every token weighs the same; DAPO, Yu et al. 2025)
-        "seq-mean-token-mean": (1/B) sum_i [ sum_t l_it m_it / |y_i| ]
-                               (GRPO, Shao et al. 2024, "DeepSeekMath")
-        "seq-mean-token-sum":  (1/B) sum_i sum_t l_it m_it
-                               (no length normalisation; Dr. GRPO, Liu et al. 2025)
-
-    A row with no real tokens contributes 0 to the sequence modes but still counts
-    in B.
-
-    Args:
-        loss_mat: ``[B, L]`` per-token losses.
-        mask: ``[B, L]`` bool or {0, 1}.
-        mode: One of the three modes above.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: Unknown ``mode``.
-    """
-    num, den = aggregate_loss_parts(loss_mat, mask, mode)
-    return num / den.clamp_min(1e-8)
 
 
 @torch.no_grad()
@@ -298,7 +175,7 @@ def token_rewards(
     if kl is None:
         rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     else:
-        rewards = -kl_coef * _zero_padding(kl.float(), mask)
+        rewards = -kl_coef * zero_padding(kl.float(), mask)
     positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
     last = torch.where(mask != 0, positions, -1).max(dim=-1).values  # [B]; -1: no token
     rows = torch.nonzero(last >= 0, as_tuple=True)[0]
@@ -337,8 +214,8 @@ def masked_gae(
         ``(advantages, returns)``, each ``[B, L]`` float32 (no gradient).
     """
     w = mask.float()
-    r = _zero_padding(token_rewards.float(), mask)
-    v = _zero_padding(values.float(), mask)
+    r = zero_padding(token_rewards.float(), mask)
+    v = zero_padding(values.float(), mask)
     length = r.shape[-1]
     advantages = torch.zeros_like(r)
     last_gae = torch.zeros_like(r[:, 0])

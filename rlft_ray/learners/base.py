@@ -10,7 +10,6 @@ drive a learner directly.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,22 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rlft_ray.config import RunConfig
+from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError
+from rlft_ray.models import space_signature
 from rlft_ray.rollout.env_runner import EnvRunner
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient norm became NaN or infinite; the run stops before stepping on it."""
+__all__ = [
+    "EvalOptions",
+    "Learner",
+    "LearnerContext",
+    "NonFiniteLossError",
+    "Spaces",
+    "TaskProbe",
+    "to_tensor",
+]
 
 
 @dataclass(frozen=True)
@@ -37,19 +43,12 @@ class Spaces:
     observation: gym.Space
     action: gym.Space
 
-
-@dataclass(frozen=True)
-class LearnerContext:
-    """Where this learner runs: its DDP rank, the world size, the device and its data.
-
-    ``datasets`` maps the names of :attr:`TaskProbe.datasets` to this rank's shard
-    (a Ray Data ``DataIterator`` under Ray Train; anything with ``iter_batches`` in tests).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    datasets: dict[str, Any] = field(default_factory=dict)
+    def signature(self) -> dict[str, str]:
+        """Comparable descriptions of both spaces (stored in checkpoints, checked on load)."""
+        return {
+            "observation": space_signature(self.observation),
+            "action": space_signature(self.action),
+        }
 
 
 @dataclass
@@ -224,41 +223,6 @@ class Learner(ABC):
 
     def after_init_from(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Hook run after ``init_from`` loaded module weights (e.g. sync a target net)."""
-
-    # -- helpers for subclasses -------------------------------------------------------
-    def wrap_ddp(self, module: nn.Module) -> nn.Module:
-        """Move to the device and wrap in DDP when there is more than one rank."""
-        module.to(self.ctx.device)
-        if self.ctx.world_size > 1:
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        return module
-
-    def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean of a tensor over ranks (identity for one rank)."""
-        if self.ctx.world_size > 1:
-            values = values.clone()
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values /= self.ctx.world_size
-        return values
-
-    def global_mean_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of ``x`` over all ranks' elements (equal-sized shards)."""
-        stats = torch.stack([x.mean(), (x * x).mean()])
-        mean, sq = self.all_reduce_mean(stats)
-        n = x.numel() * self.ctx.world_size
-        var = (sq - mean * mean).clamp(min=0.0) * n / max(n - 1, 1)
-        return mean, var.sqrt()
-
-    @staticmethod
-    def check_finite(name: str, value: torch.Tensor | float) -> None:
-        """Raise :class:`NonFiniteLossError` naming ``name`` if ``value`` is NaN/inf."""
-        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-        if not math.isfinite(v):
-            raise NonFiniteLossError(
-                f"{name} became {v} — stopping before the optimizer steps on it "
-                "(check rewards/observations for NaN, or lower the learning rate)"
-            )
 
 
 def _policy_from_spaces(

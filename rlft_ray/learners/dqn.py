@@ -12,6 +12,7 @@ from torch import nn
 from rlft_ray.algorithms import dqn_loss, dqn_targets, linear_schedule, polyak_update
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
+from rlft_ray.learners.ddp import check_finite, wrap_ddp
 from rlft_ray.models import QNetwork
 from rlft_ray.types import RolloutBatch
 
@@ -107,7 +108,7 @@ class DQNLearner(Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.dqn
         self.q = self.make_policy(cfg, spaces)
-        self.model = self.wrap_ddp(self.q)
+        self.model = wrap_ddp(self.q, ctx)
         self.target = copy.deepcopy(self.q).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.hp.lr)
         self.replay = ReplayBuffer(
@@ -169,11 +170,11 @@ class DQNLearner(Learner):
                 targets = dqn_targets(rewards, terminated, next_q_target, hp.gamma, next_q_online)
             q_taken = self.model(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = dqn_loss(q_taken, targets)
-            self.check_finite("loss/td", loss)
+            check_finite("loss/td", loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), hp.max_grad_norm)
-            self.check_finite("loss/grad_norm", grad_norm)
+            check_finite("loss/grad_norm", grad_norm)
             self.optimizer.step()
             self.grad_steps += 1
             if self.grad_steps % hp.target_update_interval == 0:

@@ -14,7 +14,9 @@ import torch
 from rlft_ray.algorithms.lm import group_advantages, kl_penalty, masked_sum, ppo_token_policy_losses
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
-from rlft_ray.learners.lm_core import LMCore, LMLearnerHooks
+from rlft_ray.learners.ddp import all_reduce_mean
+from rlft_ray.learners.lm_core import LMCore
+from rlft_ray.learners.lm_hooks import LMLearnerHooks
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -25,7 +27,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.grpo
-        self.core = LMCore(self, self.hp)
+        self.core = LMCore(cfg, ctx, self.hp)
         self.optimizer = self.core.optimizer
 
     # -- class-level hooks -----------------------------------------------------------------
@@ -41,7 +43,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def advantages(self, scores: torch.Tensor, group_size: int) -> torch.Tensor:
         """``[B]`` sequence advantages; REINFORCE's baseline is the mean over all ranks."""
         if self.hp.estimator == "reinforce":
-            return scores - self.all_reduce_mean(scores.float().mean())
+            return scores - all_reduce_mean(scores.float().mean(), self.ctx)
         return group_advantages(
             scores, group_size, self.hp.estimator, std_normalize=self.hp.std_normalize
         )
@@ -72,5 +74,5 @@ class GRPOLearner(LMLearnerHooks, Learner):
 
         metrics.update(core.optimize(t, token_loss, progress))
         metrics.update(core.reward_metrics(t, batch.group_size))
-        metrics["adv/abs_mean"] = float(self.all_reduce_mean(t["advantages"].abs().mean()))
+        metrics["adv/abs_mean"] = float(all_reduce_mean(t["advantages"].abs().mean(), self.ctx))
         return metrics

@@ -18,7 +18,9 @@ from rlft_ray.algorithms.lm import (
 )
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
-from rlft_ray.learners.lm_core import LMCore, LMLearnerHooks, global_masked_whiten
+from rlft_ray.learners.ddp import all_reduce_mean, global_masked_whiten
+from rlft_ray.learners.lm_core import LMCore
+from rlft_ray.learners.lm_hooks import LMLearnerHooks
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -30,7 +32,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.lm_ppo
         self.core = LMCore(
-            self, self.hp, value_head=True, value_head_init_std=self.hp.value_head_init_std
+            cfg, ctx, self.hp, value_head=True, value_head_init_std=self.hp.value_head_init_std
         )
         self.optimizer = self.core.optimizer
 
@@ -45,7 +47,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
             rewards, t["old_values"], t["mask"], hp.gamma, hp.gae_lambda
         )
         if hp.whiten_advantages:
-            advantages = global_masked_whiten(self, advantages, t["mask"])
+            advantages = global_masked_whiten(advantages, t["mask"], self.ctx)
         t["advantages"], t["returns"] = advantages, returns
 
         def token_loss(
@@ -66,6 +68,6 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         resid = masked_mean((returns - t["old_values"]) ** 2, mask)
         var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         ev = torch.where(var > 0, 1.0 - resid / var.clamp_min(1e-12), torch.zeros_like(var))
-        stats = self.all_reduce_mean(torch.stack([ev, masked_mean(t["old_values"], mask)]))
+        stats = all_reduce_mean(torch.stack([ev, masked_mean(t["old_values"], mask)]), self.ctx)
         metrics["value/explained_variance"], metrics["value/mean"] = stats.tolist()
         return metrics

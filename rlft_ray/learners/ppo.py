@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import compute_gae, normalize_advantages, ppo_policy_loss, ppo_value_loss
+from rlft_ray.algorithms import (
+    compute_gae,
+    lr_factor,
+    normalize_advantages,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, to_tensor
+from rlft_ray.learners.ddp import all_reduce_mean, check_finite, global_mean_std, wrap_ddp
 from rlft_ray.models import ActorCritic
 from rlft_ray.types import RolloutBatch
 
@@ -19,7 +26,7 @@ class PPOLearner(Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.ppo
         self.policy = self.make_policy(cfg, spaces)
-        self.model = self.wrap_ddp(self.policy)
+        self.model = wrap_ddp(self.policy, ctx)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.hp.lr, eps=1e-5)
 
     @classmethod
@@ -50,9 +57,9 @@ class PPOLearner(Learner):
         old_logp = to_tensor(batch.logprobs, dev).flatten()
         old_values = to_tensor(batch.values, dev).flatten()
         advantages, returns = advantages.flatten(), returns.flatten()
-        adv_mean, adv_std = self.global_mean_std(advantages)
+        adv_mean, adv_std = global_mean_std(advantages, self.ctx)
 
-        lr = hp.lr * (1.0 - progress) if hp.anneal_lr else hp.lr
+        lr = hp.lr * lr_factor(progress, "linear" if hp.anneal_lr else "constant")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -77,12 +84,12 @@ class PPOLearner(Learner):
                 )
                 ent = entropy.mean()
                 loss = pg_loss - hp.ent_coef * ent + hp.vf_coef * v_loss
-                self.check_finite("loss/total", loss)
+                check_finite("loss/total", loss)
 
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                self.check_finite("loss/grad_norm", grad_norm)
+                check_finite("loss/grad_norm", grad_norm)
                 self.optimizer.step()
 
                 epoch_kl += stats["approx_kl"]
@@ -97,7 +104,7 @@ class PPOLearner(Learner):
                     totals[key] = totals.get(key, 0.0) + float(val.detach())
                 count += 1
             # Early stop on KL must be decided identically on every rank (else DDP hangs).
-            mean_kl = self.all_reduce_mean(epoch_kl / hp.num_minibatches)
+            mean_kl = all_reduce_mean(epoch_kl / hp.num_minibatches, self.ctx)
             if hp.target_kl is not None and float(mean_kl) > hp.target_kl:
                 break
 

@@ -10,14 +10,15 @@ prompt once, drops or fails on empty and over-long prompts as configured, and
 counts each decision (:class:`PromptStats`). The cleaned table (columns
 ``prompt``, ``prompt_ids``, ``metadata`` as JSON) becomes the Ray Dataset that
 Ray Train shards over the learner ranks; :func:`prompts_from_batch` turns a
-batch of it back into :class:`~rlft_ray.types.Prompt` objects.
+batch of it back into :class:`~rlft_ray.types.Prompt` objects, and a
+:class:`PromptStream` hands a learner rank endless epochs of its shard.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,44 @@ def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
         Prompt(text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta))
         for text, ids, meta in zip(batch["prompt"], batch["prompt_ids"], batch["metadata"])
     ]
+
+
+class PromptStream:
+    """Endless batches of prompts from this rank's Ray Data shard, reshuffled every epoch.
+
+    Args:
+        shard: ``DataIterator`` (or anything with ``iter_batches``) over the prepared table.
+        batch_size: Prompts per :meth:`next` call (this rank's share of an iteration).
+        seed: Shuffle seed (epoch ``e`` uses ``seed + e``).
+        shuffle: Shuffle within a local buffer each epoch.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, seed: int, shuffle: bool) -> None:
+        self.shard, self.batch_size, self.seed, self.shuffle = shard, batch_size, seed, shuffle
+        self.epoch = 0
+        self._it: Iterator[Any] | None = None
+
+    def _epoch_iter(self) -> Iterator[Any]:
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "drop_last": True}
+        if self.shuffle:
+            kwargs.update(
+                local_shuffle_buffer_size=max(4 * self.batch_size, 1024),
+                local_shuffle_seed=self.seed + self.epoch,
+            )
+        return iter(self.shard.iter_batches(**kwargs))
+
+    def next(self) -> list[Prompt]:
+        """The next ``batch_size`` prompts (a new epoch starts when the shard runs out)."""
+        if self.shard is None:
+            raise RuntimeError(
+                "this learner got no prompt dataset (LearnerContext.datasets['prompts'])"
+            )
+        for fresh in (False, True):
+            if self._it is None or fresh:
+                if fresh:
+                    self.epoch += 1
+                self._it = self._epoch_iter()
+            batch = next(self._it, None)
+            if batch is not None:
+                return prompts_from_batch(batch)
+        raise RuntimeError(f"this rank's prompt shard holds fewer than {self.batch_size} prompts")

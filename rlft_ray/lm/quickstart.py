@@ -73,13 +73,11 @@ def run_lm_quickstart(
     import torch
 
     from envs.arithmetic import write_splits
-    from rlft_ray.config import build_config
     from rlft_ray.driver import RunError, run_training
+    from rlft_ray.fileio import atomic_write_json
     from rlft_ray.lm import quiet_transformers
     from rlft_ray.lm.evaluate import evaluate_model
-    from rlft_ray.lm.sft import supervised_finetune
-    from rlft_ray.lm.tiny import load_model_and_tokenizer, make_tiny_model
-    from rlft_ray.utils import atomic_write_json, seed_everything
+    from rlft_ray.utils import seed_everything
 
     quiet_transformers()
     s = settings or QuickstartSettings()
@@ -92,48 +90,8 @@ def run_lm_quickstart(
 
     train_path, test_path = write_splits(out / "data", s.n_train, s.n_test, kind="add", seed=s.seed)
     demos = [json.loads(line) for line in train_path.read_text().splitlines()[: s.n_demos]]
-    cfg = build_config(
-        EXAMPLES / "arithmetic_grpo.yaml",
-        [
-            f"lm.model={out / 'sft_base'}",
-            f"lm.prompts={train_path}",
-            f"lm.eval_prompts={test_path}",
-            f"seed={s.seed}",
-            *overrides,
-        ],
-    )  # checked before any work: a bad override fails now
-
-    log(
-        f"[1/4] tiny {s.arch} ({s.n_layer} layers, hidden {s.hidden}) + char tokenizer -> {out / 'base_init'}"
-    )
-    make_tiny_model(
-        out / "base_init",
-        arch=s.arch,
-        n_layer=s.n_layer,
-        hidden=s.hidden,
-        n_head=s.n_head,
-        max_positions=64,
-        seed=s.seed,
-    )
-    model, tokenizer = load_model_and_tokenizer(out / "base_init")
-
-    log(
-        f"[2/4] supervised fine-tuning on {len(demos)} solved problems ({s.sft_steps} steps, <= {s.sft_max_seconds:.0f} s)"
-    )
-    sft = supervised_finetune(
-        model,
-        tokenizer,
-        demos,
-        seconds=s.sft_max_seconds,
-        max_steps=s.sft_steps,
-        lr=s.sft_lr,
-        seed=s.seed,
-        on_log=lambda d: log(
-            f"      step {d['step']:.0f}  loss {d['loss']:.3f}  {d['seconds']:.0f} s"
-        ),
-    )
-    model.save_pretrained(out / "sft_base")
-    tokenizer.save_pretrained(out / "sft_base")
+    cfg = _rl_config(out, train_path, test_path, s.seed, overrides)  # fails now, not after SFT
+    sft = build_sft_base(out, demos, s, log)
     before = evaluate_model(out / "sft_base", test_path, cfg.lm)
     log(
         f"      SFT base exact-match on {before['num_prompts']} held-out problems: {before['accuracy']:.1%}"
@@ -168,6 +126,70 @@ def run_lm_quickstart(
     atomic_write_json(out / "summary.json", summary)
     log(format_table(summary))
     return summary
+
+
+def _rl_config(
+    out: Path, train_path: Path, test_path: Path, seed: int, overrides: Sequence[str]
+) -> Any:
+    """The RL run's config: ``examples/arithmetic_grpo.yaml`` on this quickstart's files."""
+    from rlft_ray.config import build_config
+
+    return build_config(
+        EXAMPLES / "arithmetic_grpo.yaml",
+        [
+            f"lm.model={out / 'sft_base'}",
+            f"lm.prompts={train_path}",
+            f"lm.eval_prompts={test_path}",
+            f"seed={seed}",
+            *overrides,
+        ],
+    )
+
+
+def build_sft_base(
+    out: Path, demos: list[dict[str, Any]], s: QuickstartSettings, log: Any = print
+) -> dict[str, float]:
+    """Steps 1-2: a random tiny model in ``out/base_init``, supervised-fine-tuned on
+    ``demos`` into ``out/sft_base`` (the "pretrained" model RL starts from).
+
+    Returns:
+        The SFT pass's statistics (``steps``, ``loss``, ``seconds``, ``examples``).
+    """
+    from rlft_ray.lm.loading import load_model_and_tokenizer
+    from rlft_ray.lm.sft import supervised_finetune
+    from rlft_ray.lm.tiny import make_tiny_model
+
+    log(
+        f"[1/4] tiny {s.arch} ({s.n_layer} layers, hidden {s.hidden}) + char tokenizer -> {out / 'base_init'}"
+    )
+    make_tiny_model(
+        out / "base_init",
+        arch=s.arch,
+        n_layer=s.n_layer,
+        hidden=s.hidden,
+        n_head=s.n_head,
+        max_positions=64,
+        seed=s.seed,
+    )
+    model, tokenizer = load_model_and_tokenizer(out / "base_init")
+    log(
+        f"[2/4] supervised fine-tuning on {len(demos)} solved problems ({s.sft_steps} steps, <= {s.sft_max_seconds:.0f} s)"
+    )
+    sft = supervised_finetune(
+        model,
+        tokenizer,
+        demos,
+        seconds=s.sft_max_seconds,
+        max_steps=s.sft_steps,
+        lr=s.sft_lr,
+        seed=s.seed,
+        on_log=lambda d: log(
+            f"      step {d['step']:.0f}  loss {d['loss']:.3f}  {d['seconds']:.0f} s"
+        ),
+    )
+    model.save_pretrained(out / "sft_base")
+    tokenizer.save_pretrained(out / "sft_base")
+    return sft
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -2,8 +2,8 @@
 
 Everything here is built locally (no model hub): a character-level tokenizer over a fixed
 vocabulary that is enough for arithmetic / short text tasks, and randomly initialised GPT-2,
-Llama or Qwen2 causal LMs sized to that tokenizer. :func:`load_model_and_tokenizer` loads
-either those or any Hugging Face checkpoint (local path or hub id).
+Llama or Qwen2 causal LMs sized to that tokenizer. :mod:`rlft_ray.lm.loading` loads these
+and any other Hugging Face checkpoint (local path or hub id).
 
 Notes for transformers 5.x:
     * ``save_pretrained`` always writes safetensors; the old ``safe_serialization`` argument is
@@ -20,25 +20,23 @@ import os
 import shutil
 import string
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from rlft_ray.fileio import replace_dir
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
@@ -133,6 +131,25 @@ def _build_model(
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
+def _check_sizes(arch: str, n_layer: int, hidden: int, n_head: int, max_positions: int) -> str:
+    """The lower-cased ``arch`` if the sizes fit together; else ``ValueError`` naming the size."""
+    arch_key = arch.lower()
+    if arch_key not in SUPPORTED_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {{{', '.join(SUPPORTED_ARCHS)}}}")
+    for name, value in (("n_layer", n_layer), ("hidden", hidden), ("n_head", n_head)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    if hidden % n_head != 0:
+        raise ValueError(f"hidden ({hidden}) must be divisible by n_head ({n_head})")
+    if arch_key != "gpt2" and (hidden // n_head) % 2 != 0:
+        raise ValueError(
+            f"head dim hidden/n_head = {hidden // n_head} must be even for RoPE ({arch_key})"
+        )
+    return arch_key
+
+
 def make_tiny_model(
     out_dir: str | os.PathLike[str],
     arch: str = "gpt2",
@@ -166,20 +183,7 @@ def make_tiny_model(
         ValueError: Unknown ``arch`` or inconsistent sizes.
         FileExistsError: ``out_dir`` exists and is non-empty (or is a file) and ``overwrite`` is False.
     """
-    arch_key = arch.lower()
-    if arch_key not in SUPPORTED_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {{{', '.join(SUPPORTED_ARCHS)}}}")
-    for name, value in (("n_layer", n_layer), ("hidden", hidden), ("n_head", n_head)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if max_positions < 1:
-        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
-    if hidden % n_head != 0:
-        raise ValueError(f"hidden ({hidden}) must be divisible by n_head ({n_head})")
-    if arch_key != "gpt2" and (hidden // n_head) % 2 != 0:
-        raise ValueError(
-            f"head dim hidden/n_head = {hidden // n_head} must be even for RoPE ({arch_key})"
-        )
+    arch_key = _check_sizes(arch, n_layer, hidden, n_head, max_positions)
 
     out_path = Path(out_dir).expanduser().resolve()
     if out_path.exists():
@@ -210,111 +214,8 @@ def make_tiny_model(
     try:
         model.save_pretrained(tmp_dir)  # transformers 5.x: always safetensors
         tokenizer.save_pretrained(tmp_dir)
-        _move_into_place(tmp_dir, out_path)
+        replace_dir(tmp_dir, out_path)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_path
-
-
-def _move_into_place(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, replacing an existing ``dst`` directory with minimal downtime."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    # Move the old directory aside first (a rename cannot replace a non-empty directory).
-    trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(dst, trash)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(trash, dst)  # restore the previous checkpoint
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _looks_local(path_or_id: str) -> bool:
-    """Heuristic: is ``path_or_id`` meant as a filesystem path rather than a hub id ``org/name``?"""
-    if path_or_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path_or_id in (".", ".."):
-        return True
-    if "\\" in path_or_id or path_or_id.count("/") > 1:
-        return True
-    # "runs/model" is local if its first component exists here; otherwise treat it as a hub id.
-    head = path_or_id.split("/", 1)[0]
-    return "/" in path_or_id and os.path.isdir(head)
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
-    """Map a dtype name ("bfloat16", "float32", "auto") to what ``from_pretrained`` accepts."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use a torch.dtype, a name like 'bfloat16', or 'auto'"
-        )
-    return resolved
-
-
-def load_model_and_tokenizer(
-    path_or_id: str | os.PathLike[str],
-    trust_remote_code: bool = False,
-    dtype: str | torch.dtype | None = None,
-    tokenizer_path: str | os.PathLike[str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, making sure the tokenizer has a pad token.
-
-    If the tokenizer has no pad token, ``pad = eos``; if it has no EOS either, a ``<pad>``
-    special token is added and the model's embeddings are resized when the vocabulary grew.
-    The model config and generation config get the pad id when they lack one.
-
-    The tokenizer's ``padding_side`` is deliberately left as loaded: generation wants left
-    padding while loss computation usually wants right padding, so callers choose per use.
-
-    Args:
-        path_or_id: Local checkpoint directory or a Hugging Face hub id.
-        trust_remote_code: Forwarded to ``from_pretrained`` (custom modelling code).
-        dtype: Model dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
-            ``None`` keeps the transformers default.
-        tokenizer_path: Load the tokenizer from here instead of ``path_or_id``.
-
-    Returns:
-        ``(model, tokenizer)``.
-
-    Raises:
-        FileNotFoundError: ``path_or_id`` looks like a local path but does not exist.
-        ValueError: ``dtype`` is not a recognised dtype.
-    """
-    name = os.fspath(path_or_id)
-    if (isinstance(path_or_id, os.PathLike) or _looks_local(name)) and not os.path.exists(
-        os.path.expanduser(name)
-    ):
-        raise FileNotFoundError(f"model path does not exist: {name}")
-    if os.path.exists(os.path.expanduser(name)):
-        name = os.path.expanduser(name)
-
-    model_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    resolved_dtype = _resolve_dtype(dtype)
-    if resolved_dtype is not None:
-        model_kwargs["dtype"] = resolved_dtype  # transformers 5.x: `torch_dtype` is deprecated
-
-    tok_name = os.path.expanduser(os.fspath(tokenizer_path)) if tokenizer_path else name
-    tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
-
-    pad_changed = tokenizer.pad_token is None
-    if pad_changed:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-                model.resize_token_embeddings(len(tokenizer))
-    # Keep model-side pad ids consistent with the tokenizer (generate() reads generation_config):
-    # overwrite them when we just chose the pad token, otherwise only fill in missing ones.
-    if pad_changed or getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and (pad_changed or generation_config.pad_token_id is None):
-        generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer

@@ -55,7 +55,7 @@ class GenerationActor:
         model_path: str | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
-        from rlft_ray.lm.tiny import load_model_and_tokenizer
+        from rlft_ray.lm.loading import load_model_and_tokenizer
 
         quiet_transformers()
         torch.set_num_threads(max(1, num_threads))

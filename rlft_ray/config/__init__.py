@@ -1,0 +1,62 @@
+"""The run schema and its reader.
+
+One frozen dataclass per algorithm (``PPOConfig``, ``DQNConfig``, ``GRPOConfig``, ...)
+plus ``ResourcesConfig`` are the only schema; ``RunConfig`` groups them with the
+environment and run-level fields. YAML run files, ``key=value`` CLI overrides and Ray
+Tune search spaces address fields by dotted name (``ppo.lr``,
+``resources.num_rollout_actors``) and go through :func:`build_config`, which checks
+every key and type before any Ray work starts.
+
+Where things live: the sections in :mod:`.gym` (env, PPO, DQN), :mod:`.lm` (model,
+prompts, LM algorithms) and :mod:`.run` (resources, the run); the reader in
+:mod:`.parse`. Importing this package loads neither torch nor any learner.
+"""
+
+from rlft_ray.config.errors import ConfigError
+from rlft_ray.config.gym import DQNConfig, EnvConfig, PPOConfig
+from rlft_ray.config.lm import (
+    GRPOConfig,
+    KLEstimator,
+    LMConfig,
+    LMOptimHP,
+    LMPPOConfig,
+    LossAgg,
+    LRSchedule,
+)
+from rlft_ray.config.parse import (
+    OVERRIDE_ALIASES,
+    build_config,
+    from_dict,
+    load_yaml,
+    parse_override,
+    save_config,
+    set_dotted,
+    to_dict,
+)
+from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig
+
+__all__ = [
+    "ALGORITHMS",
+    "OVERRIDE_ALIASES",
+    "Algorithm",
+    "ConfigError",
+    "DQNConfig",
+    "EnvConfig",
+    "GRPOConfig",
+    "KLEstimator",
+    "LMConfig",
+    "LMOptimHP",
+    "LMPPOConfig",
+    "LRSchedule",
+    "LossAgg",
+    "PPOConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "build_config",
+    "from_dict",
+    "load_yaml",
+    "parse_override",
+    "save_config",
+    "set_dotted",
+    "to_dict",
+]

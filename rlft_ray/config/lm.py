@@ -1,0 +1,228 @@
+"""Schema of the language-model side: model, prompts and sampling, and the LM algorithm sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from rlft_ray.config.errors import require
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A causal language model, its prompts, reward and sampling (for the LM algorithms).
+
+    Attributes:
+        model: Local directory or hub id of a causal LM (``AutoModelForCausalLM``);
+            also where the generation actors and the frozen reference model load from.
+        tokenizer: Tokenizer path or id (default: ``model``). A tokenizer without a pad
+            token gets ``pad = eos`` (or an added ``<pad>``).
+        trust_remote_code: Allow custom modelling code shipped with the checkpoint.
+        dtype: Weights dtype of the model (``float32``, ``bfloat16``, ``auto``); on GPU the
+            learner trains fp32 master weights under bf16 autocast either way.
+        chat_template: Render each prompt as a user message with the tokenizer's chat
+            template (plus the generation prompt) instead of using it verbatim.
+        system_prompt: Optional system message when ``chat_template`` is on.
+        prompts: Training prompts, a ``.jsonl``/``.json`` or ``.parquet`` file with a
+            ``prompt`` column and optional ``answer``/``ground_truth`` and metadata columns.
+        eval_prompts: Held-out prompts for ``rlft-ray eval`` and the quickstart.
+        prompt_key: Column holding the prompt text.
+        max_prompt_tokens: Longest prompt (in tokens, after the chat template).
+        prompt_overflow: What to do with longer prompts: ``drop`` them, ``truncate`` them
+            (keeping the last ``max_prompt_tokens`` tokens) or ``error``. Counted either way.
+        drop_empty_prompts: Drop (and count) empty prompts instead of failing.
+        reward_fn: ``package.module:function`` called as ``fn(prompts, completions, metadata)``.
+        eval_fn: Same signature; its mean over greedy completions is the eval accuracy.
+        prompts_per_iteration: Prompts sampled per iteration over all actors (each gets
+            ``num_samples`` completions).
+        num_samples: Completions per prompt (the group size of GRPO/RLOO).
+        temperature: Sampling temperature (log-probs are of the temperature-scaled policy).
+        top_p: Nucleus sampling threshold (1.0: off).
+        max_new_tokens: Longest completion; generation also stops at EOS.
+        generation_batch_size: Most sequences one ``generate`` call holds (bounds memory).
+        shuffle: Reshuffle the prompts every epoch.
+        track_kl: Keep a frozen reference model to report ``kl/mean`` even with a KL
+            coefficient of 0 (a reference is always kept when the coefficient is > 0).
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    chat_template: bool = False
+    system_prompt: str | None = None
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    prompt_key: str = "prompt"
+    max_prompt_tokens: int = 256
+    prompt_overflow: Literal["drop", "truncate", "error"] = "drop"
+    drop_empty_prompts: bool = False
+    reward_fn: str = "envs.arithmetic:exact_match"
+    eval_fn: str = "envs.arithmetic:exact_match"
+    prompts_per_iteration: int = 16
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    generation_batch_size: int = 256
+    shuffle: bool = True
+    track_kl: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
+        require(
+            self.dtype in ("float32", "bfloat16", "float16", "auto"),
+            "dtype",
+            "must be float32, bfloat16, float16 or auto",
+        )
+        require(bool(self.prompt_key), "prompt_key", "must name a column")
+        require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(
+            ":" in self.reward_fn,
+            "reward_fn",
+            f"must look like 'package.module:function' (got {self.reward_fn!r})",
+        )
+        require(
+            ":" in self.eval_fn,
+            "eval_fn",
+            f"must look like 'package.module:function' (got {self.eval_fn!r})",
+        )
+        require(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
+        require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        require(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+
+
+class LMOptimHP(Protocol):
+    """The 13 fields every policy-gradient LM section (``grpo``, ``lm_ppo``) shares.
+
+    The shared LM learner core reads an algorithm section through this protocol, so
+    each section stays its own frozen dataclass with its own paper defaults.
+    """
+
+    lr: float
+    lr_schedule: LRSchedule
+    warmup_fraction: float
+    weight_decay: float
+    kl_coef: float
+    kl_estimator: KLEstimator
+    clip_low: float
+    clip_high: float | None
+    num_epochs: int
+    num_minibatches: int
+    micro_batch_size: int
+    loss_agg: LossAgg
+    max_grad_norm: float
+
+
+def check_lm_optim(cfg: LMOptimHP) -> None:
+    """Range checks of the :class:`LMOptimHP` fields (the same in every section)."""
+    require(cfg.lr > 0, "lr", f"must be > 0 (got {cfg.lr})")
+    require(0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
+    require(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    require(cfg.num_epochs >= 1, "num_epochs", "must be >= 1")
+    require(cfg.num_minibatches >= 1, "num_minibatches", "must be >= 1")
+    require(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    require(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    require(cfg.clip_low > 0, "clip_low", f"must be > 0 (got {cfg.clip_low})")
+    require(cfg.clip_high is None or cfg.clip_high > 0, "clip_high", "must be > 0 or null")
+    require(cfg.kl_coef >= 0, "kl_coef", f"must be >= 0 (got {cfg.kl_coef})")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Critic-free policy gradient with group baselines: GRPO, RLOO or REINFORCE.
+
+    Defaults follow GRPO in DeepSeekMath (Shao et al. 2024): group-normalised
+    advantages, one update per batch, clip 0.2, k3 KL to the reference in the loss
+    with beta = 0.04, sequence-mean-token-mean loss, lr 1e-6.
+
+    Attributes:
+        estimator: ``grpo`` (r - mean) / std per group, ``rloo`` leave-one-out mean
+            (Ahmadian et al. 2024), ``reinforce`` batch-mean baseline.
+        std_normalize: Divide GRPO advantages by the group std (false: Dr. GRPO).
+        kl_coef: beta, weight of KL(pi || pi_ref).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020).
+        kl_in: Put the KL penalty in the ``loss`` (GRPO) or subtract it from the
+            sequence ``reward`` before the advantages (RLOO paper).
+        clip_low: PPO-clip epsilon (lower); ``clip_high`` the upper one (null: same).
+        num_epochs: Passes over each batch. num_minibatches: optimizer steps per pass.
+        micro_batch_size: Sequences per forward/backward; gradients accumulate over a
+            minibatch's micro-batches (and average over DDP ranks) before each step.
+        loss_agg: ``token-mean``, ``seq-mean-token-mean`` or ``seq-mean-token-sum``.
+        lr_schedule: ``constant``, ``linear`` or ``cosine`` decay over the run, after a
+            linear warmup over ``warmup_fraction`` of it.
+    """
+
+    estimator: Literal["grpo", "rloo", "reinforce"] = "grpo"
+    std_normalize: bool = True
+    lr: float = 1e-6
+    lr_schedule: LRSchedule = "constant"
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    kl_coef: float = 0.04
+    kl_estimator: KLEstimator = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    micro_batch_size: int = 8
+    loss_agg: LossAgg = "seq-mean-token-mean"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_lm_optim(self)
+
+
+@dataclass(frozen=True)
+class LMPPOConfig:
+    """Token-level PPO with a value head, GAE and the KL penalty in the reward.
+
+    Defaults follow Ziegler et al. 2019 / Ouyang et al. 2022 as implemented in TRL:
+    per-token reward ``-kl_coef * k1`` plus the score on the last token, GAE with
+    gamma = 1, lambda = 0.95, whitened advantages, 4 PPO epochs, clipped value loss
+    with vf_coef 0.1.
+
+    Attributes:
+        gamma / gae_lambda: GAE over response tokens.
+        vf_coef: Weight of the value loss. value_clip: Value clipping range (null: off).
+        whiten_advantages: Standardise advantages over the batch's tokens.
+        value_head_init_std: Std of the value head's initial weights.
+        (Optimizer, clipping, micro-batching and KL fields as in :class:`GRPOConfig`.)
+    """
+
+    lr: float = 1e-6
+    lr_schedule: LRSchedule = "constant"
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float | None = 0.2
+    whiten_advantages: bool = True
+    value_head_init_std: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: KLEstimator = "k1"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    num_epochs: int = 4
+    num_minibatches: int = 1
+    micro_batch_size: int = 8
+    loss_agg: LossAgg = "token-mean"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_lm_optim(self)
+        require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
+        require(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
+        require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        require(self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0 or null")
+        require(self.value_head_init_std >= 0, "value_head_init_std", "must be >= 0")

@@ -1,0 +1,160 @@
+"""Schema of a whole run: cluster resources and the run config that groups every section."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlft_ray.config.errors import require
+from rlft_ray.config.gym import DQNConfig, EnvConfig, PPOConfig
+from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig
+
+#: The algorithm names ``algo:`` accepts. Each is also the name of the section holding
+#: its hyperparameters; ``rlft_ray.registry`` maps each to its learner class (a test
+#: keeps the two in step), so the schema never imports an implementation.
+Algorithm = Literal["dqn", "grpo", "lm_ppo", "ppo"]
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What the run asks of the Ray cluster.
+
+    Attributes:
+        num_rollout_actors: Env-runner (or generation) actors sampling in parallel.
+        cpus_per_rollout_actor: CPUs each rollout actor holds (fractions allowed);
+            torch in the actor uses ``max(1, floor(cpus))`` threads.
+        num_learners: Ray Train workers (DDP when > 1).
+        cpus_per_learner: CPUs each learner worker holds.
+        use_gpu: Put each learner on one GPU (NCCL, bf16 autocast).
+        gpus_per_rollout_actor: GPUs each rollout actor holds (generation actors then
+            sample on CUDA; fractions share a GPU).
+        max_actor_restarts: How often Ray restarts a dead rollout actor.
+        max_failures: Ray Train worker-group restarts from the last checkpoint.
+        storage_path: Where Ray Train persists checkpoints (shared path or ``s3://``
+            URI on multi-node clusters). Defaults to the run's output directory.
+        rollout_actor_resources: Custom Ray resources each rollout actor requires on
+            top of its CPUs (e.g. ``{"rollout_node": 1}`` to place actors only on nodes
+            started with ``--resources='{"rollout_node": 8}'``).
+        learner_resources: Custom Ray resources each learner worker requires (e.g.
+            ``{"learner_node": 1}``), passed to Ray Train's ``resources_per_worker``.
+    """
+
+    num_rollout_actors: int = 2
+    cpus_per_rollout_actor: float = 0.5
+    num_learners: int = 1
+    cpus_per_learner: float = 1.0
+    use_gpu: bool = False
+    gpus_per_rollout_actor: float = 0.0
+    max_actor_restarts: int = 3
+    max_failures: int = 0
+    storage_path: str | None = None
+    rollout_actor_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_actor_resources", "learner_resources"):
+            for res, amount in getattr(self, name).items():
+                # CPU/GPU have their own fields; Ray rejects them in custom resources.
+                require(
+                    res not in ("CPU", "GPU", "memory"),
+                    f"{name}.{res}",
+                    "use cpus_per_* / use_gpu instead",
+                )
+                require(
+                    isinstance(amount, (int, float))
+                    and not isinstance(amount, bool)
+                    and amount > 0,
+                    f"{name}.{res}",
+                    f"must be a number > 0 (got {amount!r})",
+                )
+        require(self.num_rollout_actors >= 1, "num_rollout_actors", "must be >= 1")
+        require(self.gpus_per_rollout_actor >= 0, "gpus_per_rollout_actor", "must be >= 0")
+        require(self.cpus_per_rollout_actor > 0, "cpus_per_rollout_actor", "must be > 0")
+        require(self.num_learners >= 1, "num_learners", "must be >= 1")
+        require(self.cpus_per_learner > 0, "cpus_per_learner", "must be > 0")
+        require(self.max_actor_restarts >= 0, "max_actor_restarts", "must be >= 0")
+        require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
+
+    @property
+    def total_cpus(self) -> float:
+        """CPUs the run needs: rollout actors plus learner workers."""
+        return (
+            self.num_rollout_actors * self.cpus_per_rollout_actor
+            + self.num_learners * self.cpus_per_learner
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: algorithm, environment, resources and run-level knobs.
+
+    Attributes:
+        algo: Which algorithm trains (one of :data:`ALGORITHMS`; the registry maps each
+            name to its learner class).
+        env: Environment section.
+        ppo: PPO hyperparameters (used when ``algo == "ppo"``).
+        dqn: DQN hyperparameters (used when ``algo == "dqn"``).
+        lm: Language model, prompts, reward and sampling (LM algorithms).
+        grpo: GRPO / RLOO / REINFORCE hyperparameters (used when ``algo == "grpo"``).
+        lm_ppo: Token-level PPO hyperparameters (used when ``algo == "lm_ppo"``).
+        resources: Cluster resources.
+        total_env_steps: Stop after this many environment steps (for LM algorithms a
+            step is one sampled completion).
+        total_iterations: Also stop after this many iterations (sample + update), if set.
+        stop_return: Stop early once the mean return of the last 20 episodes reaches it.
+        stop_success_rate: Stop early once the success rate (``info["is_success"]``) of
+            the last 20 episodes reaches it.
+        seed: Seeds torch, numpy, python and the environments.
+        init_from: A checkpoint directory whose policy (and Q-network) to start from.
+        checkpoint_every: Iterations between checkpoints (the last one is always saved).
+        keep_checkpoints: Ray Train checkpoints kept (the best is kept on top of these).
+        report_interval_s: Seconds between metric reports to Ray Train (each report
+            carries every iteration's row, so ``metrics.jsonl`` stays complete).
+    """
+
+    algo: Algorithm = "ppo"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lm_ppo: LMPPOConfig = field(default_factory=LMPPOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    total_env_steps: int = 200_000
+    total_iterations: int | None = None
+    stop_return: float | None = None
+    stop_success_rate: float | None = None
+    seed: int = 0
+    init_from: str | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    report_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
+        require(
+            self.total_iterations is None or self.total_iterations >= 1,
+            "total_iterations",
+            "must be >= 1 or null",
+        )
+        require(
+            self.stop_success_rate is None or 0 < self.stop_success_rate <= 1,
+            "stop_success_rate",
+            "must be in (0, 1] or null",
+        )
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        require(self.report_interval_s >= 0, "report_interval_s", "must be >= 0")
+        require(
+            self.resources.num_rollout_actors % self.resources.num_learners == 0,
+            "resources.num_rollout_actors",
+            f"must be a multiple of resources.num_learners ({self.resources.num_learners}) "
+            "so every DDP rank samples the same amount",
+        )
+
+    @property
+    def algo_config(self) -> Any:
+        """The section of the selected algorithm (e.g. ``self.ppo``)."""
+        return getattr(self, self.algo)

@@ -1,0 +1,47 @@
+"""Line plots written as PNG files (learning curves of a run, metric curves of a search)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+#: One line: ``(label or None, x values, y values)``.
+Curve = tuple[str | None, Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
+
+
+def plot_curves(
+    path: Path, curves: Sequence[Curve], xlabel: str, ylabel: str, title: str
+) -> Path | None:
+    """Draw ``curves`` into the PNG ``path`` (written atomically); None if there is nothing to draw.
+
+    Args:
+        path: Output file (``.png``).
+        curves: The lines; labelled ones get a legend, and a line of one point gets a marker.
+        xlabel: Axis label. ylabel: Axis label. title: Plot title.
+    """
+    curves = [c for c in curves if len(c[1])]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5) if len(curves) > 1 else (6, 4))
+    for label, x, y in curves:
+        ax.plot(x, y, label=label, marker="." if len(curves) > 1 or len(x) == 1 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(label for label, _, _ in curves):
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,120 @@
+"""The tree's structure holds: layers import only downward, the schema loads no
+implementation, the registry and the schema agree, and no file or function sprawls."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+from rlft_ray.config import ALGORITHMS, RunConfig
+from rlft_ray.registry import algorithm_names
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rlft_ray"
+
+#: Lower layers never import higher ones (the longest matching prefix decides a module's layer).
+LAYERS: dict[str, int] = {
+    "rlft_ray": 0,
+    "rlft_ray.config": 0,
+    "rlft_ray.types": 0,
+    "rlft_ray.algorithms": 0,
+    "rlft_ray.fileio": 0,
+    "rlft_ray.utils": 1,
+    "rlft_ray.models": 1,
+    "rlft_ray.rewards": 1,
+    "rlft_ray.resources": 1,
+    "rlft_ray.plots": 1,
+    "rlft_ray.checkpoint": 1,
+    "rlft_ray.rundir": 1,
+    "rlft_ray.cluster_check": 1,
+    "rlft_ray.lm": 1,
+    "rlft_ray.rollout": 1,
+    "rlft_ray.learners": 2,
+    "rlft_ray.registry": 2,
+    "rlft_ray.loop": 3,
+    "rlft_ray.driver": 3,
+    "rlft_ray.tune": 4,
+    "rlft_ray.cli": 4,
+    "rlft_ray.__main__": 4,
+    "rlft_ray.lm.quickstart": 4,
+}
+
+
+def _layer(module: str) -> int:
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out.append((name, path))
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``rlft_ray`` module ``path`` imports, at module level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("rlft_ray"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlft_ray"):
+            found.add(node.module)
+    return found
+
+
+def test_layers_import_only_downward() -> None:
+    upward = [
+        f"{name} (layer {_layer(name)}) imports {dep} (layer {_layer(dep)})"
+        for name, path in _modules()
+        for dep in sorted(_imports(path))
+        if _layer(dep) > _layer(name)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_schema_imports_no_implementation() -> None:
+    for name, path in _modules():
+        if name.startswith("rlft_ray.config"):
+            deps = {d for d in _imports(path) if not d.startswith("rlft_ray.config")}
+            assert deps <= {"rlft_ray.fileio"}, f"{name} imports {deps}"
+
+
+def test_importing_the_schema_loads_no_torch_gym_ray_or_learner() -> None:
+    code = (
+        "import sys, rlft_ray.config as c\n"
+        "c.build_config(overrides=['algo=grpo', 'grpo.lr=3e-4'])\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gymnasium', 'ray')"
+        " or m.startswith(('rlft_ray.learners', 'rlft_ray.registry')))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_registry_and_schema_name_the_same_algorithms() -> None:
+    assert sorted(ALGORITHMS) == algorithm_names()
+    assert typing.get_args(typing.get_type_hints(RunConfig)["algo"]) == ALGORITHMS
+    for name in ALGORITHMS:  # each algorithm's hyperparameters live in the section of its name
+        assert name in RunConfig.__dataclass_fields__, name
+
+
+def test_no_file_over_500_lines_no_function_over_80() -> None:
+    too_long = []
+    for name, path in _modules():
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if (name, node.name) == ("rlft_ray.cli", "_parser"):  # the CLI's argument table
+                continue
+            length = node.end_lineno - node.lineno + 1
+            if length > 80:
+                too_long.append(f"{name}.{node.name}: {length} lines")
+    assert not too_long, "\n".join(too_long)
