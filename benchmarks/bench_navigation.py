@@ -1,8 +1,10 @@
 """Navigation: >= 90 % success from scratch; fine-tuning on a moved goal needs <= 50 % of the steps.
 
 Trains PPO on rlft/Navigation-v0 (goal (0.5, 0.5)) until 90 % of the last 20 episodes
-succeed, then (a) fine-tunes that checkpoint on goal (-0.5, -0.5) and (b) trains the
-moved goal from scratch, both to the same bar, and compares env steps.
+succeed, then (a) fine-tunes that checkpoint on goal (-0.5, -0.5) with PPO, (b) fine-tunes
+it with filtered behaviour cloning (rejection sampling on the env runners' episodes,
+``examples/navigation_filtered_bc.yaml``) and (c) trains the moved goal from scratch,
+all to the same bar, and compares env steps.
 
 Usage: python benchmarks/bench_navigation.py [--seeds 1 2]
 """
@@ -32,6 +34,11 @@ def main() -> None:
             [*bar, MOVED, f"init_from={base['output_dir']}/checkpoint_last"],
             root / "finetune",
         )
+        filtered = train_cli(
+            "examples/navigation_filtered_bc.yaml",
+            [*bar, f"init_from={base['output_dir']}/checkpoint_last"],
+            root / "filtered_bc",
+        )
         emit(
             {
                 "bench": "navigation_ppo",
@@ -43,6 +50,9 @@ def main() -> None:
                 "moved_goal_finetune_env_steps": tuned["env_steps"],
                 "moved_goal_finetune_success_rate": tuned["success_rate"],
                 "finetune_over_scratch": round(tuned["env_steps"] / scratch["env_steps"], 3),
+                "moved_goal_filtered_bc_env_steps": filtered["env_steps"],
+                "moved_goal_filtered_bc_success_rate": filtered["success_rate"],
+                "moved_goal_filtered_bc_wall_s": filtered["command_wall_s"],
                 "target_ratio": 0.5,
             }
         )

@@ -119,12 +119,21 @@ def load_config_from_checkpoint(path: str | Path) -> RunConfig:
 
 
 def check_compatible(
-    path: str | Path, cfg: RunConfig, spaces_sig: dict[str, str]
+    path: str | Path, cfg: RunConfig, spaces_sig: dict[str, str], same_algo: bool = True
 ) -> dict[str, Any]:
-    """Fail with what does not match when ``path`` cannot seed or resume this run."""
+    """Fail with what does not match when ``path`` cannot seed or resume this run.
+
+    Args:
+        path: The checkpoint directory.
+        cfg: This run's config.
+        spaces_sig: This run's ``Spaces.signature()``.
+        same_algo: Require the checkpoint's algorithm (resume). ``init_from`` passes
+            False: a policy trained by one algorithm may seed another (a PPO policy
+            fine-tuned by filtered BC, an RSFT model by GRPO); the modules must still fit.
+    """
     state = read_state(path)
     problems = []
-    if state["algo"] != cfg.algo:
+    if same_algo and state["algo"] != cfg.algo:
         problems.append(f"algo is '{state['algo']}' there, '{cfg.algo}' here")
     for key, sig in spaces_sig.items():
         if state["spaces"].get(key) != sig:

@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     tu.add_argument("--quiet", action="store_true", help="no Tune status tables while it runs")
 
+    sa = sub.add_parser(
+        "sample",
+        help="rejection sampling over a prompt file: accepted.jsonl/.parquet + summary.json",
+    )
+    sa.add_argument("config", help="YAML run file (lm.* model/prompts, rsft.* selection rule)")
+    sa.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rsft.select=threshold")
+    sa.add_argument("--output-dir", type=Path, required=True, help="job directory (empty or new)")
+    sa.add_argument("--resume", action="store_true", help="continue a stopped job in --output-dir")
+    sa.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    sa.add_argument(
+        "--prompts-per-batch", type=int, default=32, help="prompts per actor call (one part file)"
+    )
+    sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     q = sub.add_parser(
         "quickstart",
         help="the main job: tiny LM, SFT base, GRPO on local Ray, before/after table (<= 5 min on 2 cores)",
@@ -106,13 +120,20 @@ def _parser() -> argparse.ArgumentParser:
         help="lm (default) or the CartPole PPO flow",
     )
     q.add_argument(
+        "--algo",
+        choices=("grpo", "rsft"),
+        default="grpo",
+        help="lm: the RL algorithm after SFT (GRPO, or rejection-sampling fine-tuning)",
+    )
+    q.add_argument(
         "--seed", type=int, default=0, help="lm: seed of the data, model init, SFT and RL"
     )
     q.add_argument("--sft-steps", type=int, default=1000, help="lm: supervised steps (batch 64)")
     q.add_argument(
         "overrides",
         nargs="*",
-        help="dotted overrides for examples/arithmetic_grpo.yaml (or cartpole_ppo.yaml)",
+        help="dotted overrides for examples/arithmetic_grpo.yaml (arithmetic_rsft.yaml with "
+        "--algo rsft; cartpole_ppo.yaml with --task cartpole)",
     )
 
     m = sub.add_parser(
@@ -148,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": _train,
             "eval": _eval,
             "quickstart": _quickstart,
+            "sample": _sample,
             "tune": _tune,
             "make-tiny-model": _make_tiny_model,
             "make-arith-data": _make_arith_data,
@@ -201,12 +223,28 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from rlft_ray.sample_job import run_sampling
+
+    cfg = build_config(args.config, args.overrides)
+    summary = run_sampling(
+        cfg,
+        args.output_dir,
+        resume=args.resume,
+        fmt=args.format,
+        prompts_per_batch=args.prompts_per_batch,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or _default_dir(Path("quickstart"))
     if args.task == "lm":
         from rlft_ray.lm.quickstart import QuickstartSettings, run_lm_quickstart
 
-        settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps)
+        settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps, algo=args.algo)
         summary = run_lm_quickstart(output_dir, args.overrides, settings)
         print(
             f"\nrun directory: {output_dir}  (summary.json, metrics.jsonl, reward_curve.png, checkpoint_best/)"

@@ -131,7 +131,7 @@ def preflight(
     for line in _describe(probe.info):
         logger.warning(line)
     if cfg.init_from:
-        ckpt.check_compatible(cfg.init_from, cfg, signature)
+        ckpt.check_compatible(cfg.init_from, cfg, signature, same_algo=False)
     prepare_output_dir(output_dir, resume)
     last = output_dir / "checkpoint_last"
     if resume and last.is_dir():
@@ -177,6 +177,7 @@ def _trainer(
             "runners": runners,
             "start_checkpoint": start_checkpoint,
             "datasets": sorted(datasets),
+            "tables": probe.tables,
         },
         datasets=datasets,
         scaling_config=ScalingConfig(

@@ -31,7 +31,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Ray Train entry point.
 
     ``loop_cfg`` holds ``cfg``, ``spaces``, ``runners`` (actor handles), ``datasets`` (names
-    of the Ray Datasets Ray Train shards over the ranks) and ``start_checkpoint``.
+    of the Ray Datasets Ray Train shards over the ranks), ``tables`` (small tables every
+    rank gets whole) and ``start_checkpoint``.
     """
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
@@ -42,9 +43,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     seed_everything(cfg.seed + 7919 * rank)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg.get("datasets", ())}
-    learner = get_learner_cls(cfg.algo)(
-        cfg, spaces, LearnerContext(rank, world, get_device(), shards)
-    )
+    ctx = LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
+    learner = get_learner_cls(cfg.algo)(cfg, spaces, ctx)
     per_rank = len(loop_cfg["runners"]) // world
     runners = RunnerGroup(loop_cfg["runners"], mine=range(rank * per_rank, (rank + 1) * per_rank))
     counters = restore(learner, cfg, spaces, loop_cfg.get("start_checkpoint"))
@@ -54,7 +54,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     clock_start = time.perf_counter() - counters.wall_s
     reporter = _Reporter(cfg, spaces, rank, world)
 
-    while not _finished(cfg, counters):
+    last = _finished(cfg, counters, counters.wall_s, world)
+    while not last:
         t0 = time.perf_counter()
         batches = runners.sample(
             lambda: (learner.policy_state(), counters.policy_version),
@@ -77,25 +78,54 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             if rank == 0
             else 0.0
         )
+        last = _finished(cfg, counters, time.perf_counter() - clock_start, world)
+        if rank == 0 and _eval_due(cfg, counters, last):
+            metrics.update(_heldout_eval(learner, runners, counters.policy_version))
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start
 
         metrics.update(_rollout_metrics(counters, returns, batch, world))
+        metrics.update(_rates(batch.counts(), t1 - t0, world))
         metrics.update(
             {
                 "perf/sample_s": t1 - t0,
                 "perf/update_s": t2 - t1,
                 "perf/weight_sync_s": sync_s,
-                "perf/env_steps_per_s": batch.num_steps * world / max(t1 - t0, 1e-9),
                 "perf/iteration_s": time.perf_counter() - t0,
                 "perf/weight_sync_frac": sync_s / max(time.perf_counter() - t0, 1e-9),
                 "perf/actor_restarts": float(runners.restarts),
             }
         )
-        tokens = getattr(batch, "num_tokens", 0) * world  # generated tokens (LM batches)
-        if tokens:
-            metrics["perf/tokens_per_s"] = tokens / max(t1 - t0, 1e-9)
-        reporter.add(metrics, learner, counters, last=_finished(cfg, counters))
+        reporter.add(metrics, learner, counters, last=last)
+
+
+def _rates(counts: dict[str, float], seconds: float, world: int) -> dict[str, float]:
+    """``perf/{name}_per_s`` of what the batches of all ranks held, over the sampling time."""
+    names = sorted(counts)
+    totals = torch.tensor([counts[k] for k in names], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals)  # ranks may hold different amounts (accepted samples)
+    return {f"perf/{k}_per_s": v / max(seconds, 1e-9) for k, v in zip(names, totals.tolist())}
+
+
+def _eval_due(cfg: RunConfig, counters: ckpt.Counters, last: bool) -> bool:
+    """Held-out evaluation every ``eval_every`` iterations and after the last one."""
+    return cfg.eval_every is not None and (last or counters.iteration % cfg.eval_every == 0)
+
+
+def _heldout_eval(learner: Learner, runners: RunnerGroup, version: int) -> dict[str, float]:
+    """``eval/*`` from the learner's held-out requests, scored in parallel on every actor
+    (they hold the weights just published: Ray runs one caller's calls in order)."""
+    requests = learner.heldout_requests(len(runners.all_runners))
+    if not requests:
+        return {}
+    start = time.perf_counter()
+    results = runners.evaluate(requests, version)
+    if results is None:
+        return {}
+    metrics = learner.heldout_metrics(results)
+    metrics["perf/eval_s"] = time.perf_counter() - start
+    return metrics
 
 
 def _quiet_ray_train_reports() -> None:
@@ -120,6 +150,8 @@ def restore(
     ``init_from``, else fresh."""
     sig = spaces.signature()
     resume = ray.train.get_checkpoint()
+    if cfg.init_from and (resume is not None or start_checkpoint is not None):
+        learner.load_start_point(Path(cfg.init_from))  # e.g. the KL reference, not lm.model
     if resume is not None:
         with resume.as_directory() as path:
             ckpt.check_compatible(path, cfg, sig)
@@ -144,7 +176,7 @@ def restore(
                 group.update(fresh)
             return _load_rank_parts(learner, path, counters)
     if cfg.init_from:
-        ckpt.check_compatible(cfg.init_from, cfg, sig)
+        ckpt.check_compatible(cfg.init_from, cfg, sig, same_algo=False)
         ckpt.load_modules(cfg.init_from, learner.modules())
         learner.after_init_from()
     return ckpt.Counters()
@@ -236,7 +268,12 @@ def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:
     return min(done, 1.0)
 
 
-def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
+def _finished(cfg: RunConfig, counters: ckpt.Counters, wall_s: float = 0.0, world: int = 1) -> bool:
+    """The budget is spent, an early stop is reached, or ``time_limit_s`` has passed.
+
+    Everything but the clock is the same on every rank; for the clock, rank 0 decides
+    (ranks that stopped apart would hang in the next collective).
+    """
     if _progress(cfg, counters) >= 1.0:
         return True
     # Early stops need a full window of the last 20 episodes.
@@ -251,7 +288,14 @@ def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
         and len(counters.recent_successes) >= window
         and sum(counters.recent_successes) / window >= cfg.stop_success_rate
     )
-    return return_reached or success_reached
+    if return_reached or success_reached:
+        return True
+    if cfg.time_limit_s is None:
+        return False
+    out_of_time = torch.tensor([1.0 if wall_s >= cfg.time_limit_s else 0.0])
+    if world > 1:
+        dist.broadcast(out_of_time, src=0)
+    return bool(out_of_time.item())
 
 
 def _rollout_metrics(

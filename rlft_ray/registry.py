@@ -10,11 +10,20 @@ if TYPE_CHECKING:
 
 def _algorithms() -> dict[str, type[Learner]]:
     from rlft_ray.learners.dqn import DQNLearner
+    from rlft_ray.learners.filtered_bc import FilteredBCLearner
     from rlft_ray.learners.grpo import GRPOLearner
     from rlft_ray.learners.lm_ppo import LMPPOLearner
     from rlft_ray.learners.ppo import PPOLearner
+    from rlft_ray.learners.rsft import RSFTLearner
 
-    return {"ppo": PPOLearner, "dqn": DQNLearner, "grpo": GRPOLearner, "lm_ppo": LMPPOLearner}
+    return {
+        "ppo": PPOLearner,
+        "dqn": DQNLearner,
+        "filtered_bc": FilteredBCLearner,
+        "grpo": GRPOLearner,
+        "lm_ppo": LMPPOLearner,
+        "rsft": RSFTLearner,
+    }
 
 
 def algorithm_names() -> list[str]:

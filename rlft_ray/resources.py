@@ -29,38 +29,43 @@ def rollout_bundle(res: ResourcesConfig) -> dict[str, float]:
     return bundle
 
 
-def run_needs(res: ResourcesConfig) -> dict[str, float]:
-    """Everything one run holds: rollout actors plus learners (CPU, GPU, custom); no zeros."""
+def run_needs(res: ResourcesConfig, learners: bool = True) -> dict[str, float]:
+    """Everything one run holds: rollout actors plus (``learners``) learners; no zeros."""
+    n_learn = res.num_learners if learners else 0
     needs = {
-        "CPU": res.total_cpus,
+        "CPU": res.num_rollout_actors * res.cpus_per_rollout_actor + n_learn * res.cpus_per_learner,
         "GPU": res.num_rollout_actors * res.gpus_per_rollout_actor
-        + (res.num_learners if res.use_gpu else 0),
+        + (n_learn if res.use_gpu else 0),
     }
     for name in set(res.rollout_actor_resources) | set(res.learner_resources):
         needs[name] = res.num_rollout_actors * res.rollout_actor_resources.get(
             name, 0.0
-        ) + res.num_learners * res.learner_resources.get(name, 0.0)
+        ) + n_learn * res.learner_resources.get(name, 0.0)
     return {k: v for k, v in needs.items() if v > 0}
 
 
-def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
+def check_fits(res: ResourcesConfig, available: Mapping[str, float], learners: bool = True) -> None:
     """Fail fast (instead of hanging on unschedulable work) when the run cannot be placed.
 
     Args:
         res: What the run asks for.
         available: ``ray.cluster_resources()`` (or a node's resources).
+        learners: Count the learners (False: a job of rollout actors only, ``rlft-ray sample``).
 
     Raises:
         ResourceError: e.g. "needs 3 CPUs (2 rollout actors x 0.5 + 2 learners x 1), cluster has 2".
     """
-    needs = run_needs(res)
+    needs = run_needs(res, learners)
     have_cpu = float(available.get("CPU", 0.0))
     if needs["CPU"] > have_cpu + 1e-9:
+        learner_part = (
+            f" + {res.num_learners} learners x {res.cpus_per_learner:g}" if learners else ""
+        )
         raise ResourceError(
             f"run needs {needs['CPU']:g} CPUs ({res.num_rollout_actors} rollout actors x "
-            f"{res.cpus_per_rollout_actor:g} + {res.num_learners} learners x {res.cpus_per_learner:g}), "
-            f"cluster has {have_cpu:g}; lower resources.num_rollout_actors / cpus_per_rollout_actor / "
-            "num_learners / cpus_per_learner or add nodes"
+            f"{res.cpus_per_rollout_actor:g}{learner_part}), cluster has {have_cpu:g}; lower "
+            "resources.num_rollout_actors / cpus_per_rollout_actor / num_learners / "
+            "cpus_per_learner or add nodes"
         )
     for name in sorted(set(res.rollout_actor_resources) | set(res.learner_resources)):
         have = float(available.get(name, 0.0))
@@ -71,13 +76,13 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float]) -> None:
                 "or drop the requirement"
             )
     have_gpu = float(available.get("GPU", 0.0))
-    if res.use_gpu and res.num_learners > have_gpu + 1e-9:
+    if learners and res.use_gpu and res.num_learners > have_gpu + 1e-9:
         raise ResourceError(
             f"resources.use_gpu=true needs {res.num_learners} GPU(s) for {res.num_learners} learner(s), "
             f"cluster has {have_gpu:g}; set resources.use_gpu=false or add GPU nodes"
         )
     rollout_gpus = res.num_rollout_actors * res.gpus_per_rollout_actor
-    learner_gpus = res.num_learners if res.use_gpu else 0
+    learner_gpus = res.num_learners if learners and res.use_gpu else 0
     if rollout_gpus > 0 and rollout_gpus + learner_gpus > have_gpu + 1e-9:
         raise ResourceError(
             f"resources.gpus_per_rollout_actor={res.gpus_per_rollout_actor:g} needs {rollout_gpus:g} GPU(s) for "

@@ -7,6 +7,7 @@ N = number of sub-environments (summed over runners after :meth:`RolloutBatch.co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,10 @@ class RolloutBatch:
         """Environment steps in the batch (T * N)."""
         return int(self.rewards.shape[0] * self.rewards.shape[1])
 
+    def counts(self) -> dict[str, float]:
+        """What this batch holds, for ``perf/{name}_per_s`` rates."""
+        return {"env_steps": float(self.num_steps)}
+
     @staticmethod
     def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Join runners' batches along the env axis N (all must share T).
@@ -111,6 +116,103 @@ class RolloutBatch:
 
 
 @dataclass
+class SelectionStats:
+    """What a selection stage (rejection sampling) did to the samples of one batch.
+
+    Only the accepted rows travel on in the batch; these are every generated sample's
+    numbers, so rates and means over all of them stay available. N = samples generated.
+
+    Attributes:
+        rewards: ``[N]`` float32 reward of every generated sample.
+        lengths: ``[N]`` int64 completion length (tokens) of every generated sample.
+        accepted: ``[N]`` bool, which samples were kept.
+        clipped: Samples whose acceptance ratio exceeded the bound M (ratio acceptance)
+            or whose reward exceeded ``r_max`` (tilted acceptance), so their acceptance
+            probability was clipped to 1.
+        bound: The bound in use: log M (ratio acceptance) or r_max (tilted); None otherwise.
+    """
+
+    rewards: np.ndarray
+    lengths: np.ndarray
+    accepted: np.ndarray
+    clipped: int = 0
+    bound: float | None = None
+
+    @property
+    def num_generated(self) -> int:
+        """Samples generated (accepted or not)."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_accepted(self) -> int:
+        """Samples kept."""
+        return int(self.accepted.sum())
+
+    @staticmethod
+    def concat(stats: Sequence[SelectionStats]) -> SelectionStats:
+        """Join the selections of several actors (the bound is the largest in use)."""
+        bounds = [s.bound for s in stats if s.bound is not None]
+        return SelectionStats(
+            rewards=np.concatenate([s.rewards for s in stats]),
+            lengths=np.concatenate([s.lengths for s in stats]),
+            accepted=np.concatenate([s.accepted for s in stats]),
+            clipped=sum(s.clipped for s in stats),
+            bound=max(bounds) if bounds else None,
+        )
+
+
+@dataclass
+class EpisodeBatch:
+    """Whole episodes an env runner kept after selecting them by return (filtered BC).
+
+    S = steps of the kept episodes, E = episodes that finished (kept or not).
+
+    Attributes:
+        obs: ``[S, *obs_shape]`` float32 observation before each kept step.
+        actions: ``[S, *act_shape]`` the action taken (int64 discrete, float32 box).
+        selection: Every finished episode's return (``rewards``) and length, and which
+            were kept (``accepted``), ``[E]`` each.
+        env_steps: Environment steps taken to collect them (all sub-envs).
+        policy_version: Version of the weights at the end of collection (the oldest
+            after :meth:`concat`).
+        episodes: Every finished episode's statistics (successes included).
+    """
+
+    obs: np.ndarray
+    actions: np.ndarray
+    selection: SelectionStats
+    env_steps: int
+    policy_version: int
+    episodes: EpisodeStats = field(default_factory=EpisodeStats)
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        """Environment steps taken (kept or not)."""
+        return self.env_steps
+
+    def counts(self) -> dict[str, float]:
+        """What this batch holds, for ``perf/{name}_per_s`` rates."""
+        return {"env_steps": float(self.env_steps), "accepted_steps": float(len(self))}
+
+    @staticmethod
+    def concat(batches: Sequence[EpisodeBatch]) -> EpisodeBatch:
+        """Join several runners' kept episodes."""
+        if len(batches) == 1:
+            return batches[0]
+        return EpisodeBatch(
+            obs=np.concatenate([b.obs for b in batches]),
+            actions=np.concatenate([b.actions for b in batches]),
+            selection=SelectionStats.concat([b.selection for b in batches]),
+            env_steps=sum(b.env_steps for b in batches),
+            policy_version=min(b.policy_version for b in batches),
+            episodes=EpisodeStats.concat([b.episodes for b in batches]),
+        )
+
+
+@dataclass
 class GenerationBatch:
     """Completions sampled by generation actors, with their rewards.
 
@@ -134,6 +236,8 @@ class GenerationBatch:
         group_size: Completions per prompt.
         pad_token_id: Id used for padding.
         generate_s: Seconds the actors spent in ``generate`` (summed over actors).
+        selection: What rejection sampling did (None: every sample was kept); the rows
+            above are then the accepted samples only.
     """
 
     prompt_ids: np.ndarray
@@ -150,26 +254,62 @@ class GenerationBatch:
     group_size: int
     pad_token_id: int
     generate_s: float = 0.0
+    selection: SelectionStats | None = None
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
 
     @property
     def num_steps(self) -> int:
-        """Completions in the batch (an LM run's "environment steps")."""
-        return len(self)
+        """Completions generated (an LM run's "environment steps"), accepted or not."""
+        return self.selection.num_generated if self.selection is not None else len(self)
 
     @property
     def num_tokens(self) -> int:
-        """Generated tokens in the batch (real completion tokens only)."""
+        """Tokens generated (real completion tokens only), accepted or not."""
+        if self.selection is not None:
+            return int(self.selection.lengths.sum())
         return int(self.response_mask.sum())
 
     @property
     def episodes(self) -> EpisodeStats:
-        """Each completion is one episode whose return is its reward."""
-        return EpisodeStats(
-            returns=[float(r) for r in self.rewards],
-            lengths=[int(n) for n in self.response_mask.sum(axis=1)],
+        """Each generated completion is one episode whose return is its reward."""
+        if self.selection is not None:
+            rewards, lengths = self.selection.rewards, self.selection.lengths
+        else:
+            rewards, lengths = self.rewards, self.response_mask.sum(axis=1)
+        return EpisodeStats(returns=[float(r) for r in rewards], lengths=[int(n) for n in lengths])
+
+    def counts(self) -> dict[str, float]:
+        """What this batch holds, for ``perf/{name}_per_s`` rates."""
+        out = {
+            "env_steps": float(self.num_steps),
+            "samples": float(self.num_steps),
+            "tokens": float(self.num_tokens),
+        }
+        if self.selection is not None:
+            out["accepted"] = float(len(self))
+        return out
+
+    def take(self, rows: np.ndarray) -> GenerationBatch:
+        """The batch restricted to ``rows`` (a ``[B]`` bool mask or index array).
+
+        Padding columns that no kept row uses are not trimmed here (the learner trims).
+        """
+        idx = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
+        keep = idx.tolist()
+        return dataclasses.replace(
+            self,
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            response_ids=self.response_ids[idx],
+            response_mask=self.response_mask[idx],
+            logprobs=self.logprobs[idx],
+            rewards=self.rewards[idx],
+            group_ids=self.group_ids[idx],
+            prompts=[self.prompts[i] for i in keep],
+            completions=[self.completions[i] for i in keep],
+            metadata=[self.metadata[i] for i in keep],
         )
 
     @staticmethod
@@ -209,7 +349,17 @@ class GenerationBatch:
             group_size=batches[0].group_size,
             pad_token_id=pad,
             generate_s=sum(b.generate_s for b in batches),
+            selection=_concat_selections(batches),
         )
+
+
+def _concat_selections(batches: Sequence[GenerationBatch]) -> SelectionStats | None:
+    stats = [b.selection for b in batches]
+    if all(s is None for s in stats):
+        return None
+    if any(s is None for s in stats):
+        raise ValueError("cannot concat selected and unselected generation batches")
+    return SelectionStats.concat(stats)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,14 @@ import torch.multiprocessing as mp
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.algorithms import aggregate_loss, aggregate_loss_parts
 from rlft_ray.cli import main
-from rlft_ray.config import LMConfig, build_config
+from rlft_ray.config import build_config
 from rlft_ray.learners.base import LearnerContext
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import GenerationBatch, Prompt
 
-GROUP = 4
+from lm_helpers import first_step_grads, free_port, make_batch, make_learner, slice_batch
 
 
 @pytest.fixture(scope="module")
@@ -31,68 +30,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(
         tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
     )
-
-
-def make_batch(model_dir: Path, n_prompts: int = 4, seed: int = 0) -> GenerationBatch:
-    """Real sampled completions (consistent log-probs) with fixed 0/1 rewards."""
-    actor = GenerationActor(
-        LMConfig(model=str(model_dir), num_samples=GROUP, max_new_tokens=5), seed=seed
-    )
-    texts = ["1+2=", "12+34=", "5+7=", "40+40=", "9+9=", "3+30="][:n_prompts]
-    batch = actor.generate(
-        [Prompt(t, actor.tokenizer(t)["input_ids"], {"answer": "3"}) for t in texts]
-    )
-    batch.rewards = np.random.default_rng(seed).integers(0, 2, len(batch)).astype(np.float32)
-    batch.rewards[:GROUP] = 1.0  # one group without signal
-    return batch
-
-
-def make_learner(algo: str, model_dir: Path, *overrides: str, rank: int = 0, world: int = 1):
-    cfg = build_config(
-        overrides=[f"algo={algo}", f"lm.model={model_dir}", f"{algo}.lr=1e-3", *overrides]
-    )
-    return get_learner_cls(algo)(cfg, None, LearnerContext(rank, world))
-
-
-def slice_batch(batch: GenerationBatch, rows: slice) -> GenerationBatch:
-    arrays = {
-        k: getattr(batch, k)[rows]
-        for k in (
-            "prompt_ids",
-            "prompt_mask",
-            "response_ids",
-            "response_mask",
-            "logprobs",
-            "rewards",
-            "group_ids",
-        )
-    }
-    lists = {k: getattr(batch, k)[rows] for k in ("prompts", "completions", "metadata")}
-    return GenerationBatch(
-        **arrays,
-        **lists,
-        policy_version=batch.policy_version,
-        group_size=batch.group_size,
-        pad_token_id=batch.pad_token_id,
-    )
-
-
-def first_step_grads(learner, batch: GenerationBatch) -> dict[str, torch.Tensor]:
-    """Gradients the optimizer sees at its first step of ``learner.update(batch)``."""
-    params = dict(learner.core.policy.named_parameters())
-    seen: dict[str, torch.Tensor] = {}
-    step = learner.optimizer.step
-
-    def capture(*args, **kwargs):
-        if not seen:
-            seen.update(
-                {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-            )
-        return step(*args, **kwargs)
-
-    learner.optimizer.step = capture
-    learner.update(batch, progress=0.0)
-    return seen
 
 
 # Settings under which one step sees the whole batch (so 1 and 2 ranks must agree).
@@ -263,16 +200,10 @@ def _ddp_worker(rank: int, port: int, model_dir: str, batch: GenerationBatch, ou
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_and_micro_batching_match_one_worker(model_dir: Path, tmp_path: Path) -> None:
     batch = make_batch(model_dir, n_prompts=4)  # 16 rows: 8 per rank = 2 whole groups
     mp.spawn(
-        _ddp_worker, args=(_free_port(), str(model_dir), batch, str(tmp_path)), nprocs=2, join=True
+        _ddp_worker, args=(free_port(), str(model_dir), batch, str(tmp_path)), nprocs=2, join=True
     )
     for name, (algo, overrides) in CASES.items():
         torch.manual_seed(0)

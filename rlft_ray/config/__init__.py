@@ -7,21 +7,24 @@ Tune search spaces address fields by dotted name (``ppo.lr``,
 ``resources.num_rollout_actors``) and go through :func:`build_config`, which checks
 every key and type before any Ray work starts.
 
-Where things live: the sections in :mod:`.gym` (env, PPO, DQN), :mod:`.lm` (model,
-prompts, LM algorithms) and :mod:`.run` (resources, the run); the reader in
+Where things live: the sections in :mod:`.gym` (env, PPO, DQN, filtered BC), :mod:`.lm`
+(model, prompts, LM algorithms, RSFT) and :mod:`.run` (resources, the run); the reader in
 :mod:`.parse`. Importing this package loads neither torch nor any learner.
 """
 
 from rlft_ray.config.errors import ConfigError
-from rlft_ray.config.gym import DQNConfig, EnvConfig, PPOConfig
+from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import (
     GRPOConfig,
     KLEstimator,
     LMConfig,
     LMOptimHP,
     LMPPOConfig,
+    LMTrainHP,
     LossAgg,
     LRSchedule,
+    RSFTConfig,
+    Selection,
 )
 from rlft_ray.config.parse import (
     OVERRIDE_ALIASES,
@@ -42,16 +45,20 @@ __all__ = [
     "ConfigError",
     "DQNConfig",
     "EnvConfig",
+    "FilteredBCConfig",
     "GRPOConfig",
     "KLEstimator",
     "LMConfig",
     "LMOptimHP",
     "LMPPOConfig",
+    "LMTrainHP",
     "LRSchedule",
     "LossAgg",
     "PPOConfig",
+    "RSFTConfig",
     "ResourcesConfig",
     "RunConfig",
+    "Selection",
     "build_config",
     "from_dict",
     "load_yaml",

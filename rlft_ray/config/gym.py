@@ -117,3 +117,46 @@ class DQNConfig:
         require(0 < self.exploration_fraction <= 1, "exploration_fraction", "must be in (0, 1]")
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         require(all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", "sizes must be >= 1")
+
+
+@dataclass(frozen=True)
+class FilteredBCConfig:
+    """Filtered behaviour cloning: rejection sampling on env-runner episodes.
+
+    Each rollout actor plays ``episodes_per_actor`` complete episodes with the current
+    policy and keeps the top ``top_fraction`` by return (selection on the actors); the
+    learner maximises log pi(a|s) on the kept episodes' steps (Chen et al. 2021's
+    %BC baseline; Oh et al. 2018 "Self-Imitation Learning"). Start it from a pretrained
+    policy with ``init_from`` (a PPO checkpoint with the same ``hidden_sizes``).
+
+    Attributes:
+        episodes_per_actor: Complete episodes each actor collects per iteration.
+        top_fraction: Fraction of an actor's episodes kept, by return (at least one).
+        min_return: Also drop kept episodes below this return; null: no floor.
+        lr: Adam learning rate. num_epochs: Passes over the kept steps.
+        num_minibatches: Optimizer steps per pass. ent_coef: Entropy bonus.
+        max_grad_norm: Gradient clipping. hidden_sizes: The policy MLP (as PPO's).
+        rollout_steps: Steps per sub-env between episode checks on the actor.
+    """
+
+    episodes_per_actor: int = 16
+    top_fraction: float = 0.25
+    min_return: float | None = None
+    lr: float = 3e-4
+    num_epochs: int = 4
+    num_minibatches: int = 4
+    ent_coef: float = 0.0
+    max_grad_norm: float = 0.5
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    rollout_steps: int = 32
+
+    def __post_init__(self) -> None:
+        require(self.episodes_per_actor >= 1, "episodes_per_actor", "must be >= 1")
+        require(0 < self.top_fraction <= 1, "top_fraction", "must be in (0, 1]")
+        require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        require(self.num_minibatches >= 1, "num_minibatches", "must be >= 1")
+        require(self.ent_coef >= 0, "ent_coef", "must be >= 0")
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(all(h >= 1 for h in self.hidden_sizes), "hidden_sizes", "sizes must be >= 1")
+        require(self.rollout_steps >= 1, "rollout_steps", "must be >= 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -100,8 +101,8 @@ KLEstimator = Literal["k1", "k2", "k3"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 
 
-class LMOptimHP(Protocol):
-    """The 13 fields every policy-gradient LM section (``grpo``, ``lm_ppo``) shares.
+class LMTrainHP(Protocol):
+    """The optimisation fields every LM learner section shares (``grpo``, ``lm_ppo``, ``rsft``).
 
     The shared LM learner core reads an algorithm section through this protocol, so
     each section stays its own frozen dataclass with its own paper defaults.
@@ -111,10 +112,6 @@ class LMOptimHP(Protocol):
     lr_schedule: LRSchedule
     warmup_fraction: float
     weight_decay: float
-    kl_coef: float
-    kl_estimator: KLEstimator
-    clip_low: float
-    clip_high: float | None
     num_epochs: int
     num_minibatches: int
     micro_batch_size: int
@@ -122,8 +119,18 @@ class LMOptimHP(Protocol):
     max_grad_norm: float
 
 
-def check_lm_optim(cfg: LMOptimHP) -> None:
-    """Range checks of the :class:`LMOptimHP` fields (the same in every section)."""
+class LMOptimHP(LMTrainHP, Protocol):
+    """The 13 fields the policy-gradient LM sections (``grpo``, ``lm_ppo``) share: the
+    :class:`LMTrainHP` fields plus the KL penalty and the PPO clip range."""
+
+    kl_coef: float
+    kl_estimator: KLEstimator
+    clip_low: float
+    clip_high: float | None
+
+
+def check_lm_train(cfg: LMTrainHP) -> None:
+    """Range checks of the :class:`LMTrainHP` fields (the same in every section)."""
     require(cfg.lr > 0, "lr", f"must be > 0 (got {cfg.lr})")
     require(0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
     require(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -131,6 +138,11 @@ def check_lm_optim(cfg: LMOptimHP) -> None:
     require(cfg.num_minibatches >= 1, "num_minibatches", "must be >= 1")
     require(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     require(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+
+
+def check_lm_optim(cfg: LMOptimHP) -> None:
+    """Range checks of the :class:`LMOptimHP` fields."""
+    check_lm_train(cfg)
     require(cfg.clip_low > 0, "clip_low", f"must be > 0 (got {cfg.clip_low})")
     require(cfg.clip_high is None or cfg.clip_high > 0, "clip_high", "must be > 0 or null")
     require(cfg.kl_coef >= 0, "kl_coef", f"must be >= 0 (got {cfg.kl_coef})")
@@ -226,3 +238,100 @@ class LMPPOConfig:
         require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
         require(self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0 or null")
         require(self.value_head_init_std >= 0, "value_head_init_std", "must be >= 0")
+
+
+Selection = Literal["all", "best_of_n", "threshold", "quantile", "acceptance"]
+
+
+@dataclass(frozen=True)
+class RSFTConfig:
+    """Rejection-sampling fine-tuning: sample, keep the best, fine-tune on them, repeat.
+
+    Expert iteration / ReST / RAFT (Anthony et al. 2017; Gulcehre et al. 2023; Dong et al.
+    2023). One iteration is one *round*: ``lm.prompts_per_iteration`` prompts x
+    ``lm.num_samples`` completions are generated, scored and selected on the generation
+    actors (only accepted ones reach the learner); the learner takes ``num_epochs``
+    passes of cross-entropy over the accepted completions (prompt tokens masked) and
+    publishes the new weights. ``rlft-ray sample`` uses the same selection fields.
+
+    Attributes:
+        rounds: Rounds of sample -> select -> fine-tune (the run's iteration budget).
+        select: ``all``, ``best_of_n`` (top ``top_k`` per prompt), ``threshold``
+            (reward >= ``threshold``), ``quantile`` (top ``quantile`` of the batch, or of
+            each prompt with ``quantile_per_group``), ``acceptance`` (statistical
+            rejection sampling: accept c with probability min(1, p(c) / (M q(c)))).
+        top_k: best_of_n: completions kept per prompt.
+        threshold: threshold: the reward cut-off tau.
+        quantile: quantile: the kept fraction q in (0, 1].
+        quantile_per_group: quantile: rank within each prompt's completions.
+        beta: acceptance with the reward-tilted target p ∝ q exp(r / beta).
+        reward_max: acceptance (tilted): a known upper bound of the reward (exact); null
+            uses the running maximum of the rewards seen so far (approximate).
+        target_model: acceptance against this model's log-probabilities (path or hub
+            id; its tokenizer must equal the policy's) instead of the tilted target.
+        log_m: acceptance with ``target_model``: log M; null estimates it from the first
+            (warm-up) batch as the largest log p - log q seen.
+        min_reward: After the rule, also drop samples with a lower reward (e.g. 1.0 keeps
+            only verified-correct completions); null: no floor.
+        weighting: ``none``, or ``reward``: each completion's loss weighted by its
+            reward over the mean accepted reward (negative rewards count as 0).
+        reset_to_base: Fine-tune from the starting weights every round (ReST-EM, Singh
+            et al. 2023) instead of continuing from the last round's.
+        max_empty_rounds: Stop with an error after this many rounds in a row accept
+            nothing (0: never stop; an empty round only skips its update).
+        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+        num_epochs: Passes over each round's accepted completions.
+        num_minibatches: Optimizer steps per pass. micro_batch_size: Sequences per
+            forward/backward. loss_agg: Token aggregation of the cross-entropy.
+    """
+
+    rounds: int = 20
+    select: Selection = "best_of_n"
+    top_k: int = 1
+    threshold: float = 1.0
+    quantile: float = 0.25
+    quantile_per_group: bool = False
+    beta: float = 0.5
+    reward_max: float | None = None
+    target_model: str | None = None
+    log_m: float | None = None
+    min_reward: float | None = None
+    weighting: Literal["none", "reward"] = "none"
+    reset_to_base: bool = False
+    max_empty_rounds: int = 3
+    lr: float = 3e-4
+    lr_schedule: LRSchedule = "constant"
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    num_epochs: int = 2
+    num_minibatches: int = 4
+    micro_batch_size: int = 32
+    loss_agg: LossAgg = "token-mean"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_lm_train(self)
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
+        require(0 < self.quantile <= 1, "quantile", f"must be in (0, 1] (got {self.quantile})")
+        require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
+        require(self.max_empty_rounds >= 0, "max_empty_rounds", "must be >= 0 (0: never stop)")
+        require(self.log_m is None or math.isfinite(self.log_m), "log_m", "must be finite or null")
+        require(
+            self.target_model is None or self.select == "acceptance",
+            "target_model",
+            f"is only used by rsft.select=acceptance (select is {self.select!r})",
+        )
+        require(
+            self.log_m is None or self.target_model is not None,
+            "log_m",
+            "is the bound of target-model acceptance: set rsft.target_model too",
+        )
+        for name in ("threshold", "min_reward"):
+            bar = getattr(self, name)
+            used = name == "min_reward" or self.select == "threshold"
+            require(
+                not used or bar is None or self.reward_max is None or bar <= self.reward_max,
+                name,
+                f"{bar} is above rsft.reward_max={self.reward_max}: no sample could be accepted",
+            )

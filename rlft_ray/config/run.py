@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlft_ray.config.errors import require
-from rlft_ray.config.gym import DQNConfig, EnvConfig, PPOConfig
-from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig
+from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
 
 #: The algorithm names ``algo:`` accepts. Each is also the name of the section holding
 #: its hyperparameters; ``rlft_ray.registry`` maps each to its learner class (a test
 #: keeps the two in step), so the schema never imports an implementation.
-Algorithm = Literal["dqn", "grpo", "lm_ppo", "ppo"]
+Algorithm = Literal["dqn", "filtered_bc", "grpo", "lm_ppo", "ppo", "rsft"]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 
 
@@ -99,10 +99,15 @@ class RunConfig:
         lm: Language model, prompts, reward and sampling (LM algorithms).
         grpo: GRPO / RLOO / REINFORCE hyperparameters (used when ``algo == "grpo"``).
         lm_ppo: Token-level PPO hyperparameters (used when ``algo == "lm_ppo"``).
+        rsft: Rejection sampling and fine-tuning on the accepted samples (``algo == "rsft"``,
+            and the selection of ``rlft-ray sample``).
+        filtered_bc: Filtered behaviour cloning on env-runner episodes (``algo == "filtered_bc"``).
         resources: Cluster resources.
         total_env_steps: Stop after this many environment steps (for LM algorithms a
             step is one sampled completion).
         total_iterations: Also stop after this many iterations (sample + update), if set.
+        time_limit_s: Also stop after this many seconds of training (the loop's clock,
+            which continues across ``--resume``), if set.
         stop_return: Stop early once the mean return of the last 20 episodes reaches it.
         stop_success_rate: Stop early once the success rate (``info["is_success"]``) of
             the last 20 episodes reaches it.
@@ -112,6 +117,9 @@ class RunConfig:
         keep_checkpoints: Ray Train checkpoints kept (the best is kept on top of these).
         report_interval_s: Seconds between metric reports to Ray Train (each report
             carries every iteration's row, so ``metrics.jsonl`` stays complete).
+        eval_every: Iterations between held-out evaluations on the rollout actors (LM
+            algorithms: greedy ``lm.eval_fn`` on ``lm.eval_prompts`` -> ``eval/accuracy``;
+            also after the last iteration); null: none.
     """
 
     algo: Algorithm = "ppo"
@@ -121,9 +129,12 @@ class RunConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lm_ppo: LMPPOConfig = field(default_factory=LMPPOConfig)
+    rsft: RSFTConfig = field(default_factory=RSFTConfig)
+    filtered_bc: FilteredBCConfig = field(default_factory=FilteredBCConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     total_env_steps: int = 200_000
     total_iterations: int | None = None
+    time_limit_s: float | None = None
     stop_return: float | None = None
     stop_success_rate: float | None = None
     seed: int = 0
@@ -131,6 +142,7 @@ class RunConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     report_interval_s: float = 1.0
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
@@ -140,6 +152,11 @@ class RunConfig:
             "must be >= 1 or null",
         )
         require(
+            self.time_limit_s is None or self.time_limit_s > 0,
+            "time_limit_s",
+            "must be > 0 or null",
+        )
+        require(
             self.stop_success_rate is None or 0 < self.stop_success_rate <= 1,
             "stop_success_rate",
             "must be in (0, 1] or null",
@@ -147,6 +164,9 @@ class RunConfig:
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.report_interval_s >= 0, "report_interval_s", "must be >= 0")
+        require(
+            self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null"
+        )
         require(
             self.resources.num_rollout_actors % self.resources.num_learners == 0,
             "resources.num_rollout_actors",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.config import RunConfig
+from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError
 from rlft_ray.models import space_signature
 from rlft_ray.rollout.env_runner import EnvRunner
@@ -59,6 +59,8 @@ class TaskProbe:
         spaces: Observation/action spaces (checked against checkpoints).
         datasets: Named tables (pandas DataFrames) that become Ray Datasets, sharded
             over the learner ranks by Ray Train (``LearnerContext.datasets``).
+        tables: Small tables (pandas) every rank receives whole (``LearnerContext.tables``),
+            e.g. the held-out prompts.
         info: Decisions worth recording in ``summary.json`` (e.g. prompts dropped).
         cfg: The config as workers must see it (e.g. local paths made absolute, since
             Ray workers do not share the driver's working directory); None: unchanged.
@@ -66,6 +68,7 @@ class TaskProbe:
 
     spaces: Spaces
     datasets: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     cfg: RunConfig | None = None
 
@@ -126,6 +129,13 @@ class Learner(ABC):
         """
         from rlft_ray.rollout.env_runner import probe_spaces
 
+        if cfg.eval_every is not None:
+            raise ConfigError(
+                "eval_every",
+                f"held-out evaluation during training is implemented for the LM algorithms "
+                f"(greedy lm.eval_fn on lm.eval_prompts), not algo={cfg.algo}; "
+                "use `rlft-ray eval CHECKPOINT` on the saved checkpoints",
+            )
         spaces = Spaces(*probe_spaces(cfg.env))
         try:
             cls.make_policy(cfg, spaces)
@@ -172,7 +182,7 @@ class Learner(ABC):
 
         return {
             "env_cfg": cfg.env,
-            "make_policy": partial(_policy_from_spaces, cls, cfg),
+            "make_policy": partial(policy_from_spaces, cls, cfg),
             "rollout_steps": cfg.algo_config.rollout_steps,
             "seed": cfg.seed + 10_007 * (index + 1),
             "num_threads": max(1, int(cfg.resources.cpus_per_rollout_actor)),
@@ -188,6 +198,15 @@ class Learner(ABC):
     @abstractmethod
     def policy_state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the weights the actors load after each update."""
+
+    def heldout_requests(self, num_actors: int) -> list[tuple[Any, ...]] | None:
+        """Arguments of each actor's ``heldout_scores`` call for a held-out evaluation
+        (``eval_every``), split over ``num_actors``; None: this learner has none."""
+        return None
+
+    def heldout_metrics(self, results: list[Any]) -> dict[str, float]:
+        """``eval/*`` metrics from the actors' ``heldout_scores`` results."""
+        return {}
 
     # -- learning ---------------------------------------------------------------------
     @abstractmethod
@@ -224,10 +243,15 @@ class Learner(ABC):
     def after_init_from(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Hook run after ``init_from`` loaded module weights (e.g. sync a target net)."""
 
+    def load_start_point(self, path: Path) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """On a resume of an ``init_from`` run: restore what the run started from (e.g. the
+        LM's KL reference) from ``path``, before the checkpoint restores the trained weights."""
 
-def _policy_from_spaces(
+
+def policy_from_spaces(
     cls: type[Learner], cfg: RunConfig, obs_space: gym.Space, act_space: gym.Space
 ) -> nn.Module:
+    """``cls.make_policy`` from two spaces (what env runners call, via ``functools.partial``)."""
     return cls.make_policy(cfg, Spaces(obs_space, act_space))
 
 

@@ -25,13 +25,15 @@ class LearnerContext:
     """Where a learner runs: its DDP rank, the world size, the device and its data.
 
     ``datasets`` maps the names of ``TaskProbe.datasets`` to this rank's shard (a Ray
-    Data ``DataIterator`` under Ray Train; anything with ``iter_batches`` in tests).
+    Data ``DataIterator`` under Ray Train; anything with ``iter_batches`` in tests);
+    ``tables`` holds ``TaskProbe.tables``, whole on every rank.
     """
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     datasets: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
 
 
 def wrap_ddp(module: nn.Module, ctx: LearnerContext) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, lr_factor, masked_mean, masked_sum
-from rlft_ray.config import LMOptimHP, RunConfig
+from rlft_ray.config import LMTrainHP, RunConfig
 from rlft_ray.learners.ddp import (
     LearnerContext,
     all_reduce_mean,
@@ -30,7 +30,7 @@ from rlft_ray.learners.ddp import (
     global_sum,
     wrap_ddp,
 )
-from rlft_ray.lm.data import PromptStream
+from rlft_ray.lm.data import PromptStream, prompts_from_batch
 from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
 from rlft_ray.lm.policy import (
     PolicyWithValueHead,
@@ -42,6 +42,8 @@ from rlft_ray.types import GenerationBatch
 
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"
+#: Name of the held-out prompt table every rank receives (``LearnerContext.tables``).
+HELDOUT = "heldout_prompts"
 
 #: A training objective: (forward output, this micro-batch's tensors) -> per-token loss
 #: matrix ``[b, L]`` and per-token statistics to average over real tokens.
@@ -56,8 +58,10 @@ class LMCore:
     Args:
         cfg: The run config (``cfg.lm``: model, tokenizer, sampling temperature, prompts).
         ctx: This rank's context (rank, world size, device, prompt shard).
-        hp: The algorithm section (``cfg.grpo`` / ``cfg.lm_ppo``): optimizer, clipping,
-            epochs, minibatches, micro-batch size, loss aggregation, KL coefficient.
+        hp: The algorithm section (``cfg.grpo`` / ``cfg.lm_ppo`` / ``cfg.rsft``): optimizer,
+            schedule, epochs, minibatches, micro-batch size, loss aggregation.
+        keep_start: Keep a frozen copy of the starting weights (``reference``): the KL
+            reference, and what RSFT's ``reset_to_base`` resets to.
         value_head: Add a scalar value head (PPO).
         value_head_init_std: Its init std (0: zeros).
     """
@@ -66,7 +70,8 @@ class LMCore:
         self,
         cfg: RunConfig,
         ctx: LearnerContext,
-        hp: LMOptimHP,
+        hp: LMTrainHP,
+        keep_start: bool,
         value_head: bool = False,
         value_head_init_std: float = 0.0,
     ) -> None:
@@ -88,15 +93,13 @@ class LMCore:
         self.value_head = make_value_head(hidden, value_head_init_std) if value_head else None
         self.policy = PolicyWithValueHead(self.model, self.value_head)
         self.net = wrap_ddp(self.policy, ctx)
-        self.reference: nn.Module | None = None
-        if hp.kl_coef > 0 or lm.track_kl:
+        self.reference: PolicyWithValueHead | None = None
+        if keep_start:
             self.reference = PolicyWithValueHead(
                 copy.deepcopy(self.model).requires_grad_(False).eval()
             )
             self.reference.to(ctx.device)
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay
-        )
+        self.optimizer = self.new_optimizer()
         self.prompts = PromptStream(
             ctx.datasets.get(PROMPTS),
             lm.prompts_per_iteration // ctx.world_size,
@@ -104,6 +107,14 @@ class LMCore:
             lm.shuffle,
         )
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
+        heldout = ctx.tables.get(HELDOUT)
+        self.heldout = prompts_from_batch(heldout) if heldout is not None else []
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh AdamW over the policy (and value head) parameters."""
+        return torch.optim.AdamW(
+            self.policy.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+        )
 
     # -- hooks the learners delegate to --------------------------------------------------
     def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
@@ -131,6 +142,22 @@ class LMCore:
         """Make the reference the current policy (after ``init_from`` loaded new weights)."""
         if self.reference is not None:
             self.reference.lm.load_state_dict(self.model.state_dict())
+
+    def load_start_point(self, path: Path) -> None:
+        """On ``--resume`` of an ``init_from`` run: the reference is ``init_from``'s policy,
+        not ``lm.model`` (the checkpoint then loads the trained weights into the policy)."""
+        from rlft_ray.checkpoint import load_modules
+
+        if self.reference is not None:
+            load_modules(path, {"policy": self.reference.lm})
+
+    def reset_to_start(self) -> None:
+        """The policy back to the starting weights, with a fresh optimizer (RSFT's
+        ``reset_to_base``); the caller re-points the learner at :attr:`optimizer`."""
+        if self.reference is None:
+            raise RuntimeError("reset_to_start needs keep_start=True")
+        self.model.load_state_dict(self.reference.lm.state_dict())
+        self.optimizer = self.new_optimizer()
 
     # -- batches -------------------------------------------------------------------------
     def tensors(self, batch: GenerationBatch) -> dict[str, torch.Tensor]:
@@ -216,44 +243,36 @@ class LMCore:
         Each step accumulates ``token_loss`` over micro-batches of ``micro_batch_size``
         rows; every micro-batch's loss is its aggregation numerator divided by the
         minibatch's global denominator (times the world size, which DDP's gradient
-        averaging divides back out).
+        averaging divides back out). Ranks may hold different numbers of rows (RSFT keeps
+        what each actor accepted): a minibatch empty on every rank is skipped by all, and
+        a rank with no rows in a minibatch others have runs one zero-weight micro-batch,
+        so every rank takes the same optimizer steps and DDP's all-reduce always meets.
 
         Returns:
             ``loss/*`` (token means of the objective's statistics, grad norm),
             ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
-        hp, world = self.hp, self.ctx.world_size
+        hp = self.hp
         lr = self.set_lr(progress)
-        rows = t["mask"].shape[0]
         sums: dict[str, float] = {}
         tokens = 0.0
         norms: list[float] = []
         accum = 0
         start = time.perf_counter()
         for _epoch in range(hp.num_epochs):
-            perm = torch.randperm(rows, generator=self.torch_rng).to(self.ctx.device)
-            for mb in torch.tensor_split(perm, hp.num_minibatches):
-                micro = self._micro_slices(mb)
+            perm = torch.randperm(t["mask"].shape[0], generator=self.torch_rng)
+            splits = [mb.to(self.ctx.device) for mb in torch.tensor_split(perm, hp.num_minibatches)]
+            counts = [float(len(mb)) for mb in splits]
+            sizes = global_sum(torch.tensor(counts, device=self.ctx.device), self.ctx)
+            for mb, size in zip(splits, sizes.tolist()):
+                if size == 0:
+                    continue  # empty on every rank: no step anywhere
+                micro = self._micro_slices(mb) if len(mb) else [None]
                 accum = max(accum, len(micro))
                 _, den = aggregate_loss_parts(t["mask"][mb].float(), t["mask"][mb], hp.loss_agg)
                 den = global_sum(den, self.ctx).clamp_min(1e-8)
                 for k, idx in enumerate(micro):
-                    last = k == len(micro) - 1
-                    sync = contextlib.nullcontext() if last or world == 1 else self.net.no_sync()
-                    with sync:
-                        out = self.forward(self.net, t, idx)
-                        sub = _trim_like(t, idx, out.logprobs.shape[1])
-                        loss_mat, stats = token_loss(out, sub)
-                        num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg)
-                        loss = num * world / den
-                        check_finite("loss/total", loss)
-                        loss.backward()
-                    mask = sub["mask"]
-                    n_tok = float(mask.sum())
-                    tokens += n_tok
-                    stats = {**stats, "entropy": out.entropy}
-                    for key, val in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(masked_sum(val.detach(), mask))
+                    tokens += self._accumulate(t, idx, den, token_loss, sums, k == len(micro) - 1)
                 grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
                 check_finite("loss/grad_norm", grad_norm)
                 self.optimizer.step()
@@ -267,7 +286,7 @@ class LMCore:
         }
         metrics.update(
             {
-                "loss/grad_norm": float(np.mean(norms)),
+                "loss/grad_norm": float(np.mean(norms)) if norms else 0.0,
                 "optim/lr": lr,
                 "optim/steps": float(len(norms)),
                 "optim/grad_accum_steps": float(accum),
@@ -275,6 +294,34 @@ class LMCore:
             }
         )
         return metrics
+
+    def _accumulate(
+        self,
+        t: dict[str, torch.Tensor],
+        idx: torch.Tensor | None,
+        den: torch.Tensor,
+        token_loss: TokenLoss,
+        sums: dict[str, float],
+        last: bool,
+    ) -> float:
+        """Forward/backward of one micro-batch (``None``: a zero-weight stand-in row); adds its
+        token statistics to ``sums`` and returns its real token count."""
+        world = self.ctx.world_size
+        rows = _padding_row(t, self.tokenizer.pad_token_id) if idx is None else t
+        idx = torch.zeros(1, dtype=torch.long, device=self.ctx.device) if idx is None else idx
+        sync = contextlib.nullcontext() if last or world == 1 else self.net.no_sync()
+        with sync:
+            out = self.forward(self.net, rows, idx)
+            sub = _trim_like(rows, idx, out.logprobs.shape[1])
+            loss_mat, stats = token_loss(out, sub)
+            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], self.hp.loss_agg)
+            loss = num * world / den
+            check_finite("loss/total", loss)
+            loss.backward()
+        mask = sub["mask"]
+        for key, val in {**stats, "entropy": out.entropy}.items():
+            sums[key] = sums.get(key, 0.0) + float(masked_sum(val.detach(), mask))
+        return float(mask.sum())
 
     def reward_metrics(self, t: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
         """``reward/*`` and ``rollout/*`` statistics over all ranks' completions."""
@@ -330,6 +377,18 @@ def _trim_like(
         v = val[idx]
         out[key] = v[:, :width] if v.dim() == 2 else v
     return out
+
+
+def _padding_row(t: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row shaped like ``t``'s rows with no real response token (its loss weighs 0):
+    what a rank with no rows of a minibatch runs so that DDP's all-reduce still meets."""
+    row = {}
+    for key, val in t.items():
+        shape = (1, max(1, val.shape[1])) if val.dim() == 2 else (1,)
+        row[key] = torch.zeros(shape, dtype=val.dtype, device=val.device)
+    row["prompt_ids"] = row["prompt_ids"].fill_(pad_id)
+    row["prompt_mask"][:, -1] = True  # one attended position keeps attention well defined
+    return row
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
+import numpy as np
 import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
-from rlft_ray.learners.lm_core import PROMPTS, LMCore
+from rlft_ray.learners.lm_core import HELDOUT, PROMPTS, LMCore
 from rlft_ray.lm.data import load_prompts
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
 from rlft_ray.rewards import load_reward_fn
@@ -78,6 +79,11 @@ def probe_lm(cfg: RunConfig) -> TaskProbe:
             f"algo={cfg.algo} needs a prompt file (.jsonl or .parquet with a 'prompt' column)",
         )
     table, stats = load_prompts(lm.prompts, tok, lm)
+    tables = {}
+    if cfg.eval_every is not None:
+        if not lm.eval_prompts:
+            raise ConfigError("eval_every", "held-out evaluation needs lm.eval_prompts")
+        tables[HELDOUT], _ = load_prompts(lm.eval_prompts, tok, lm, key="lm.eval_prompts")
     if stats.kept < lm.prompts_per_iteration:
         raise ConfigError(
             "lm.prompts_per_iteration",
@@ -90,7 +96,13 @@ def probe_lm(cfg: RunConfig) -> TaskProbe:
         observation=gym.spaces.Text(max_length=lm.max_prompt_tokens),
         action=gym.spaces.Discrete(len(tok)),
     )
-    return TaskProbe(spaces=spaces, datasets={PROMPTS: table}, info=info, cfg=absolute_paths(cfg))
+    return TaskProbe(
+        spaces=spaces,
+        datasets={PROMPTS: table},
+        tables=tables,
+        info=info,
+        cfg=absolute_paths(cfg),
+    )
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -186,3 +198,17 @@ class LMLearnerHooks:
 
     def after_init_from(self) -> None:
         self.core.reset_reference()
+
+    def load_start_point(self, path: Path) -> None:
+        self.core.load_start_point(path)
+
+    def heldout_requests(self, num_actors: int) -> list[tuple[Any, ...]] | None:
+        prompts = self.core.heldout
+        if not prompts:
+            return None
+        size = -(-len(prompts) // num_actors)  # ceil: every prompt is scored once
+        return [(prompts[i * size : (i + 1) * size],) for i in range(num_actors)]
+
+    def heldout_metrics(self, results: list[Any]) -> dict[str, float]:
+        scores = np.concatenate([np.asarray(r, dtype=np.float64) for r in results])
+        return {"eval/accuracy": float(scores.mean()) if len(scores) else 0.0}

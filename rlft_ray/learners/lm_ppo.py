@@ -32,7 +32,12 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.lm_ppo
         self.core = LMCore(
-            cfg, ctx, self.hp, value_head=True, value_head_init_std=self.hp.value_head_init_std
+            cfg,
+            ctx,
+            self.hp,
+            keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl,
+            value_head=True,
+            value_head_init_std=self.hp.value_head_init_std,
         )
         self.optimizer = self.core.optimizer
 

@@ -1,4 +1,4 @@
-"""The LM quickstart: tiny GPT-2 -> SFT on a few demonstrations -> GRPO with a verifier.
+"""The LM quickstart: tiny GPT-2 -> SFT on a few demonstrations -> GRPO (or RSFT) with a verifier.
 
 The story is the usual one for RL with verifiable rewards: labelled
 demonstrations are scarce (the supervised pass sees 300 solved problems), prompts
@@ -9,7 +9,8 @@ with a checkable answer are plentiful (RL samples from thousands). Steps:
 3. supervised fine-tuning on the demonstrations (about a minute on 2 cores) ->
    the "pretrained" model (``sft_base/``), and its greedy exact-match on the test split;
 4. GRPO through the regular training path (generation actors + Ray Train learner,
-   ``examples/arithmetic_grpo.yaml``) into the same directory;
+   ``examples/arithmetic_grpo.yaml``) into the same directory; or, with ``--algo rsft``,
+   rejection-sampling fine-tuning (``examples/arithmetic_rsft.yaml``);
 5. exact-match of the final checkpoint, a before/after table, ``summary.json``
    (``accuracy_before``, ``accuracy_after``, ``wall_s``, ...) and ``reward_curve.png``.
 """
@@ -39,6 +40,8 @@ class QuickstartSettings:
         sft_lr: Supervised learning rate.
         arch, n_layer, hidden, n_head: The tiny model.
         seed: Data, model init and SFT seed.
+        algo: The RL step: ``grpo`` (examples/arithmetic_grpo.yaml) or ``rsft``
+            (rejection-sampling fine-tuning, examples/arithmetic_rsft.yaml).
     """
 
     n_train: int = 4000
@@ -52,6 +55,7 @@ class QuickstartSettings:
     hidden: int = 64
     n_head: int = 4
     seed: int = 0
+    algo: str = "grpo"
 
 
 def run_lm_quickstart(
@@ -90,7 +94,7 @@ def run_lm_quickstart(
 
     train_path, test_path = write_splits(out / "data", s.n_train, s.n_test, kind="add", seed=s.seed)
     demos = [json.loads(line) for line in train_path.read_text().splitlines()[: s.n_demos]]
-    cfg = _rl_config(out, train_path, test_path, s.seed, overrides)  # fails now, not after SFT
+    cfg = _rl_config(out, train_path, test_path, s, overrides)  # fails now, not after SFT
     sft = build_sft_base(out, demos, s, log)
     before = evaluate_model(out / "sft_base", test_path, cfg.lm)
     log(
@@ -98,7 +102,7 @@ def run_lm_quickstart(
     )
 
     log(
-        f"[3/4] GRPO: {cfg.resources.num_rollout_actors} generation actors + {cfg.resources.num_learners} Ray Train learner, {cfg.total_iterations} iterations"
+        f"[3/4] {s.algo.upper()}: {cfg.resources.num_rollout_actors} generation actors + {cfg.resources.num_learners} Ray Train learner, {cfg.total_iterations or cfg.rsft.rounds} iterations"
     )
     rl_start = time.perf_counter()
     summary = run_training(cfg, out, progress=progress)
@@ -109,6 +113,7 @@ def run_lm_quickstart(
     summary.update(
         {
             "task": "arithmetic-add (2-digit)",
+            "rl_algo": s.algo,
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
             "accuracy_gain": after["accuracy"] - before["accuracy"],
@@ -129,18 +134,21 @@ def run_lm_quickstart(
 
 
 def _rl_config(
-    out: Path, train_path: Path, test_path: Path, seed: int, overrides: Sequence[str]
+    out: Path, train_path: Path, test_path: Path, s: QuickstartSettings, overrides: Sequence[str]
 ) -> Any:
-    """The RL run's config: ``examples/arithmetic_grpo.yaml`` on this quickstart's files."""
-    from rlft_ray.config import build_config
+    """The RL run's config: ``examples/arithmetic_{algo}.yaml`` on this quickstart's files."""
+    from rlft_ray.config import ConfigError, build_config
 
+    example = EXAMPLES / f"arithmetic_{s.algo}.yaml"
+    if s.algo not in ("grpo", "rsft"):
+        raise ConfigError("--algo", f"the LM quickstart runs grpo or rsft, not {s.algo!r}")
     return build_config(
-        EXAMPLES / "arithmetic_grpo.yaml",
+        example,
         [
             f"lm.model={out / 'sft_base'}",
             f"lm.prompts={train_path}",
             f"lm.eval_prompts={test_path}",
-            f"seed={seed}",
+            f"seed={s.seed}",
             *overrides,
         ],
     )
@@ -196,7 +204,7 @@ def format_table(summary: dict[str, Any]) -> str:
     """The before/after table printed at the end."""
     rows = [
         ("SFT base (before RL)", summary["accuracy_before"]),
-        ("after GRPO", summary["accuracy_after"]),
+        (f"after {summary.get('rl_algo', 'grpo').upper()}", summary["accuracy_after"]),
     ]
     lines = [
         f"exact-match on {summary['eval_problems']} held-out 2-digit additions (greedy):",

@@ -9,7 +9,9 @@ select a few):
   (``model.generate``), returning token ids, masks and per-token log-probs under
   the sampling policy, tagged with the policy version;
 * :meth:`GenerationActor.score` — the reward function on the decoded completions;
-* :meth:`GenerationActor.select` — which completions go to the learner (all of them here).
+* :meth:`GenerationActor.select` — which completions go to the learner: all of them, or
+  (with a ``selection`` section) those a rejection-sampling rule accepts, so only
+  accepted samples cross to the learner.
 
 :meth:`GenerationActor.sample` chains the three; it is what the training loop calls.
 """
@@ -24,9 +26,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rlft_ray.config import LMConfig
+from rlft_ray.config import LMConfig, RSFTConfig
+from rlft_ray.lm.loading import load_model_and_tokenizer
+from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
-from rlft_ray.types import GenerationBatch, Prompt
+from rlft_ray.rollout.selection import Selector
+from rlft_ray.types import GenerationBatch, Prompt, SelectionStats
 from rlft_ray.utils import weights_from_wire
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ class GenerationActor:
         model_path: Load weights from here instead of ``lm.model`` (e.g. a checkpoint's
             ``policy/`` directory); the learner publishes its weights before the
             first sample anyway, so this only matters for evaluation.
+        selection: The ``rsft`` section: select samples by its rule (rejection sampling);
+            None keeps every sample.
     """
 
     def __init__(
@@ -53,9 +60,9 @@ class GenerationActor:
         num_threads: int = 1,
         device: str = "cpu",
         model_path: str | None = None,
+        selection: RSFTConfig | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
-        from rlft_ray.lm.loading import load_model_and_tokenizer
 
         quiet_transformers()
         torch.set_num_threads(max(1, num_threads))
@@ -86,6 +93,13 @@ class GenerationActor:
         self.max_positions = getattr(
             self.model.config.get_text_config(), "max_position_embeddings", None
         )
+        self.selector = Selector(selection, seed) if selection is not None else None
+        self.target: PolicyWithValueHead | None = None
+        if self.selector is not None and self.selector.needs_target:
+            target, _ = load_model_and_tokenizer(
+                selection.target_model, trust_remote_code=lm.trust_remote_code, dtype=lm.dtype
+            )
+            self.target = PolicyWithValueHead(target.to(self.device).eval())
 
     # -- weights ------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
@@ -258,14 +272,57 @@ class GenerationActor:
         return np.asarray(rewards, dtype=np.float32)
 
     def select(self, batch: GenerationBatch) -> GenerationBatch:
-        """The completions handed to the learner: all of them (rejection sampling overrides this)."""
-        return batch
+        """The completions handed to the learner (all of them without a selection rule).
+
+        With a rule, the returned batch holds the accepted rows only and carries
+        :class:`~rlft_ray.types.SelectionStats` about every generated sample.
+        """
+        if self.selector is None:
+            return batch
+        target_logp = self.target_logprobs(batch) if self.target is not None else None
+        out = self.selector(
+            batch.rewards, batch.group_size, batch.logprobs.sum(axis=1), target_logp
+        )
+        selected = batch.take(out.keep)
+        selected.selection = SelectionStats(
+            rewards=batch.rewards.copy(),
+            lengths=batch.response_mask.sum(axis=1).astype(np.int64),
+            accepted=out.keep,
+            clipped=out.clipped,
+            bound=out.bound,
+        )
+        return selected
+
+    @torch.no_grad()
+    def target_logprobs(self, batch: GenerationBatch) -> np.ndarray:
+        """``[B]`` log p(c) of each completion under the target model (summed over its tokens)."""
+        if self.target is None:
+            raise ValueError("no target model (rsft.target_model) is loaded")
+        out = []
+        step = max(1, self.lm.generation_batch_size)
+        for i in range(0, len(batch), step):
+            rows = slice(i, i + step)
+            mask = torch.as_tensor(batch.response_mask[rows], device=self.device)
+            logp = response_forward(
+                self.target,
+                torch.as_tensor(batch.prompt_ids[rows], device=self.device),
+                torch.as_tensor(batch.prompt_mask[rows], device=self.device),
+                torch.as_tensor(batch.response_ids[rows], device=self.device),
+                mask,
+            ).logprobs
+            out.append((logp * mask).sum(-1).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
 
     def sample(self, prompts: Sequence[Prompt]) -> GenerationBatch:
         """generate -> score -> select: one iteration's completions for these prompts."""
         batch = self.generate(prompts)
         batch.rewards = self.score(batch)
         return self.select(batch)
+
+    def heldout_scores(self, prompts: Sequence[Prompt]) -> tuple[int, np.ndarray]:
+        """The policy version held and the ``lm.eval_fn`` scores of greedy completions
+        (held-out evaluation during training)."""
+        return self.policy_version, self.evaluate(prompts)[1]
 
     def evaluate(
         self, prompts: Sequence[Prompt], eval_fn: str | None = None

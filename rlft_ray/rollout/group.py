@@ -139,6 +139,27 @@ class RunnerGroup:
             out.append(batch)
         return out
 
+    def evaluate(
+        self, requests: Sequence[tuple[Any, ...]], version: int, timeout_s: float = 600.0
+    ) -> list[Any] | None:
+        """``heldout_scores(*requests[i])`` on actor i of all actors, in parallel.
+
+        Returns:
+            Each actor's scores, or None (with a warning) when an actor is down, does not
+            answer within ``timeout_s``, or answers with weights other than ``version``
+            (Ray restarted it): a held-out figure from stale weights would mislead.
+        """
+        calls = [r.heldout_scores.remote(*a) for r, a in zip(self.all_runners, requests)]
+        try:
+            answers = ray.get(calls, timeout=timeout_s)
+        except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
+            logger.warning("held-out evaluation skipped: %s", type(exc).__name__)
+            return None
+        if any(v != version for v, _ in answers):
+            logger.warning("held-out evaluation skipped: an actor was restarted with old weights")
+            return None
+        return [scores for _, scores in answers]
+
     def _recover(
         self, i: int, exc: Exception | None, weights_for_recovery: Callable, args: tuple
     ) -> Any:

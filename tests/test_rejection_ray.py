@@ -1,0 +1,215 @@
+"""Rejection sampling on local embedded Ray: an RSFT run with held-out accuracy per round
+and --resume, the `rlft-ray sample` job (resume without duplicates), and filtered
+behaviour cloning started from a PPO checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+
+from rlft_ray.cli import main
+from rlft_ray.config import ConfigError, build_config
+from rlft_ray.driver import RunError, run_training
+from rlft_ray.lm.tiny import make_tiny_model
+from rlft_ray.rundir import read_metrics
+from rlft_ray.sample_job import PARTS, run_sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
+    )
+
+
+def _rsft(model_dir: Path, *overrides: str):
+    return build_config(
+        EXAMPLES / "arithmetic_rsft.yaml",
+        [
+            f"lm.model={model_dir}",
+            f"lm.prompts={DATA / 'arith_train.jsonl'}",
+            f"lm.eval_prompts={DATA / 'arith_test.jsonl'}",
+            "lm.reward_fn=envs.arithmetic:digit_fraction",  # graded: a random model can learn
+            "lm.max_new_tokens=4",
+            "lm.num_samples=4",
+            "lm.prompts_per_iteration=16",
+            "rsft.min_reward=null",
+            "rsft.top_k=1",
+            "rsft.lr=3e-3",
+            "rsft.num_epochs=2",
+            "checkpoint_every=5",
+            "eval_every=3",
+            "seed=1",
+            *overrides,
+        ],
+    )
+
+
+def test_rsft_run_selects_on_actors_learns_and_resumes(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    summary = run_training(_rsft(model_dir, "rsft.rounds=15"), out, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 16))
+    # best-of-4, one per prompt: exactly a quarter of every round crosses to the learner
+    assert all(r["rollout/accept_rate"] == 0.25 for r in rows)
+    assert all(r["rollout/accepted"] == 16 and r["rollout/generated"] == 64 for r in rows)
+    assert all(r["rollout/reward_mean_accepted"] >= r["rollout/reward_mean_all"] for r in rows)
+    assert all(r["perf/accepted_per_s"] > 0 and r["perf/samples_per_s"] > 0 for r in rows)
+    rewards = [r["reward/mean"] for r in rows]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.05, rewards
+    # held-out exact-match every 3 rounds and after the last one, on every actor's weights
+    evals = [r["counters/iteration"] for r in rows if "eval/accuracy" in r]
+    assert evals == [3, 6, 9, 12, 15]
+    assert summary["env_steps"] == 15 * 64 and summary["error"] is None
+    assert summary["policy_version"] == 15
+    assert (out / "checkpoint_last" / "policy" / "config.json").is_file()
+
+    more = _rsft(model_dir, "rsft.rounds=18")
+    summary = run_training(more, out, resume=True, progress=False)
+    rows = read_metrics(out)
+    assert [r["counters/iteration"] for r in rows] == list(range(1, 19))
+    assert summary["policy_version"] == 18
+
+
+def test_a_selection_that_never_accepts_stops_with_a_clear_error(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _rsft(
+        model_dir,
+        "lm.reward_fn=envs.arithmetic:exact_match",  # a random model is never right
+        "rsft.min_reward=1.0",
+        "rsft.max_empty_rounds=2",
+        "rsft.rounds=10",
+        "eval_every=null",
+    )
+    with pytest.raises(RunError, match="EmptyRoundsError: 2 rounds in a row accepted no sample"):
+        run_training(cfg, tmp_path / "e", progress=False)
+    rows = read_metrics(tmp_path / "e")
+    assert [r["rollout/empty_rounds"] for r in rows] == [1.0] if rows else True
+
+
+def _bon(model_dir: Path, prompts: Path, *overrides: str):
+    return build_config(
+        EXAMPLES / "arithmetic_bon.yaml",
+        [
+            f"lm.model={model_dir}",
+            f"lm.prompts={prompts}",
+            "lm.reward_fn=envs.arithmetic:digit_fraction",
+            "lm.num_samples=4",
+            "lm.max_new_tokens=4",
+            "rsft.min_reward=null",
+            "resources.cpus_per_rollout_actor=0.5",
+            *overrides,
+        ],
+    )
+
+
+def test_sample_job_writes_the_accepted_set_and_resumes_without_duplicates(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "p.jsonl"
+    lines = (DATA / "arith_train.jsonl").read_text().splitlines()[:40]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bon"
+    summary = run_sampling(_bon(model_dir, prompts), out, prompts_per_batch=8, progress=False)
+    assert (summary["prompts"], summary["samples"], summary["accepted"]) == (40, 160, 40)
+    assert (
+        summary["accept_rate"] == 0.25
+        and summary["reward_mean_accepted"] >= summary["reward_mean_all"]
+    )
+    accepted = pd.read_json(out / "accepted.jsonl", lines=True)
+    assert list(accepted.columns[:5]) == [
+        "prompt",
+        "completion",
+        "reward",
+        "logprob",
+        "policy_version",
+    ]
+    assert accepted["prompt_index"].tolist() == list(range(40))  # one per prompt, in order
+    assert accepted["prompt"].tolist() == [json.loads(x)["prompt"] for x in lines]
+    assert len(list((out / PARTS).glob("part-*.parquet"))) == 5
+
+    # a second job into the same directory is refused, before any sampling
+    with pytest.raises(ConfigError, match="--output-dir: .* is not empty"):
+        run_sampling(_bon(model_dir, prompts), out, progress=False)
+    # a stop after some batches (two parts lost): --resume samples only those prompts
+    parts = sorted((out / PARTS).glob("part-*.parquet"))
+    for part in parts[1:3]:
+        part.unlink()
+    again = run_sampling(
+        _bon(model_dir, prompts), out, resume=True, prompts_per_batch=8, progress=False
+    )
+    assert again["sampled_this_run"] == 16 * 4 and again["samples"] == 160
+    resumed = pd.read_json(out / "accepted.jsonl", lines=True)
+    assert resumed["prompt_index"].tolist() == list(range(40))
+    # every batch is seeded by its first prompt: the resumed set is the same set
+    pd.testing.assert_frame_equal(resumed, accepted)
+    with pytest.raises(ConfigError, match="--resume: the config differs"):
+        run_sampling(_bon(model_dir, prompts, "lm.num_samples=2"), out, resume=True, progress=False)
+
+    # parquet output, through the CLI
+    cli_out = tmp_path / "pq"
+    code = main(
+        [
+            "sample",
+            str(EXAMPLES / "arithmetic_bon.yaml"),
+            f"lm.model={model_dir}",
+            f"lm.prompts={prompts}",
+            "lm.num_samples=2",
+            "lm.max_new_tokens=4",
+            "rsft.select=all",
+            "rsft.min_reward=null",
+            "resources.num_rollout_actors=1",
+            "--output-dir",
+            str(cli_out),
+            "--format",
+            "parquet",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and len(pd.read_parquet(cli_out / "accepted.parquet")) == 80
+    assert json.loads((cli_out / "summary.json").read_text())["accept_rate"] == 1.0
+
+
+def test_filtered_bc_fine_tunes_a_ppo_checkpoint(tmp_path: Path) -> None:
+    base = build_config(
+        EXAMPLES / "cartpole_ppo.yaml",
+        ["total_env_steps=4096", "resources.num_rollout_actors=1", "checkpoint_every=2"],
+    )
+    run_training(base, tmp_path / "ppo", progress=False)
+    cfg = build_config(
+        overrides=[
+            "algo=filtered_bc",
+            "env.id=CartPole-v1",
+            f"init_from={tmp_path / 'ppo' / 'checkpoint_last'}",
+            "filtered_bc.episodes_per_actor=8",
+            "total_iterations=3",
+            "resources.num_rollout_actors=2",
+        ]
+    )
+    summary = run_training(cfg, tmp_path / "bc", progress=False)
+    rows = read_metrics(tmp_path / "bc")
+    assert summary["error"] is None and len(rows) == 3
+    for r in rows:
+        # 2 actors keep the top quarter (rounded up) of their at least 8 episodes each
+        n = r["rollout/episodes_collected"]
+        assert n >= 16 and 0.25 <= r["rollout/accept_rate"] <= 0.25 + 2 / n
+        assert r["rollout/return_mean_accepted"] >= r["rollout/return_mean_all"]
+        assert np.isfinite(r["loss/bc_nll"]) and r["perf/env_steps_per_s"] > 0
+    assert (tmp_path / "bc" / "checkpoint_best" / "policy.safetensors").is_file()
