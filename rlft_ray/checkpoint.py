@@ -143,6 +143,34 @@ def check_compatible(
     return state
 
 
+def check_policy_fits(path: str | Path, policy: torch.nn.Module) -> None:
+    """Before Ray starts: ``path``'s ``policy.safetensors`` has exactly ``policy``'s tensors
+    and shapes (only the file header is read). A ``policy/`` (Hugging Face) directory is
+    checked when it loads.
+
+    Raises:
+        CheckpointError: Naming the missing, unexpected or differently shaped tensors.
+    """
+    from safetensors import safe_open
+
+    file = Path(path) / "policy.safetensors"
+    if not file.is_file():
+        return
+    own = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
+    with safe_open(str(file), framework="pt") as f:
+        theirs = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    shapes = [
+        f"{k} {theirs[k]} there, {own[k]} here" for k in own if k in theirs and own[k] != theirs[k]
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path}: its policy does not fit this run's (another algorithm's "
+            f"network, or other hidden_sizes?): missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shapes {shapes[:3]}"
+        )
+
+
 def load_modules(
     path: str | Path, modules: dict[str, torch.nn.Module], names: list[str] | None = None
 ) -> list[str]:

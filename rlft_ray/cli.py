@@ -158,6 +158,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--kind", choices=("add", "mul", "multi", "mixed"), default="add")
     d.add_argument("--max-operand", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
+    pr = sub.add_parser(
+        "make-arith-prefs",
+        help="preference pairs from a model's own samples, labelled by the arithmetic verifier",
+    )
+    pr.add_argument("out", type=Path, help="folder with arith_train.jsonl / arith_test.jsonl")
+    pr.add_argument("--from", dest="model", required=True, help="the model that samples")
+    pr.add_argument("--samples", type=int, default=8, help="completions per prompt")
+    pr.add_argument(
+        "--pairs-per-prompt",
+        type=int,
+        default=1,
+        help="most pairs per prompt (best vs worst first)",
+    )
+    pr.add_argument("--temperature", type=float, default=1.0)
+    pr.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -173,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "tune": _tune,
             "make-tiny-model": _make_tiny_model,
             "make-arith-data": _make_arith_data,
+            "make-arith-prefs": _make_arith_prefs,
         }
         return commands[args.command](args)
     except (ConfigError, CheckpointError, ResourceError) as exc:
@@ -338,6 +354,33 @@ def _make_arith_data(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError("make-arith-data", str(exc)) from None
     print(f"wrote {args.train} problems to {train} and {args.test} to {test}")
+    return 0
+
+
+def _make_arith_prefs(args: argparse.Namespace) -> int:
+    from rlft_ray.lm import quiet_transformers
+    from rlft_ray.lm.loading import resolve_model_path
+    from rlft_ray.lm.preference_data import label_pairs
+
+    quiet_transformers()
+    cfg = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml",
+        [f"lm.num_samples={args.samples}", f"lm.temperature={args.temperature}"],
+    )
+    model = resolve_model_path(str(args.model), "--from")
+    for split in ("train", "test"):
+        prompts = args.out / f"arith_{split}.jsonl"
+        if not prompts.is_file():
+            raise ConfigError(
+                "make-arith-prefs", f"{prompts} not found (rlft-ray make-arith-data {args.out})"
+            )
+        out = args.out / f"arith_prefs_{split}.jsonl"
+        info = label_pairs(
+            model, prompts, out, cfg.lm, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt
+        )
+        print(
+            f"wrote {info['pairs']} pairs from {info['prompts']} prompts to {out} ({info['flat_prompts']} prompts had no reward spread)"
+        )
     return 0
 
 

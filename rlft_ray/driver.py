@@ -25,7 +25,7 @@ from rlft_ray.config import ConfigError, RunConfig, save_config
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import train_loop_per_worker
 from rlft_ray.registry import get_learner_cls
-from rlft_ray.resources import check_fits, init_ray
+from rlft_ray.resources import check_fits, init_ray, scorer_gpus
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
     RunDirCallback,
@@ -34,6 +34,7 @@ from rlft_ray.rundir import (
     truncate_metrics,
     write_summary,
 )
+from rlft_ray.utils import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,14 @@ def run_training(
     learner_cls = get_learner_cls(cfg.algo)
     # 1. Everything about the input that can be wrong, checked before Ray.
     cfg, probe = preflight(learner_cls, cfg, output_dir, resume)
-    # 2. Ray, rollout actors, learners.
+    # 2. Ray, data preparation on the cluster, actors, learners.
     init_ray(address)
-    check_fits(cfg.resources, ray.cluster_resources())
-    runners = _start_rollout_actors(learner_cls, cfg)
+    scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
+    has_actors = learner_cls.sampler(cfg) is not None
+    check_fits(cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed)
+    probe = learner_cls.prepare(cfg, probe)  # e.g. DPO's reference log-probs (Ray Data)
+    scorers = _start_scorers(cfg) if scorers_needed else []
+    runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
     trainer = _trainer(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
     bar = _Progress(output_dir, cfg, learner_cls.score_metric) if progress else None
     error: BaseException | None = None
@@ -98,8 +103,8 @@ def run_training(
     finally:
         if bar:
             bar.close()
-        for r in runners:
-            ray.kill(r)
+        for actor in [*runners, *scorers]:
+            ray.kill(actor)
     # 3. Summary, learning curve, and the error with what was kept.
     extra = {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error), **probe.info}
     summary = write_summary(output_dir, time.perf_counter() - started, extra)
@@ -132,6 +137,8 @@ def preflight(
         logger.warning(line)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, signature, same_algo=False)
+        if (Path(cfg.init_from) / "policy.safetensors").is_file():  # a small gym policy
+            ckpt.check_policy_fits(cfg.init_from, learner_cls.make_policy(cfg, probe.spaces))
     prepare_output_dir(output_dir, resume)
     last = output_dir / "checkpoint_last"
     if resume and last.is_dir():
@@ -142,18 +149,43 @@ def preflight(
     return cfg, probe
 
 
-def _start_rollout_actors(learner_cls: type[Learner], cfg: RunConfig) -> list[Any]:
-    """The run's rollout actors (env runners or generation actors), named uniquely."""
+def _start_rollout_actors(
+    learner_cls: type[Learner], cfg: RunConfig, scorers: list[Any]
+) -> list[Any]:
+    """The run's rollout actors (env runners or generation actors), named uniquely; with
+    ``lm.reward_model`` each gets the scorer actors' handles."""
     res = cfg.resources
+    extra = {"scorers": scorers} if scorers else {}
     return make_remote_runners(
-        learner_cls.sampler_cls,
+        learner_cls.sampler(cfg),
         res.num_rollout_actors,
         res.cpus_per_rollout_actor,
         res.max_actor_restarts,
         name_prefix=f"rlft-runner-{uuid.uuid4().hex[:8]}-",
-        kwargs_for=lambda i: learner_cls.sampler_kwargs(cfg, i),
+        kwargs_for=lambda i: {**learner_cls.sampler_kwargs(cfg, i), **extra},
         resources=res.rollout_actor_resources,
         num_gpus=res.gpus_per_rollout_actor,
+    )
+
+
+def _start_scorers(cfg: RunConfig) -> list[Any]:
+    """Reward-model scorer actors serving ``lm.reward_model`` (on a GPU share when there is one)."""
+    from rlft_ray.rollout.scoring import RewardModelScorer
+
+    res = cfg.resources
+    gpus = scorer_gpus(res, float(ray.cluster_resources().get("GPU", 0.0)))
+    return make_remote_runners(
+        RewardModelScorer,
+        res.num_scorer_actors,
+        res.cpus_per_scorer_actor,
+        res.max_actor_restarts,
+        name_prefix=f"rlft-scorer-{uuid.uuid4().hex[:8]}-",
+        kwargs_for=lambda i: {
+            "path": cfg.lm.reward_model,
+            "num_threads": torch_threads(res.cpus_per_scorer_actor),
+            "device": "cuda" if gpus > 0 else "cpu",
+        },
+        num_gpus=gpus,
     )
 
 

@@ -21,6 +21,7 @@ from ray.train.torch import get_device
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
+from rlft_ray.learners.ddp import global_sum
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.rollout.group import RunnerGroup
 from rlft_ray.rundir import ROWS_KEY
@@ -52,23 +53,23 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         runners.publish(learner.policy_state(), counters.policy_version)
     _barrier(world)
     clock_start = time.perf_counter() - counters.wall_s
-    reporter = _Reporter(cfg, spaces, rank, world)
+    reporter = _Reporter(cfg, spaces, rank, world, ctx.device)
 
-    last = _finished(cfg, counters, counters.wall_s, world)
+    last = _finished(cfg, counters, counters.wall_s, ctx)
     while not last:
         t0 = time.perf_counter()
-        batches = runners.sample(
-            lambda: (learner.policy_state(), counters.policy_version),
-            per_actor=learner.next_sample_args(len(runners.mine)),
-            version=counters.policy_version,
+        batch = (
+            learner.next_batch(counters.policy_version)
+            if learner.offline
+            else _sample(learner, runners, counters.policy_version)
         )
-        batch = type(batches[0]).concat(batches)
         t1 = time.perf_counter()
 
         returns, successes = _gather_episodes(batch.episodes, world)
+        totals = _global_counts(batch.counts(), ctx)  # ranks may hold different amounts
         metrics = learner.update(batch, progress=_progress(cfg, counters))
         counters.iteration += 1
-        counters.env_steps += batch.num_steps * world
+        counters.env_steps += int(totals["env_steps"])
         counters.policy_version += 1
         counters.record_episodes(returns, successes)
         t2 = time.perf_counter()
@@ -78,14 +79,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             if rank == 0
             else 0.0
         )
-        last = _finished(cfg, counters, time.perf_counter() - clock_start, world)
+        last = _finished(cfg, counters, time.perf_counter() - clock_start, ctx)
         if rank == 0 and _eval_due(cfg, counters, last):
-            metrics.update(_heldout_eval(learner, runners, counters.policy_version))
+            metrics.update(learner.heldout_eval(runners, counters.policy_version))
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start
 
         metrics.update(_rollout_metrics(counters, returns, batch, world))
-        metrics.update(_rates(batch.counts(), t1 - t0, world))
+        # rates over the sampling time; an offline learner's over its whole iteration
+        rate_s = (time.perf_counter() - t0) if learner.offline else (t1 - t0)
+        metrics.update({f"perf/{k}_per_s": v / max(rate_s, 1e-9) for k, v in totals.items()})
         metrics.update(
             {
                 "perf/sample_s": t1 - t0,
@@ -99,13 +102,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         reporter.add(metrics, learner, counters, last=last)
 
 
-def _rates(counts: dict[str, float], seconds: float, world: int) -> dict[str, float]:
-    """``perf/{name}_per_s`` of what the batches of all ranks held, over the sampling time."""
+def _global_counts(counts: dict[str, float], ctx: LearnerContext) -> dict[str, float]:
+    """What the batches of all ranks held together (``batch.counts()`` summed over ranks)."""
     names = sorted(counts)
-    totals = torch.tensor([counts[k] for k in names], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(totals)  # ranks may hold different amounts (accepted samples)
-    return {f"perf/{k}_per_s": v / max(seconds, 1e-9) for k, v in zip(names, totals.tolist())}
+    totals = torch.tensor([counts[k] for k in names], dtype=torch.float64, device=ctx.device)
+    return dict(zip(names, global_sum(totals, ctx).tolist()))
 
 
 def _eval_due(cfg: RunConfig, counters: ckpt.Counters, last: bool) -> bool:
@@ -113,19 +114,14 @@ def _eval_due(cfg: RunConfig, counters: ckpt.Counters, last: bool) -> bool:
     return cfg.eval_every is not None and (last or counters.iteration % cfg.eval_every == 0)
 
 
-def _heldout_eval(learner: Learner, runners: RunnerGroup, version: int) -> dict[str, float]:
-    """``eval/*`` from the learner's held-out requests, scored in parallel on every actor
-    (they hold the weights just published: Ray runs one caller's calls in order)."""
-    requests = learner.heldout_requests(len(runners.all_runners))
-    if not requests:
-        return {}
-    start = time.perf_counter()
-    results = runners.evaluate(requests, version)
-    if results is None:
-        return {}
-    metrics = learner.heldout_metrics(results)
-    metrics["perf/eval_s"] = time.perf_counter() - start
-    return metrics
+def _sample(learner: Learner, runners: RunnerGroup, version: int) -> Any:
+    """One batch from this rank's rollout actors (restored if Ray restarted one)."""
+    batches = runners.sample(
+        lambda: (learner.policy_state(), version),
+        per_actor=learner.next_sample_args(len(runners.mine)),
+        version=version,
+    )
+    return type(batches[0]).concat(batches)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -177,7 +173,8 @@ def restore(
             return _load_rank_parts(learner, path, counters)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, sig, same_algo=False)
-        ckpt.load_modules(cfg.init_from, learner.modules())
+        if "policy" not in ckpt.load_modules(cfg.init_from, learner.modules()):
+            raise ckpt.CheckpointError(f"init_from {cfg.init_from}: no policy was loaded from it")
         learner.after_init_from()
     return ckpt.Counters()
 
@@ -214,8 +211,10 @@ class _Reporter:
     latest iteration ride along for Tune and the checkpoint ranking.
     """
 
-    def __init__(self, cfg: RunConfig, spaces: Spaces, rank: int, world: int) -> None:
-        self.cfg, self.spaces, self.rank, self.world = cfg, spaces, rank, world
+    def __init__(
+        self, cfg: RunConfig, spaces: Spaces, rank: int, world: int, device: torch.device
+    ) -> None:
+        self.cfg, self.spaces, self.rank, self.world, self.device = cfg, spaces, rank, world, device
         self.rows: list[dict[str, float]] = []
         self.last_report = time.monotonic()
 
@@ -255,7 +254,7 @@ class _Reporter:
         # Every rank must call report equally often: rank 0's clock decides.
         if self.world == 1:
             return want
-        flag = torch.tensor([1.0 if want else 0.0])
+        flag = torch.tensor([1.0 if want else 0.0], device=self.device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
@@ -268,7 +267,12 @@ def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:
     return min(done, 1.0)
 
 
-def _finished(cfg: RunConfig, counters: ckpt.Counters, wall_s: float = 0.0, world: int = 1) -> bool:
+def _finished(
+    cfg: RunConfig,
+    counters: ckpt.Counters,
+    wall_s: float = 0.0,
+    ctx: LearnerContext | None = None,
+) -> bool:
     """The budget is spent, an early stop is reached, or ``time_limit_s`` has passed.
 
     Everything but the clock is the same on every rank; for the clock, rank 0 decides
@@ -292,8 +296,9 @@ def _finished(cfg: RunConfig, counters: ckpt.Counters, wall_s: float = 0.0, worl
         return True
     if cfg.time_limit_s is None:
         return False
-    out_of_time = torch.tensor([1.0 if wall_s >= cfg.time_limit_s else 0.0])
-    if world > 1:
+    ctx = ctx or LearnerContext()
+    out_of_time = torch.tensor([1.0 if wall_s >= cfg.time_limit_s else 0.0], device=ctx.device)
+    if ctx.world_size > 1:
         dist.broadcast(out_of_time, src=0)
     return bool(out_of_time.item())
 

@@ -9,19 +9,25 @@ if TYPE_CHECKING:
 
 
 def _algorithms() -> dict[str, type[Learner]]:
+    from rlft_ray.learners.dpo import DPOLearner
     from rlft_ray.learners.dqn import DQNLearner
     from rlft_ray.learners.filtered_bc import FilteredBCLearner
     from rlft_ray.learners.grpo import GRPOLearner
     from rlft_ray.learners.lm_ppo import LMPPOLearner
+    from rlft_ray.learners.online_dpo import OnlineDPOLearner
     from rlft_ray.learners.ppo import PPOLearner
+    from rlft_ray.learners.reward_model import RewardModelLearner
     from rlft_ray.learners.rsft import RSFTLearner
 
     return {
         "ppo": PPOLearner,
+        "dpo": DPOLearner,
         "dqn": DQNLearner,
         "filtered_bc": FilteredBCLearner,
         "grpo": GRPOLearner,
         "lm_ppo": LMPPOLearner,
+        "online_dpo": OnlineDPOLearner,
+        "reward_model": RewardModelLearner,
         "rsft": RSFTLearner,
     }
 

@@ -29,43 +29,71 @@ def rollout_bundle(res: ResourcesConfig) -> dict[str, float]:
     return bundle
 
 
-def run_needs(res: ResourcesConfig, learners: bool = True) -> dict[str, float]:
-    """Everything one run holds: rollout actors plus (``learners``) learners; no zeros."""
+def scorer_gpus(res: ResourcesConfig, cluster_gpus: float) -> float:
+    """GPUs each reward-model scorer actor holds: as set, else a 0.1 share on a GPU cluster."""
+    if res.gpus_per_scorer_actor is not None:
+        return res.gpus_per_scorer_actor
+    return 0.1 if cluster_gpus > 0 else 0.0
+
+
+def run_needs(
+    res: ResourcesConfig,
+    learners: bool = True,
+    actors: bool = True,
+    scorers: bool = False,
+    cluster_gpus: float = 0.0,
+) -> dict[str, float]:
+    """Everything one run holds: rollout actors, learners and reward-model scorer actors,
+    each when the run has them; no zeros."""
     n_learn = res.num_learners if learners else 0
+    n_act = res.num_rollout_actors if actors else 0
+    n_score = res.num_scorer_actors if scorers else 0
     needs = {
-        "CPU": res.num_rollout_actors * res.cpus_per_rollout_actor + n_learn * res.cpus_per_learner,
-        "GPU": res.num_rollout_actors * res.gpus_per_rollout_actor
-        + (n_learn if res.use_gpu else 0),
+        "CPU": n_act * res.cpus_per_rollout_actor
+        + n_learn * res.cpus_per_learner
+        + n_score * res.cpus_per_scorer_actor,
+        "GPU": n_act * res.gpus_per_rollout_actor
+        + (n_learn if res.use_gpu else 0)
+        + n_score * scorer_gpus(res, cluster_gpus),
     }
     for name in set(res.rollout_actor_resources) | set(res.learner_resources):
-        needs[name] = res.num_rollout_actors * res.rollout_actor_resources.get(
+        needs[name] = n_act * res.rollout_actor_resources.get(
             name, 0.0
         ) + n_learn * res.learner_resources.get(name, 0.0)
     return {k: v for k, v in needs.items() if v > 0}
 
 
-def check_fits(res: ResourcesConfig, available: Mapping[str, float], learners: bool = True) -> None:
+def check_fits(
+    res: ResourcesConfig,
+    available: Mapping[str, float],
+    learners: bool = True,
+    actors: bool = True,
+    scorers: bool = False,
+) -> None:
     """Fail fast (instead of hanging on unschedulable work) when the run cannot be placed.
 
     Args:
         res: What the run asks for.
         available: ``ray.cluster_resources()`` (or a node's resources).
         learners: Count the learners (False: a job of rollout actors only, ``rlft-ray sample``).
+        actors: Count the rollout actors (False: a learner without any, e.g. a reward model).
+        scorers: Count the reward-model scorer actors (``lm.reward_model`` is set).
 
     Raises:
         ResourceError: e.g. "needs 3 CPUs (2 rollout actors x 0.5 + 2 learners x 1), cluster has 2".
     """
-    needs = run_needs(res, learners)
+    needs = run_needs(res, learners, actors, scorers, float(available.get("GPU", 0.0)))
     have_cpu = float(available.get("CPU", 0.0))
-    if needs["CPU"] > have_cpu + 1e-9:
-        learner_part = (
-            f" + {res.num_learners} learners x {res.cpus_per_learner:g}" if learners else ""
-        )
+    if needs.get("CPU", 0.0) > have_cpu + 1e-9:
+        parts = [
+            f"{res.num_rollout_actors} rollout actors x {res.cpus_per_rollout_actor:g}" * actors,
+            f"{res.num_learners} learners x {res.cpus_per_learner:g}" * learners,
+            f"{res.num_scorer_actors} scorer actors x {res.cpus_per_scorer_actor:g}" * scorers,
+        ]
         raise ResourceError(
-            f"run needs {needs['CPU']:g} CPUs ({res.num_rollout_actors} rollout actors x "
-            f"{res.cpus_per_rollout_actor:g}{learner_part}), cluster has {have_cpu:g}; lower "
-            "resources.num_rollout_actors / cpus_per_rollout_actor / num_learners / "
-            "cpus_per_learner or add nodes"
+            f"run needs {needs['CPU']:g} CPUs ({' + '.join(p for p in parts if p)}), cluster "
+            f"has {have_cpu:g}; lower resources.num_rollout_actors / cpus_per_rollout_actor / "
+            "num_learners / cpus_per_learner or add nodes"
         )
     for name in sorted(set(res.rollout_actor_resources) | set(res.learner_resources)):
         have = float(available.get(name, 0.0))
@@ -81,7 +109,7 @@ def check_fits(res: ResourcesConfig, available: Mapping[str, float], learners: b
             f"resources.use_gpu=true needs {res.num_learners} GPU(s) for {res.num_learners} learner(s), "
             f"cluster has {have_gpu:g}; set resources.use_gpu=false or add GPU nodes"
         )
-    rollout_gpus = res.num_rollout_actors * res.gpus_per_rollout_actor
+    rollout_gpus = res.num_rollout_actors * res.gpus_per_rollout_actor if actors else 0.0
     learner_gpus = res.num_learners if learners and res.use_gpu else 0
     if rollout_gpus > 0 and rollout_gpus + learner_gpus > have_gpu + 1e-9:
         raise ResourceError(

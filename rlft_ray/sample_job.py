@@ -74,24 +74,28 @@ def run_sampling(
     if prompts_per_batch < 1:
         raise ConfigError("--prompts-per-batch", "must be >= 1")
     out = Path(output_dir).resolve()
-    probe = RSFTLearner.probe(cfg)  # model, tokenizer, prompts, reward fn, selection
+    probe = RSFTLearner.probe(cfg, training=False)  # model, prompts, reward fn, selection
     cfg = probe.cfg or cfg
-    _prepare(out, cfg, resume)
+    _check_output_dir(out, cfg, resume)
     table = probe.datasets[PROMPTS].reset_index(drop=True)
     table["prompt_index"] = range(len(table))
-    done = completed_prompts(out, cfg.lm.num_samples)
+    done = completed_prompts(out, cfg.lm.num_samples) if resume else set()
     pending = table[~table["prompt_index"].isin(done)]
-    rate = {"samples": 0, "accepted": 0, "seconds": 0.0}
     if len(pending):
         init_ray(address)
         import ray
 
         check_fits(cfg.resources, ray.cluster_resources(), learners=False)
+    if not resume:  # only now: a job that could not start leaves no directory behind
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    rate = {"samples": 0, "accepted": 0, "seconds": 0.0}
+    if len(pending):
         rate = _sample_into_parts(cfg, pending, out, prompts_per_batch, progress, len(table))
     return _finish(cfg, out, fmt, time.perf_counter() - started, rate, probe.info)
 
 
-def _prepare(out: Path, cfg: RunConfig, resume: bool) -> None:
+def _check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
     """A fresh job needs an empty directory; ``--resume`` the same config as before."""
     saved = out / "config.yaml"
     if resume:
@@ -107,8 +111,6 @@ def _prepare(out: Path, cfg: RunConfig, resume: bool) -> None:
             "--output-dir",
             f"{out} is not empty; choose another directory or pass --resume to continue the job there",
         )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
 
 
 def completed_prompts(out: Path, num_samples: int) -> set[int]:
@@ -212,7 +214,9 @@ def _finish(
     parts = sorted((out / PARTS).glob("part-*.parquet"))
     frames = [pd.read_parquet(p) for p in parts]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SAMPLE_COLUMNS)
-    rows = rows.sort_values(["prompt_index", "sample"], kind="stable").reset_index(drop=True)
+    # one row per (prompt, sample) even if a retried block ever arrived twice
+    rows = rows.drop_duplicates(["prompt_index", "sample"]).sort_values(["prompt_index", "sample"])
+    rows = rows.reset_index(drop=True)
     columns = ["prompt", "completion", "reward", "logprob", "policy_version", "prompt_index"]
     accepted = rows[rows["accepted"].astype(bool)][columns].reset_index(drop=True)
     target = out / f"accepted.{fmt}"

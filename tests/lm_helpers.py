@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,9 +62,10 @@ def slice_batch(batch: GenerationBatch, rows: slice) -> GenerationBatch:
     )
 
 
-def first_step_grads(learner, batch: GenerationBatch) -> dict[str, torch.Tensor]:
+def first_step_grads(learner, batch: Any) -> dict[str, torch.Tensor]:
     """Gradients the optimizer sees at its first step of ``learner.update(batch)``."""
-    params = dict(learner.core.policy.named_parameters())
+    module = learner.core.policy if hasattr(learner, "core") else learner.model
+    params = dict(module.named_parameters())
     seen: dict[str, torch.Tensor] = {}
     step = learner.optimizer.step
 
@@ -83,3 +85,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FrameShard:
+    """A pandas table standing in for a Ray Data shard (``iter_batches`` of numpy columns)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def iter_batches(self, batch_size: int, drop_last: bool = True, **shuffle: Any) -> Any:
+        seed = shuffle.get("local_shuffle_seed")
+        table = self.table.sample(frac=1, random_state=seed) if seed is not None else self.table
+        stop = len(table) - batch_size + 1 if drop_last else len(table)
+        for i in range(0, max(stop, 0), batch_size):
+            rows = table.iloc[i : i + batch_size]
+            yield {c: rows[c].to_numpy() for c in rows.columns}

@@ -24,14 +24,6 @@ from rlft_ray.types import GenerationBatch, Prompt
 
 from lm_helpers import first_step_grads, free_port, make_batch, make_learner, slice_batch
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(
-        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
-    )
-
-
 # Settings under which one step sees the whole batch (so 1 and 2 ranks must agree).
 CASES = {
     "grpo-token-mean-kl-loss": (

@@ -28,13 +28,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(
-        tmp_path_factory.mktemp("m") / "tiny", n_layer=1, hidden=32, n_head=2, max_positions=64
-    )
-
-
 def _prompts(actor: GenerationActor, texts: list[str]) -> list[Prompt]:
     return [Prompt(t, actor.tokenizer(t)["input_ids"], {"answer": "42"}) for t in texts]
 
@@ -283,3 +276,26 @@ def test_quickstart_runs_rsft_from_its_example(tmp_path: Path) -> None:
     assert cfg.algo == "rsft" and cfg.eval_every == 1 and cfg.lm.model == str(tmp_path / "sft_base")
     with pytest.raises(ConfigError, match="--algo: the LM quickstart runs grpo or rsft"):
         _rl_config(tmp_path, tmp_path, tmp_path, QuickstartSettings(algo="dpo"), [])
+
+
+def test_sampling_ignores_processors_a_checkpoint_ships(tmp_path: Path) -> None:
+    """A model whose generation_config.json asks for repetition_penalty / min_p / n-gram
+    blocking is sampled from exactly the temperature-scaled distribution that is recorded."""
+    import json
+
+    model = make_tiny_model(tmp_path / "m", n_layer=1, hidden=32, n_head=2, max_positions=64)
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen.update(repetition_penalty=1.5, min_p=0.05, no_repeat_ngram_size=1, top_k=5)
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    actor = GenerationActor(LMConfig(model=str(model), temperature=0.7, max_new_tokens=6), seed=0)
+    prompts = _prompts(actor, ["1+2=", "30+4="])
+    config = actor._generation_config(4, greedy=False, max_new_tokens=6)
+    config.output_scores = True  # the scores the sampler drew from, after every processor
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
+    out = actor.model.generate(
+        input_ids=ids, attention_mask=(ids != actor.pad_id).long(), generation_config=config
+    )
+    drawn = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+    recorded = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
+    torch.testing.assert_close(drawn, recorded, atol=1e-5, rtol=1e-5)

@@ -26,12 +26,15 @@ from rlft_ray.algorithms.masked import (
     masked_whiten,
 )
 from rlft_ray.algorithms.ppo import ppo_policy_loss, ppo_value_loss
+from rlft_ray.algorithms.preference import bradley_terry_losses, dpo_losses, sequence_logps
 from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
 __all__ = [
     "aggregate_loss",
     "aggregate_loss_parts",
+    "bradley_terry_losses",
     "compute_gae",
+    "dpo_losses",
     "dqn_loss",
     "dqn_targets",
     "group_advantages",
@@ -52,5 +55,6 @@ __all__ = [
     "ppo_token_value_losses",
     "ppo_value_loss",
     "sequence_logprobs",
+    "sequence_logps",
     "token_rewards",
 ]

@@ -212,7 +212,12 @@ def chi_square_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, f
 
     Returns:
         ``(statistic, p_value)``.
+
+    Raises:
+        ValueError: A category has zero expected probability (drop it first).
     """
+    if (probs <= 0).any():
+        raise ValueError("every category needs an expected probability > 0")
     n = counts.double().sum()
     expected = n * probs.double()
     stat = ((counts.double() - expected) ** 2 / expected).sum()

@@ -8,7 +8,8 @@ Tune search spaces address fields by dotted name (``ppo.lr``,
 every key and type before any Ray work starts.
 
 Where things live: the sections in :mod:`.gym` (env, PPO, DQN, filtered BC), :mod:`.lm`
-(model, prompts, LM algorithms, RSFT) and :mod:`.run` (resources, the run); the reader in
+(model, prompts, LM algorithms, RSFT),
+:mod:`.preference` (DPO, online DPO, reward models) and :mod:`.run` (resources, the run); the reader in
 :mod:`.parse`. Importing this package loads neither torch nor any learner.
 """
 
@@ -36,6 +37,7 @@ from rlft_ray.config.parse import (
     set_dotted,
     to_dict,
 )
+from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "OVERRIDE_ALIASES",
     "Algorithm",
     "ConfigError",
+    "DPOConfig",
     "DQNConfig",
     "EnvConfig",
     "FilteredBCConfig",
@@ -54,9 +57,11 @@ __all__ = [
     "LMTrainHP",
     "LRSchedule",
     "LossAgg",
+    "OnlineDPOConfig",
     "PPOConfig",
     "RSFTConfig",
     "ResourcesConfig",
+    "RewardModelConfig",
     "RunConfig",
     "Selection",
     "build_config",

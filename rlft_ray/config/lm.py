@@ -44,6 +44,18 @@ class LMConfig:
         shuffle: Reshuffle the prompts every epoch.
         track_kl: Keep a frozen reference model to report ``kl/mean`` even with a KL
             coefficient of 0 (a reference is always kept when the coefficient is > 0).
+        pairs: Preference pairs (DPO, reward models): ``.jsonl``/``.json``/``.parquet``
+            with TRL's fields ``prompt``, ``chosen``, ``rejected`` (strings, or lists of
+            ``{role, content}`` messages rendered with the tokenizer's chat template).
+        eval_pairs: Held-out pairs (the reward model's pairwise accuracy).
+        max_completion_tokens: Longest chosen/rejected completion, in tokens (EOS included).
+        pair_overflow: Pairs whose prompt or completion is longer: ``drop`` (counted),
+            ``truncate`` (prompt keeps its last tokens, completions their first) or ``error``.
+        drop_invalid_pairs: Drop (and count) pairs with an empty field or chosen ==
+            rejected instead of failing on them.
+        reward_model: A Bradley-Terry reward model (an ``algo: reward_model`` checkpoint or
+            a ``save_pretrained`` sequence-classification directory) that scores completions
+            instead of ``reward_fn``, served by ``resources.num_scorer_actors`` actors.
     """
 
     model: str | None = None
@@ -68,6 +80,12 @@ class LMConfig:
     generation_batch_size: int = 256
     shuffle: bool = True
     track_kl: bool = True
+    pairs: str | None = None
+    eval_pairs: str | None = None
+    max_completion_tokens: int = 64
+    pair_overflow: Literal["drop", "truncate", "error"] = "drop"
+    drop_invalid_pairs: bool = False
+    reward_model: str | None = None
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
@@ -94,6 +112,12 @@ class LMConfig:
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
+        require(
+            self.reward_model is None or bool(self.reward_model.strip()),
+            "reward_model",
+            "must not be empty",
+        )
 
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
@@ -101,10 +125,10 @@ KLEstimator = Literal["k1", "k2", "k3"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 
 
-class LMTrainHP(Protocol):
-    """The optimisation fields every LM learner section shares (``grpo``, ``lm_ppo``, ``rsft``).
+class LMOptimizerHP(Protocol):
+    """The optimizer fields of every LM learner section: AdamW and its schedule.
 
-    The shared LM learner core reads an algorithm section through this protocol, so
+    The shared LM learner core reads an algorithm section through these protocols, so
     each section stays its own frozen dataclass with its own paper defaults.
     """
 
@@ -112,11 +136,17 @@ class LMTrainHP(Protocol):
     lr_schedule: LRSchedule
     warmup_fraction: float
     weight_decay: float
+    max_grad_norm: float
+
+
+class LMTrainHP(LMOptimizerHP, Protocol):
+    """The token-loss optimisation fields of ``grpo``, ``lm_ppo`` and ``rsft``: epochs,
+    minibatches, micro-batches and the loss aggregation, on top of the optimizer's."""
+
     num_epochs: int
     num_minibatches: int
     micro_batch_size: int
     loss_agg: LossAgg
-    max_grad_norm: float
 
 
 class LMOptimHP(LMTrainHP, Protocol):
@@ -129,15 +159,20 @@ class LMOptimHP(LMTrainHP, Protocol):
     clip_high: float | None
 
 
-def check_lm_train(cfg: LMTrainHP) -> None:
-    """Range checks of the :class:`LMTrainHP` fields (the same in every section)."""
+def check_optimizer(cfg: LMOptimizerHP) -> None:
+    """Range checks of the :class:`LMOptimizerHP` fields (the same in every section)."""
     require(cfg.lr > 0, "lr", f"must be > 0 (got {cfg.lr})")
     require(0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
     require(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    require(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+
+
+def check_lm_train(cfg: LMTrainHP) -> None:
+    """Range checks of the :class:`LMTrainHP` fields (the same in every section)."""
+    check_optimizer(cfg)
     require(cfg.num_epochs >= 1, "num_epochs", "must be >= 1")
     require(cfg.num_minibatches >= 1, "num_minibatches", "must be >= 1")
     require(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-    require(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
 
 
 def check_lm_optim(cfg: LMOptimHP) -> None:
@@ -326,6 +361,14 @@ class RSFTConfig:
             self.log_m is None or self.target_model is not None,
             "log_m",
             "is the bound of target-model acceptance: set rsft.target_model too",
+        )
+        require(
+            not self.reset_to_base
+            or (self.lr_schedule == "constant" and self.warmup_fraction == 0),
+            "lr_schedule",
+            "with rsft.reset_to_base every round trains from the base anew: a schedule over "
+            "the whole run would leave the last rounds at a learning rate near 0; use "
+            "lr_schedule=constant and warmup_fraction=0",
         )
         for name in ("threshold", "min_reward"):
             bar = getattr(self, name)

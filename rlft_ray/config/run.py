@@ -9,11 +9,14 @@ from typing import Any, Literal
 from rlft_ray.config.errors import require
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
 
 #: The algorithm names ``algo:`` accepts. Each is also the name of the section holding
 #: its hyperparameters; ``rlft_ray.registry`` maps each to its learner class (a test
 #: keeps the two in step), so the schema never imports an implementation.
-Algorithm = Literal["dqn", "filtered_bc", "grpo", "lm_ppo", "ppo", "rsft"]
+Algorithm = Literal[
+    "dpo", "dqn", "filtered_bc", "grpo", "lm_ppo", "online_dpo", "ppo", "reward_model", "rsft"
+]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 
 
@@ -39,6 +42,12 @@ class ResourcesConfig:
             started with ``--resources='{"rollout_node": 8}'``).
         learner_resources: Custom Ray resources each learner worker requires (e.g.
             ``{"learner_node": 1}``), passed to Ray Train's ``resources_per_worker``.
+        num_scorer_actors: Reward-model actors serving ``lm.reward_model`` (the generation
+            actors send them their completions in batches).
+        cpus_per_scorer_actor: CPUs each scorer actor holds; none by default, since a
+            generation actor waits while its scorer works (they take turns on its CPUs).
+        gpus_per_scorer_actor: GPUs each scorer actor holds; null: a 0.1 share when the
+            cluster has GPUs, else none.
     """
 
     num_rollout_actors: int = 2
@@ -52,6 +61,9 @@ class ResourcesConfig:
     storage_path: str | None = None
     rollout_actor_resources: dict[str, float] = field(default_factory=dict)
     learner_resources: dict[str, float] = field(default_factory=dict)
+    num_scorer_actors: int = 1
+    cpus_per_scorer_actor: float = 0.0
+    gpus_per_scorer_actor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rollout_actor_resources", "learner_resources"):
@@ -76,6 +88,13 @@ class ResourcesConfig:
         require(self.cpus_per_learner > 0, "cpus_per_learner", "must be > 0")
         require(self.max_actor_restarts >= 0, "max_actor_restarts", "must be >= 0")
         require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
+        require(self.num_scorer_actors >= 1, "num_scorer_actors", "must be >= 1")
+        require(self.cpus_per_scorer_actor >= 0, "cpus_per_scorer_actor", "must be >= 0")
+        require(
+            self.gpus_per_scorer_actor is None or self.gpus_per_scorer_actor >= 0,
+            "gpus_per_scorer_actor",
+            "must be >= 0 or null",
+        )
 
     @property
     def total_cpus(self) -> float:
@@ -102,6 +121,9 @@ class RunConfig:
         rsft: Rejection sampling and fine-tuning on the accepted samples (``algo == "rsft"``,
             and the selection of ``rlft-ray sample``).
         filtered_bc: Filtered behaviour cloning on env-runner episodes (``algo == "filtered_bc"``).
+        dpo: Offline DPO / IPO / cDPO from ``lm.pairs`` (``algo == "dpo"``).
+        online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
+        reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
         resources: Cluster resources.
         total_env_steps: Stop after this many environment steps (for LM algorithms a
             step is one sampled completion).
@@ -131,6 +153,9 @@ class RunConfig:
     lm_ppo: LMPPOConfig = field(default_factory=LMPPOConfig)
     rsft: RSFTConfig = field(default_factory=RSFTConfig)
     filtered_bc: FilteredBCConfig = field(default_factory=FilteredBCConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     total_env_steps: int = 200_000
     total_iterations: int | None = None

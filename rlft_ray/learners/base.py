@@ -10,6 +10,7 @@ drive a learner directly.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,12 @@ class Learner(ABC):
         ctx: Rank, world size and device.
     """
 
-    #: Plain class the driver wraps with ``ray.remote`` for rollouts.
-    sampler_cls: ClassVar[type] = EnvRunner
+    #: Plain class the driver wraps with ``ray.remote`` for rollouts (None: no actors).
+    sampler_cls: ClassVar[type | None] = EnvRunner
+    #: Learns from its own data shard (:meth:`next_batch`) instead of the actors' samples.
+    offline: ClassVar[bool] = False
+    #: Its actors score samples with the run's reward (``lm.reward_model`` then needs scorers).
+    scores_samples: ClassVar[bool] = False
     #: Metric that ranks checkpoints (higher is better).
     score_metric: ClassVar[str] = "rollout/episode_return_mean"
     #: ``(y, x, file name)`` of the learning-curve PNG written into the run directory.
@@ -142,6 +147,17 @@ class Learner(ABC):
         except ValueError as exc:
             raise ValueError(f"algo={cfg.algo} cannot act in env {cfg.env.id}: {exc}") from exc
         return TaskProbe(spaces)
+
+    @classmethod
+    def sampler(cls, cfg: RunConfig) -> type | None:
+        """The rollout actor class this run starts (``sampler_cls``; None: no actors)."""
+        return cls.sampler_cls
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, probe: TaskProbe) -> TaskProbe:
+        """Data work that needs the cluster, after Ray starts and before the learners do
+        (e.g. DPO's reference log-probs through a Ray Data actor pool). Default: none."""
+        return probe
 
     @classmethod
     def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
@@ -198,6 +214,32 @@ class Learner(ABC):
     @abstractmethod
     def policy_state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the weights the actors load after each update."""
+
+    def next_batch(self, version: int) -> Any:
+        """An offline learner's next batch from its data shard (``offline = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} samples from actors, not its data")
+
+    def heldout_eval(self, runners: Any, version: int) -> dict[str, float]:
+        """``eval/*`` metrics of a held-out evaluation (``eval_every``), on rank 0.
+
+        By default the learner's :meth:`heldout_requests` are scored in parallel on every
+        rollout actor (they hold the weights just published: Ray runs one caller's calls
+        in order) and :meth:`heldout_metrics` turns the results into metrics.
+
+        Args:
+            runners: The :class:`~rlft_ray.rollout.group.RunnerGroup`.
+            version: The policy version the actors should hold.
+        """
+        requests = self.heldout_requests(len(runners.all_runners))
+        if not requests:
+            return {}
+        start = time.perf_counter()
+        results = runners.evaluate(requests, version)
+        if results is None:
+            return {}
+        metrics = self.heldout_metrics(results)
+        metrics["perf/eval_s"] = time.perf_counter() - start
+        return metrics
 
     def heldout_requests(self, num_actors: int) -> list[tuple[Any, ...]] | None:
         """Arguments of each actor's ``heldout_scores`` call for a held-out evaluation

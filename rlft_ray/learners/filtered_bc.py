@@ -20,8 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.config import RunConfig
-from rlft_ray.learners.base import Learner, LearnerContext, Spaces, policy_from_spaces, to_tensor
+from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.learners.base import (
+    Learner,
+    LearnerContext,
+    Spaces,
+    TaskProbe,
+    policy_from_spaces,
+    to_tensor,
+)
 from rlft_ray.learners.ddp import check_finite, global_sum, wrap_ddp
 from rlft_ray.models import ActorCritic
 from rlft_ray.rollout.episodes import EpisodeCollector
@@ -40,6 +47,21 @@ class FilteredBCLearner(Learner):
         self.model = wrap_ddp(self.policy, ctx)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.hp.lr, eps=1e-5)
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
+
+    @classmethod
+    def probe(cls, cfg: RunConfig) -> TaskProbe:
+        """The env checks, plus a time limit: the actors wait for whole episodes, and an
+        episode that never ends would keep them waiting forever."""
+        import gymnasium as gym
+
+        probe = super().probe(cfg)
+        limit = cfg.env.max_episode_steps or gym.spec(cfg.env.id).max_episode_steps
+        if limit is None:
+            raise ConfigError(
+                "env.max_episode_steps",
+                f"{cfg.env.id} has no time limit; filtered BC collects whole episodes, so set one",
+            )
+        return probe
 
     @classmethod
     def make_policy(cls, cfg: RunConfig, spaces: Spaces) -> nn.Module:

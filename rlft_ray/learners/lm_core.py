@@ -64,6 +64,9 @@ class LMCore:
             reference, and what RSFT's ``reset_to_base`` resets to.
         value_head: Add a scalar value head (PPO).
         value_head_init_std: Its init std (0: zeros).
+        temperature: Logits are divided by it in the training forward pass; None:
+            ``lm.temperature``, so log-probs are those of the sampling policy (the PPO/GRPO
+            ratio needs them); RSFT passes 1.0 to fit the model itself.
     """
 
     def __init__(
@@ -74,12 +77,14 @@ class LMCore:
         keep_start: bool,
         value_head: bool = False,
         value_head_init_std: float = 0.0,
+        temperature: float | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
 
         quiet_transformers()
         self.cfg, self.ctx, self.hp = cfg, ctx, hp
         lm = cfg.lm
+        self.temperature = lm.temperature if temperature is None else temperature
         self.model, self.tokenizer = load_model_and_tokenizer(
             resolve_model_path(lm.model),
             trust_remote_code=lm.trust_remote_code,
@@ -88,7 +93,7 @@ class LMCore:
         # Eval mode (no dropout, also none inside attention kernels): the learner's log-probs
         # must match the sampler's. Gradients flow the same; weights train in fp32.
         self.model.float().eval()
-        _disable_dropout(self.model)
+        disable_dropout(self.model)
         hidden = self.model.config.get_text_config().hidden_size
         self.value_head = make_value_head(hidden, value_head_init_std) if value_head else None
         self.policy = PolicyWithValueHead(self.model, self.value_head)
@@ -186,7 +191,7 @@ class LMCore:
             sub["prompt_mask"],
             sub["response_ids"],
             sub["mask"],
-            self.cfg.lm.temperature,
+            self.temperature,
         )
 
     @torch.no_grad()
@@ -348,7 +353,8 @@ class LMCore:
         }
 
 
-def _disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (also inside attention): training and sampling see one model."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

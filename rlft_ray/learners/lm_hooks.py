@@ -28,19 +28,62 @@ from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.utils import torch_threads
 
 
-def probe_lm(cfg: RunConfig) -> TaskProbe:
-    """Everything about an LM run that can be checked before Ray starts.
+def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
+    """Everything about a sampling LM run that can be checked before Ray starts.
 
     Model and tokenizer load, the prompt file is read and validated (empty and
     over-long prompts dropped/truncated/refused as configured, and counted), the
     reward function imports, and the sizes fit together.
 
+    Args:
+        cfg: The run config.
+        training: Also check what only a training run uses (``lm.prompts_per_iteration``
+            against the prompts and actors); ``rlft-ray sample`` passes False.
+
     Raises:
         ConfigError: Naming the key (``lm.model``, ``lm.prompts``, ``lm.reward_fn``, ...).
     """
+    lm, res = cfg.lm, cfg.resources
+    tok, info = check_model(cfg, lm.max_new_tokens, "lm.max_new_tokens")
+    check_reward_fns(cfg)
+    # Actors are a multiple of learners (RunConfig), so this also splits evenly over ranks.
+    if training and lm.prompts_per_iteration % res.num_rollout_actors:
+        raise ConfigError(
+            "lm.prompts_per_iteration",
+            f"{lm.prompts_per_iteration} prompts cannot be split evenly over "
+            f"resources.num_rollout_actors={res.num_rollout_actors}",
+        )
+    if not lm.prompts:
+        raise ConfigError(
+            "lm.prompts",
+            f"algo={cfg.algo} needs a prompt file (.jsonl or .parquet with a 'prompt' column)",
+        )
+    table, stats = load_prompts(lm.prompts, tok, lm)
+    if training and stats.kept < lm.prompts_per_iteration:
+        raise ConfigError(
+            "lm.prompts_per_iteration",
+            f"is {lm.prompts_per_iteration} but only {stats.kept} usable prompts are in {lm.prompts}",
+        )
+    return TaskProbe(
+        spaces=lm_spaces(cfg, tok),
+        datasets={PROMPTS: table},
+        tables=heldout_tables(cfg, tok),
+        info={**info, **stats.as_dict()},
+        cfg=absolute_paths(cfg),
+    )
+
+
+def check_model(cfg: RunConfig, new_tokens: int, new_key: str) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer, and ``summary.json`` notes, once model and tokenizer load and
+    ``lm.max_prompt_tokens`` + ``new_tokens`` fit the model's positions.
+
+    Raises:
+        ConfigError: ``lm.model`` / ``lm.tokenizer`` missing or unloadable, or ``new_key``
+            too long for the model.
+    """
     from transformers import AutoConfig
 
-    lm, res = cfg.lm, cfg.resources
+    lm = cfg.lm
     tok, pad_note = load_tokenizer(cfg)
     try:
         model_cfg = AutoConfig.from_pretrained(
@@ -50,58 +93,55 @@ def probe_lm(cfg: RunConfig) -> TaskProbe:
         raise ConfigError(
             "lm.model", f"cannot load a model config from {lm.model!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    for key, spec in (("lm.reward_fn", lm.reward_fn), ("lm.eval_fn", lm.eval_fn)):
+    max_pos = getattr(model_cfg, "max_position_embeddings", None) or getattr(
+        model_cfg, "n_positions", None
+    )
+    if max_pos is not None and lm.max_prompt_tokens + new_tokens > max_pos:
+        raise ConfigError(
+            new_key,
+            f"lm.max_prompt_tokens ({lm.max_prompt_tokens}) + {new_key} ({new_tokens}) "
+            f"exceeds the model's {max_pos} positions",
+        )
+    info: dict[str, Any] = {"env": None, "model": lm.model}
+    if pad_note:
+        info["tokenizer_pad"] = pad_note
+    return tok, info
+
+
+def check_reward_fns(cfg: RunConfig) -> None:
+    """``lm.reward_fn`` and ``lm.eval_fn`` import (the reward model, if set, replaces the first).
+
+    Raises:
+        ConfigError: Naming the key whose function cannot be imported.
+    """
+    for key, spec in (("lm.reward_fn", cfg.lm.reward_fn), ("lm.eval_fn", cfg.lm.eval_fn)):
         try:
             load_reward_fn(spec)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
-    # Actors are a multiple of learners (RunConfig), so this also splits evenly over ranks.
-    if lm.prompts_per_iteration % res.num_rollout_actors:
-        raise ConfigError(
-            "lm.prompts_per_iteration",
-            f"{lm.prompts_per_iteration} prompts cannot be split evenly over "
-            f"resources.num_rollout_actors={res.num_rollout_actors}",
-        )
-    max_pos = getattr(model_cfg, "max_position_embeddings", None) or getattr(
-        model_cfg, "n_positions", None
-    )
-    if max_pos is not None and lm.max_prompt_tokens + lm.max_new_tokens > max_pos:
-        raise ConfigError(
-            "lm.max_new_tokens",
-            f"lm.max_prompt_tokens ({lm.max_prompt_tokens}) + lm.max_new_tokens ({lm.max_new_tokens}) "
-            f"exceeds the model's {max_pos} positions",
-        )
+
+
+def heldout_tables(cfg: RunConfig, tok: Any) -> dict[str, Any]:
+    """The held-out prompt table every rank gets when ``eval_every`` is set.
+
+    Raises:
+        ConfigError: ``eval_every`` without ``lm.eval_prompts``, or a missing file.
+    """
+    lm = cfg.lm
     if lm.eval_prompts and not Path(lm.eval_prompts).expanduser().is_file():
         raise ConfigError("lm.eval_prompts", f"prompt file not found: {lm.eval_prompts}")
-    if not lm.prompts:
-        raise ConfigError(
-            "lm.prompts",
-            f"algo={cfg.algo} needs a prompt file (.jsonl or .parquet with a 'prompt' column)",
-        )
-    table, stats = load_prompts(lm.prompts, tok, lm)
-    tables = {}
-    if cfg.eval_every is not None:
-        if not lm.eval_prompts:
-            raise ConfigError("eval_every", "held-out evaluation needs lm.eval_prompts")
-        tables[HELDOUT], _ = load_prompts(lm.eval_prompts, tok, lm, key="lm.eval_prompts")
-    if stats.kept < lm.prompts_per_iteration:
-        raise ConfigError(
-            "lm.prompts_per_iteration",
-            f"is {lm.prompts_per_iteration} but only {stats.kept} usable prompts are in {lm.prompts}",
-        )
-    info: dict[str, Any] = {"env": None, "model": lm.model, **stats.as_dict()}
-    if pad_note:
-        info["tokenizer_pad"] = pad_note
-    spaces = Spaces(
-        observation=gym.spaces.Text(max_length=lm.max_prompt_tokens),
+    if cfg.eval_every is None:
+        return {}
+    if not lm.eval_prompts:
+        raise ConfigError("eval_every", "held-out evaluation needs lm.eval_prompts")
+    return {HELDOUT: load_prompts(lm.eval_prompts, tok, lm, key="lm.eval_prompts")[0]}
+
+
+def lm_spaces(cfg: RunConfig, tok: Any) -> Spaces:
+    """What LM checkpoints record as spaces: prompts as text, tokens as actions."""
+    return Spaces(
+        observation=gym.spaces.Text(max_length=cfg.lm.max_prompt_tokens),
         action=gym.spaces.Discrete(len(tok)),
-    )
-    return TaskProbe(
-        spaces=spaces,
-        datasets={PROMPTS: table},
-        tables=tables,
-        info=info,
-        cfg=absolute_paths(cfg),
     )
 
 
@@ -119,6 +159,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         tokenizer=fix(cfg.lm.tokenizer),
         prompts=fix(cfg.lm.prompts),
         eval_prompts=fix(cfg.lm.eval_prompts),
+        pairs=fix(cfg.lm.pairs),
+        eval_pairs=fix(cfg.lm.eval_pairs),
+        reward_model=fix(cfg.lm.reward_model),
     )
     return dataclasses.replace(cfg, lm=lm)
 
@@ -146,6 +189,23 @@ def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str
     return {"checkpoint": str(checkpoint), **result}
 
 
+def heldout_lm_metrics(results: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """``eval/accuracy`` from the actors' held-out scores; with a reward model also
+    ``eval/reward_model_mean`` and ``eval/reward_model_auc``, the chance that a correct
+    completion outscores a wrong one: while it stays high the learned reward still tracks
+    correctness, when it falls towards 0.5 the policy is gaming the reward model."""
+    acc = np.concatenate([np.asarray(r["accuracy"], dtype=np.float64) for r in results])
+    out = {"eval/accuracy": float(acc.mean()) if len(acc) else 0.0}
+    if results and "reward_model" in results[0]:
+        rm = np.concatenate([np.asarray(r["reward_model"], dtype=np.float64) for r in results])
+        out["eval/reward_model_mean"] = float(rm.mean()) if len(rm) else 0.0
+        right, wrong = rm[acc >= 0.5], rm[acc < 0.5]
+        if len(right) and len(wrong):
+            ranks = (right[:, None] > wrong[None, :]) + 0.5 * (right[:, None] == wrong[None, :])
+            out["eval/reward_model_auc"] = float(ranks.mean())
+    return out
+
+
 class LMLearnerHooks:
     """The :class:`~rlft_ray.learners.base.Learner` hooks every LM learner shares.
 
@@ -155,7 +215,8 @@ class LMLearnerHooks:
     (an :class:`LMCore`). Each learner adds its ``__init__`` and ``update``.
     """
 
-    sampler_cls: ClassVar[type] = GenerationActor
+    sampler_cls: ClassVar[type | None] = GenerationActor
+    scores_samples: ClassVar[bool] = True
     score_metric: ClassVar[str] = "reward/mean"
     curve: ClassVar[tuple[str, str, str]] = (
         "reward/mean",
@@ -210,5 +271,4 @@ class LMLearnerHooks:
         return [(prompts[i * size : (i + 1) * size],) for i in range(num_actors)]
 
     def heldout_metrics(self, results: list[Any]) -> dict[str, float]:
-        scores = np.concatenate([np.asarray(r, dtype=np.float64) for r in results])
-        return {"eval/accuracy": float(scores.mean()) if len(scores) else 0.0}
+        return heldout_lm_metrics(results)

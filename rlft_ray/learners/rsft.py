@@ -39,15 +39,17 @@ class RSFTLearner(LMLearnerHooks, Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.rsft
-        self.core = LMCore(cfg, ctx, self.hp, keep_start=self.hp.reset_to_base)
+        # cross-entropy of the model itself (T = 1), not of the tempered sampling policy
+        self.core = LMCore(cfg, ctx, self.hp, keep_start=self.hp.reset_to_base, temperature=1.0)
         self.optimizer = self.core.optimizer
         self.empty_rounds = 0
 
     # -- class-level hooks ---------------------------------------------------------------
     @classmethod
-    def probe(cls, cfg: RunConfig) -> TaskProbe:
+    def probe(cls, cfg: RunConfig, training: bool = True) -> TaskProbe:
         """The LM checks plus the selection's: a target model's tokenizer must be the
-        policy's, and its log-ratio needs the recorded log q to be the sampling law."""
+        policy's, and its log-ratio needs the recorded log q to be the sampling law.
+        ``training=False``: for ``rlft-ray sample`` (no rounds, no per-iteration sizes)."""
         hp = cfg.rsft
         if hp.target_model is not None and cfg.lm.top_p < 1.0:
             raise ConfigError(
@@ -55,7 +57,7 @@ class RSFTLearner(LMLearnerHooks, Learner):
                 "target-model acceptance compares log p with the log q a completion was "
                 "sampled with; nucleus sampling (top_p < 1) changes q: set lm.top_p=1.0",
             )
-        probe = probe_lm(cfg)
+        probe = probe_lm(cfg, training)
         run = probe.cfg or cfg
         if hp.target_model is not None:
             target = _check_same_tokenizer(run, hp.target_model)
@@ -104,7 +106,8 @@ class RSFTLearner(LMLearnerHooks, Learner):
         if self.hp.weighting == "none":
             return torch.ones_like(rewards, dtype=torch.float32)
         r = rewards.float().clamp_min(0.0)
-        total, count = global_sum(torch.stack([r.sum(), torch.tensor(float(len(r)))]), self.ctx)
+        count = torch.tensor(float(len(r)), device=r.device)
+        total, count = global_sum(torch.stack([r.sum(), count]), self.ctx)
         mean = float(total) / max(float(count), 1.0)
         return r / mean if mean > 0 else torch.ones_like(r)
 
@@ -149,7 +152,7 @@ def _check_same_tokenizer(cfg: RunConfig, target: str) -> str:
     """
     from transformers import AutoTokenizer
 
-    from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
+    from rlft_ray.lm.loading import ensure_pad_token, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(target, "rsft.target_model")
     if os.path.exists(path):  # workers run elsewhere: make a local path absolute
@@ -161,6 +164,7 @@ def _check_same_tokenizer(cfg: RunConfig, target: str) -> str:
         raise ConfigError(
             "rsft.target_model", f"cannot load a tokenizer from {path!r}: {exc}"
         ) from exc
+    ensure_pad_token(target_tok)  # the policy's got the same treatment in load_tokenizer
     theirs, ours = target_tok.get_vocab(), policy_tok.get_vocab()
     if theirs != ours:
         differ = len(set(theirs.items()) ^ set(ours.items()))

@@ -76,50 +76,78 @@ class PromptStats:
         return ", ".join(parts)
 
 
-def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame:
-    """Read a ``.jsonl`` / ``.json`` / ``.parquet`` prompt file into a DataFrame.
+def read_records(
+    path: str | Path, key: str = "lm.prompts", what: str = "prompt"
+) -> tuple[list[dict], list[int]]:
+    """The rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file and where each one is.
 
     Values are kept as written (an ``answer`` of ``"19"`` stays a string).
 
+    Returns:
+        ``(rows, lines)``: one dict per row, and its 1-based line in a ``.jsonl`` file
+        (blank lines are skipped but counted) or its 1-based row number otherwise.
+
     Raises:
         PromptDataError: Missing file, unknown suffix, or unparsable content (naming
-            the config key and the file).
+            the config key, the file and the line).
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise PromptDataError(key, f"prompt file not found: {p}")
+        raise PromptDataError(key, f"{what} file not found: {p}")
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
         raise PromptDataError(
-            key, f"{p}: unsupported prompt file type {suffix!r}; use one of {', '.join(SUFFIXES)}"
+            key,
+            f"{p}: unsupported {what} file type {suffix!r}; use one of {', '.join(SUFFIXES)}",
         )
     try:
         if suffix == ".parquet":
-            return pd.read_parquet(p)
+            rows = pd.read_parquet(p).to_dict(orient="records")
+            return rows, list(range(1, len(rows) + 1))
         if suffix == ".jsonl":
-            rows = []
+            rows, lines = [], []
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise PromptDataError(
-                            key, f"{p}:{n} is not valid JSON: {exc.msg}"
-                        ) from None
-                    if not isinstance(row, dict):
-                        raise PromptDataError(
-                            key, f"{p}:{n} must be a JSON object, got {type(row).__name__}"
-                        )
-                    rows.append(row)
-            return pd.DataFrame(rows)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PromptDataError(key, f"{p}:{n} is not valid JSON: {exc.msg}") from None
+                if not isinstance(row, dict):
+                    raise PromptDataError(
+                        key, f"{p}:{n} must be a JSON object, got {type(row).__name__}"
+                    )
+                rows.append(row)
+                lines.append(n)
+            return rows, lines
         data = json.loads(p.read_text(encoding="utf-8"))
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise PromptDataError(key, f"{p} must hold a JSON list of objects")
-        return pd.DataFrame(data)
+        return data, list(range(1, len(data) + 1))
     except PromptDataError:
         raise
     except Exception as exc:  # pyarrow / json errors: name the file
         raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame:
+    """Read a ``.jsonl`` / ``.json`` / ``.parquet`` prompt file into a DataFrame.
+
+    Raises:
+        PromptDataError: See :func:`read_records`.
+    """
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".parquet" and p.is_file():
+        try:
+            return pd.read_parquet(p)
+        except Exception as exc:
+            raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+    try:
+        return pd.DataFrame(read_records(path, key)[0])
+    except PromptDataError as exc:
+        raise PromptDataError(
+            key, exc.reason.replace("file not found", "prompt file not found")
+        ) from None
 
 
 def render_prompt(text: str, tokenizer: Any, chat_template: bool, system_prompt: str | None) -> str:
@@ -257,12 +285,12 @@ def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
     ]
 
 
-class PromptStream:
-    """Endless batches of prompts from this rank's Ray Data shard, reshuffled every epoch.
+class ShardStream:
+    """Endless batches of rows from this rank's Ray Data shard, reshuffled every epoch.
 
     Args:
-        shard: ``DataIterator`` (or anything with ``iter_batches``) over the prepared table.
-        batch_size: Prompts per :meth:`next` call (this rank's share of an iteration).
+        shard: ``DataIterator`` (or anything with ``iter_batches``) over a prepared table.
+        batch_size: Rows per :meth:`next_rows` call (this rank's share of an iteration).
         seed: Shuffle seed (epoch ``e`` uses ``seed + e``).
         shuffle: Shuffle within a local buffer each epoch.
     """
@@ -281,12 +309,10 @@ class PromptStream:
             )
         return iter(self.shard.iter_batches(**kwargs))
 
-    def next(self) -> list[Prompt]:
-        """The next ``batch_size`` prompts (a new epoch starts when the shard runs out)."""
+    def next_rows(self) -> Mapping[str, Any]:
+        """The next ``batch_size`` rows (a new epoch starts when the shard runs out)."""
         if self.shard is None:
-            raise RuntimeError(
-                "this learner got no prompt dataset (LearnerContext.datasets['prompts'])"
-            )
+            raise RuntimeError("this learner got no dataset shard (LearnerContext.datasets)")
         for fresh in (False, True):
             if self._it is None or fresh:
                 if fresh:
@@ -294,5 +320,13 @@ class PromptStream:
                 self._it = self._epoch_iter()
             batch = next(self._it, None)
             if batch is not None:
-                return prompts_from_batch(batch)
-        raise RuntimeError(f"this rank's prompt shard holds fewer than {self.batch_size} prompts")
+                return batch
+        raise RuntimeError(f"this rank's shard holds fewer than {self.batch_size} rows")
+
+
+class PromptStream(ShardStream):
+    """A :class:`ShardStream` of prompts: :meth:`next` gives :class:`~rlft_ray.types.Prompt` s."""
+
+    def next(self) -> list[Prompt]:
+        """The next ``batch_size`` prompts."""
+        return prompts_from_batch(self.next_rows())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlft_ray.algorithms.lm import sequence_logprobs
+from rlft_ray.algorithms.preference import sequence_logps
 
 
 class PolicyWithValueHead(nn.Module):
@@ -99,6 +100,7 @@ def response_forward(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
+    entropy: bool = True,
 ) -> ResponseOutput:
     """Score completions under ``policy`` (a :class:`PolicyWithValueHead`, maybe DDP-wrapped).
 
@@ -107,6 +109,8 @@ def response_forward(
         prompt_ids: ``[B, P]`` left-padded prompts. prompt_mask: ``[B, P]``.
         response_ids: ``[B, L]`` right-padded completions. response_mask: ``[B, L]``.
         temperature: Logits are divided by it, as when sampling.
+        entropy: Also compute the entropies (a second pass over the vocabulary; pair
+            losses skip it and get zeros).
 
     Returns:
         Log-probs, values (if the policy has a value head) and entropies, each ``[B, L]``.
@@ -118,9 +122,41 @@ def response_forward(
         logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len + 1)
     logits = logits[:, :-1].float() / temperature
     logprobs = sequence_logprobs(logits, response_ids)
-    with torch.no_grad():
-        log_p = torch.log_softmax(logits, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1)
+    if entropy:
+        with torch.no_grad():
+            log_p = torch.log_softmax(logits, dim=-1)
+            entropies = -(log_p.exp() * log_p).sum(-1)
+    else:
+        entropies = torch.zeros_like(logprobs).detach()
     if values is not None:
         values = values[:, p_len - 1 : p_len + r_len - 1].float()
-    return ResponseOutput(logprobs=logprobs, values=values, entropy=entropy)
+    return ResponseOutput(logprobs=logprobs, values=values, entropy=entropies)
+
+
+def pair_logps(
+    net: nn.Module, sub: dict[str, torch.Tensor], average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected under ``net``, in one concatenated forward.
+
+    Args:
+        net: A :class:`~rlft_ray.lm.policy.PolicyWithValueHead` (maybe DDP-wrapped).
+        sub: Pair tensors (see :func:`rows_of`).
+        average: Length-normalise (IPO).
+
+    Returns:
+        ``(chosen [b], rejected [b], chosen_nll [b])``: summed (or mean) completion
+        log-probs, and the chosen completion's mean token NLL (for an SFT term).
+    """
+    b = sub["prompt_ids"].shape[0]
+    out = response_forward(
+        net,
+        sub["prompt_ids"].repeat(2, 1),
+        sub["prompt_mask"].repeat(2, 1),
+        torch.cat([sub["chosen_ids"], sub["rejected_ids"]]),
+        torch.cat([sub["chosen_mask"], sub["rejected_mask"]]),
+        entropy=False,
+    )
+    mask = torch.cat([sub["chosen_mask"], sub["rejected_mask"]])[:, : out.logprobs.shape[1]]
+    logps = sequence_logps(out.logprobs, mask, average=average)
+    nll = -sequence_logps(out.logprobs[:b], mask[:b], average=True)
+    return logps[:b], logps[b:], nll

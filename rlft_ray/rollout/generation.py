@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from rlft_ray.config import LMConfig, RSFTConfig
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
+from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.types import GenerationBatch, Prompt, SelectionStats
 from rlft_ray.utils import weights_from_wire
@@ -51,6 +52,9 @@ class GenerationActor:
             first sample anyway, so this only matters for evaluation.
         selection: The ``rsft`` section: select samples by its rule (rejection sampling);
             None keeps every sample.
+        scorers: Reward-model scorers (Ray actor handles or plain
+            :class:`~rlft_ray.rollout.scoring.RewardModelScorer` s) that score completions
+            instead of ``lm.reward_fn`` (``lm.reward_model``).
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class GenerationActor:
         device: str = "cpu",
         model_path: str | None = None,
         selection: RSFTConfig | None = None,
+        scorers: Sequence[Any] | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
 
@@ -79,8 +84,14 @@ class GenerationActor:
             tokenizer_path=None if model_path else lm.tokenizer,
         )
         self.model.to(self.device).eval()
+        # Sample from the run config alone: transformers fills every generation field left
+        # unset from the checkpoint's own generation_config.json (repetition_penalty, min_p,
+        # no_repeat_ngram_size, ...), which would sample from another distribution than the
+        # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
+        self.model.generation_config = _neutral_generation_config(self.model.generation_config)
         self._tensors = self.model.state_dict(keep_vars=True)
         self.reward_fn = load_reward_fn(lm.reward_fn)
+        self.reward_model = ScorerClient(scorers) if scorers else None
         self.policy_version = 0
         gen_eos = self.model.generation_config.eos_token_id
         eos = set(
@@ -262,12 +273,15 @@ class GenerationActor:
         )
 
     def score(self, batch: GenerationBatch) -> np.ndarray:
-        """Rewards of ``batch``'s completions from ``lm.reward_fn``.
+        """Rewards of ``batch``'s completions: the reward model's if one serves this actor,
+        else ``lm.reward_fn``'s.
 
         Raises:
             RewardError: The reward function raised or returned the wrong number of
                 values or a non-finite value; the message names the sample.
         """
+        if self.reward_model is not None:
+            return self.reward_model(batch.prompts, batch.completions)
         rewards = compute_rewards(self.reward_fn, batch.prompts, batch.completions, batch.metadata)
         return np.asarray(rewards, dtype=np.float32)
 
@@ -319,10 +333,15 @@ class GenerationActor:
         batch.rewards = self.score(batch)
         return self.select(batch)
 
-    def heldout_scores(self, prompts: Sequence[Prompt]) -> tuple[int, np.ndarray]:
-        """The policy version held and the ``lm.eval_fn`` scores of greedy completions
-        (held-out evaluation during training)."""
-        return self.policy_version, self.evaluate(prompts)[1]
+    def heldout_scores(self, prompts: Sequence[Prompt]) -> tuple[int, dict[str, np.ndarray]]:
+        """The policy version held and scores of greedy completions (held-out evaluation
+        during training): ``accuracy`` by ``lm.eval_fn``, and ``reward_model`` by the learned
+        reward when one serves this actor (where the two part ways, the policy games it)."""
+        batch, accuracy = self.evaluate(prompts)
+        scores = {"accuracy": accuracy}
+        if self.reward_model is not None:
+            scores["reward_model"] = self.reward_model(batch.prompts, batch.completions)
+        return self.policy_version, scores
 
     def evaluate(
         self, prompts: Sequence[Prompt], eval_fn: str | None = None
@@ -332,3 +351,14 @@ class GenerationActor:
         fn = load_reward_fn(eval_fn or self.lm.eval_fn)
         scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
         return batch, np.asarray(scores, dtype=np.float32)
+
+
+def _neutral_generation_config(loaded: GenerationConfig) -> GenerationConfig:
+    """A generation config with the checkpoint's special-token ids and nothing else."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=loaded.bos_token_id,
+        eos_token_id=loaded.eos_token_id,
+        pad_token_id=loaded.pad_token_id,
+    )

@@ -91,6 +91,8 @@ class RunnerGroup:
                 load then shows up as a version mismatch at the next sample.
         """
         start = time.perf_counter()
+        if not self.all_runners:  # a learner without actors (a reward model)
+            return 0.0
         ref = ray.put(weights_to_wire(weights))
         pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
         if wait:

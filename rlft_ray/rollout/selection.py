@@ -123,12 +123,19 @@ class Selector:
             keep = accept_mask(log_a, self.generator)
             return Selected(keep.numpy(), int(clipped.sum()), self.log_m)
         bound = self.cfg.reward_max
-        if bound is None:  # approximate: the running maximum of the rewards seen so far
+        if bound is None:
+            # Approximate: the running maximum of the rewards seen so far (on this actor; a
+            # restarted actor starts again). Samples above the previous maximum would have
+            # been clipped under it: count them, then raise the bound.
+            previous = self.running_max
             if len(r):
-                self.running_max = max(self.running_max, float(r.max()))
+                self.running_max = max(previous, float(r.max()))
             bound = self.running_max
+            clipped = int((r > previous).sum()) if math.isfinite(previous) else 0
+        else:
+            clipped = int((r > bound).sum())
         if not math.isfinite(bound):  # nothing seen yet
             return Selected(np.zeros(r.shape[0], dtype=bool))
         log_a = tilted_log_acceptance(r, self.cfg.beta, bound)
         keep = accept_mask(log_a, self.generator)
-        return Selected(keep.numpy(), int((r > bound).sum()), bound)
+        return Selected(keep.numpy(), clipped, bound)

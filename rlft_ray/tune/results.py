@@ -187,6 +187,16 @@ def write_results(
     grid: Any,
 ) -> dict[str, Path]:
     """Write ``results.csv``, ``best.json`` and ``metric_curves.png``; returns their paths."""
+    columns = [
+        "trial",
+        "status",
+        "iterations",
+        "env_steps",
+        spec.metric,
+        f"{spec.metric} (best)",
+        *spec.keys,
+        "error",
+    ]
     table = pd.DataFrame(
         [
             {
@@ -200,8 +210,9 @@ def write_results(
                 "error": r["error"],
             }
             for r in rows
-        ]
-    )
+        ],
+        columns=columns,
+    ).astype({"iterations": "Int64", "env_steps": "Int64"})
     files = {"results": output_dir / "results.csv", "best": output_dir / "best.json"}
     atomic_write_text(files["results"], table.to_csv(index=False))
     atomic_write_json(files["best"], best or {"error": f"no trial reported a finite {spec.metric}"})

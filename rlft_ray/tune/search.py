@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from rlft_ray.config import ConfigError, from_dict
 from rlft_ray.fileio import atomic_write_text
 from rlft_ray.resources import init_ray, rollout_bundle, runs_that_fit
 from rlft_ray.tune.results import best_of, collect_rows, count_exploits, write_results
@@ -198,7 +199,7 @@ def _check_output_dir(
     if resume:
         if not saved.is_file():
             raise SpecError("--resume", f"{output_dir} holds no search to resume (no spec.yaml)")
-        if yaml.safe_load(saved.read_text()) != spec.as_dict():
+        if _normalised(yaml.safe_load(saved.read_text())) != _normalised(spec.as_dict()):
             raise SpecError(
                 "--resume",
                 f"{spec_path} differs from the spec the search started with ({saved}); resume with that file",
@@ -208,6 +209,16 @@ def _check_output_dir(
             "--output-dir",
             f"{output_dir} already holds a search; pass --resume to continue it or choose another --output-dir",
         )
+
+
+def _normalised(data: Any) -> Any:
+    """A saved or current spec as a comparable mapping: every field with its default filled
+    in (so a spec.yaml that lists only the keys written, as older searches saved it,
+    compares equal to the same spec with defaults)."""
+    try:
+        return from_dict(TuneSpec, data).with_defaults().as_dict()
+    except ConfigError:
+        return data
 
 
 def _make_tuner(

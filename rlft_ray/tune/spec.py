@@ -297,6 +297,14 @@ class TuneSpec:
         """Every dotted override (fixed and searched) that reproduces a trial from ``run_config``."""
         return {**self.fixed, **{k: sampled[k] for k in self.keys if k in sampled}}
 
+    def with_defaults(self) -> TuneSpec:
+        """The spec with ``keep_checkpoints`` filled in: 3, or all (None) under PBT, where a
+        trial told to exploit may wait (paused) for a free slot while its source keeps
+        checkpointing, and Tune refuses to restore a deleted one."""
+        if self.keep_checkpoints is not None or self.scheduler.type == "pbt":
+            return self
+        return dataclasses.replace(self, keep_checkpoints=3)
+
     def as_dict(self) -> dict[str, Any]:
         """The spec as a plain mapping (saved as the search's ``spec.yaml``)."""
         return to_dict(self)
@@ -370,12 +378,7 @@ def load_spec(path: str | Path) -> TuneSpec:
         raise SpecError(
             "run_config", f"run file not found: {run_config} (paths are relative to the spec file)"
         )
-    keep = spec.keep_checkpoints
-    if keep is None and spec.scheduler.type != "pbt":
-        # PBT keeps all: a trial told to exploit may wait (paused) for a free slot while
-        # its source keeps checkpointing, and Tune refuses to restore a deleted one.
-        keep = 3
-    spec = dataclasses.replace(spec, run_config=run_config, keep_checkpoints=keep)
+    spec = dataclasses.replace(spec, run_config=run_config).with_defaults()
     _check_configs(spec)
     _check_combination(spec, spec.dimensions)
     return spec

@@ -1,0 +1,157 @@
+"""Schema of preference learning: offline DPO, online DPO and Bradley-Terry reward models.
+
+The pair data itself (``lm.pairs``, ``lm.eval_pairs``, lengths, overflow) lives in the
+``lm`` section, shared by every learner that reads pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlft_ray.config.errors import require
+from rlft_ray.config.lm import LRSchedule, check_optimizer
+
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
+
+
+def check_preference_loss(loss: str, beta: float, label_smoothing: float, sft_coef: float) -> None:
+    """Range checks of the loss fields shared by ``dpo`` and ``online_dpo``."""
+    require(beta > 0, "beta", f"must be > 0 (got {beta})")
+    require(0 <= label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+    require(
+        label_smoothing == 0 or loss == "sigmoid",
+        "label_smoothing",
+        f"is cDPO's, for loss=sigmoid (loss is {loss!r})",
+    )
+    require(sft_coef >= 0, "sft_coef", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation from a fixed set of pairs (``lm.pairs``).
+
+    Defaults follow Rafailov et al. 2023 and TRL's ``DPOTrainer`` (beta 0.1, sigmoid loss),
+    with a learning rate for tiny models. Each iteration is one optimizer step on
+    ``batch_size`` pairs (over all learner ranks), micro-batched with gradient
+    accumulation; the run takes ``num_epochs`` passes over the pairs.
+
+    Attributes:
+        loss: ``sigmoid`` (DPO; cDPO with ``label_smoothing``), ``ipo`` or ``hinge``.
+        beta: Strength of the KL constraint to the reference.
+        label_smoothing: cDPO's eps, the assumed rate of flipped labels, in [0, 0.5).
+        sft_coef: Weight of an NLL (SFT) term on the chosen completions (RPO's alpha).
+        num_epochs: Passes over the pairs (sets the run's iterations).
+        batch_size: Pairs per optimizer step, over all ranks.
+        micro_batch_size: Pairs per forward/backward (chosen and rejected in one forward).
+        precompute_ref: Compute the reference log-probs once before training (a Ray Data
+            pass over actors, cached next to the pair file and reused while model and
+            data are unchanged), so the learner holds one model; false computes them on
+            the fly with a frozen reference copy.
+        shuffle: Reshuffle the pairs every epoch.
+        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+    """
+
+    loss: PreferenceLoss = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_coef: float = 0.0
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    precompute_ref: bool = True
+    shuffle: bool = True
+    lr: float = 5e-4
+    lr_schedule: LRSchedule = "linear"
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_optimizer(self)
+        check_preference_loss(self.loss, self.beta, self.label_smoothing, self.sft_coef)
+        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class OnlineDPOConfig:
+    """Online / iterative DPO (Guo et al. 2024; Xiong et al. 2024): the generation actors
+    sample ``lm.num_samples`` completions per prompt, the reward (function or model)
+    ranks them, the best and the worst of each prompt form a pair (prompts whose samples
+    all score the same are skipped and counted), and the learner takes DPO steps on the
+    round's pairs before publishing the weights.
+
+    Attributes:
+        loss, beta, label_smoothing, sft_coef: As in :class:`DPOConfig`.
+        ref_refresh_every: Make the current policy the reference every this many rounds
+            (null: the starting policy stays the reference).
+        num_epochs: Passes over each round's pairs. num_minibatches: Optimizer steps per
+            pass. micro_batch_size: Pairs per forward/backward.
+        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+    """
+
+    loss: PreferenceLoss = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_coef: float = 0.0
+    ref_refresh_every: int | None = None
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    micro_batch_size: int = 16
+    lr: float = 5e-4
+    lr_schedule: LRSchedule = "constant"
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_optimizer(self)
+        check_preference_loss(self.loss, self.beta, self.label_smoothing, self.sft_coef)
+        require(
+            self.ref_refresh_every is None or self.ref_refresh_every >= 1,
+            "ref_refresh_every",
+            "must be >= 1 or null",
+        )
+        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        require(self.num_minibatches >= 1, "num_minibatches", "must be >= 1")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """A Bradley-Terry reward model trained on ``lm.pairs`` (Ouyang et al. 2022).
+
+    The model is ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``,
+    one label) scoring the last token of prompt + completion; the loss is
+    -log sigma(r_chosen - r_rejected - margin). Each iteration is one optimizer step on
+    ``batch_size`` pairs over all ranks; ``eval_every`` measures the pairwise accuracy on
+    ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
+
+    Attributes:
+        margin: m in the loss (0: plain Bradley-Terry).
+        num_epochs: Passes over the pairs (sets the run's iterations).
+        batch_size: Pairs per optimizer step, over all ranks.
+        micro_batch_size: Pairs per forward/backward.
+        shuffle: Reshuffle the pairs every epoch.
+        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+    """
+
+    margin: float = 0.0
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    shuffle: bool = True
+    lr: float = 1e-3
+    lr_schedule: LRSchedule = "linear"
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_optimizer(self)
+        require(self.margin >= 0, "margin", "must be >= 0")
+        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")

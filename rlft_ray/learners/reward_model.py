@@ -1,0 +1,207 @@
+"""A Bradley-Terry reward model learned from preference pairs (``algo: reward_model``).
+
+``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
+scores prompt + completion at its last token; the loss is -log sigma(r_chosen - r_rejected
+- margin) (Ouyang et al. 2022). Each iteration is one optimizer step on
+``reward_model.batch_size`` pairs over all ranks (DDP, micro-batched); ``eval_every``
+measures the pairwise accuracy on ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
+Checkpoints hold ``policy/``, a ``save_pretrained`` directory of the reward model and its
+tokenizer, which ``lm.reward_model`` serves through scorer actors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlft_ray.algorithms import bradley_terry_losses, lr_factor
+from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.ddp import wrap_ddp
+from rlft_ray.learners.lm_core import disable_dropout
+from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
+from rlft_ray.lm.data import ShardStream
+from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
+from rlft_ray.types import PairBatch
+
+#: Name of the held-out pair table every rank receives (``LearnerContext.tables``).
+HELDOUT_PAIRS = "heldout_pairs"
+
+
+def pair_scores(
+    model: nn.Module, sub: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b]`` scores of prompt + chosen and of prompt + rejected, in one forward.
+
+    The prompt is left-padded and the completions right-padded, so positions count from
+    each row's first real token and the model scores its last non-padding token.
+    """
+    b = sub["prompt_ids"].shape[0]
+    ids = torch.cat(
+        [sub["prompt_ids"].repeat(2, 1), torch.cat([sub["chosen_ids"], sub["rejected_ids"]])], 1
+    )
+    mask = torch.cat(
+        [sub["prompt_mask"].repeat(2, 1), torch.cat([sub["chosen_mask"], sub["rejected_mask"]])], 1
+    ).long()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    scores = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 0].float()
+    return scores[:b], scores[b:]
+
+
+class RewardModelLearner(Learner):
+    """Bradley-Terry training of a scalar-head LM on one rank's pairs; DDP across ranks."""
+
+    sampler_cls: ClassVar[type | None] = None  # no rollout actors: it learns from pairs
+    offline: ClassVar[bool] = True
+    score_metric: ClassVar[str] = "rewards/accuracies"
+    curve: ClassVar[tuple[str, str, str]] = ("loss/rm", "counters/iteration", "loss_curve.png")
+
+    def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
+        from rlft_ray.lm.loading import load_tokenizer
+
+        super().__init__(cfg, spaces, ctx)
+        self.hp = cfg.reward_model
+        self.tokenizer, _ = load_tokenizer(cfg)
+        self.model = self.make_policy(cfg, spaces)
+        self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
+        disable_dropout(self.model)
+        self.net = wrap_ddp(self.model, ctx)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+        )
+        self.pairs = ShardStream(
+            ctx.datasets.get(PAIRS),
+            self.hp.batch_size // ctx.world_size,
+            cfg.seed + 7919 * ctx.rank,
+            self.hp.shuffle,
+        )
+        self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
+        self.heldout = ctx.tables.get(HELDOUT_PAIRS)
+
+    # -- class-level hooks ---------------------------------------------------------------
+    @classmethod
+    def probe(cls, cfg: RunConfig) -> TaskProbe:
+        if cfg.eval_every is not None and not cfg.lm.eval_pairs:
+            raise ConfigError("eval_every", "the reward model's evaluation needs lm.eval_pairs")
+
+        def tables_for(tok: Any) -> dict[str, Any]:
+            if cfg.eval_every is None:
+                return {}
+            return {HELDOUT_PAIRS: load_pairs(cfg.lm.eval_pairs, tok, cfg.lm, "lm.eval_pairs")[0]}
+
+        hp = cfg.reward_model
+        return probe_pairs(cfg, hp.batch_size, hp.num_epochs, tables_for)
+
+    @classmethod
+    def make_policy(cls, cfg: RunConfig, spaces: Spaces | None) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        from rlft_ray.lm import quiet_transformers
+        from rlft_ray.lm.loading import resolve_model_path
+
+        quiet_transformers()
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(cfg.lm.model),
+            num_labels=1,
+            trust_remote_code=cfg.lm.trust_remote_code,
+        )
+
+    @classmethod
+    def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
+        """``rlft-ray eval CKPT --dataset pairs.jsonl``: pairwise accuracy on held-out pairs."""
+        from rlft_ray.rollout.scoring import RewardModelScorer
+
+        dataset = opts.dataset or cfg.lm.eval_pairs
+        if not dataset:
+            raise ConfigError("--dataset", "name a pair file (the run config has no lm.eval_pairs)")
+        scorer = RewardModelScorer(str(checkpoint))
+        table, stats = load_pairs(dataset, scorer.tokenizer, cfg.lm, "--dataset")
+        if opts.limit is not None:
+            table = table.iloc[: opts.limit]
+        acc, margin = pairwise_accuracy(scorer.model, table, scorer.pad_id)
+        return {
+            "checkpoint": str(checkpoint),
+            "dataset": str(dataset),
+            "pairs": len(table),
+            "pairwise_accuracy": acc,
+            "margin_mean": margin,
+            **{k: v for k, v in stats.as_dict().items() if k != "pairs/source"},
+        }
+
+    # -- per-rank hooks ------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"policy": self.model}
+
+    def save_extras(self, path: Path) -> None:
+        self.tokenizer.save_pretrained(path / "policy")
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def next_batch(self, version: int) -> PairBatch:
+        return pair_batch(self.pairs.next_rows(), int(self.tokenizer.pad_token_id), version)
+
+    def heldout_eval(self, runners: Any, version: int) -> dict[str, float]:
+        """Pairwise accuracy on ``lm.eval_pairs``, on this rank (a forward pass per pair)."""
+        if self.heldout is None:
+            return {}
+        acc, margin = pairwise_accuracy(self.model, self.heldout, int(self.tokenizer.pad_token_id))
+        return {"eval/pairwise_accuracy": acc, "eval/margin_mean": margin}
+
+    def update(self, batch: PairBatch, progress: float) -> dict[str, float]:
+        hp = self.hp
+        lr = hp.lr * lr_factor(progress, hp.lr_schedule, hp.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        def loss(sub: dict[str, torch.Tensor], weight: torch.Tensor) -> Any:
+            chosen, rejected = pair_scores(self.net, sub)
+            losses = bradley_terry_losses(chosen, rejected, hp.margin)
+            stats = {
+                "loss/rm": losses.detach(),
+                "rewards/chosen": chosen.detach(),
+                "rewards/rejected": rejected.detach(),
+                "rewards/accuracies": (chosen > rejected).float(),
+                "rewards/margins": (chosen - rejected).detach(),
+            }
+            return (losses * weight).sum(), stats
+
+        metrics = pair_steps(
+            self.ctx,
+            self.net,
+            list(self.model.parameters()),
+            self.optimizer,
+            pair_tensors(batch, self.ctx.device),
+            loss,
+            pad_id=int(self.tokenizer.pad_token_id),
+            num_epochs=1,
+            num_minibatches=1,
+            micro_batch_size=hp.micro_batch_size,
+            max_grad_norm=hp.max_grad_norm,
+            generator=self.torch_rng,
+        )
+        metrics["optim/lr"] = lr
+        return metrics
+
+
+@torch.no_grad()
+def pairwise_accuracy(
+    model: nn.Module, table: Any, pad_id: int, micro: int = 64
+) -> tuple[float, float]:
+    """Fraction of pairs whose chosen completion outscores the rejected one, and the mean margin."""
+    wins, margins = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(table), micro):
+        sub = pair_tensors(pair_batch(table.iloc[start : start + micro], pad_id), device)
+        chosen, rejected = pair_scores(model, sub)
+        wins.append((chosen > rejected).float().cpu().numpy())
+        margins.append((chosen - rejected).cpu().numpy())
+    if not wins:
+        return math.nan, math.nan
+    return float(np.concatenate(wins).mean()), float(np.concatenate(margins).mean())

@@ -1,0 +1,136 @@
+"""Scoring completions with a learned (Bradley-Terry) reward model.
+
+:class:`RewardModelScorer` is a plain class (tests use it directly); the driver starts
+``resources.num_scorer_actors`` of them as Ray actors when ``lm.reward_model`` is set and
+hands their handles to the generation actors, which send each batch of completions to
+one of them instead of calling ``lm.reward_fn``. A completion is scored exactly as the
+reward model was trained: prompt tokens, then the completion's tokens and EOS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlft_ray.rewards import RewardError
+
+
+def reward_model_dir(path: str | Path) -> Path:
+    """The ``save_pretrained`` directory of a reward model: a checkpoint's ``policy/`` or ``path``."""
+    p = Path(path).expanduser()
+    return p / "policy" if (p / "policy" / "config.json").is_file() else p
+
+
+class RewardModelScorer:
+    """Holds a sequence-classification reward model and scores (prompt, completion) pairs.
+
+    Args:
+        path: An ``algo: reward_model`` checkpoint or a ``save_pretrained`` directory.
+        num_threads: torch threads (the CPUs this actor holds).
+        device: ``"cpu"`` or ``"cuda"``.
+        batch_size: Sequences per forward pass.
+    """
+
+    def __init__(
+        self, path: str, num_threads: int = 1, device: str = "cpu", batch_size: int = 256
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from rlft_ray.lm import quiet_transformers
+
+        quiet_transformers()
+        torch.set_num_threads(max(1, num_threads))
+        directory = reward_model_dir(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        self.pad_id = int(self.model.config.pad_token_id)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """The reward model's scalar score of each completion of its prompt."""
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        seqs = [
+            [*tok(p)["input_ids"], *tok(c, add_special_tokens=False)["input_ids"], eos]
+            for p, c in zip(prompts, completions)
+        ]
+        out: list[float] = []
+        for start in range(0, len(seqs), self.batch_size):
+            out.extend(
+                score_sequences(self.model, seqs[start : start + self.batch_size], self.pad_id)
+            )
+        return out
+
+
+def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int) -> list[float]:
+    """Scores of token sequences under a one-label sequence-classification model.
+
+    Sequences are right-padded, so the model's last non-padding token is each one's end.
+    """
+    if not seqs:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s))
+        mask[i, : len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return logits[:, 0].float().cpu().tolist()
+
+
+class ScorerClient:
+    """What a generation actor holds: scorer actors (Ray handles) or plain scorers, used in
+    turn, with a bounded wait and a check of every returned score.
+
+    Args:
+        scorers: :class:`RewardModelScorer` instances or Ray actor handles of them.
+        timeout_s: Longest wait for one batch's scores.
+    """
+
+    def __init__(self, scorers: Sequence[Any], timeout_s: float = 300.0) -> None:
+        if not scorers:
+            raise ValueError("ScorerClient needs at least one scorer")
+        self._next = itertools.cycle(list(scorers))
+        self.timeout_s = timeout_s
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """``[B]`` float32 rewards.
+
+        Raises:
+            RewardError: A score is NaN/inf, the count is wrong, or the scorer did not answer.
+        """
+        scorer = next(self._next)
+        if hasattr(scorer.score, "remote"):
+            import ray
+
+            try:
+                scores = ray.get(
+                    scorer.score.remote(list(prompts), list(completions)), timeout=self.timeout_s
+                )
+            except ray.exceptions.GetTimeoutError as exc:
+                raise RewardError(
+                    f"reward model scorer gave no scores within {self.timeout_s:.0f} s"
+                ) from exc
+        else:
+            scores = scorer.score(list(prompts), list(completions))
+        if len(scores) != len(prompts):
+            raise RewardError(
+                f"reward model returned {len(scores)} scores for {len(prompts)} samples"
+            )
+        for i, v in enumerate(scores):
+            if not math.isfinite(v):
+                raise RewardError(
+                    f"reward model returned {v} for sample {i} (prompt {prompts[i]!r}); "
+                    "rewards must be finite"
+                )
+        return np.asarray(scores, dtype=np.float32)

@@ -1,0 +1,19 @@
+"""Typed data that crosses the actor/learner boundary (dataclasses with documented shapes).
+
+:mod:`.episodes`: ``RolloutBatch``, ``EpisodeBatch``, ``EpisodeStats`` and the
+``SelectionStats`` of rejection sampling; :mod:`.lm`: ``Prompt``, ``GenerationBatch``
+and ``PairBatch``.
+"""
+
+from rlft_ray.types.episodes import EpisodeBatch, EpisodeStats, RolloutBatch, SelectionStats
+from rlft_ray.types.lm import GenerationBatch, PairBatch, Prompt
+
+__all__ = [
+    "EpisodeBatch",
+    "EpisodeStats",
+    "GenerationBatch",
+    "PairBatch",
+    "Prompt",
+    "RolloutBatch",
+    "SelectionStats",
+]

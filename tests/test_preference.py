@@ -1,0 +1,381 @@
+"""Preference learning without Ray: pair files, the concatenated forward, the DPO and
+reward-model learners (gradient accumulation and DDP equal one big batch), online DPO's
+pairs, the reference cache key and the reward-hacking metrics."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlft_ray.config import build_config
+from rlft_ray.learners.base import LearnerContext
+from rlft_ray.learners.dpo import DPOLearner
+from rlft_ray.learners.lm_hooks import heldout_lm_metrics
+from rlft_ray.learners.online_dpo import best_worst_pairs
+from rlft_ray.learners.pairwise import PAIRS
+from rlft_ray.learners.reward_model import RewardModelLearner, pair_scores, pairwise_accuracy
+from rlft_ray.lm.data import PromptDataError
+from rlft_ray.lm.loading import load_model_and_tokenizer
+from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
+from rlft_ray.lm.policy import PolicyWithValueHead, pair_logps, response_forward
+from rlft_ray.lm.tiny import make_tiny_model
+from rlft_ray.rollout.reference import reference_hash
+from rlft_ray.rollout.scoring import RewardModelScorer
+
+from lm_helpers import FrameShard, first_step_grads, free_port, make_batch
+
+PAIRS_ROWS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)}
+    for a, b in [(1, 2), (12, 30), (5, 37), (40, 40), (9, 9), (3, 30), (22, 7), (14, 14)]
+]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("p") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS_ROWS * 4))
+    return path
+
+
+def _cfg(model_dir: Path, pairs: Path, *overrides: str):
+    return build_config(
+        overrides=[
+            f"lm.model={model_dir}",
+            f"lm.pairs={pairs}",
+            "lm.max_prompt_tokens=16",
+            "lm.max_completion_tokens=8",
+            *overrides,
+        ]
+    )
+
+
+def _learner(cls, model_dir: Path, pairs: Path, *overrides: str, rank: int = 0, world: int = 1):
+    cfg = _cfg(model_dir, pairs, *overrides)
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table, _ = load_pairs(pairs, tok, cfg.lm)
+    shard = FrameShard(table.iloc[rank::world].reset_index(drop=True))
+    return cls(cfg, None, LearnerContext(rank, world, datasets={PAIRS: shard}))
+
+
+def test_pair_files_are_validated_with_the_line_named(model_dir: Path, tmp_path: Path) -> None:
+    lm = _cfg(model_dir, tmp_path / "x").lm
+    tok = load_model_and_tokenizer(model_dir)[1]
+    rows = [
+        json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}),
+        "",  # a blank line still counts in the line numbers
+        json.dumps({"prompt": "1+2=", "chosen": "3"}),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(PromptDataError, match=r"bad.jsonl:3: missing field\(s\) \['rejected'\]"):
+        load_pairs(bad, tok, lm)
+    same = tmp_path / "same.jsonl"
+    same.write_text(rows[0] + "\n" + json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"}))
+    with pytest.raises(PromptDataError, match=r"same.jsonl:2: 'chosen' equals 'rejected'"):
+        load_pairs(same, tok, lm)
+    table, stats = load_pairs(
+        same, tok, lm.__class__(**{**lm.__dict__, "drop_invalid_pairs": True})
+    )
+    assert (stats.kept, stats.invalid_dropped) == (1, 1)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": " ", "chosen": "2", "rejected": "3"}) + "\n")
+    with pytest.raises(PromptDataError, match=r"empty.jsonl:1: empty 'prompt'"):
+        load_pairs(empty, tok, lm)
+    (tmp_path / "none.jsonl").write_text("")
+    with pytest.raises(PromptDataError, match="holds no pairs"):
+        load_pairs(tmp_path / "none.jsonl", tok, lm)
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        rows[0] + "\n" + json.dumps({"prompt": "1+1=", "chosen": "9" * 20, "rejected": "3"})
+    )
+    _, stats = load_pairs(long, tok, lm)
+    assert (stats.kept, stats.overlong_dropped) == (1, 1)
+    cut = lm.__class__(**{**lm.__dict__, "pair_overflow": "truncate"})
+    table, stats = load_pairs(long, tok, cut)
+    assert stats.truncated == 1 and len(table["chosen_ids"][1]) == 8
+    with pytest.raises(PromptDataError, match="longer than lm.max_prompt_tokens"):
+        load_pairs(long, tok, lm.__class__(**{**lm.__dict__, "pair_overflow": "error"}))
+
+
+def test_conversational_pairs_go_through_the_chat_template(model_dir: Path, tmp_path: Path) -> None:
+    lm = _cfg(model_dir, tmp_path / "x", "lm.max_prompt_tokens=64").lm
+    tok = load_model_and_tokenizer(model_dir)[1]
+    path = tmp_path / "chat.jsonl"
+    row = {
+        "prompt": [{"role": "user", "content": "1+1="}],
+        "chosen": [{"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    }
+    path.write_text(json.dumps(row) + "\n")
+    table, _ = load_pairs(path, tok, lm)
+    assert tok.decode(table["prompt_ids"][0]) == "user: 1+1=\nassistant: "
+    assert table["chosen_ids"][0] == [
+        *tok("2", add_special_tokens=False)["input_ids"],
+        tok.eos_token_id,
+    ]
+
+
+def test_concatenated_forward_equals_separate_ones(model_dir: Path, pairs_file: Path) -> None:
+    model, tok = load_model_and_tokenizer(model_dir)
+    net = PolicyWithValueHead(model.eval())
+    table, _ = load_pairs(pairs_file, tok, _cfg(model_dir, pairs_file).lm)
+    t = pair_tensors(pair_batch(table.iloc[:5], tok.pad_token_id), torch.device("cpu"))
+    chosen, rejected, _ = pair_logps(net, t)
+    for key, got in (("chosen", chosen), ("rejected", rejected)):
+        out = response_forward(
+            net, t["prompt_ids"], t["prompt_mask"], t[f"{key}_ids"], t[f"{key}_mask"]
+        )
+        want = (out.logprobs * t[f"{key}_mask"]).sum(-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_learns_the_preferences_and_reports_trl_metrics(
+    model_dir: Path, pairs_file: Path
+) -> None:
+    learner = _learner(
+        DPOLearner,
+        model_dir,
+        pairs_file,
+        "algo=dpo",
+        "dpo.precompute_ref=false",
+        "dpo.lr=3e-3",
+        "dpo.batch_size=8",
+        "dpo.micro_batch_size=4",
+    )
+    first = learner.update(learner.next_batch(0), progress=0.0)
+    for step in range(1, 12):
+        last = learner.update(learner.next_batch(step), progress=0.5)
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "loss/dpo",
+    ):
+        assert np.isfinite(last[key]), key
+    assert first["loss/dpo"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at start
+    assert last["loss/dpo"] < first["loss/dpo"] - 0.05 and last["rewards/margins"] > 0
+    assert last["rewards/accuracies"] > 0.5 and first["optim/grad_accum_steps"] == 2
+
+
+def _dpo(model_dir: Path, pairs: Path, *extra: str, rank: int = 0, world: int = 1):
+    return _learner(
+        DPOLearner,
+        model_dir,
+        pairs,
+        "algo=dpo",
+        "dpo.precompute_ref=false",
+        "dpo.batch_size=8",
+        *extra,
+        rank=rank,
+        world=world,
+    )
+
+
+def test_micro_batches_give_the_gradient_of_one_batch(model_dir: Path, pairs_file: Path) -> None:
+    for extra in ([], ["dpo.loss=ipo"], ["dpo.sft_coef=0.5", "dpo.label_smoothing=0.1"]):
+        whole, parts = (
+            _dpo(model_dir, pairs_file, f"dpo.micro_batch_size={m}", *extra) for m in (8, 3)
+        )
+        grads_whole = first_step_grads(whole, whole.next_batch(0))
+        grads_parts = first_step_grads(parts, parts.next_batch(0))
+        assert len(grads_whole) > 5
+        for k, g in grads_whole.items():
+            torch.testing.assert_close(grads_parts[k], g, atol=2e-6, rtol=1e-4, msg=f"{extra}: {k}")
+
+
+def _ddp_worker(rank: int, port: int, model_dir: str, pairs: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for name, cls, extra in DDP_CASES:
+            torch.manual_seed(0)
+            learner = _learner(cls, Path(model_dir), Path(pairs), *extra, rank=rank, world=2)
+            torch.save(
+                first_step_grads(learner, learner.next_batch(0)), Path(out) / f"{name}-{rank}.pt"
+            )
+            del learner
+            gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+DDP_CASES = [
+    (
+        "dpo",
+        DPOLearner,
+        [
+            "algo=dpo",
+            "dpo.precompute_ref=false",
+            "dpo.batch_size=8",
+            "dpo.micro_batch_size=2",
+            "dpo.shuffle=false",
+        ],
+    ),
+    (
+        "rm",
+        RewardModelLearner,
+        [
+            "algo=reward_model",
+            "reward_model.batch_size=8",
+            "reward_model.micro_batch_size=3",
+            "reward_model.shuffle=false",
+        ],
+    ),
+]
+
+
+def test_two_ddp_ranks_match_one_on_the_same_global_batch(
+    model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    mp.spawn(
+        _ddp_worker, args=(free_port(), str(model_dir), str(pairs_file), str(tmp_path)), nprocs=2
+    )
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table, _ = load_pairs(pairs_file, tok, _cfg(model_dir, pairs_file).lm)
+    # rank r read rows r, r+2, ... of the table, 4 each: the global batch is rows 0..7
+    for name, cls, extra in DDP_CASES:
+        torch.manual_seed(0)
+        alone = _learner(cls, model_dir, pairs_file, *extra)
+        rows = pd.concat([table.iloc[0::2].iloc[:4], table.iloc[1::2].iloc[:4]])
+        grads = first_step_grads(alone, pair_batch(rows, tok.pad_token_id))
+        ranks = [torch.load(tmp_path / f"{name}-{r}.pt") for r in range(2)]
+        for k, g in grads.items():
+            for r in range(2):
+                torch.testing.assert_close(
+                    ranks[r][k], g, atol=2e-6, rtol=1e-4, msg=f"{name} rank {r}: {k}"
+                )
+
+
+def test_reward_model_learns_and_serves_the_same_scores(
+    model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    learner = _learner(
+        RewardModelLearner,
+        model_dir,
+        pairs_file,
+        "algo=reward_model",
+        "reward_model.lr=3e-3",
+        "reward_model.batch_size=8",
+    )
+    tok = learner.tokenizer
+    table, _ = load_pairs(pairs_file, tok, learner.cfg.lm)
+    before, _ = pairwise_accuracy(learner.model, table, tok.pad_token_id)
+    metrics = [learner.update(learner.next_batch(i), i / 30) for i in range(30)]
+    after, margin = pairwise_accuracy(learner.model, table, tok.pad_token_id)
+    assert metrics[-1]["loss/rm"] < metrics[0]["loss/rm"] - 0.3 and after >= 0.85 > before
+    assert margin > 0
+    # saved as a save_pretrained directory, a scorer gives the learner's scores for the same text
+    learner.model.save_pretrained(tmp_path / "rm" / "policy")
+    learner.save_extras(tmp_path / "rm")
+    scorer = RewardModelScorer(str(tmp_path / "rm"))
+    row = PAIRS_ROWS[1]
+    got = scorer.score([row["prompt"], row["prompt"]], [row["chosen"], row["rejected"]])
+    t = pair_tensors(pair_batch(table.iloc[1:2], tok.pad_token_id), torch.device("cpu"))
+    with torch.no_grad():
+        chosen, rejected = pair_scores(learner.model, t)
+    assert got == pytest.approx([float(chosen), float(rejected)], abs=1e-4)
+
+
+def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Path) -> None:
+    batch = make_batch(model_dir, n_prompts=3)  # groups of 4, the first all 1.0
+    batch.rewards[4:8] = [0.0, 0.5, 1.0, 0.5]
+    batch.rewards[8:12] = [0.2, 0.2, 0.1, 0.9]
+    pairs = best_worst_pairs(batch)
+    assert len(pairs) == 2 and pairs.skipped_groups == 1
+    assert np.array_equal(pairs.chosen_ids, batch.response_ids[[6, 11]])
+    assert np.array_equal(pairs.rejected_ids, batch.response_ids[[4, 10]])
+
+
+def test_reference_cache_key_follows_model_and_data(
+    model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    lm = _cfg(model_dir, pairs_file).lm
+    key = reference_hash(str(model_dir), lm)
+    assert reference_hash(str(model_dir), lm) == key
+    other = tmp_path / "pairs.jsonl"
+    other.write_text(pairs_file.read_text() + json.dumps(PAIRS_ROWS[0]) + "\n")
+    assert (
+        reference_hash(str(model_dir), lm.__class__(**{**lm.__dict__, "pairs": str(other)})) != key
+    )
+    assert (
+        reference_hash(str(model_dir), lm.__class__(**{**lm.__dict__, "max_completion_tokens": 9}))
+        != key
+    )
+    moved = make_tiny_model(
+        tmp_path / "m2", n_layer=1, hidden=32, n_head=2, max_positions=64, seed=3
+    )
+    assert reference_hash(str(moved), lm) != key
+
+
+def test_reward_hacking_metrics_compare_the_learned_reward_with_correctness() -> None:
+    results = [
+        {"accuracy": np.array([1.0, 0.0, 1.0]), "reward_model": np.array([2.0, 1.0, 0.5])},
+        {"accuracy": np.array([0.0]), "reward_model": np.array([3.0])},
+    ]
+    out = heldout_lm_metrics(results)
+    assert out["eval/accuracy"] == 0.5 and out["eval/reward_model_mean"] == pytest.approx(1.625)
+    # correct scores {2.0, 0.5} vs wrong {1.0, 3.0}: 2.0 > 1.0 only -> 1 of 4 comparisons
+    assert out["eval/reward_model_auc"] == pytest.approx(0.25)
+
+
+def test_a_reward_model_that_returns_nan_names_the_sample() -> None:
+    from rlft_ray.rewards import RewardError
+    from rlft_ray.rollout.scoring import ScorerClient
+
+    class Broken:
+        def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+            return [0.5, float("nan")]
+
+    with pytest.raises(
+        RewardError, match=r"reward model returned nan for sample 1 \(prompt '2\+2='\)"
+    ):
+        ScorerClient([Broken()])(["1+1=", "2+2="], ["2", "4"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "text"),
+    [
+        ("dpo.beta=0", "dpo.beta", "must be > 0"),
+        ("dpo.loss=kto", "dpo.loss", "must be one of"),
+        ("dpo.label_smoothing=0.6", "dpo.label_smoothing", "[0, 0.5)"),
+        ("dpo.loss=ipo dpo.label_smoothing=0.1", "dpo.label_smoothing", "for loss=sigmoid"),
+        ("online_dpo.ref_refresh_every=0", "online_dpo.ref_refresh_every", ">= 1"),
+        ("reward_model.margin=-1", "reward_model.margin", ">= 0"),
+        ("lm.pair_overflow=wrap", "lm.pair_overflow", "must be one of"),
+    ],
+)
+def test_bad_preference_settings_name_the_key(override: str, key: str, text: str) -> None:
+    from rlft_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides=override.split())
+    assert info.value.key == key and text in str(info.value)
+
+
+def test_pair_runs_check_their_inputs_before_ray(model_dir: Path, pairs_file: Path) -> None:
+    from rlft_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lm.pairs: algo=dpo needs a preference pair file"):
+        DPOLearner.probe(_cfg(model_dir, pairs_file, "algo=dpo", "lm.pairs=null"))
+    with pytest.raises(ConfigError, match="dpo.batch_size: is 64 but only 32 usable pairs"):
+        DPOLearner.probe(_cfg(model_dir, pairs_file, "algo=dpo", "dpo.batch_size=64"))
+    with pytest.raises(
+        ConfigError, match="eval_every: the reward model's evaluation needs lm.eval_pairs"
+    ):
+        RewardModelLearner.probe(_cfg(model_dir, pairs_file, "algo=reward_model", "eval_every=5"))
+    probe = DPOLearner.probe(
+        _cfg(model_dir, pairs_file, "algo=dpo", "dpo.num_epochs=3", "dpo.batch_size=8")
+    )
+    assert probe.cfg.total_iterations == 12 and probe.info["pairs/kept"] == 32  # 3 x 32 / 8
