@@ -11,7 +11,10 @@ precomputes them once on an actor. Printed as JSON lines:
   ``train_runtime``) and seconds from command start to exit, with their ratios
   (target: >= 2x TRL's pairs/s);
 * the DPO loss of each trained model on all 512 pairs against the initial model, after
-  the same number of steps (target: within 2 % of TRL's).
+  the same number of steps (target: within 2 % of TRL's);
+* with ``--ddp``, our loss curve with 2 DDP learners next to 1 learner's, on the same global
+  batch size (the same pairs in a different split: the curves agree within noise; the
+  exact equality of one step's gradients is a test).
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 
@@ -124,11 +127,60 @@ def dpo_loss_on_all(policy_dir: Path, reference: Path, pairs: Path) -> float:
     return float(losses.mean())
 
 
+def _ours_overrides(model: Path, pairs: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        f"model={model}",
+        f"lm.pairs={pairs}",
+        "lm.eval_pairs=null",
+        "lm.eval_prompts=null",
+        "lm.max_prompt_tokens=32",
+        "lm.max_completion_tokens=16",
+        f"dpo.beta={BETA}",
+        f"dpo.lr={LR}",
+        "dpo.sft_coef=0.0",
+        "dpo.lr_schedule=linear",
+        "dpo.warmup_fraction=0.0",
+        f"dpo.batch_size={BATCH}",
+        f"dpo.micro_batch_size={BATCH}",
+        f"dpo.num_epochs={args.epochs}",
+        "eval_every=null",
+        f"checkpoint_every={10**6}",
+        f"seed={args.seed}",
+    ]
+
+
+def ddp_curves(model: Path, pairs: Path, folder: Path, args: argparse.Namespace) -> None:
+    """Our loss curve with 2 DDP learners next to 1 learner's, same global batch."""
+    curves = {}
+    for n in (1, 2):
+        extra = [f"resources.num_learners={n}", "resources.cpus_per_learner=1.0"]
+        train_cli(
+            "examples/arithmetic_dpo.yaml",
+            [*_ours_overrides(model, pairs, args), *extra],
+            folder / f"ddp{n}",
+        )
+        rows = [
+            json.loads(x) for x in (folder / f"ddp{n}" / "metrics.jsonl").read_text().splitlines()
+        ]
+        curves[n] = [round(r["loss/dpo"], 4) for r in rows]
+    gaps = [abs(a - b) for a, b in zip(curves[1], curves[2])]
+    emit(
+        {
+            "benchmark": "dpo_ddp",
+            "loss_1_learner": curves[1],
+            "loss_2_learners": curves[2],
+            "mean_abs_gap": round(sum(gaps) / len(gaps), 4),
+            "final": {"1": curves[1][-1], "2": curves[2][-1]},
+        }
+    )
+
+
 def main() -> None:
     os.environ.setdefault("RAY_ADDRESS", "local")
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ddp", action="store_true", help="also compare 2 DDP learners with 1")
     p.add_argument(
         "--trl-worker", nargs=3, metavar=("MODEL", "PAIRS", "OUT"), help=argparse.SUPPRESS
     )
@@ -161,27 +213,7 @@ def main() -> None:
     trl = json.loads(proc.stdout.strip().splitlines()[-1])
 
     ours = train_cli(
-        "examples/arithmetic_dpo.yaml",
-        [
-            f"model={model}",
-            f"lm.pairs={pairs}",
-            "lm.eval_pairs=null",
-            "lm.eval_prompts=null",
-            "lm.max_prompt_tokens=32",
-            "lm.max_completion_tokens=16",
-            f"dpo.beta={BETA}",
-            f"dpo.lr={LR}",
-            "dpo.sft_coef=0.0",
-            "dpo.lr_schedule=linear",
-            "dpo.warmup_fraction=0.0",
-            f"dpo.batch_size={BATCH}",
-            f"dpo.micro_batch_size={BATCH}",
-            f"dpo.num_epochs={args.epochs}",
-            "eval_every=null",
-            f"checkpoint_every={10**6}",
-            f"seed={args.seed}",
-        ],
-        folder / "ours",
+        "examples/arithmetic_dpo.yaml", _ours_overrides(model, pairs, args), folder / "ours"
     )
     rows = [json.loads(x) for x in (folder / "ours" / "metrics.jsonl").read_text().splitlines()]
     ours_loop_s = rows[-1]["time/wall_s"]
@@ -204,6 +236,8 @@ def main() -> None:
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
     )
+    if args.ddp:
+        ddp_curves(model, pairs, folder, args)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def run_training(
     scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
     has_actors = learner_cls.sampler(cfg) is not None
     check_fits(cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed)
-    probe = learner_cls.prepare(cfg, probe)  # e.g. DPO's reference log-probs (Ray Data)
+    probe = learner_cls.prepare(cfg, probe, output_dir)  # e.g. DPO's reference log-probs
     scorers = _start_scorers(cfg) if scorers_needed else []
     runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
     trainer = _trainer(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
@@ -184,6 +184,7 @@ def _start_scorers(cfg: RunConfig) -> list[Any]:
             "path": cfg.lm.reward_model,
             "num_threads": torch_threads(res.cpus_per_scorer_actor),
             "device": "cuda" if gpus > 0 else "cpu",
+            "add_special_tokens": not cfg.lm.chat_template,
         },
         num_gpus=gpus,
     )
@@ -199,7 +200,7 @@ def _trainer(
     start_checkpoint: ray.train.Checkpoint | None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` whose workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
-    datasets = _ray_datasets(probe.datasets)
+    datasets, inline = _ray_datasets(probe.datasets)
     res = cfg.resources
     return TorchTrainer(
         train_loop_per_worker,
@@ -209,6 +210,7 @@ def _trainer(
             "runners": runners,
             "start_checkpoint": start_checkpoint,
             "datasets": sorted(datasets),
+            "inline_datasets": inline,
             "tables": probe.tables,
         },
         datasets=datasets,
@@ -227,10 +229,21 @@ def _trainer(
     )
 
 
-def _ray_datasets(tables: dict[str, Any]) -> dict[str, Any]:
-    """The probe's tables (pandas) as Ray Datasets for Ray Train to shard over the ranks."""
-    if not tables:
-        return {}
+#: Tables up to this many rows go to the learners whole (each rank takes its share in
+#: memory); larger ones stream through Ray Data, sharded over the ranks by Ray Train.
+INLINE_ROWS = 200_000
+
+
+def _ray_datasets(tables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The probe's tables (pandas): ``(Ray Datasets, tables passed whole)``.
+
+    Starting Ray Data's actors for a table that fits in memory costs more than a small
+    run's whole training; such tables travel in the loop config instead.
+    """
+    inline = {name: t for name, t in tables.items() if len(t) <= INLINE_ROWS}
+    big = {name: t for name, t in tables.items() if name not in inline}
+    if not big:
+        return {}, inline
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -238,7 +251,7 @@ def _ray_datasets(tables: dict[str, Any]) -> dict[str, Any]:
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return {name: ray.data.from_pandas(table) for name, table in tables.items()}
+    return {name: ray.data.from_pandas(t) for name, t in big.items()}, inline
 
 
 def _describe(info: dict[str, Any]) -> list[str]:

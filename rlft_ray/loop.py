@@ -22,6 +22,7 @@ from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum
+from rlft_ray.lm.data import TableShard
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.rollout.group import RunnerGroup
 from rlft_ray.rundir import ROWS_KEY
@@ -44,6 +45,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     seed_everything(cfg.seed + 7919 * rank)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg.get("datasets", ())}
+    for name, table in loop_cfg.get("inline_datasets", {}).items():
+        shards[name] = TableShard(table, rank, world)
     ctx = LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
     learner = get_learner_cls(cfg.algo)(cfg, spaces, ctx)
     per_rank = len(loop_cfg["runners"]) // world
@@ -74,13 +77,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         counters.record_episodes(returns, successes)
         t2 = time.perf_counter()
 
+        last = _finished(cfg, counters, time.perf_counter() - clock_start, ctx)
+        eval_due = _eval_due(cfg, counters, last)
+        # actors that sample need every version; an offline learner's only score held-out sets
+        publish = rank == 0 and (not learner.offline or eval_due)
         sync_s = (
             runners.publish(learner.policy_state(), counters.policy_version, wait=world > 1)
-            if rank == 0
+            if publish
             else 0.0
         )
-        last = _finished(cfg, counters, time.perf_counter() - clock_start, ctx)
-        if rank == 0 and _eval_due(cfg, counters, last):
+        if rank == 0 and eval_due:
             metrics.update(learner.heldout_eval(runners, counters.policy_version))
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start

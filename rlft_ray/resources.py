@@ -117,6 +117,12 @@ def check_fits(
             f"{res.num_rollout_actors} rollout actors (+ {learner_gpus} for learners), cluster has {have_gpu:g}; "
             "set resources.gpus_per_rollout_actor=0 or add GPU nodes"
         )
+    if needs.get("GPU", 0.0) > have_gpu + 1e-9:
+        raise ResourceError(
+            f"run needs {needs['GPU']:g} GPUs (learners, rollout actors and reward-model scorers "
+            f"together), cluster has {have_gpu:g}; lower resources.gpus_per_rollout_actor / "
+            "gpus_per_scorer_actor or add GPU nodes"
+        )
 
 
 def runs_that_fit(res: ResourcesConfig, want: int | None, cluster: Mapping[str, float]) -> int:

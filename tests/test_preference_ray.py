@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rlft_ray.config import build_config
 from rlft_ray.driver import run_training
+from rlft_ray.learners.dpo import DPOLearner
+from rlft_ray.learners.pairwise import PAIRS
 from rlft_ray.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,14 +69,22 @@ def test_dpo_precomputes_reference_logps_once_and_reuses_the_cache(
     assert rows[-1]["loss/dpo"] < rows[0]["loss/dpo"] and rows[-1]["rewards/margins"] > 0
     assert [r["counters/iteration"] for r in rows if "eval/accuracy" in r] == [6, 12]
     assert all(r["perf/pairs_per_s"] > 0 for r in rows)
-    again = run_training(
-        build_config(EXAMPLES / "arithmetic_dpo.yaml", [*overrides, "dpo.num_epochs=1"]),
-        tmp_path / "d2",
-        progress=False,
-    )
-    assert again["ref_logps/reused"] is True and again["ref_logps/cache"] == str(cache)
-    # the same first step: the cached reference is the one computed before
-    assert read_metrics(tmp_path / "d2")[0]["loss/dpo"] == pytest.approx(rows[0]["loss/dpo"])
+    # a later run with the same model and pairs reads the cache instead of recomputing
+    cfg = build_config(EXAMPLES / "arithmetic_dpo.yaml", [*overrides, "dpo.num_epochs=1"])
+    probe = DPOLearner.probe(cfg)
+    again = DPOLearner.prepare(probe.cfg, probe, tmp_path / "d2")
+    assert again.info["ref_logps/reused"] is True and again.info["ref_logps/cache"] == str(cache)
+    cached = again.datasets[PAIRS]
+    reference = pd.read_parquet(cache)
+    merged = cached.merge(reference, on="pair_index", suffixes=("", "_file"))
+    assert len(merged) == 96 and (merged["ref_chosen"] == merged["ref_chosen_file"]).all()
+    # ... and a changed pair file never does: its hash differs
+    edited = pairs[0].with_name("edited.jsonl")
+    edited.write_text(pairs[0].read_text().replace('"rejected": "?', '"rejected": "!', 1))
+    moved = build_config(EXAMPLES / "arithmetic_dpo.yaml", [*overrides, f"lm.pairs={edited}"])
+    probe = DPOLearner.probe(moved)
+    fresh = DPOLearner.prepare(probe.cfg, probe, tmp_path / "d3")
+    assert fresh.info["ref_logps/reused"] is False and fresh.info["ref_logps/cache"] != str(cache)
 
 
 def test_reward_model_trains_then_scores_for_grpo(

@@ -154,7 +154,7 @@ class Learner(ABC):
         return cls.sampler_cls
 
     @classmethod
-    def prepare(cls, cfg: RunConfig, probe: TaskProbe) -> TaskProbe:
+    def prepare(cls, cfg: RunConfig, probe: TaskProbe, output_dir: Path) -> TaskProbe:
         """Data work that needs the cluster, after Ray starts and before the learners do
         (e.g. DPO's reference log-probs through a Ray Data actor pool). Default: none."""
         return probe

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from rlft_ray.algorithms import dpo_losses
@@ -72,9 +73,8 @@ def reference_logps(
 ) -> dict[str, torch.Tensor]:
     """``ref_chosen`` / ``ref_rejected`` of every pair in ``t`` under a frozen reference."""
     chosen, rejected = [], []
-    for idx in torch.split(
-        torch.arange(t["prompt_ids"].shape[0], device=t["prompt_ids"].device), micro
-    ):
+    rows = torch.arange(t["prompt_ids"].shape[0], device=t["prompt_ids"].device)
+    for idx in torch.split(rows, micro) if len(rows) else ():  # a rank may hold no pairs
         c, r, _ = pair_logps(reference, rows_of(t, idx))
         chosen.append(c)
         rejected.append(r)
@@ -123,26 +123,37 @@ class DPOLearner(LMLearnerHooks, Learner):
         return cls.sampler_cls if cfg.eval_every is not None else None
 
     @classmethod
-    def prepare(cls, cfg: RunConfig, probe: TaskProbe) -> TaskProbe:
+    def prepare(cls, cfg: RunConfig, probe: TaskProbe, output_dir: Path) -> TaskProbe:
         """Attach the reference's log-probs to the pairs (cached; computed on actors)."""
         if not cfg.dpo.precompute_ref:
             return probe
+        import ray
+
+        from rlft_ray.resources import check_fits
         from rlft_ray.rollout.reference import attach_reference_logps
 
         res = cfg.resources
+        # the pass holds rollout actors before the learners start: they must fit too
+        check_fits(res, ray.cluster_resources(), learners=False)
         table, info = attach_reference_logps(
             probe.datasets[PAIRS],
             reference_model(cfg),
             cfg.lm,
             actors=res.num_rollout_actors,
             cpus_per_actor=res.cpus_per_rollout_actor,
-            fallback_dir=Path(cfg.lm.pairs or ".").resolve().parent,
+            fallback_dir=output_dir,
         )
         return dataclasses.replace(
             probe, datasets={**probe.datasets, PAIRS: table}, info={**probe.info, **info}
         )
 
     # -- learning --------------------------------------------------------------------------
+    def rank_state(self) -> dict[str, np.ndarray]:
+        return self.pairs.state()  # --resume goes on where the data stream was
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
+        self.pairs.load_state(state)
+
     def next_batch(self, version: int) -> PairBatch:
         return pair_batch(self.pairs.next_rows(), int(self.core.tokenizer.pad_token_id), version)
 

@@ -85,6 +85,7 @@ class LMCore:
         self.cfg, self.ctx, self.hp = cfg, ctx, hp
         lm = cfg.lm
         self.temperature = lm.temperature if temperature is None else temperature
+        self.save_reference = False  # set by learners whose reference moves (checkpointed then)
         self.model, self.tokenizer = load_model_and_tokenizer(
             resolve_model_path(lm.model),
             trust_remote_code=lm.trust_remote_code,
@@ -133,10 +134,13 @@ class LMCore:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def modules(self) -> dict[str, nn.Module]:
-        """``policy`` (saved with ``save_pretrained``) and, for PPO, ``value_head``."""
+        """``policy`` (saved with ``save_pretrained``), for PPO ``value_head``, and the
+        ``reference`` when it moves during the run (online DPO's refreshes)."""
         mods: dict[str, nn.Module] = {"policy": self.model}
         if self.value_head is not None:
             mods["value_head"] = self.value_head
+        if self.save_reference and self.reference is not None:
+            mods["reference"] = self.reference.lm
         return mods
 
     def save_extras(self, path: Path) -> None:

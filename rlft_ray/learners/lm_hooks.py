@@ -109,16 +109,45 @@ def check_model(cfg: RunConfig, new_tokens: int, new_key: str) -> tuple[Any, dic
 
 
 def check_reward_fns(cfg: RunConfig) -> None:
-    """``lm.reward_fn`` and ``lm.eval_fn`` import (the reward model, if set, replaces the first).
+    """``lm.reward_fn`` and ``lm.eval_fn`` import, and ``lm.reward_model`` (which replaces the
+    first) is a one-label sequence-classification model with a pad token.
 
     Raises:
-        ConfigError: Naming the key whose function cannot be imported.
+        ConfigError: Naming the key whose function or model cannot be used.
     """
     for key, spec in (("lm.reward_fn", cfg.lm.reward_fn), ("lm.eval_fn", cfg.lm.eval_fn)):
         try:
             load_reward_fn(spec)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
+    if cfg.lm.reward_model is not None:
+        check_reward_model(cfg.lm.reward_model)
+
+
+def check_reward_model(path: str) -> None:
+    """``path`` holds a reward model the scorer actors can serve.
+
+    Raises:
+        ConfigError: Naming ``lm.reward_model``: missing, not loadable, or not one label.
+    """
+    from transformers import AutoConfig
+
+    from rlft_ray.rollout.scoring import reward_model_dir
+
+    directory = reward_model_dir(path)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(
+            "lm.reward_model",
+            f"{path} holds no reward model (an `algo: reward_model` checkpoint or a "
+            "save_pretrained sequence-classification directory)",
+        )
+    config = AutoConfig.from_pretrained(directory)
+    if getattr(config, "num_labels", None) != 1 or config.pad_token_id is None:
+        raise ConfigError(
+            "lm.reward_model",
+            f"{directory} must be a one-label sequence-classification model with a pad token "
+            f"(num_labels={getattr(config, 'num_labels', None)}, pad_token_id={config.pad_token_id})",
+        )
 
 
 def heldout_tables(cfg: RunConfig, tok: Any) -> dict[str, Any]:
@@ -259,6 +288,13 @@ class LMLearnerHooks:
 
     def after_init_from(self) -> None:
         self.core.reset_reference()
+
+    def rank_state(self) -> dict[str, np.ndarray]:
+        return self.core.prompts.state()  # --resume goes on where the prompt stream was
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
+        if "stream_epoch" in state:
+            self.core.prompts.load_state(state)
 
     def load_start_point(self, path: Path) -> None:
         self.core.load_start_point(path)

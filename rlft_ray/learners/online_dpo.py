@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rlft_ray.config import RunConfig
-from rlft_ray.learners.base import Learner, LearnerContext, Spaces
+from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.dpo import preference_loss, reference_logps
 from rlft_ray.learners.lm_core import LMCore
@@ -50,10 +50,18 @@ def best_worst_pairs(batch: GenerationBatch) -> PairBatch:
 class OnlineDPOLearner(LMLearnerHooks, Learner):
     """DPO on pairs ranked from each round's samples; DDP across ranks."""
 
+    @classmethod
+    def probe(cls, cfg: RunConfig) -> TaskProbe:
+        if cfg.lm.num_samples < 2:
+            raise ConfigError("lm.num_samples", "online DPO pairs two samples of a prompt: >= 2")
+        return super().probe(cfg)
+
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.online_dpo
         self.core = LMCore(cfg, ctx, self.hp, keep_start=True, temperature=1.0)
+        # a refreshed reference is part of the run's state: --resume must restore it
+        self.core.save_reference = self.hp.ref_refresh_every is not None
         self.optimizer = self.core.optimizer
 
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:

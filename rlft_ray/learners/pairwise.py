@@ -36,6 +36,7 @@ PairLoss = Callable[
     [dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
 ]
 
+
 def pair_steps(
     ctx: LearnerContext,
     net: nn.Module,
@@ -135,8 +136,13 @@ def probe_pairs(
         raise ConfigError(
             key, f"is {batch_size} but only {stats.kept} usable pairs are in {lm.pairs}"
         )
+    # num_epochs is the budget (or total_iterations when smaller); every pair is an "env
+    # step", so the step budget must not cut the epochs short
     steps = math.ceil(num_epochs * stats.kept / batch_size)
-    run = dataclasses.replace(absolute_paths(cfg), total_iterations=steps)
+    steps = min(steps, cfg.total_iterations or steps)
+    run = dataclasses.replace(
+        absolute_paths(cfg), total_iterations=steps, total_env_steps=steps * batch_size
+    )
     return TaskProbe(
         spaces=lm_spaces(cfg, tok),
         datasets={PAIRS: table},

@@ -68,6 +68,8 @@ class RewardModelLearner(Learner):
         self.hp = cfg.reward_model
         self.tokenizer, _ = load_tokenizer(cfg)
         self.model = self.make_policy(cfg, spaces)
+        if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(len(self.tokenizer))  # an added <pad>
         self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
@@ -143,6 +145,12 @@ class RewardModelLearner(Learner):
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def rank_state(self) -> dict[str, np.ndarray]:
+        return self.pairs.state()  # --resume goes on where the data stream was
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
+        self.pairs.load_state(state)
 
     def next_batch(self, version: int) -> PairBatch:
         return pair_batch(self.pairs.next_rows(), int(self.tokenizer.pad_token_id), version)

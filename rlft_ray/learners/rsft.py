@@ -63,7 +63,10 @@ class RSFTLearner(LMLearnerHooks, Learner):
             target = _check_same_tokenizer(run, hp.target_model)
             run = dataclasses.replace(run, rsft=dataclasses.replace(hp, target_model=target))
         rounds = min(hp.rounds, run.total_iterations or hp.rounds)
-        probe.cfg = dataclasses.replace(run, total_iterations=rounds)
+        per_round = run.lm.prompts_per_iteration * run.lm.num_samples
+        probe.cfg = dataclasses.replace(
+            run, total_iterations=rounds, total_env_steps=rounds * per_round
+        )
         return probe
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Prompt files: reading, validation and the rows that flow through Ray Data.
+"""Prompt files: reading, validation, and the rows each learner rank reads.
 
 A prompt file is ``.jsonl`` (one JSON object per line), ``.json`` (a list of
 objects) or ``.parquet`` with a ``prompt`` column (``lm.prompt_key``) and any
@@ -8,10 +8,11 @@ metadata columns; ``answer`` (or ``ground_truth``, copied to ``answer`` when
 :func:`load_prompts` runs on the driver before Ray starts: it tokenizes every
 prompt once, drops or fails on empty and over-long prompts as configured, and
 counts each decision (:class:`PromptStats`). The cleaned table (columns
-``prompt``, ``prompt_ids``, ``metadata`` as JSON) becomes the Ray Dataset that
-Ray Train shards over the learner ranks; :func:`prompts_from_batch` turns a
-batch of it back into :class:`~rlft_ray.types.Prompt` objects, and a
-:class:`PromptStream` hands a learner rank endless epochs of its shard.
+``prompt``, ``prompt_ids``, ``metadata`` as JSON) is sharded over the learner ranks, in
+memory (:class:`TableShard`) or, when large, as a Ray Dataset Ray Train shards;
+:func:`prompts_from_batch` turns a batch of it back into
+:class:`~rlft_ray.types.Prompt` objects, and a :class:`PromptStream` hands a learner
+rank endless epochs of its shard.
 """
 
 from __future__ import annotations
@@ -285,6 +286,35 @@ def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
     ]
 
 
+class TableShard:
+    """One rank's share of a table held in memory (rows ``rank, rank + world, ...``), with
+    the ``iter_batches`` interface of a Ray Data shard.
+
+    Tables that fit in memory (prompt and pair files) travel to the learners this way:
+    no Ray Data actors to start, which is most of a small run's start-up.
+    """
+
+    def __init__(self, table: pd.DataFrame, rank: int = 0, world: int = 1) -> None:
+        self.table = table.iloc[rank::world].reset_index(drop=True)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        drop_last: bool = True,
+        local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of numpy columns, shuffled (the whole shard) when a seed is given."""
+        table = self.table
+        if local_shuffle_buffer_size is not None:
+            order = np.random.default_rng(local_shuffle_seed).permutation(len(table))
+            table = table.iloc[order]
+        stop = len(table) - batch_size + 1 if drop_last else len(table)
+        for start in range(0, max(stop, 0), batch_size):
+            rows = table.iloc[start : start + batch_size]
+            yield {c: rows[c].to_numpy() for c in rows.columns}
+
+
 class ShardStream:
     """Endless batches of rows from this rank's Ray Data shard, reshuffled every epoch.
 
@@ -298,7 +328,22 @@ class ShardStream:
     def __init__(self, shard: Any, batch_size: int, seed: int, shuffle: bool) -> None:
         self.shard, self.batch_size, self.seed, self.shuffle = shard, batch_size, seed, shuffle
         self.epoch = 0
+        self.taken = 0  # batches of this epoch handed out
         self._it: Iterator[Any] | None = None
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Where the stream is (saved with a checkpoint, so ``--resume`` goes on from there)."""
+        return {"stream_epoch": np.array(self.epoch), "stream_taken": np.array(self.taken)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Go on from :meth:`state`: the same epoch's shuffle, past the batches already taken."""
+        self.epoch, skip = int(state["stream_epoch"]), int(state["stream_taken"])
+        self._it = self._epoch_iter()
+        self.taken = 0
+        for _ in range(skip):
+            if next(self._it, None) is None:
+                break
+            self.taken += 1
 
     def _epoch_iter(self) -> Iterator[Any]:
         kwargs: dict[str, Any] = {"batch_size": self.batch_size, "drop_last": True}
@@ -317,9 +362,10 @@ class ShardStream:
             if self._it is None or fresh:
                 if fresh:
                     self.epoch += 1
-                self._it = self._epoch_iter()
+                self._it, self.taken = self._epoch_iter(), 0
             batch = next(self._it, None)
             if batch is not None:
+                self.taken += 1
                 return batch
         raise RuntimeError(f"this rank's shard holds fewer than {self.batch_size} rows")
 

@@ -9,8 +9,8 @@ with the generation prompt, the completions' assistant contents are the answers.
 fields and ill-typed values are errors naming the line; empty fields and chosen ==
 rejected are errors too, or dropped and counted with ``lm.drop_invalid_pairs``),
 tokenizes, and drops, truncates or refuses over-long pairs (``lm.pair_overflow``),
-counting each decision (:class:`PairStats`). The cleaned table (token id columns)
-becomes the Ray Dataset Ray Train shards over the learner ranks.
+counting each decision (:class:`PairStats`). The cleaned table (token id columns) is
+sharded over the learner ranks like a prompt table.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class GenerationActor:
         self.model.generation_config = _neutral_generation_config(self.model.generation_config)
         self._tensors = self.model.state_dict(keep_vars=True)
         self.reward_fn = load_reward_fn(lm.reward_fn)
-        self.reward_model = ScorerClient(scorers) if scorers else None
+        self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = 0
         gen_eos = self.model.generation_config.eos_token_id
         eos = set(

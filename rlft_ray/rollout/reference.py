@@ -123,7 +123,8 @@ def attach_reference_logps(
         model_path: The reference model.
         lm: The ``lm`` section (``pairs`` names the file the cache sits next to).
         actors: Actor pool size. cpus_per_actor: CPUs each holds.
-        fallback_dir: Where the cache goes when the pair file's folder is not writable.
+        fallback_dir: Where the cache goes when the pair file's folder is not writable (the
+            run directory); if neither is, the run goes on without a cache.
 
     Returns:
         The table, and ``summary.json`` notes (cache file, whether it was reused).
@@ -143,7 +144,7 @@ def attach_reference_logps(
         logger.warning("reference log-probs in %s do not match; recomputing", path)
     scored = _score_on_actors(table, model_path, lm, actors, cpus_per_actor)
     written = _write_cache(scored[["pair_index", *REF_COLUMNS]], path, fallback_dir, digest)
-    return scored, {"ref_logps/cache": str(written), "ref_logps/reused": False}
+    return scored, {"ref_logps/cache": str(written) if written else None, "ref_logps/reused": False}
 
 
 def _score_on_actors(
@@ -174,8 +175,9 @@ def _score_on_actors(
     return scored.sort_values("pair_index").reset_index(drop=True)
 
 
-def _write_cache(refs: pd.DataFrame, path: Path, fallback_dir: Path, digest: str) -> Path:
-    """Write the cache atomically next to the pairs, or into ``fallback_dir`` if that fails."""
+def _write_cache(refs: pd.DataFrame, path: Path, fallback_dir: Path, digest: str) -> Path | None:
+    """Write the cache atomically next to the pairs, or into ``fallback_dir`` if that fails;
+    None (with a warning) if neither can be written: the run itself does not need it."""
     refs = refs.copy()
     refs.attrs["rlft_ref_hash"] = digest
     for target in (path, fallback_dir / path.name):
@@ -187,4 +189,5 @@ def _write_cache(refs: pd.DataFrame, path: Path, fallback_dir: Path, digest: str
             return target
         except OSError:
             tmp.unlink(missing_ok=True)
-    raise OSError(f"cannot write the reference log-probs to {path} or {fallback_dir}")
+    logger.warning("cannot cache the reference log-probs in %s or %s", path.parent, fallback_dir)
+    return None

@@ -54,8 +54,22 @@ class BatchSampler:
         device: str = "cpu",
     ) -> None:
         self.seed = seed
+        scorers = None
+        if lm.reward_model is not None:  # scored in this actor, as the run's reward
+            from rlft_ray.rollout.scoring import RewardModelScorer
+
+            scorers = [
+                RewardModelScorer(
+                    lm.reward_model, num_threads, device, add_special_tokens=not lm.chat_template
+                )
+            ]
         self.actor = GenerationActor(
-            lm, seed=seed, num_threads=num_threads, device=device, selection=selection
+            lm,
+            seed=seed,
+            num_threads=num_threads,
+            device=device,
+            selection=selection,
+            scorers=scorers,
         )
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:

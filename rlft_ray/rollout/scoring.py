@@ -35,10 +35,18 @@ class RewardModelScorer:
         num_threads: torch threads (the CPUs this actor holds).
         device: ``"cpu"`` or ``"cuda"``.
         batch_size: Sequences per forward pass.
+        add_special_tokens: Tokenize prompts with the tokenizer's special tokens, as the
+            pair files were when their prompts were plain strings (false for prompts the
+            chat template rendered: it wrote them already).
     """
 
     def __init__(
-        self, path: str, num_threads: int = 1, device: str = "cpu", batch_size: int = 256
+        self,
+        path: str,
+        num_threads: int = 1,
+        device: str = "cpu",
+        batch_size: int = 256,
+        add_special_tokens: bool = True,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -52,16 +60,30 @@ class RewardModelScorer:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size
+        self.add_special_tokens = add_special_tokens
+        if self.model.config.pad_token_id is None:
+            raise ValueError(f"reward model {directory} has no pad_token_id in its config")
         self.pad_id = int(self.model.config.pad_token_id)
+        cfg = self.model.config
+        self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         """The reward model's scalar score of each completion of its prompt."""
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        special = self.add_special_tokens
         seqs = [
-            [*tok(p)["input_ids"], *tok(c, add_special_tokens=False)["input_ids"], eos]
+            [
+                *tok(p, add_special_tokens=special)["input_ids"],
+                *tok(c, add_special_tokens=False)["input_ids"],
+                eos,
+            ]
             for p, c in zip(prompts, completions)
         ]
+        if self.max_positions:  # the end is what is scored: keep the last tokens
+            seqs = [s[-self.max_positions :] for s in seqs]
         out: list[float] = []
         for start in range(0, len(seqs), self.batch_size):
             out.extend(
@@ -97,10 +119,12 @@ class ScorerClient:
         timeout_s: Longest wait for one batch's scores.
     """
 
-    def __init__(self, scorers: Sequence[Any], timeout_s: float = 300.0) -> None:
+    def __init__(self, scorers: Sequence[Any], timeout_s: float = 300.0, start: int = 0) -> None:
         if not scorers:
             raise ValueError("ScorerClient needs at least one scorer")
-        self._next = itertools.cycle(list(scorers))
+        scorers = list(scorers)
+        k = start % len(scorers)  # actors start at different scorers, or all would queue at one
+        self._next = itertools.cycle(scorers[k:] + scorers[:k])
         self.timeout_s = timeout_s
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
