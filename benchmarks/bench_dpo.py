@@ -153,7 +153,12 @@ def ddp_curves(model: Path, pairs: Path, folder: Path, args: argparse.Namespace)
     """Our loss curve with 2 DDP learners next to 1 learner's, same global batch."""
     curves = {}
     for n in (1, 2):
-        extra = [f"resources.num_learners={n}", "resources.cpus_per_learner=1.0"]
+        # the reference pass runs on rollout actors, which must split evenly over the ranks
+        extra = [
+            f"resources.num_learners={n}",
+            f"resources.num_rollout_actors={n}",
+            "resources.cpus_per_learner=1.0",
+        ]
         train_cli(
             "examples/arithmetic_dpo.yaml",
             [*_ours_overrides(model, pairs, args), *extra],

@@ -52,7 +52,9 @@ def sample_job(
 ) -> dict[str, float]:
     out = Path(tempfile.mkdtemp(prefix="rlft_bon_")) / "bon"
     train = out.parent / "prompts.jsonl"
-    train.write_text("".join((data / "arith_train.jsonl").read_text().splitlines(True)[:prompts]))
+    # the training prompts, repeated as needed: a long steady phase next to the start-up
+    lines = (data / "arith_train.jsonl").read_text().splitlines(True)
+    train.write_text("".join((lines * (prompts // len(lines) + 1))[:prompts]))
     run_cli(
         "sample",
         "examples/arithmetic_bon.yaml",

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
 from rlft_ray.learners.lm_hooks import probe_lm
-from rlft_ray.lm.data import PromptDataError, load_prompts, prompts_from_batch
+from rlft_ray.lm.data import (
+    PromptDataError,
+    ShardStream,
+    TableShard,
+    load_prompts,
+    prompts_from_batch,
+)
 from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
 from rlft_ray.registry import get_learner_cls
@@ -256,3 +263,31 @@ def test_cli_makes_models_and_the_shipped_data(
     shipped = Path(__file__).resolve().parent.parent / "data"
     for name in ("arith_train.jsonl", "arith_test.jsonl"):
         assert (tmp_path / "d" / name).read_text() == (shipped / name).read_text(), name
+
+
+def test_in_memory_shards_give_ddp_ranks_one_global_batch() -> None:
+    """Two ranks' batches at each step together are the batch one learner takes at that
+    step (same shuffle, every epoch), and resuming a stream goes on where it stopped."""
+    table = pd.DataFrame({"i": np.arange(20)})
+
+    def steps(world: int, per_rank: int) -> list[list[int]]:
+        streams = [
+            ShardStream(TableShard(table, r, world), per_rank, seed=3, shuffle=True)
+            for r in range(world)
+        ]
+        # 8 steps cross an epoch boundary (20 rows // 4 per global batch = 5 steps)
+        return [sorted(int(x) for s in streams for x in s.next_rows()["i"]) for _ in range(8)]
+
+    one, two = steps(1, 4), steps(2, 2)
+    assert one == two
+    assert sorted(x for b in one[:5] for x in b) == sorted(range(20))  # an epoch: each row once
+    assert one[5] != one[0]  # epoch 2 is reshuffled
+    # resume: a fresh stream loaded with the state after 3 steps gives steps 4 and 5
+    s = ShardStream(TableShard(table, 1, 2), 2, seed=3, shuffle=True)
+    for _ in range(3):
+        s.next_rows()
+    resumed = ShardStream(TableShard(table, 1, 2), 2, seed=3, shuffle=True)
+    resumed.load_state(s.state())
+    assert [list(resumed.next_rows()["i"]) for _ in range(2)] == [
+        list(s.next_rows()["i"]) for _ in range(2)
+    ]

@@ -109,7 +109,7 @@ class LMCore:
         self.prompts = PromptStream(
             ctx.datasets.get(PROMPTS),
             lm.prompts_per_iteration // ctx.world_size,
-            cfg.seed + 7919 * ctx.rank,
+            cfg.seed,  # shared: one global order over the ranks (TableShard)
             lm.shuffle,
         )
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)

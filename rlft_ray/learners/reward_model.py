@@ -80,7 +80,7 @@ class RewardModelLearner(Learner):
         self.pairs = ShardStream(
             ctx.datasets.get(PAIRS),
             self.hp.batch_size // ctx.world_size,
-            cfg.seed + 7919 * ctx.rank,
+            cfg.seed,  # shared: one global order over the ranks (TableShard)
             self.hp.shuffle,
         )
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)

@@ -287,15 +287,19 @@ def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
 
 
 class TableShard:
-    """One rank's share of a table held in memory (rows ``rank, rank + world, ...``), with
-    the ``iter_batches`` interface of a Ray Data shard.
+    """One rank's share of a table held in memory, with the ``iter_batches`` interface
+    of a Ray Data shard.
 
-    Tables that fit in memory (prompt and pair files) travel to the learners this way:
-    no Ray Data actors to start, which is most of a small run's start-up.
+    Every rank orders the whole table the same way (same shuffle seed) and takes its
+    slice of each global batch of ``batch_size * world`` rows, so the ranks' batches at
+    step t together are exactly the batch one learner takes at step t: N DDP learners
+    follow one learner's curve on the same global batch. Tables that fit in memory
+    (prompt and pair files) travel to the learners this way: no Ray Data actors to
+    start, which is most of a small run's start-up.
     """
 
     def __init__(self, table: pd.DataFrame, rank: int = 0, world: int = 1) -> None:
-        self.table = table.iloc[rank::world].reset_index(drop=True)
+        self.table, self.rank, self.world = table.reset_index(drop=True), rank, world
 
     def iter_batches(
         self,
@@ -304,15 +308,19 @@ class TableShard:
         local_shuffle_buffer_size: int | None = None,
         local_shuffle_seed: int | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of numpy columns, shuffled (the whole shard) when a seed is given."""
+        """This rank's ``batch_size`` rows of each global batch, the table shuffled
+        (whole, the same on every rank) when a buffer size is given."""
         table = self.table
         if local_shuffle_buffer_size is not None:
             order = np.random.default_rng(local_shuffle_seed).permutation(len(table))
             table = table.iloc[order]
-        stop = len(table) - batch_size + 1 if drop_last else len(table)
-        for start in range(0, max(stop, 0), batch_size):
-            rows = table.iloc[start : start + batch_size]
-            yield {c: rows[c].to_numpy() for c in rows.columns}
+        step = batch_size * self.world
+        stop = len(table) - step + 1 if drop_last else len(table)
+        for start in range(0, max(stop, 0), step):
+            first = start + self.rank * batch_size
+            rows = table.iloc[first : first + batch_size]
+            if len(rows):
+                yield {c: rows[c].to_numpy() for c in rows.columns}
 
 
 class ShardStream:
@@ -321,7 +329,8 @@ class ShardStream:
     Args:
         shard: ``DataIterator`` (or anything with ``iter_batches``) over a prepared table.
         batch_size: Rows per :meth:`next_rows` call (this rank's share of an iteration).
-        seed: Shuffle seed (epoch ``e`` uses ``seed + e``).
+        seed: Shuffle seed (epoch ``e`` uses ``seed + e``); the same on every rank, so
+            in-memory tables (:class:`TableShard`) give the ranks one global order.
         shuffle: Shuffle within a local buffer each epoch.
     """
 
