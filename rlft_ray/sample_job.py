@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from rlft_ray.config import ConfigError, RunConfig, save_config, to_dict
-from rlft_ray.fileio import atomic_write_json, atomic_write_text
+from rlft_ray.fileio import atomic_write, atomic_write_json, atomic_write_text
 from rlft_ray.learners.lm_core import PROMPTS
 from rlft_ray.learners.rsft import RSFTLearner
 from rlft_ray.resources import check_fits, init_ray
@@ -254,11 +254,5 @@ def _finish(
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` through a temp file + rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``table`` to ``path`` atomically (never half a file)."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))

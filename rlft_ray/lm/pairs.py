@@ -26,7 +26,7 @@ import torch
 
 from rlft_ray.config import LMConfig
 from rlft_ray.lm.data import PromptDataError, read_records
-from rlft_ray.types import PairBatch
+from rlft_ray.types import PairBatch, pad_sequences
 
 FIELDS = ("prompt", "chosen", "rejected")
 #: Columns of a prepared pair table.
@@ -196,23 +196,9 @@ def pair_batch(rows: Mapping[str, Any] | pd.DataFrame, pad_id: int, version: int
     p_len = max((len(p) for p in prompts), default=1)
     r_len = max((len(x) for x in chosen + rejected), default=1)
 
-    def left(seqs: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=bool)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :], mask[i, width - len(s) :] = s, True
-        return ids, mask
-
-    def right(seqs: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)], mask[i, : len(s)] = s, True
-        return ids, mask
-
-    p_ids, p_mask = left(prompts, p_len)
-    c_ids, c_mask = right(chosen, r_len)
-    r_ids, r_mask = right(rejected, r_len)
+    p_ids, p_mask = pad_sequences(prompts, pad_id, "left", p_len)
+    c_ids, c_mask = pad_sequences(chosen, pad_id, "right", r_len)
+    r_ids, r_mask = pad_sequences(rejected, pad_id, "right", r_len)
     has_ref = "ref_chosen" in rows
     return PairBatch(
         prompt_ids=p_ids,

@@ -32,7 +32,7 @@ from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
-from rlft_ray.types import GenerationBatch, Prompt, SelectionStats
+from rlft_ray.types import GenerationBatch, Prompt, SelectionStats, pad_sequences
 from rlft_ray.utils import weights_from_wire
 
 if TYPE_CHECKING:
@@ -209,11 +209,9 @@ class GenerationActor:
                 )
             config = copy.copy(config)
             config.max_new_tokens = self.max_positions - p_len
-        prompt_ids = np.full((len(prompts), p_len), self.pad_id, dtype=np.int64)
-        prompt_mask = np.zeros((len(prompts), p_len), dtype=bool)
-        for i, p in enumerate(prompts):
-            prompt_ids[i, p_len - len(p.ids) :] = p.ids
-            prompt_mask[i, p_len - len(p.ids) :] = True
+        prompt_ids, prompt_mask = pad_sequences(
+            [p.ids for p in prompts], self.pad_id, "left", p_len
+        )
         out = self.model.generate(
             input_ids=torch.as_tensor(prompt_ids, device=self.device),
             attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from rlft_ray.config import LMConfig
+from rlft_ray.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +181,10 @@ def _write_cache(refs: pd.DataFrame, path: Path, fallback_dir: Path, digest: str
     refs = refs.copy()
     refs.attrs["rlft_ref_hash"] = digest
     for target in (path, fallback_dir / path.name):
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            refs.to_parquet(tmp, index=False)
-            tmp.replace(target)
+            atomic_write(target, lambda tmp: refs.to_parquet(tmp, index=False))
             return target
         except OSError:
-            tmp.unlink(missing_ok=True)
+            continue
     logger.warning("cannot cache the reference log-probs in %s or %s", path.parent, fallback_dir)
     return None

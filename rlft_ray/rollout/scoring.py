@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rlft_ray.rewards import RewardError
+from rlft_ray.types import pad_sequences
 
 
 def reward_model_dir(path: str | Path) -> Path:
@@ -100,13 +101,11 @@ def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int) -> l
     if not seqs:
         return []
     device = next(model.parameters()).device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s))
-        mask[i, : len(s)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    ids, mask = pad_sequences(seqs, pad_id, "right")
+    logits = model(
+        input_ids=torch.as_tensor(ids, device=device),
+        attention_mask=torch.as_tensor(mask, device=device).long(),
+    ).logits
     return logits[:, 0].float().cpu().tolist()
 
 

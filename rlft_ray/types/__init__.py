@@ -2,11 +2,11 @@
 
 :mod:`.episodes`: ``RolloutBatch``, ``EpisodeBatch``, ``EpisodeStats`` and the
 ``SelectionStats`` of rejection sampling; :mod:`.lm`: ``Prompt``, ``GenerationBatch``
-and ``PairBatch``.
+and ``PairBatch``, with ``pad_sequences`` (their padding convention).
 """
 
 from rlft_ray.types.episodes import EpisodeBatch, EpisodeStats, RolloutBatch, SelectionStats
-from rlft_ray.types.lm import GenerationBatch, PairBatch, Prompt
+from rlft_ray.types.lm import GenerationBatch, PairBatch, Prompt, pad_sequences
 
 __all__ = [
     "EpisodeBatch",
@@ -16,4 +16,5 @@ __all__ = [
     "Prompt",
     "RolloutBatch",
     "SelectionStats",
+    "pad_sequences",
 ]

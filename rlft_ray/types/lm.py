@@ -11,6 +11,36 @@ import numpy as np
 from rlft_ray.types.episodes import EpisodeStats, SelectionStats
 
 
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as one padded array: prompts go ``left`` (generation continues from
+    the last column), completions ``right``.
+
+    Args:
+        seqs: N token id sequences of any lengths.
+        pad_id: Id written on padding.
+        side: ``"left"`` or ``"right"``.
+        width: Columns (default: the longest sequence, at least 1).
+
+    Returns:
+        ``ids`` ``[N, width]`` int64 and ``mask`` ``[N, width]`` bool (True on real tokens).
+    """
+    width = max((len(s) for s in seqs), default=1) if width is None else width
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=bool)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = s, True
+    return ids, mask
+
+
+def _pad_cols(x: np.ndarray, width: int, value: float, side: str) -> np.ndarray:
+    """``x`` ``[N, w]`` padded with ``value`` to ``[N, width]`` on ``side``."""
+    extra = width - x.shape[1]
+    return np.pad(x, ((0, 0), (extra, 0) if side == "left" else (0, extra)), constant_values=value)
+
+
 @dataclass
 class GenerationBatch:
     """Completions sampled by generation actors, with their rewards.
@@ -127,10 +157,10 @@ class GenerationBatch:
         r_len = max(b.response_ids.shape[1] for b in batches)
 
         def left(x: np.ndarray, value: float) -> np.ndarray:
-            return np.pad(x, ((0, 0), (p_len - x.shape[1], 0)), constant_values=value)
+            return _pad_cols(x, p_len, value, "left")
 
         def right(x: np.ndarray, value: float) -> np.ndarray:
-            return np.pad(x, ((0, 0), (0, r_len - x.shape[1])), constant_values=value)
+            return _pad_cols(x, r_len, value, "right")
 
         offsets = np.cumsum([0] + [int(b.group_ids.max()) + 1 if len(b) else 0 for b in batches])
         return GenerationBatch(
@@ -222,10 +252,10 @@ class PairBatch:
         r_len = max(max(b.chosen_ids.shape[1], b.rejected_ids.shape[1]) for b in batches)
 
         def left(x: np.ndarray, value: float) -> np.ndarray:
-            return np.pad(x, ((0, 0), (p_len - x.shape[1], 0)), constant_values=value)
+            return _pad_cols(x, p_len, value, "left")
 
         def right(x: np.ndarray, value: float) -> np.ndarray:
-            return np.pad(x, ((0, 0), (0, r_len - x.shape[1])), constant_values=value)
+            return _pad_cols(x, r_len, value, "right")
 
         refs = all(b.ref_chosen is not None for b in batches)
         return PairBatch(
