@@ -6,9 +6,9 @@ Layout of a checkpoint directory::
     <module>.safetensors  # other learner modules (e.g. the DQN target network)
     policy/               # instead, for a Hugging Face model: a `save_pretrained` directory
                           # (safetensors + config + tokenizer) that `from_pretrained` loads
-    optimizer.pt          # optimizer state
+    optimizer.pt          # optimizer state (tensors and numbers: loaded with weights_only)
     state.json            # counters (iteration, env_steps, policy_version, ...) + spaces
-    rng.pt                # python / numpy / torch RNG state of rank 0
+    rng.json              # python / numpy / torch RNG state of rank 0 (plain JSON)
     config.yaml           # the resolved run config
 """
 
@@ -26,11 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlft_ray.config import RunConfig, build_config, load_yaml, save_config
+from rlft_ray.errors import DeterministicError
 
 RECENT_EPISODES = 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DeterministicError, ValueError):
     """A checkpoint is missing, incomplete or does not fit the run; names path and mismatch."""
 
 
@@ -81,14 +82,7 @@ def save_checkpoint(
     if extras is not None:
         extras(path)
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(
-        {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-        },
-        path / "rng.pt",
-    )
+    (path / RNG_FILE).write_text(json.dumps(rng_state()))
     state = {
         "counters": asdict(counters),
         "algo": cfg.algo,
@@ -209,12 +203,55 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> C
     """Restore optimizer, RNG and counters for ``--resume``."""
     p = Path(path)
     state = read_state(p)
-    optimizer.load_state_dict(torch.load(p / "optimizer.pt", weights_only=False))
-    rng = torch.load(p / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
+    try:
+        # weights_only: tensors, numbers and strings; a pickled object is refused, not run
+        optimizer_state = torch.load(p / "optimizer.pt", weights_only=True)
+    except Exception as exc:  # UnpicklingError, missing or torn file
+        raise CheckpointError(
+            f"{p / 'optimizer.pt'}: not a plain optimizer state ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    optimizer.load_state_dict(optimizer_state)
+    set_rng_state(p / RNG_FILE)
     return Counters(**state["counters"])
+
+
+RNG_FILE = "rng.json"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG state as plain JSON (read back without unpickling)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(file: Path) -> None:
+    """Restore the RNG state :func:`rng_state` wrote to ``file``.
+
+    Raises:
+        CheckpointError: The file is missing or not in that layout.
+    """
+    try:
+        rng = json.loads(file.read_text())
+        version, internal, gauss = rng["python"]
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        states = (
+            (version, tuple(int(x) for x in internal), gauss),
+            (str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
+            torch.tensor(rng["torch"], dtype=torch.uint8),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{file}: unreadable RNG state ({type(exc).__name__}: {exc})"
+        ) from exc
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 RANK_STATE_DIR = "rank_state"

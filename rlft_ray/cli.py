@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from rlft_ray.checkpoint import CheckpointError
-from rlft_ray.config import ConfigError, build_config
+from rlft_ray.config import ConfigError, RunConfig, build_config
 from rlft_ray.resources import ResourceError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run in --output-dir from its last checkpoint",
     )
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on (host:port, ray://..., auto); default RAY_ADDRESS, else embedded Ray",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -93,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the interrupted search in --output-dir"
     )
     tu.add_argument("--quiet", action="store_true", help="no Tune status tables while it runs")
+    tu.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on (host:port, ray://..., auto); default RAY_ADDRESS, else embedded Ray",
+    )
 
     sa = sub.add_parser(
         "sample",
@@ -107,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "--prompts-per-batch", type=int, default=32, help="prompts per actor call (one part file)"
     )
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sa.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on (host:port, ray://..., auto); default RAY_ADDRESS, else embedded Ray",
+    )
 
     q = sub.add_parser(
         "quickstart",
@@ -195,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from rlft_ray.driver import RunError
+        from rlft_ray.driver import RunError, RunInterrupted
+        from rlft_ray.rundir import RunDirBusyError
 
-        if isinstance(exc, RunError):
+        if isinstance(exc, RunInterrupted):  # the shell's convention: 128 + signal number
+            print(f"error: {exc}", file=sys.stderr)
+            return 128 + exc.signum
+        if isinstance(exc, (RunError, RunDirBusyError)):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
@@ -212,7 +231,9 @@ def _train(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or _default_dir(Path(args.config))
     from rlft_ray.driver import run_training
 
-    summary = run_training(cfg, output_dir, resume=args.resume, progress=not args.no_progress)
+    summary = run_training(
+        cfg, output_dir, resume=args.resume, progress=not args.no_progress, address=args.address
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -225,7 +246,13 @@ def _tune(args: argparse.Namespace) -> int:
     output_dir = (
         args.output_dir or Path("runs") / f"tune-{args.spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    result = run_search(args.spec, output_dir, resume=args.resume, verbose=0 if args.quiet else 1)
+    result = run_search(
+        args.spec,
+        output_dir,
+        resume=args.resume,
+        verbose=0 if args.quiet else 1,
+        address=args.address,
+    )
     print(format_table(result.rows, result.metric))
     print(f"\nsearch directory: {result.output_dir}  ({result.wall_s:.0f} s)")
     for name, path in result.files.items():
@@ -250,6 +277,7 @@ def _sample(args: argparse.Namespace) -> int:
         fmt=args.format,
         prompts_per_batch=args.prompts_per_batch,
         progress=not args.no_progress,
+        address=args.address,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -302,13 +330,34 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = build_config(overrides=["algo=grpo", *args.overrides])
         result = evaluate_lm(args.checkpoint, cfg, opts)
     else:
-        saved = load_config_from_checkpoint(args.checkpoint)
-        cfg = (
-            build_config(base=_plain(saved), overrides=args.overrides) if args.overrides else saved
-        )
+        cfg = _eval_config(load_config_from_checkpoint(args.checkpoint), args.overrides)
         result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
     print(json.dumps(result, indent=2))
     return 0
+
+
+#: Keys of a checkpoint's config that would import or run code. ``eval`` never takes them
+#: from a checkpoint (it may come from anyone): the built-in defaults apply unless the
+#: command line sets them.
+UNTRUSTED_KEYS = ("lm.trust_remote_code", "lm.reward_fn", "lm.eval_fn")
+
+
+def _eval_config(saved: RunConfig, overrides: list[str]) -> RunConfig:
+    """The checkpoint's config without its code-running keys, plus the command line's
+    overrides. An env id naming a module (``pkg.mod:Env-v0``) would import it: refused
+    unless the command line names the env itself."""
+    plain = _plain(saved)
+    for key in UNTRUSTED_KEYS:
+        section, name = key.split(".")
+        plain.get(section, {}).pop(name, None)
+    env_id = str(plain.get("env", {}).get("id", ""))
+    if ":" in env_id and not any(o.startswith("env.id=") for o in overrides):
+        raise ConfigError(
+            "env.id",
+            f"the checkpoint's env {env_id!r} would import module {env_id.split(':')[0]!r}; "
+            f"eval runs no code a checkpoint names: pass env.id={env_id} to allow it",
+        )
+    return build_config(base=plain, overrides=overrides)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -342,6 +391,8 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _make_arith_data(args: argparse.Namespace) -> int:
     from envs.arithmetic import write_splits
 
+    if args.train < 1 or args.test < 0:
+        raise ConfigError("--train/--test", "need --train >= 1 and --test >= 0 problems")
     try:
         train, test = write_splits(
             args.out,

@@ -6,12 +6,15 @@ Everything that can be wrong with the user's input (config, env id, output dir,
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-import os
+import shutil
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +25,19 @@ from ray.train.torch import TorchTrainer
 
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import ConfigError, RunConfig, save_config
+from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import train_loop_per_worker
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import check_fits, init_ray, scorer_gpus
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
+    ProgressBar,
     RunDirCallback,
+    RunDirLock,
     plot_curve,
     read_metrics,
+    remove_temp_files,
     truncate_metrics,
     write_summary,
 )
@@ -41,6 +48,15 @@ logger = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """A run could not start or stopped with an error; the message says why and what was kept."""
+
+
+class RunInterrupted(RunError):
+    """SIGINT / SIGTERM (Ctrl-C, ``ray job stop``) stopped the run; ``summary.json`` says
+    ``status: interrupted`` and ``--resume`` continues from ``checkpoint_last``."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
@@ -69,62 +85,88 @@ def run_training(
     Args:
         cfg: Validated run config.
         output_dir: Run directory (created; must not hold another run unless ``resume``).
-        resume: Continue from the directory's last checkpoint with continuous counters.
+        resume: Continue from the directory's ``checkpoint_last`` with continuous counters.
         progress: Show a live progress bar on the driver.
         callbacks: Extra Ray Train ``UserCallback`` s (the Tune trial's report bridge).
         address: Ray address; default: ``RAY_ADDRESS`` or a new local instance.
         start_checkpoint: Continue this checkpoint (weights, optimizer state, counters)
             in a fresh run directory, with ``cfg``'s hyperparameters (Tune trials: PBT
-            exploit, trial restarts). Ignored when ``resume`` finds a checkpoint.
+            exploit, trial restarts). Ignored once the directory has a checkpoint.
 
     Raises:
         RunError: With the cause (NaN loss, dead actor, ...) and the last good checkpoint.
+        RunInterrupted: SIGINT / SIGTERM arrived; the summary says ``interrupted``.
     """
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
     # 1. Everything about the input that can be wrong, checked before Ray.
-    cfg, probe = preflight(learner_cls, cfg, output_dir, resume)
-    # 2. Ray, data preparation on the cluster, actors, learners.
-    init_ray(address)
-    scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
-    has_actors = learner_cls.sampler(cfg) is not None
-    check_fits(cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed)
-    probe = learner_cls.prepare(cfg, probe, output_dir)  # e.g. DPO's reference log-probs
-    scorers = _start_scorers(cfg) if scorers_needed else []
-    runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
-    trainer = _trainer(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
-    bar = _Progress(output_dir, cfg, learner_cls.score_metric) if progress else None
-    error: BaseException | None = None
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        error = exc
-    finally:
-        if bar:
-            bar.close()
-        for actor in [*runners, *scorers]:
-            ray.kill(actor)
-    # 3. Summary, learning curve, and the error with what was kept.
-    extra = {"algo": cfg.algo, "env": cfg.env.id, "error": _cause(error), **probe.info}
-    summary = write_summary(output_dir, time.perf_counter() - started, extra)
-    y_key, x_key, png = learner_cls.curve
-    plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
-    if error is not None:
-        kept = summary["checkpoint_last"] or "none (failed before the first checkpoint)"
-        raise RunError(f"run failed: {_cause(error)}\nlast good checkpoint: {kept}") from error
+    cfg, probe = check_task(learner_cls, cfg)
+    created = not output_dir.exists()
+    with RunDirLock(output_dir):  # one writer per run directory
+        try:
+            prepare_run_dir(cfg, probe, output_dir, resume)
+            # 2. Ray, data preparation on the cluster, actors.
+            init_ray(address)
+            scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
+            has_actors = learner_cls.sampler(cfg) is not None
+            check_fits(
+                cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed
+            )
+            probe = learner_cls.prepare(cfg, probe, output_dir)  # e.g. DPO's reference log-probs
+        except BaseException:
+            if created:  # leave no half-made run directory behind
+                shutil.rmtree(output_dir, ignore_errors=True)
+            raise
+        scorers = _start_scorers(cfg) if scorers_needed else []
+        runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
+        bar = ProgressBar(output_dir, cfg, learner_cls.score_metric) if progress else None
+        fit = _Attempts(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
+        try:
+            with _signals_to(fit.on_signal):
+                error = fit.run()
+        except _Interrupt as stop:
+            error = stop
+            fit.abort()
+        finally:
+            if bar:
+                bar.close()
+            for actor in [*runners, *scorers]:
+                ray.kill(actor)
+        # 3. Summary, learning curve, and the error with what was kept.
+        remove_temp_files(output_dir)
+        status = (
+            "interrupted" if isinstance(error, _Interrupt) else "failed" if error else "completed"
+        )
+        extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": _cause(error)}
+        extra.update({"learner_restarts": fit.restarts, **probe.info})
+        summary = write_summary(output_dir, time.perf_counter() - started, extra)
+        y_key, x_key, png = learner_cls.curve
+        plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
+    _raise_for(error, summary, output_dir)
     return summary
 
 
-def preflight(
-    learner_cls: type[Learner], cfg: RunConfig, output_dir: Path, resume: bool
-) -> tuple[RunConfig, TaskProbe]:
-    """Probe the task and check ``init_from``, the output directory and ``--resume``'s
-    checkpoint; write ``config.yaml``. Returns the config as workers see it and the probe.
+def _raise_for(error: BaseException | None, summary: dict[str, Any], output_dir: Path) -> None:
+    """Raise what ended the run, with the checkpoint a ``--resume`` continues."""
+    kept = summary["checkpoint_last"] or "none (stopped before the first checkpoint)"
+    if isinstance(error, _Interrupt):
+        raise RunInterrupted(
+            error.signum,
+            f"interrupted by {signal.Signals(error.signum).name}; resume with "
+            f"--resume --output-dir {output_dir} (last checkpoint: {kept})",
+        )
+    if error is not None:
+        raise RunError(f"run failed: {_cause(error)}\nlast good checkpoint: {kept}") from error
+
+
+def check_task(learner_cls: type[Learner], cfg: RunConfig) -> tuple[RunConfig, TaskProbe]:
+    """Probe the task (env spaces, or model, tokenizer and data) and check ``init_from``:
+    what can be wrong with the input, before any directory or Ray work.
 
     Raises:
         ConfigError / CheckpointError: Naming the key or path at fault.
-        RunError: The task cannot be made, or the output directory does not fit ``resume``.
+        RunError: The task cannot be made.
     """
     try:
         probe = learner_cls.probe(cfg)  # env spaces / model, tokenizer and prompt data
@@ -133,20 +175,45 @@ def preflight(
     except ValueError as exc:
         raise RunError(str(exc)) from exc
     cfg, signature = probe.cfg or cfg, probe.spaces.signature()
+    if cfg.init_from:  # the learners run in another working directory
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
     for line in _describe(probe.info):
         logger.warning(line)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, signature, same_algo=False)
         if (Path(cfg.init_from) / "policy.safetensors").is_file():  # a small gym policy
             ckpt.check_policy_fits(cfg.init_from, learner_cls.make_policy(cfg, probe.spaces))
+    return cfg, probe
+
+
+def prepare_run_dir(cfg: RunConfig, probe: TaskProbe, output_dir: Path, resume: bool) -> None:
+    """Check the directory fits ``resume`` and, resuming, that ``checkpoint_last`` fits
+    this run; drop metric rows after it and temp files of interrupted writes; write
+    ``config.yaml``. The directory alone decides what a resume restores.
+
+    Raises:
+        RunError / CheckpointError: The directory holds another run, no run to resume, or
+            a checkpoint that cannot continue this one.
+    """
     prepare_output_dir(output_dir, resume)
+    remove_temp_files(output_dir)
     last = output_dir / "checkpoint_last"
     if resume and last.is_dir():
-        ckpt.check_compatible(last, cfg, signature)
+        ckpt.check_compatible(last, cfg, probe.spaces.signature())
         ckpt.check_rank_states(last, cfg.resources.num_learners)
         truncate_metrics(output_dir, ckpt.read_state(last)["counters"]["iteration"])
+    elif resume:
+        reached = max(
+            (int(r.get("counters/iteration", 0)) for r in read_metrics(output_dir)), default=0
+        )
+        if reached >= cfg.checkpoint_every:
+            raise RunError(
+                f"--resume: {last} is gone although the run reached iteration {reached} "
+                f"(checkpoint_every={cfg.checkpoint_every}); refusing to start over on top of it"
+            )
+        logger.warning("--resume: no checkpoint yet; starting again from iteration 0")
+        truncate_metrics(output_dir, 0)
     save_config(cfg, output_dir / "config.yaml")
-    return cfg, probe
 
 
 def _start_rollout_actors(
@@ -190,42 +257,181 @@ def _start_scorers(cfg: RunConfig) -> list[Any]:
     )
 
 
-def _trainer(
-    cfg: RunConfig,
-    probe: TaskProbe,
-    runners: list[Any],
-    output_dir: Path,
-    learner_cls: type[Learner],
-    callbacks: Sequence[Any],
-    start_checkpoint: ray.train.Checkpoint | None,
-) -> TorchTrainer:
-    """The ``TorchTrainer`` whose workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
-    datasets, inline = _ray_datasets(probe.datasets)
-    res = cfg.resources
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg,
-            "spaces": probe.spaces,
-            "runners": runners,
-            "start_checkpoint": start_checkpoint,
-            "datasets": sorted(datasets),
-            "inline_datasets": inline,
-            "tables": probe.tables,
-        },
-        datasets=datasets,
-        scaling_config=ScalingConfig(
-            num_workers=res.num_learners,
-            use_gpu=res.use_gpu,
-            resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
-        ),
-        run_config=ray.train.RunConfig(
-            name=output_dir.name,
-            storage_path=res.storage_path or str(output_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=res.max_failures),
-            callbacks=[RunDirCallback(str(output_dir), learner_cls.score_metric), *callbacks],
-        ),
+class _Interrupt(BaseException):
+    """SIGINT / SIGTERM in the driver (a BaseException: nothing on the way swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_to(handler: Any) -> Iterator[None]:
+    """``handler`` takes SIGINT and SIGTERM while training (main thread only: a Tune
+    trial runs this in a thread and Tune handles its signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+class _Trainer(TorchTrainer):
+    """``TorchTrainer`` that keeps its controller's handle, so an interrupt can abort it,
+    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary)."""
+
+    controller: Any = None
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        self.controller = controller
+
+
+class _Attempts:
+    """The Ray Train attempts of one run: the first, then a restart after each worker
+    failure (up to ``resources.max_failures``), always from the run directory's
+    ``checkpoint_last`` (never Ray Train's storage, so a fresh run can't pick up a foreign
+    checkpoint). A deterministic failure (NaN loss, reward function error, bad data or
+    checkpoint) would fail the same way again and is not retried."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        probe: TaskProbe,
+        runners: list[Any],
+        output_dir: Path,
+        learner_cls: type[Learner],
+        callbacks: Sequence[Any],
+        start_checkpoint: ray.train.Checkpoint | None,
+    ) -> None:
+        self.cfg, self.probe, self.runners, self.output_dir = cfg, probe, runners, output_dir
+        self.learner_cls, self.callbacks, self.start = learner_cls, callbacks, start_checkpoint
+        self.restarts = 0
+        self.signum: int | None = None
+        self.trainer: _Trainer | None = None
+
+    def run(self) -> BaseException | None:
+        """Fit until done; returns the failure that ended the run, None on success.
+
+        Raises:
+            _Interrupt: SIGINT / SIGTERM arrived (:meth:`on_signal`).
+        """
+        limit = self.cfg.resources.max_failures
+        while True:
+            self.trainer = self._trainer()
+            try:
+                self.trainer.fit()
+            except BaseException as exc:
+                if self.signum is not None:  # whatever the abort made fit() raise
+                    raise _Interrupt(self.signum) from None
+                if not isinstance(exc, ray.train.TrainingFailedError):
+                    raise
+                if _deterministic(exc) or (limit != -1 and self.restarts >= limit):
+                    return exc
+                self._before_restart(exc, limit)
+                continue
+            if self.signum is not None:
+                raise _Interrupt(self.signum)
+            return None
+
+    def _before_restart(self, exc: BaseException, limit: int) -> None:
+        """Count the restart; drop rows after ``checkpoint_last`` (they run again)."""
+        self.restarts += 1
+        last = self.output_dir / "checkpoint_last"
+        iteration = ckpt.read_state(last)["counters"]["iteration"] if last.is_dir() else 0
+        logger.warning(
+            "learners failed (%s); restart %d/%s from iteration %d",
+            _cause(exc),
+            self.restarts,
+            "unlimited" if limit == -1 else limit,
+            iteration,
+        )
+        truncate_metrics(self.output_dir, iteration)
+        remove_temp_files(self.output_dir)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT / SIGTERM: ask the controller to stop its workers; fit() then returns and
+        :meth:`run` raises :class:`_Interrupt`. (An exception raised inside Ray's blocking
+        get would surface as a SystemError.) A second signal stops waiting."""
+        first = self.signum is None
+        self.signum = signum
+        controller = self.trainer.controller if self.trainer else None
+        if not first or controller is None:
+            raise _Interrupt(signum)
+        controller.abort.remote()
+
+    def abort(self) -> None:
+        """Stop the running attempt's controller and workers (bounded wait)."""
+        controller = self.trainer.controller if self.trainer else None
+        if controller is not None:
+            with contextlib.suppress(Exception):  # abort ends the actor: its call fails
+                ray.get(controller.abort.remote(), timeout=10)
+
+    def _trainer(self) -> _Trainer:
+        """The attempt's trainer: its workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
+        cfg, res = self.cfg, self.cfg.resources
+        datasets, inline = _ray_datasets(self.probe.datasets)
+        attempt = f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}"  # never a foreign state
+        storage = res.storage_path or str(self.output_dir / "ray_train")
+        last = self.output_dir / "checkpoint_last"
+        resume_from = _stage_checkpoint(last, res.storage_path, attempt) if last.is_dir() else None
+        return _Trainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg,
+                "spaces": self.probe.spaces,
+                "runners": self.runners,
+                "resume_from": resume_from,
+                "start_checkpoint": None if resume_from else self.start,
+                "datasets": sorted(datasets),
+                "inline_datasets": inline,
+                "tables": self.probe.tables,
+            },
+            datasets=datasets,
+            scaling_config=ScalingConfig(
+                num_workers=res.num_learners,
+                use_gpu=res.use_gpu,
+                resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
+            ),
+            run_config=ray.train.RunConfig(
+                name=attempt,
+                storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=0),  # restarts are ours (run())
+                callbacks=[
+                    RunDirCallback(str(self.output_dir), self.learner_cls.score_metric),
+                    *self.callbacks,
+                ],
+            ),
+        )
+
+
+def _stage_checkpoint(last: Path, storage_path: str | None, attempt: str) -> ray.train.Checkpoint:
+    """``checkpoint_last`` as the learners read it: the local directory, or (with a
+    shared ``resources.storage_path`` on a multi-node cluster) a copy uploaded there."""
+    if not storage_path:
+        return ray.train.Checkpoint.from_directory(str(last))
+    import pyarrow.fs
+
+    uri = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    dest = f"{root.rstrip('/')}/{attempt}/resume_from"
+    pyarrow.fs.copy_files(
+        str(last), dest, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
+    )
+    return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+
+def _deterministic(error: BaseException) -> bool:
+    """Would the failure happen again on a restart (see :class:`DeterministicError`)?"""
+    failures = getattr(error, "worker_failures", None) or {}
+    return any(
+        isinstance(exc, DeterministicError)
+        or isinstance(getattr(exc, "cause", None), DeterministicError)
+        for exc in failures.values()
     )
 
 
@@ -282,55 +488,3 @@ def _cause(error: BaseException | None) -> str | None:
         return f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1]}"
     text = str(error).strip().splitlines()
     return text[-1] if text else type(error).__name__
-
-
-class _Progress:
-    """Driver-side live progress: tails ``metrics.jsonl`` (written by the controller)."""
-
-    def __init__(self, output_dir: Path, cfg: RunConfig, score_metric: str) -> None:
-        from tqdm.auto import tqdm
-
-        self.output_dir = output_dir
-        self.score_metric = score_metric
-        # Count iterations when they bound the run (LM runs), else environment steps.
-        by_iter = cfg.total_iterations is not None
-        self.x_key = "counters/iteration" if by_iter else "counters/env_steps"
-        self.bar = tqdm(
-            total=cfg.total_iterations if by_iter else cfg.total_env_steps,
-            unit="it" if by_iter else "step",
-            dynamic_ncols=True,
-            mininterval=0.5 if os.isatty(2) else 10.0,
-        )
-        self.start_rows = len(read_metrics(output_dir))
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
-            self._refresh()
-
-    def _refresh(self) -> None:
-        rows = read_metrics(self.output_dir)
-        if len(rows) <= self.start_rows:
-            return
-        last = rows[-1]
-        self.bar.n = int(last.get(self.x_key, 0))
-        score = last.get(self.score_metric)
-        self.bar.set_postfix(
-            it=int(last.get("counters/iteration", 0)),
-            **{
-                self.score_metric.rsplit("/", 1)[-1][:8]: f"{score:.3g}"
-                if score is not None
-                else "-"
-            },
-            sps=f"{last.get('perf/env_steps_per_s', 0):.0f}",
-            refresh=False,
-        )
-        self.bar.update(0)  # redraws at most every `mininterval` (10 s when not a terminal)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
-        self._refresh()
-        self.bar.close()

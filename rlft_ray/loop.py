@@ -21,7 +21,7 @@ from ray.train.torch import get_device
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
-from rlft_ray.learners.ddp import global_sum
+from rlft_ray.learners.ddp import global_sum, rank0_decides
 from rlft_ray.lm.data import TableShard
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.rollout.group import RunnerGroup
@@ -34,7 +34,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     ``loop_cfg`` holds ``cfg``, ``spaces``, ``runners`` (actor handles), ``datasets`` (names
     of the Ray Datasets Ray Train shards over the ranks), ``tables`` (small tables every
-    rank gets whole) and ``start_checkpoint``.
+    rank gets whole), ``resume_from`` and ``start_checkpoint`` (see :func:`restore`).
     """
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
@@ -49,14 +49,15 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         shards[name] = TableShard(table, rank, world)
     ctx = LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
     learner = get_learner_cls(cfg.algo)(cfg, spaces, ctx)
-    per_rank = len(loop_cfg["runners"]) // world
-    runners = RunnerGroup(loop_cfg["runners"], mine=range(rank * per_rank, (rank + 1) * per_rank))
-    counters = restore(learner, cfg, spaces, loop_cfg.get("start_checkpoint"))
+    runners = _rank_runners(loop_cfg["runners"], cfg, rank, world)
+    counters = restore(
+        learner, cfg, spaces, loop_cfg.get("resume_from"), loop_cfg.get("start_checkpoint")
+    )
     if rank == 0:
         runners.publish(learner.policy_state(), counters.policy_version)
     _barrier(world)
     clock_start = time.perf_counter() - counters.wall_s
-    reporter = _Reporter(cfg, spaces, rank, world, ctx.device)
+    reporter = _Reporter(cfg, spaces, ctx)
 
     last = _finished(cfg, counters, counters.wall_s, ctx)
     while not last:
@@ -108,6 +109,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         reporter.add(metrics, learner, counters, last=last)
 
 
+def _rank_runners(all_runners: list[Any], cfg: RunConfig, rank: int, world: int) -> RunnerGroup:
+    """This rank's share of the rollout actors (rank 0 also publishes to the others)."""
+    per_rank = len(all_runners) // world
+    return RunnerGroup(
+        all_runners,
+        mine=range(rank * per_rank, (rank + 1) * per_rank),
+        sample_timeout_s=cfg.resources.sample_timeout_s,
+    )
+
+
 def _global_counts(counts: dict[str, float], ctx: LearnerContext) -> dict[str, float]:
     """What the batches of all ranks held together (``batch.counts()`` summed over ranks)."""
     names = sorted(counts)
@@ -145,17 +156,17 @@ def restore(
     learner: Learner,
     cfg: RunConfig,
     spaces: Spaces,
+    resume_from: ray.train.Checkpoint | None = None,
     start_checkpoint: ray.train.Checkpoint | None = None,
 ) -> ckpt.Counters:
-    """Resume from Ray Train's latest checkpoint, else continue ``start_checkpoint``
-    (counters, optimizer moments; hyperparameters from ``cfg``), else start from
-    ``init_from``, else fresh."""
+    """Continue ``resume_from`` (the run directory's ``checkpoint_last``: weights,
+    optimizer, RNG, counters), else ``start_checkpoint`` (counters, optimizer moments;
+    hyperparameters from ``cfg``), else start from ``init_from``, else fresh."""
     sig = spaces.signature()
-    resume = ray.train.get_checkpoint()
-    if cfg.init_from and (resume is not None or start_checkpoint is not None):
+    if cfg.init_from and (resume_from is not None or start_checkpoint is not None):
         learner.load_start_point(Path(cfg.init_from))  # e.g. the KL reference, not lm.model
-    if resume is not None:
-        with resume.as_directory() as path:
+    if resume_from is not None:
+        with resume_from.as_directory() as path:
             ckpt.check_compatible(path, cfg, sig)
             ckpt.load_modules(path, learner.modules())
             return _load_rank_parts(
@@ -187,7 +198,7 @@ def restore(
 
 def _load_rank_parts(learner: Learner, path: str, counters: ckpt.Counters) -> ckpt.Counters:
     """Per-rank parts of a resume: the learner's rank state, and distinct RNG streams
-    (``rng.pt`` is rank 0's, so other ranks reseed from the seed, rank and iteration)."""
+    (``rng.json`` is rank 0's, so other ranks reseed from the seed, rank and iteration)."""
     rank, world = learner.ctx.rank, learner.ctx.world_size
     state = ckpt.load_rank_state(path, rank, world)
     if state is not None:
@@ -217,10 +228,8 @@ class _Reporter:
     latest iteration ride along for Tune and the checkpoint ranking.
     """
 
-    def __init__(
-        self, cfg: RunConfig, spaces: Spaces, rank: int, world: int, device: torch.device
-    ) -> None:
-        self.cfg, self.spaces, self.rank, self.world, self.device = cfg, spaces, rank, world, device
+    def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
+        self.cfg, self.spaces, self.ctx = cfg, spaces, ctx
         self.rows: list[dict[str, float]] = []
         self.last_report = time.monotonic()
 
@@ -235,8 +244,8 @@ class _Reporter:
             return
         payload = {**metrics, ROWS_KEY: self.rows}
         self.rows, self.last_report = [], time.monotonic()
-        rank_states = _gather_rank_states(learner, self.world) if checkpoint_due else []
-        if not (checkpoint_due and self.rank == 0):
+        rank_states = _gather_rank_states(learner, self.ctx.world_size) if checkpoint_due else []
+        if not (checkpoint_due and self.ctx.rank == 0):
             ray.train.report(payload)
             return
 
@@ -258,11 +267,7 @@ class _Reporter:
 
     def _agree(self, want: bool) -> bool:
         # Every rank must call report equally often: rank 0's clock decides.
-        if self.world == 1:
-            return want
-        flag = torch.tensor([1.0 if want else 0.0], device=self.device)
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return rank0_decides(want, self.ctx)
 
 
 def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:
@@ -302,11 +307,7 @@ def _finished(
         return True
     if cfg.time_limit_s is None:
         return False
-    ctx = ctx or LearnerContext()
-    out_of_time = torch.tensor([1.0 if wall_s >= cfg.time_limit_s else 0.0], device=ctx.device)
-    if ctx.world_size > 1:
-        dist.broadcast(out_of_time, src=0)
-    return bool(out_of_time.item())
+    return rank0_decides(wall_s >= cfg.time_limit_s, ctx or LearnerContext())
 
 
 def _rollout_metrics(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlft_ray.fileio import atomic_write
+
 #: One line: ``(label or None, x values, y values)``.
 Curve = tuple[str | None, Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
 
@@ -40,8 +42,8 @@ def plot_curves(
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -165,18 +165,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Seconds to wait for a named cluster's head to answer before failing.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster the user asked for: ``address``, else ``RAY_ADDRESS`` (set by
+    ``ray job submit`` for its entrypoint, or by the user), else None: embedded Ray.
+
+    A head left over from an earlier ``ray start`` is never joined unasked: without an
+    address Ray would try the address it recorded for that head, and retry a dead one
+    forever.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout_s`` when the head at ``address`` (``host:port`` or
+    ``ray://host:port``) does not accept a connection, instead of Ray's endless retries.
+
+    ``auto`` is resolved to the address ``ray start`` recorded on this machine.
+
+    Raises:
+        ResourceError: Naming the address and the fix.
+    """
+    if address == "local":
+        return
+    target = address
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+        if not found:
+            raise ResourceError(
+                "address=auto: no Ray cluster was started on this machine (ray start --head); "
+                "start one, or leave out --address / RAY_ADDRESS to run on embedded Ray"
+            )
+        target = str(found)
+    host_port = target.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        source = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "--address"
+        raise ResourceError(
+            f"cannot reach the Ray cluster at {address} ({source}) within {timeout_s:g} s: "
+            f"{type(exc).__name__}: {exc}. Start it (ray start --head), fix the address, or "
+            "unset RAY_ADDRESS and leave out --address to run on embedded Ray"
+        ) from exc
+
+
 def init_ray(address: str | None = None, dashboard: bool = False) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster, ``ray job submit``), else start
-    embedded Ray; nothing when Ray is already up in this process.
+    """Connect to the cluster the user asked for (``address`` / ``RAY_ADDRESS``: a
+    cluster, ``ray job submit``), else start embedded Ray; nothing when Ray is already
+    up in this process.
 
     Args:
-        address: Ray address; default ``RAY_ADDRESS`` or a new local instance.
+        address: Ray address (``host:port``, ``ray://...``, ``auto`` or ``local``);
+            default ``RAY_ADDRESS`` or a new local instance.
         dashboard: A local instance started here runs the dashboard on a free loopback
             port and tells every worker where it is. Tune needs it when a scheduler stops
             trials: a detached Ray Train actor frees a stopped trial's learners through the
             dashboard's state API, which it finds by address; that is ambiguous when several
             local Ray instances run on one machine, and a placement group left behind would
             starve every later trial of CPUs.
+
+    Raises:
+        ResourceError: The named cluster does not answer within ``CONNECT_TIMEOUT_S``.
     """
     import ray
 
@@ -185,12 +241,17 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
-    if dashboard and not (address or os.environ.get("RAY_ADDRESS")):
-        port = _free_port()
-        kwargs.update(
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        )
-    ray.init(address=address, **kwargs)
+    target = cluster_address(address)
+    if target is None:
+        target = "local"  # never a stale head recorded by an earlier `ray start`
+        if dashboard:
+            port = _free_port()
+            kwargs.update(
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            )
+    else:
+        check_reachable(target)
+    ray.init(address=target, **kwargs)

@@ -17,13 +17,15 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rlft_ray.errors import DeterministicError
+
 RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[float]]
 
 _MODULE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _PROMPT_PREVIEW_CHARS = 200
 
 
-class RewardError(RuntimeError):
+class RewardError(DeterministicError, RuntimeError):
     """A reward function raised, or returned something that is not one finite float per sample."""
 
 

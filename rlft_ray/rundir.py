@@ -8,19 +8,29 @@ Layout of ``--output-dir`` (Ray Train's experiment directory is the same folder)
     return_curve.png     return against env steps
     checkpoint_best/     best checkpoint so far (by the learner's score metric)
     checkpoint_last/     latest checkpoint
-    checkpoint_<time>/   Ray Train's own copies (the last `keep_checkpoints`)
+    ray_train/           Ray Train's storage for this attempt (its own checkpoint copies)
+    .lock                who writes the directory now (host, pid): one writer at a time
+
+The run directory, not Ray Train's storage, decides what ``--resume`` restores: its
+``checkpoint_last`` and the ``metrics.jsonl`` rows up to that checkpoint's iteration.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from ray.train import Checkpoint, UserCallback
 
+from rlft_ray.config import RunConfig
 from rlft_ray.fileio import atomic_write_json, atomic_write_text, replace_dir
 from rlft_ray.plots import plot_curves
 
@@ -42,6 +52,110 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+class RunDirBusyError(RuntimeError):
+    """Another process writes the run directory; the message names it."""
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLock:
+    """One writer per run directory: ``.lock`` holds the writer's host and pid.
+
+    Taken with ``O_CREAT | O_EXCL`` (atomic on a local or NFS filesystem). A lock whose
+    holder is gone (same host, no such process) is stale and taken over; a live holder,
+    or one on another host (which cannot be checked), refuses the second writer.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            RunDirBusyError: Naming the holder and how to clear a lock left behind.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+                    raise RunDirBusyError(
+                        f"{self.path.parent} is in use by pid {holder['pid']} on "
+                        f"{holder['host']} since {since} (a run, --resume or job still "
+                        f"writing it); wait for it or stop it. If that process is gone, "
+                        f"delete {self.path}"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale or torn: the holder is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunDirBusyError(f"{self.path.parent}: another process took {self.path} just now")
+
+    def release(self) -> None:
+        """Drop the lock (only our own)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return {
+                "host": str(holder["host"]),
+                "pid": int(holder["pid"]),
+                "since": float(holder["since"]),
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # torn by a crash while being written: nobody holds it
+
+    @staticmethod
+    def _stale(holder: dict[str, Any]) -> bool:
+        if holder["host"] != socket.gethostname():
+            return False
+        if holder["pid"] == os.getpid():
+            return True  # left by an earlier run in this process
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def __enter__(self) -> RunDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+#: Leftovers of an interrupted write: a checkpoint copy being made, a file being replaced.
+_TEMP_PATTERNS = (".checkpoint_last.*", ".checkpoint_best.*", ".*.tmp", ".*.old-*")
+
+
+def remove_temp_files(output_dir: Path) -> list[str]:
+    """Delete what interrupted atomic writes left in ``output_dir``; returns their names."""
+    removed = []
+    for pattern in _TEMP_PATTERNS:
+        for path in Path(output_dir).glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def truncate_metrics(output_dir: Path, last_iteration: int) -> None:
     """On resume, drop rows logged after the checkpoint we resume from."""
     rows = [r for r in read_metrics(output_dir) if r.get("counters/iteration", 0) <= last_iteration]
@@ -61,7 +175,6 @@ class RunDirCallback(UserCallback):
     def __init__(self, output_dir: str, score_metric: str) -> None:
         self.output_dir = Path(output_dir)
         self.score_metric = score_metric
-        self._last_iteration: float | None = None
 
     def _best_score(self) -> float:
         score_file = self.output_dir / "checkpoint_best" / "score.json"
@@ -75,12 +188,6 @@ class RunDirCallback(UserCallback):
         # Pop the rows so later callbacks (Tune) see only the flat latest metrics.
         rows = metrics[0].pop(ROWS_KEY, None) or [metrics[0]]
         row = metrics[0]
-        first = rows[0].get("counters/iteration")
-        if first is not None and self._last_iteration is not None and first <= self._last_iteration:
-            # Ray Train restarted the workers from the last checkpoint (max_failures):
-            # the iterations after it run again, so drop their earlier rows.
-            truncate_metrics(self.output_dir, int(first) - 1)
-        self._last_iteration = rows[-1].get("counters/iteration", self._last_iteration)
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         if checkpoint is None:
@@ -100,7 +207,11 @@ class RunDirCallback(UserCallback):
 
     def _materialize(self, checkpoint: Checkpoint, name: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
-        checkpoint.to_directory(str(tmp))
+        try:
+            checkpoint.to_directory(str(tmp))
+        except BaseException:  # disk full, interrupted: the previous copy stays whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dest = self.output_dir / name
         replace_dir(tmp, dest)
         return dest
@@ -141,3 +252,55 @@ def plot_curve(
     rows = [r for r in read_metrics(output_dir) if y_key in r and x_key in r]
     curve = (None, [r[x_key] for r in rows], [r[y_key] for r in rows])
     return plot_curves(output_dir / name, [curve], x_key, y_key, output_dir.name)
+
+
+class ProgressBar:
+    """Driver-side live progress: tails ``metrics.jsonl`` (written by the controller)."""
+
+    def __init__(self, output_dir: Path, cfg: RunConfig, score_metric: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.output_dir = output_dir
+        self.score_metric = score_metric
+        # Count iterations when they bound the run (LM runs), else environment steps.
+        by_iter = cfg.total_iterations is not None
+        self.x_key = "counters/iteration" if by_iter else "counters/env_steps"
+        self.bar = tqdm(
+            total=cfg.total_iterations if by_iter else cfg.total_env_steps,
+            unit="it" if by_iter else "step",
+            dynamic_ncols=True,
+            mininterval=0.5 if os.isatty(2) else 10.0,
+        )
+        self.start_rows = len(read_metrics(output_dir))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        rows = read_metrics(self.output_dir)
+        if len(rows) <= self.start_rows:
+            return
+        last = rows[-1]
+        self.bar.n = int(last.get(self.x_key, 0))
+        score = last.get(self.score_metric)
+        self.bar.set_postfix(
+            it=int(last.get("counters/iteration", 0)),
+            **{
+                self.score_metric.rsplit("/", 1)[-1][:8]: f"{score:.3g}"
+                if score is not None
+                else "-"
+            },
+            sps=f"{last.get('perf/env_steps_per_s', 0):.0f}",
+            refresh=False,
+        )
+        self.bar.update(0)  # redraws at most every `mininterval` (10 s when not a terminal)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self._refresh()
+        self.bar.close()

@@ -14,7 +14,7 @@ from rlft_ray.learners.base import LearnerContext, NonFiniteLossError, Spaces
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import ResourceError, check_fits
 from rlft_ray.rollout.env_runner import EnvRunner, evaluate_policy, probe_spaces
-from rlft_ray.types import RolloutBatch
+from rlft_ray.types import UNSYNCED_VERSION, RolloutBatch
 
 
 def _setup(overrides: list[str]):
@@ -68,10 +68,16 @@ def test_concat_joins_env_axis_and_keeps_oldest_version() -> None:
     cfg, _spaces, cls = _setup(["env.num_envs_per_runner=2"])
     a = EnvRunner(**cls.sampler_kwargs(cfg, 0))
     b = EnvRunner(**cls.sampler_kwargs(cfg, 1))
-    b.policy_version = 3
+    a.policy_version, b.policy_version = 2, 3
     joined = RolloutBatch.concat([a.sample(8), b.sample(8)])
     assert joined.obs.shape == (8, 4, 4) and joined.last_values.shape == (4,)
-    assert joined.policy_version == 0
+    assert joined.policy_version == 2
+
+
+def test_a_runner_holds_no_version_until_weights_arrive() -> None:
+    cfg, _spaces, cls = _setup([])
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    assert runner.sample(4).policy_version == UNSYNCED_VERSION == -1
 
 
 def test_ppo_update_runs_and_reports_namespaced_metrics() -> None:

@@ -168,6 +168,53 @@ def test_parquet_metadata_ground_truth_and_chat_template(tmp_path: Path) -> None
     assert tok.decode(prompts[0].ids) == prompts[0].text
 
 
+def test_answers_stay_as_written_and_rows_without_one_are_refused(tmp_path: Path) -> None:
+    from envs.arithmetic import exact_match
+
+    tok = build_tokenizer()
+    lm = build_config().lm
+    # integers stay integers (pandas would make them floats next to a missing value) ...
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "9+10=", "answer": 19}\n\n{"prompt": "1+1=", "answer": 2}\n')
+    prompts = prompts_from_batch(load_prompts(path, tok, lm)[0])
+    assert [p.metadata["answer"] for p in prompts] == [19, 2]
+    assert exact_match([p.text for p in prompts], ["19", "2"], [p.metadata for p in prompts]) == [
+        1.0,
+        1.0,
+    ]
+    # ... and a row without one (null or missing) is named by its line in the file
+    path.write_text(
+        '{"prompt": "9+10=", "answer": 19}\n\n{"prompt": "1+1=", "answer": null}\n{"prompt": "2+2="}\n'
+    )
+    with pytest.raises(PromptDataError, match=r"2 row\(s\) without 'answer' .* at line\(s\) 3, 4"):
+        load_prompts(path, tok, lm)
+    parquet = tmp_path / "p.parquet"
+    pd.DataFrame({"prompt": ["1+1=", "2+2="], "answer": [2, None]}).to_parquet(parquet)
+    with pytest.raises(PromptDataError, match=r"1 row\(s\) without 'answer' .* at line\(s\) 2"):
+        load_prompts(parquet, tok, lm)
+    pd.DataFrame({"prompt": ["1+1=", "2+2="], "answer": [2, 4]}).to_parquet(parquet)
+    assert [
+        p.metadata["answer"] for p in prompts_from_batch(load_prompts(parquet, tok, lm)[0])
+    ] == [2, 4]
+
+
+def test_conversational_prompts_go_through_the_chat_template(tmp_path: Path) -> None:
+    tok = build_tokenizer()
+    conversation = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="}]
+    path = _jsonl(tmp_path / "c.jsonl", [{"prompt": conversation, "answer": "2"}])
+    (prompt,) = prompts_from_batch(load_prompts(path, tok, build_config().lm)[0])
+    assert prompt.text == "system: add\nuser: 1+1=\nassistant: "  # not the list's repr
+    bad = _jsonl(tmp_path / "b.jsonl", [{"prompt": [{"content": "1+1="}], "answer": "2"}])
+    with pytest.raises(ConfigError, match="list of \\{role, content\\} messages"):
+        load_prompts(bad, tok, build_config().lm)
+
+
+def test_an_empty_prompt_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(PromptDataError, match=r"e.jsonl is empty: no prompts to read"):
+        load_prompts(tmp_path / "e.jsonl", build_tokenizer(), build_config().lm)
+
+
 # --------------------------------------------------------------------------- probe (before Ray)
 
 

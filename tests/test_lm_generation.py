@@ -13,7 +13,7 @@ from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rewards import RewardError
 from rlft_ray.rollout.generation import GenerationActor
-from rlft_ray.types import GenerationBatch, Prompt
+from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]
 
@@ -60,7 +60,7 @@ def test_generate_round_trip(model_dir: Path) -> None:
     assert batch.prompts[:3] == ["1+2="] * 3 and batch.metadata[0] == {"answer": "3"}
     # prompts are left-padded: "1+2=" has 4 tokens in a 6-wide block
     assert batch.prompt_mask[0].tolist() == [False, False, True, True, True, True]
-    assert batch.policy_version == 0 and batch.group_size == 3
+    assert batch.policy_version == UNSYNCED_VERSION and batch.group_size == 3  # no weights yet
     assert batch.rewards.shape == (b,) and set(batch.rewards.tolist()) <= {0.0, 1.0}
     _check_eos_masks(batch, actor.eos_ids, actor.pad_id)
     # completions are the decoded real tokens
@@ -127,7 +127,11 @@ def test_weight_sync_changes_outputs_and_version(model_dir: Path, other_model_di
     before = sampled(actor)
     assert actor.set_weights({k: v.clone() for k, v in other.model.state_dict().items()}, 7) == 7
     after = sampled(actor)
-    assert actor.get_version() == 7 and after.policy_version == 7 and before.policy_version == 0
+    assert (
+        actor.get_version() == 7
+        and after.policy_version == 7
+        and before.policy_version == UNSYNCED_VERSION
+    )
     assert after.completions == sampled(other).completions
     assert after.completions != before.completions
 

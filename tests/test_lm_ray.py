@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
-from rlft_ray.config import build_config
-from rlft_ray.driver import RunError, run_training
+from rlft_ray.config import ConfigError, build_config
+from rlft_ray.driver import run_training
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
@@ -54,6 +54,40 @@ def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> Non
             mask = t[3]
             new_lp = response_forward(PolicyWithValueHead(new.eval()), *t).logprobs
             assert torch.allclose(new_lp[mask], torch.tensor(b.logprobs)[mask], atol=1e-4)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_an_actor_restarted_before_it_holds_version_0_is_restored_not_trusted(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Iteration 0 of an ``init_from`` run publishes version 0. A generation actor Ray
+    restarts comes back with ``lm.model``'s weights and must not pass for one holding it."""
+    published = make_tiny_model(
+        tmp_path / "published", n_layer=1, hidden=32, n_head=2, max_positions=64, seed=7
+    )
+    cfg = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml", [f"lm.model={model_dir}", "lm.num_samples=2"]
+    )
+    actors = make_remote_runners(
+        GenerationActor, 1, 0.5, 1, "test-restart-", kwargs_for=lambda i: {"lm": cfg.lm, "seed": i}
+    )
+    try:
+        new, tok = load_model_and_tokenizer(published)
+        weights = {k: v.clone() for k, v in new.state_dict().items()}
+        group = RunnerGroup(actors, mine=[0])
+        group.publish(weights, version=0)
+        ray.kill(actors[0], no_restart=False)  # Ray restarts it with lm.model's weights
+        prompts = [Prompt(t, tok(t)["input_ids"], {"answer": "0"}) for t in ("1+2=", "33+4=")]
+        (batch,) = group.sample(lambda: (weights, 0), per_actor=[(prompts,)], version=0)
+        assert group.restarts == 1 and batch.policy_version == 0
+        t = [
+            torch.tensor(x)
+            for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        ]
+        new_lp = response_forward(PolicyWithValueHead(new.eval()), *t).logprobs
+        assert torch.allclose(new_lp[t[3]], torch.tensor(batch.logprobs)[t[3]], atol=1e-4)
     finally:
         for a in actors:
             ray.kill(a)
@@ -112,7 +146,7 @@ def test_grpo_reward_rises_then_resumes(model_dir: Path, tmp_path: Path) -> None
     assert np.mean([r["reward/mean"] for r in rows[-5:]]) > np.mean(rewards[:5])
 
 
-def test_reward_error_names_the_sample(model_dir: Path, tmp_path: Path) -> None:
+def test_reward_error_is_found_on_one_row_before_ray(model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "no_answers.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(16)))
     cfg = build_config(
@@ -125,10 +159,9 @@ def test_reward_error_names_the_sample(model_dir: Path, tmp_path: Path) -> None:
         ],
     )
     with pytest.raises(
-        RunError,
-        match=r"RewardError: .*exact_match raised ValueError: metadata\[0\] has no 'answer' key.* on sample 0 \(prompt '\d+\+1='\)",
+        ConfigError,
+        match=r"lm.reward_fn: fails on the first prompt of .*no_answers.jsonl: reward function "
+        r"envs.arithmetic:exact_match raised ValueError: metadata\[0\] has no 'answer' key",
     ):
         run_training(cfg, tmp_path / "err", progress=False)
-    assert json.loads((tmp_path / "err" / "summary.json").read_text())["error"].startswith(
-        "RewardError"
-    )
+    assert not (tmp_path / "err").exists()  # no half-made run directory

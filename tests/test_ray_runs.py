@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def test_resume_continues_counters(tmp_path: Path) -> None:
     more = build_config(CARTPOLE, ["total_env_steps=8192", "checkpoint_every=5"])
     with pytest.raises(RunError, match="already holds a run"):
         run_training(more, out, progress=False)
+    shutil.rmtree(out / "ray_train")  # Ray Train's storage is not what a resume reads
     summary = run_training(more, out, resume=True, progress=False)
     rows = read_metrics(out)
     assert [r["counters/iteration"] for r in rows] == list(range(1, 17))
@@ -80,6 +82,18 @@ def test_resume_continues_counters(tmp_path: Path) -> None:
     assert rows[10]["counters/policy_version"] == 11
     assert rows[10]["time/wall_s"] > rows[9]["time/wall_s"]
     assert summary["env_steps"] == 8192
+
+
+def test_a_fresh_run_never_continues_a_foreign_checkpoint(tmp_path: Path) -> None:
+    """Two runs with one shared storage_path and the same run-directory name: the second
+    starts at iteration 1 (Ray Train would find the first one's state and continue it)."""
+    cfg = build_config(
+        CARTPOLE,
+        ["total_env_steps=2048", "checkpoint_every=2", f"resources.storage_path={tmp_path / 's'}"],
+    )
+    run_training(cfg, tmp_path / "a" / "run", progress=False)
+    run_training(cfg, tmp_path / "b" / "run", progress=False)
+    assert [r["counters/iteration"] for r in read_metrics(tmp_path / "b" / "run")] == [1, 2, 3, 4]
 
 
 def test_dqn_resume_keeps_its_replay(tmp_path: Path) -> None:
@@ -155,6 +169,7 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> No
             "env.kwargs={nan_after_steps: 1000}",
             "checkpoint_every=1",
             "total_env_steps=20000",
+            "resources.max_failures=-1",  # a NaN would repeat: never retried
         ],
     )
     with pytest.raises(RunError, match=r"NonFiniteLossError: loss/total became nan") as info:
@@ -162,7 +177,9 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path: Path) -> No
     assert f"last good checkpoint: {out / 'checkpoint_last'}" in str(info.value)
     state = json.loads((out / "checkpoint_last" / "state.json").read_text())["counters"]
     assert state["iteration"] >= 1
-    assert json.loads((out / "summary.json").read_text())["error"].startswith("NonFiniteLossError")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error"].startswith("NonFiniteLossError")
+    assert (summary["status"], summary["learner_restarts"]) == ("failed", 0)
 
 
 def test_run_that_cannot_be_placed_fails_with_numbers(tmp_path: Path) -> None:

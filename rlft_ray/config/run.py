@@ -34,9 +34,15 @@ class ResourcesConfig:
         gpus_per_rollout_actor: GPUs each rollout actor holds (generation actors then
             sample on CUDA; fractions share a GPU).
         max_actor_restarts: How often Ray restarts a dead rollout actor.
-        max_failures: Ray Train worker-group restarts from the last checkpoint.
-        storage_path: Where Ray Train persists checkpoints (shared path or ``s3://``
-            URI on multi-node clusters). Defaults to the run's output directory.
+        max_failures: Learner restarts after a failure, each from the run directory's
+            ``checkpoint_last`` (-1: unlimited). Deterministic failures (NaN loss, a
+            reward function that raises, bad data) are never retried.
+        sample_timeout_s: Longest wait for one sampling call of a rollout actor; an
+            actor that does not answer in time (a hanging reward function, a stopped
+            process) is restarted (``max_actor_restarts``), then the run fails naming it.
+        storage_path: Where Ray Train keeps its checkpoint copies (shared path or
+            ``s3://`` URI on multi-node clusters, where the learners also read the
+            checkpoint a resume starts from). Default: ``ray_train/`` in the run directory.
         rollout_actor_resources: Custom Ray resources each rollout actor requires on
             top of its CPUs (e.g. ``{"rollout_node": 1}`` to place actors only on nodes
             started with ``--resources='{"rollout_node": 8}'``).
@@ -58,6 +64,7 @@ class ResourcesConfig:
     gpus_per_rollout_actor: float = 0.0
     max_actor_restarts: int = 3
     max_failures: int = 0
+    sample_timeout_s: float = 600.0
     storage_path: str | None = None
     rollout_actor_resources: dict[str, float] = field(default_factory=dict)
     learner_resources: dict[str, float] = field(default_factory=dict)
@@ -88,6 +95,7 @@ class ResourcesConfig:
         require(self.cpus_per_learner > 0, "cpus_per_learner", "must be > 0")
         require(self.max_actor_restarts >= 0, "max_actor_restarts", "must be >= 0")
         require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
+        require(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0 seconds")
         require(self.num_scorer_actors >= 1, "num_scorer_actors", "must be >= 1")
         require(self.cpus_per_scorer_actor >= 0, "cpus_per_scorer_actor", "must be >= 0")
         require(

@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlft_ray.errors import DeterministicError
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(DeterministicError, FloatingPointError):
     """A loss or gradient norm became NaN or infinite; the run stops before stepping on it."""
 
 
@@ -51,6 +53,16 @@ def global_sum(x: torch.Tensor, ctx: LearnerContext) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def rank0_decides(flag: bool, ctx: LearnerContext) -> bool:
+    """Rank 0's ``flag`` on every rank: for decisions read off a clock, where ranks that
+    decided apart would hang in their next collective."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def all_reduce_mean(x: torch.Tensor, ctx: LearnerContext) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,10 +22,11 @@ from torch import nn
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
 from rlft_ray.learners.lm_core import HELDOUT, PROMPTS, LMCore
-from rlft_ray.lm.data import load_prompts
+from rlft_ray.lm.data import load_prompts, prompts_from_batch
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
-from rlft_ray.rewards import load_reward_fn
+from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.types import Prompt
 from rlft_ray.utils import torch_threads
 
 
@@ -59,6 +61,7 @@ def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
             f"algo={cfg.algo} needs a prompt file (.jsonl or .parquet with a 'prompt' column)",
         )
     table, stats = load_prompts(lm.prompts, tok, lm)
+    check_reward_call(cfg, prompts_from_batch(table.head(1))[0])
     if training and stats.kept < lm.prompts_per_iteration:
         raise ConfigError(
             "lm.prompts_per_iteration",
@@ -122,6 +125,38 @@ def check_reward_fns(cfg: RunConfig) -> None:
             raise ConfigError(key, str(exc)) from None
     if cfg.lm.reward_model is not None:
         check_reward_model(cfg.lm.reward_model)
+
+
+def check_reward_call(cfg: RunConfig, prompt: Prompt) -> None:
+    """Call ``lm.reward_fn`` on one real prompt (its answer as the completion) before Ray
+    starts: an error, a hang, or a result that is not one finite number fails here, naming
+    the function, instead of in every actor later.
+
+    Raises:
+        ConfigError: Naming ``lm.reward_fn`` and what went wrong.
+    """
+    if cfg.lm.reward_model is not None:  # the learned reward replaces the function
+        return
+    fn, timeout = load_reward_fn(cfg.lm.reward_fn), min(60.0, cfg.resources.sample_timeout_s)
+    completion = str(prompt.metadata.get("answer", ""))
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            compute_rewards(fn, [prompt.text], [completion], [prompt.metadata])
+        except Exception as exc:  # reported below, with the function's name
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    where = f"the first prompt of {cfg.lm.prompts}"
+    if thread.is_alive():
+        raise ConfigError(
+            "lm.reward_fn", f"{cfg.lm.reward_fn} did not return within {timeout:g} s on {where}"
+        )
+    if "error" in outcome:
+        raise ConfigError("lm.reward_fn", f"fails on {where}: {outcome['error']}")
 
 
 def check_reward_model(path: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.lm_core import LMCore
@@ -29,7 +30,7 @@ from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
 
-class EmptyRoundsError(RuntimeError):
+class EmptyRoundsError(DeterministicError, RuntimeError):
     """Too many rounds in a row accepted no sample; the message says which rule and what to try."""
 
 

@@ -132,35 +132,75 @@ def read_records(
 
 
 def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame:
-    """Read a ``.jsonl`` / ``.json`` / ``.parquet`` prompt file into a DataFrame.
+    """Read a ``.jsonl`` / ``.json`` / ``.parquet`` prompt file into a DataFrame of Python
+    objects: values stay as written (an integer answer stays an integer even when another
+    row lacks one; a missing value is None, never NaN), and ``table.attrs["lines"]`` holds
+    each row's line in the file.
 
     Raises:
-        PromptDataError: See :func:`read_records`.
+        PromptDataError: See :func:`read_records`; also an empty file.
     """
     p = Path(path).expanduser()
-    if p.suffix.lower() == ".parquet" and p.is_file():
-        try:
-            return pd.read_parquet(p)
-        except Exception as exc:
-            raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
     try:
-        return pd.DataFrame(read_records(path, key)[0])
+        if p.suffix.lower() == ".parquet" and p.is_file():
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(p).to_pylist()  # no pandas dtype coercion
+            except Exception as exc:
+                raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
+            lines = list(range(1, len(rows) + 1))
+        else:
+            rows, lines = read_records(path, key)
     except PromptDataError as exc:
         raise PromptDataError(
             key, exc.reason.replace("file not found", "prompt file not found")
         ) from None
+    if not rows:
+        raise PromptDataError(key, f"{p} is empty: no prompts to read")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = pd.DataFrame(
+        [[row.get(c) for c in columns] for row in rows], columns=columns, dtype=object
+    )
+    table.attrs["lines"] = lines
+    return table
 
 
-def render_prompt(text: str, tokenizer: Any, chat_template: bool, system_prompt: str | None) -> str:
-    """The prompt as the model sees it: verbatim, or one user turn through the chat template."""
-    if not chat_template:
-        return text
+def render_prompt(
+    value: Any, tokenizer: Any, chat_template: bool, system_prompt: str | None
+) -> str:
+    """The prompt as the model sees it: a string verbatim (or as one user turn through the
+    chat template), a conversation (a list of ``{"role", "content"}`` messages) always
+    through the tokenizer's chat template.
+
+    Raises:
+        ConfigError: A conversation or ``lm.chat_template`` without a tokenizer template,
+            or a message without ``role`` / ``content``.
+    """
+    if isinstance(value, np.ndarray):  # a list column read back from parquet
+        value = value.tolist()
+    conversation = isinstance(value, list)
+    if not conversation and not chat_template:
+        return str(value)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError(
-            "lm.chat_template", "the tokenizer has no chat template; set lm.chat_template=false"
+        what = (
+            "conversational prompts (lists of messages) need"
+            if conversation
+            else "lm.chat_template=true needs"
         )
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": text})
+        raise ConfigError(
+            "lm.chat_template", f"{what} a tokenizer with a chat template; this one has none"
+        )
+    if conversation:
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            raise ConfigError(
+                "lm.prompts", "a conversational prompt must be a list of {role, content} messages"
+            )
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    else:
+        messages = [{"role": "user", "content": str(value)}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -172,6 +212,8 @@ def encode_prompt(text: str, tokenizer: Any, chat_template: bool) -> list[int]:
 def _is_empty(value: Any) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
+    if isinstance(value, (list, np.ndarray)):
+        return len(value) == 0
     return not str(value).strip()
 
 
@@ -212,28 +254,31 @@ def prepare_prompts(
             prompts with ``prompt_overflow=error``, or nothing left to train on. Row
             numbers in messages are 1-based lines of the file.
     """
+    if len(table) == 0:
+        raise PromptDataError(key, f"{source} is empty: no prompts to read")
     if lm.prompt_key not in table.columns:
-        cols = ", ".join(map(str, table.columns)) or "none"
+        cols = ", ".join(map(str, table.columns))
         raise PromptDataError(
             key, f"{source} has no {lm.prompt_key!r} column (columns: {cols}); set lm.prompt_key"
         )
     records = table.to_dict(orient="records")
-    empty = [i + 1 for i, r in enumerate(records) if _is_empty(r[lm.prompt_key])]
+    lines = table.attrs.get("lines") or list(range(1, len(records) + 1))
+    empty = [lines[i] for i, r in enumerate(records) if _is_empty(r[lm.prompt_key])]
     if empty and not lm.drop_empty_prompts:
         raise PromptDataError(
             key,
             f"{source}: {len(empty)} empty prompt(s) at row(s) {_rows_list(empty)}; "
             "fix the file or set lm.drop_empty_prompts=true to drop them",
         )
+    used = [(n, r) for n, r in zip(lines, records) if not _is_empty(r[lm.prompt_key])]
+    _check_answers([r for _, r in used], [n for n, _ in used], source, key)
     out: list[dict[str, Any]] = []
     overlong: list[int] = []
     truncated = dropped_long = 0
-    for n, record in enumerate(records, start=1):
+    for n, record in zip(lines, records):
         if _is_empty(record[lm.prompt_key]):
             continue
-        text = render_prompt(
-            str(record[lm.prompt_key]), tokenizer, lm.chat_template, lm.system_prompt
-        )
+        text = render_prompt(record[lm.prompt_key], tokenizer, lm.chat_template, lm.system_prompt)
         ids = encode_prompt(text, tokenizer, lm.chat_template)
         if len(ids) > lm.max_prompt_tokens:
             overlong.append(n)
@@ -266,6 +311,22 @@ def prepare_prompts(
     if not out:
         raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()})")
     return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
+
+
+def _check_answers(records: list[dict], lines: list[int], source: str, key: str) -> None:
+    """A file with answers has one on every row: a null would be compared as "None" and
+    score every completion 0."""
+    for column in ("answer", "ground_truth"):
+        if not any(column in r for r in records):
+            continue
+        missing = [n for n, r in zip(lines, records) if _is_empty(r.get(column))]
+        if missing:
+            raise PromptDataError(
+                key,
+                f"{source}: {len(missing)} row(s) without {column!r} (null or missing) at "
+                f"line(s) {_rows_list(missing)}; every row needs one for the reward to compare",
+            )
+        return
 
 
 def load_prompts(

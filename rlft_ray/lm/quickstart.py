@@ -92,9 +92,11 @@ def run_lm_quickstart(
     seed_everything(s.seed)
     torch.set_num_threads(1)  # tiny model: one thread is fastest and leaves a core free
 
-    train_path, test_path = write_splits(out / "data", s.n_train, s.n_test, kind="add", seed=s.seed)
+    data = out / "data"
+    # a bad override fails now, before any file is written (not after SFT)
+    cfg = _rl_config(out, data / "arith_train.jsonl", data / "arith_test.jsonl", s, overrides)
+    train_path, test_path = write_splits(data, s.n_train, s.n_test, kind="add", seed=s.seed)
     demos = [json.loads(line) for line in train_path.read_text().splitlines()[: s.n_demos]]
-    cfg = _rl_config(out, train_path, test_path, s, overrides)  # fails now, not after SFT
     sft = build_sft_base(out, demos, s, log)
     before = evaluate_model(out / "sft_base", test_path, cfg.lm)
     log(

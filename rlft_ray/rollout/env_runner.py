@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rlft_ray.config import EnvConfig
-from rlft_ray.types import EpisodeStats, RolloutBatch
+from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
 from rlft_ray.utils import weights_from_wire
 
 
@@ -74,7 +74,7 @@ class EnvRunner:
         self.rollout_steps = rollout_steps
         self.policy = make_policy(self.env.single_observation_space, self.env.single_action_space)
         self.policy.eval()
-        self.policy_version = 0
+        self.policy_version = UNSYNCED_VERSION  # until the learner publishes
         self.obs, _ = self.env.reset(seed=seed)
         self.ep_return = np.zeros(self.num_envs, dtype=np.float64)
         self.ep_len = np.zeros(self.num_envs, dtype=np.int64)

@@ -32,7 +32,7 @@ from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
-from rlft_ray.types import GenerationBatch, Prompt, SelectionStats, pad_sequences
+from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
 from rlft_ray.utils import weights_from_wire
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class GenerationActor:
         self._tensors = self.model.state_dict(keep_vars=True)
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
-        self.policy_version = 0
+        self.policy_version = UNSYNCED_VERSION  # until the learner publishes
         gen_eos = self.model.generation_config.eos_token_id
         eos = set(
             gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []

@@ -11,12 +11,22 @@ import ray
 import torch
 from ray.actor import ActorHandle
 
+from rlft_ray.errors import DeterministicError
 from rlft_ray.utils import weights_to_wire
 
 logger = logging.getLogger(__name__)
 
 # What a dead actor's calls raise while Ray restarts it.
 _ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class SamplingTimeoutError(DeterministicError, TimeoutError):
+    """A rollout actor did not answer a sampling call in time, twice in a row (restarted
+    in between): a hanging reward function or environment, not bad luck."""
+
+
+class _TimedOut(Exception):
+    """One sampling call ran past the timeout; the actor was killed (Ray restarts it)."""
 
 
 def make_remote_runners(
@@ -62,6 +72,8 @@ class RunnerGroup:
         all_runners: Every rollout actor of the run (rank 0 publishes weights to all).
         mine: Indices of the actors this rank samples from.
         recovery_timeout_s: How long to wait for Ray to restart a dead actor.
+        sample_timeout_s: Longest wait for one call (sampling, weight loading); an actor
+            past it is killed and restarted, and a second timeout fails the run.
     """
 
     def __init__(
@@ -69,10 +81,12 @@ class RunnerGroup:
         all_runners: Sequence[ActorHandle],
         mine: Sequence[int],
         recovery_timeout_s: float = 60.0,
+        sample_timeout_s: float = 600.0,
     ) -> None:
         self.all_runners = list(all_runners)
         self.mine = list(mine)
         self.recovery_timeout_s = recovery_timeout_s
+        self.sample_timeout_s = sample_timeout_s
         self.restarts = 0
 
     def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
@@ -98,8 +112,8 @@ class RunnerGroup:
         if wait:
             for i, call in pending.items():
                 try:
-                    ray.get(call)
-                except _ACTOR_DOWN:
+                    self._get(i, call)
+                except (*_ACTOR_DOWN, _TimedOut):
                     # Its rank restores it (with its own copy of the weights) on the next sample.
                     logger.warning("rollout actor %d was down during weight sync", i)
         return time.perf_counter() - start
@@ -130,8 +144,8 @@ class RunnerGroup:
         out = []
         for i, call, a in zip(self.mine, calls, actor_args):
             try:
-                batch = ray.get(call)
-            except _ACTOR_DOWN as exc:
+                batch = self._get(i, call)
+            except (*_ACTOR_DOWN, _TimedOut) as exc:
                 batch = self._recover(i, exc, weights_for_recovery, a)
             else:
                 if version is not None and batch.policy_version != version:
@@ -142,7 +156,7 @@ class RunnerGroup:
         return out
 
     def evaluate(
-        self, requests: Sequence[tuple[Any, ...]], version: int, timeout_s: float = 600.0
+        self, requests: Sequence[tuple[Any, ...]], version: int, timeout_s: float | None = None
     ) -> list[Any] | None:
         """``heldout_scores(*requests[i])`` on actor i of all actors, in parallel.
 
@@ -153,7 +167,7 @@ class RunnerGroup:
         """
         calls = [r.heldout_scores.remote(*a) for r, a in zip(self.all_runners, requests)]
         try:
-            answers = ray.get(calls, timeout=timeout_s)
+            answers = ray.get(calls, timeout=timeout_s or self.sample_timeout_s)
         except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
             logger.warning("held-out evaluation skipped: %s", type(exc).__name__)
             return None
@@ -162,20 +176,45 @@ class RunnerGroup:
             return None
         return [scores for _, scores in answers]
 
+    def _get(self, i: int, call: Any) -> Any:
+        """``ray.get`` bounded by ``sample_timeout_s``; past it, actor ``i`` is killed so
+        that Ray restarts it (a hanging call cannot be cancelled otherwise)."""
+        try:
+            return ray.get(call, timeout=self.sample_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            logger.warning(
+                "rollout actor %d did not answer within %.0f s (resources.sample_timeout_s); "
+                "restarting it",
+                i,
+                self.sample_timeout_s,
+            )
+            ray.kill(self.all_runners[i], no_restart=False)
+            raise _TimedOut(i) from None
+
     def _recover(
         self, i: int, exc: Exception | None, weights_for_recovery: Callable, args: tuple
     ) -> Any:
         cause = type(exc).__name__ if exc is not None else "restarted with stale weights"
-        logger.warning("rollout actor %d died (%s); restoring it", i, cause)
+        if not isinstance(exc, _TimedOut):
+            logger.warning("rollout actor %d died (%s); restoring it", i, cause)
         deadline = time.monotonic() + self.recovery_timeout_s
         runner = self.all_runners[i]
         while True:
             try:
                 weights, version = weights_for_recovery()
-                ray.get(runner.set_weights.remote(weights, version))
-                batch = ray.get(runner.sample.remote(*args))
+                self._get(i, runner.set_weights.remote(weights, version))
+                batch = self._get(i, runner.sample.remote(*args))
                 self.restarts += 1
                 return batch
+            except _TimedOut:
+                if isinstance(exc, _TimedOut):
+                    raise SamplingTimeoutError(
+                        f"rollout actor {i} did not answer a sampling call within "
+                        f"{self.sample_timeout_s:g} s twice in a row, restarted in between: "
+                        "a reward function or environment that hangs? (raise "
+                        "resources.sample_timeout_s if sampling is just slow)"
+                    ) from None
+                exc = _TimedOut(i)
             except _ACTOR_DOWN as again:
                 if time.monotonic() > deadline:
                     raise RuntimeError(

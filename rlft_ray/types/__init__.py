@@ -5,10 +5,17 @@
 and ``PairBatch``, with ``pad_sequences`` (their padding convention).
 """
 
-from rlft_ray.types.episodes import EpisodeBatch, EpisodeStats, RolloutBatch, SelectionStats
+from rlft_ray.types.episodes import (
+    UNSYNCED_VERSION,
+    EpisodeBatch,
+    EpisodeStats,
+    RolloutBatch,
+    SelectionStats,
+)
 from rlft_ray.types.lm import GenerationBatch, PairBatch, Prompt, pad_sequences
 
 __all__ = [
+    "UNSYNCED_VERSION",
     "EpisodeBatch",
     "EpisodeStats",
     "GenerationBatch",

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: The version a rollout actor holds before its first ``set_weights``: matches no policy
+#: version, so a batch from an actor Ray restarted (and that came back with its
+#: constructor's weights) is never taken for one sampled with the published ones.
+UNSYNCED_VERSION = -1
+
 
 @dataclass
 class EpisodeStats:
