@@ -6,37 +6,37 @@ Everything that can be wrong with the user's input (config, env id, output dir,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from rlft_ray import checkpoint as ckpt
+from rlft_ray.attempts import (
+    Attempts,
+    Interrupt,
+    RunError,
+    RunInterrupted,
+    RunSignals,
+    failure_cause,
+)
 from rlft_ray.config import ConfigError, RunConfig, save_config
-from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.loop import train_loop_per_worker
 from rlft_ray.registry import get_learner_cls
 from rlft_ray.resources import check_fits, init_ray, scorer_gpus
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
     ProgressBar,
-    RunDirCallback,
     RunDirLock,
     plot_curve,
-    read_metrics,
     remove_temp_files,
     truncate_metrics,
     write_summary,
@@ -44,19 +44,6 @@ from rlft_ray.rundir import (
 from rlft_ray.utils import torch_threads
 
 logger = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run could not start or stopped with an error; the message says why and what was kept."""
-
-
-class RunInterrupted(RunError):
-    """SIGINT / SIGTERM (Ctrl-C, ``ray job stop``) stopped the run; ``summary.json`` says
-    ``status: interrupted`` and ``--resume`` continues from ``checkpoint_last``."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
@@ -103,61 +90,78 @@ def run_training(
     # 1. Everything about the input that can be wrong, checked before Ray.
     cfg, probe = check_task(learner_cls, cfg)
     created = not output_dir.exists()
-    with RunDirLock(output_dir):  # one writer per run directory
+    with RunDirLock(output_dir), RunSignals() as signals:  # one writer per run directory
         try:
             prepare_run_dir(cfg, probe, output_dir, resume)
             # 2. Ray, data preparation on the cluster, actors.
             init_ray(address)
+            signals.install()
             scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
             has_actors = learner_cls.sampler(cfg) is not None
             check_fits(
                 cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed
             )
             probe = learner_cls.prepare(cfg, probe, output_dir)  # e.g. DPO's reference log-probs
+            scorers = _start_scorers(cfg) if scorers_needed else []
+            runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
         except BaseException:
             if created:  # leave no half-made run directory behind
                 shutil.rmtree(output_dir, ignore_errors=True)
+            signals.raise_if_interrupted("before training started")
             raise
-        scorers = _start_scorers(cfg) if scorers_needed else []
-        runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
         bar = ProgressBar(output_dir, cfg, learner_cls.score_metric) if progress else None
-        fit = _Attempts(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
+        fit = Attempts(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
+        signals.attempts = fit
         try:
-            with _signals_to(fit.on_signal):
-                error = fit.run()
-        except _Interrupt as stop:
+            error = fit.run()
+        except Interrupt as stop:
             error = stop
             fit.abort()
         finally:
+            signals.finishing = True  # the summary is written whatever arrives now
             if bar:
                 bar.close()
             for actor in [*runners, *scorers]:
                 ray.kill(actor)
         # 3. Summary, learning curve, and the error with what was kept.
-        remove_temp_files(output_dir)
-        status = (
-            "interrupted" if isinstance(error, _Interrupt) else "failed" if error else "completed"
-        )
-        extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": _cause(error)}
-        extra.update({"learner_restarts": fit.restarts, **probe.info})
-        summary = write_summary(output_dir, time.perf_counter() - started, extra)
-        y_key, x_key, png = learner_cls.curve
-        plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
+        summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
     _raise_for(error, summary, output_dir)
+    return summary
+
+
+def _write_outputs(
+    output_dir: Path,
+    cfg: RunConfig,
+    learner_cls: type[Learner],
+    probe: TaskProbe,
+    fit: Attempts,
+    error: BaseException | None,
+    started: float,
+) -> dict[str, Any]:
+    """``summary.json`` (with ``status``) and the learning curve; temp leftovers removed."""
+    remove_temp_files(output_dir)
+    status = "interrupted" if isinstance(error, Interrupt) else "failed" if error else "completed"
+    extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": failure_cause(error)}
+    extra.update({"learner_restarts": fit.restarts, **probe.info})
+    summary = write_summary(output_dir, time.perf_counter() - started, extra)
+    y_key, x_key, png = learner_cls.curve
+    plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
     return summary
 
 
 def _raise_for(error: BaseException | None, summary: dict[str, Any], output_dir: Path) -> None:
     """Raise what ended the run, with the checkpoint a ``--resume`` continues."""
     kept = summary["checkpoint_last"] or "none (stopped before the first checkpoint)"
-    if isinstance(error, _Interrupt):
+    if isinstance(error, Interrupt):
         raise RunInterrupted(
             error.signum,
             f"interrupted by {signal.Signals(error.signum).name}; resume with "
             f"--resume --output-dir {output_dir} (last checkpoint: {kept})",
         )
     if error is not None:
-        raise RunError(f"run failed: {_cause(error)}\nlast good checkpoint: {kept}") from error
+        raise RunError(
+            f"run failed: {failure_cause(error)}\nlast good checkpoint: {kept}"
+        ) from error
 
 
 def check_task(learner_cls: type[Learner], cfg: RunConfig) -> tuple[RunConfig, TaskProbe]:
@@ -203,13 +207,10 @@ def prepare_run_dir(cfg: RunConfig, probe: TaskProbe, output_dir: Path, resume: 
         ckpt.check_rank_states(last, cfg.resources.num_learners)
         truncate_metrics(output_dir, ckpt.read_state(last)["counters"]["iteration"])
     elif resume:
-        reached = max(
-            (int(r.get("counters/iteration", 0)) for r in read_metrics(output_dir)), default=0
-        )
-        if reached >= cfg.checkpoint_every:
+        if (output_dir / "checkpoint_best").is_dir():  # so checkpoint_last existed once
             raise RunError(
-                f"--resume: {last} is gone although the run reached iteration {reached} "
-                f"(checkpoint_every={cfg.checkpoint_every}); refusing to start over on top of it"
+                f"--resume: {last} is gone although the run saved checkpoints "
+                "(checkpoint_best is there); refusing to start over on top of them"
             )
         logger.warning("--resume: no checkpoint yet; starting again from iteration 0")
         truncate_metrics(output_dir, 0)
@@ -257,209 +258,6 @@ def _start_scorers(cfg: RunConfig) -> list[Any]:
     )
 
 
-class _Interrupt(BaseException):
-    """SIGINT / SIGTERM in the driver (a BaseException: nothing on the way swallows it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_to(handler: Any) -> Iterator[None]:
-    """``handler`` takes SIGINT and SIGTERM while training (main thread only: a Tune
-    trial runs this in a thread and Tune handles its signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
-class _Trainer(TorchTrainer):
-    """``TorchTrainer`` that keeps its controller's handle, so an interrupt can abort it,
-    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary)."""
-
-    controller: Any = None
-
-    def _register_sigint_handler(self, controller: Any) -> None:
-        self.controller = controller
-
-
-class _Attempts:
-    """The Ray Train attempts of one run: the first, then a restart after each worker
-    failure (up to ``resources.max_failures``), always from the run directory's
-    ``checkpoint_last`` (never Ray Train's storage, so a fresh run can't pick up a foreign
-    checkpoint). A deterministic failure (NaN loss, reward function error, bad data or
-    checkpoint) would fail the same way again and is not retried."""
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        probe: TaskProbe,
-        runners: list[Any],
-        output_dir: Path,
-        learner_cls: type[Learner],
-        callbacks: Sequence[Any],
-        start_checkpoint: ray.train.Checkpoint | None,
-    ) -> None:
-        self.cfg, self.probe, self.runners, self.output_dir = cfg, probe, runners, output_dir
-        self.learner_cls, self.callbacks, self.start = learner_cls, callbacks, start_checkpoint
-        self.restarts = 0
-        self.signum: int | None = None
-        self.trainer: _Trainer | None = None
-
-    def run(self) -> BaseException | None:
-        """Fit until done; returns the failure that ended the run, None on success.
-
-        Raises:
-            _Interrupt: SIGINT / SIGTERM arrived (:meth:`on_signal`).
-        """
-        limit = self.cfg.resources.max_failures
-        while True:
-            self.trainer = self._trainer()
-            try:
-                self.trainer.fit()
-            except BaseException as exc:
-                if self.signum is not None:  # whatever the abort made fit() raise
-                    raise _Interrupt(self.signum) from None
-                if not isinstance(exc, ray.train.TrainingFailedError):
-                    raise
-                if _deterministic(exc) or (limit != -1 and self.restarts >= limit):
-                    return exc
-                self._before_restart(exc, limit)
-                continue
-            if self.signum is not None:
-                raise _Interrupt(self.signum)
-            return None
-
-    def _before_restart(self, exc: BaseException, limit: int) -> None:
-        """Count the restart; drop rows after ``checkpoint_last`` (they run again)."""
-        self.restarts += 1
-        last = self.output_dir / "checkpoint_last"
-        iteration = ckpt.read_state(last)["counters"]["iteration"] if last.is_dir() else 0
-        logger.warning(
-            "learners failed (%s); restart %d/%s from iteration %d",
-            _cause(exc),
-            self.restarts,
-            "unlimited" if limit == -1 else limit,
-            iteration,
-        )
-        truncate_metrics(self.output_dir, iteration)
-        remove_temp_files(self.output_dir)
-
-    def on_signal(self, signum: int, frame: Any) -> None:
-        """SIGINT / SIGTERM: ask the controller to stop its workers; fit() then returns and
-        :meth:`run` raises :class:`_Interrupt`. (An exception raised inside Ray's blocking
-        get would surface as a SystemError.) A second signal stops waiting."""
-        first = self.signum is None
-        self.signum = signum
-        controller = self.trainer.controller if self.trainer else None
-        if not first or controller is None:
-            raise _Interrupt(signum)
-        controller.abort.remote()
-
-    def abort(self) -> None:
-        """Stop the running attempt's controller and workers (bounded wait)."""
-        controller = self.trainer.controller if self.trainer else None
-        if controller is not None:
-            with contextlib.suppress(Exception):  # abort ends the actor: its call fails
-                ray.get(controller.abort.remote(), timeout=10)
-
-    def _trainer(self) -> _Trainer:
-        """The attempt's trainer: its workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
-        cfg, res = self.cfg, self.cfg.resources
-        datasets, inline = _ray_datasets(self.probe.datasets)
-        attempt = f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}"  # never a foreign state
-        storage = res.storage_path or str(self.output_dir / "ray_train")
-        last = self.output_dir / "checkpoint_last"
-        resume_from = _stage_checkpoint(last, res.storage_path, attempt) if last.is_dir() else None
-        return _Trainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "spaces": self.probe.spaces,
-                "runners": self.runners,
-                "resume_from": resume_from,
-                "start_checkpoint": None if resume_from else self.start,
-                "datasets": sorted(datasets),
-                "inline_datasets": inline,
-                "tables": self.probe.tables,
-            },
-            datasets=datasets,
-            scaling_config=ScalingConfig(
-                num_workers=res.num_learners,
-                use_gpu=res.use_gpu,
-                resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
-            ),
-            run_config=ray.train.RunConfig(
-                name=attempt,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=0),  # restarts are ours (run())
-                callbacks=[
-                    RunDirCallback(str(self.output_dir), self.learner_cls.score_metric),
-                    *self.callbacks,
-                ],
-            ),
-        )
-
-
-def _stage_checkpoint(last: Path, storage_path: str | None, attempt: str) -> ray.train.Checkpoint:
-    """``checkpoint_last`` as the learners read it: the local directory, or (with a
-    shared ``resources.storage_path`` on a multi-node cluster) a copy uploaded there."""
-    if not storage_path:
-        return ray.train.Checkpoint.from_directory(str(last))
-    import pyarrow.fs
-
-    uri = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-    dest = f"{root.rstrip('/')}/{attempt}/resume_from"
-    pyarrow.fs.copy_files(
-        str(last), dest, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
-    )
-    return ray.train.Checkpoint(path=dest, filesystem=fs)
-
-
-def _deterministic(error: BaseException) -> bool:
-    """Would the failure happen again on a restart (see :class:`DeterministicError`)?"""
-    failures = getattr(error, "worker_failures", None) or {}
-    return any(
-        isinstance(exc, DeterministicError)
-        or isinstance(getattr(exc, "cause", None), DeterministicError)
-        for exc in failures.values()
-    )
-
-
-#: Tables up to this many rows go to the learners whole (each rank takes its share in
-#: memory); larger ones stream through Ray Data, sharded over the ranks by Ray Train.
-INLINE_ROWS = 200_000
-
-
-def _ray_datasets(tables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The probe's tables (pandas): ``(Ray Datasets, tables passed whole)``.
-
-    Starting Ray Data's actors for a table that fits in memory costs more than a small
-    run's whole training; such tables travel in the loop config instead.
-    """
-    inline = {name: t for name, t in tables.items() if len(t) <= INLINE_ROWS}
-    big = {name: t for name, t in tables.items() if name not in inline}
-    if not big:
-        return {}, inline
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return {name: ray.data.from_pandas(t) for name, t in big.items()}, inline
-
-
 def _describe(info: dict[str, Any]) -> list[str]:
     """Console lines for the probe's counted decisions (prompts dropped, pad token chosen)."""
     lines = []
@@ -476,15 +274,3 @@ def _describe(info: dict[str, Any]) -> list[str]:
     if info.get("tokenizer_pad"):
         lines.append(str(info["tokenizer_pad"]))
     return lines
-
-
-def _cause(error: BaseException | None) -> str | None:
-    """The innermost worker error's message, without Ray's wrapping."""
-    if error is None:
-        return None
-    worker_failures = getattr(error, "worker_failures", None) or {}
-    for exc in worker_failures.values():
-        inner = getattr(exc, "cause", None) or exc
-        return f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1]}"
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__

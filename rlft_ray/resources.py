@@ -204,6 +204,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         target = str(found)
     host_port = target.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
             return

@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,12 @@ class RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         for _ in range(2):
+            # written whole beside it, then linked into place: the link fails if a lock
+            # exists, and a reader never sees an empty or half-written one
+            tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(me))
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and not self._stale(holder):
@@ -92,10 +97,12 @@ class RunDirLock:
                         f"writing it); wait for it or stop it. If that process is gone, "
                         f"delete {self.path}"
                     ) from None
-                self.path.unlink(missing_ok=True)  # stale or torn: the holder is gone
+                if holder is not None and self._holder() != holder:
+                    continue  # taken over by another process meanwhile: look again
+                self.path.unlink(missing_ok=True)  # stale: the holder is gone
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            finally:
+                tmp.unlink(missing_ok=True)
             self.held = True
             return
         raise RunDirBusyError(f"{self.path.parent}: another process took {self.path} just now")
@@ -114,8 +121,11 @@ class RunDirLock:
                 "pid": int(holder["pid"]),
                 "since": float(holder["since"]),
             }
+        except FileNotFoundError:
+            return None  # released just now
         except (OSError, ValueError, KeyError, TypeError):
-            return None  # torn by a crash while being written: nobody holds it
+            # unreadable (written by hand, or by an older version): nobody we can check
+            return {"host": "?", "pid": -1, "since": 0.0}
 
     @staticmethod
     def _stale(holder: dict[str, Any]) -> bool:
@@ -140,14 +150,24 @@ class RunDirLock:
 
 
 #: Leftovers of an interrupted write: a checkpoint copy being made, a file being replaced.
-_TEMP_PATTERNS = (".checkpoint_last.*", ".checkpoint_best.*", ".*.tmp", ".*.old-*")
+_TEMP_PATTERNS = (".checkpoint_last.*", ".checkpoint_best.*", ".*.tmp")
 
 
 def remove_temp_files(output_dir: Path) -> list[str]:
-    """Delete what interrupted atomic writes left in ``output_dir``; returns their names."""
+    """Clean up after interrupted atomic writes in ``output_dir``; returns what was removed.
+
+    A directory replacement cut between its two renames (:func:`~rlft_ray.fileio.replace_dir`)
+    left the old copy aside and no ``checkpoint_last``: the old copy is put back first (it
+    is whole, and the rows after its iteration are re-run), then every temp leftover goes.
+    """
+    output_dir = Path(output_dir)
+    for old in output_dir.glob(".*.old-*"):
+        target = output_dir / old.name[1:].split(".old-")[0]
+        if old.is_dir() and not target.exists():
+            os.replace(old, target)
     removed = []
-    for pattern in _TEMP_PATTERNS:
-        for path in Path(output_dir).glob(pattern):
+    for pattern in (*_TEMP_PATTERNS, ".*.old-*"):
+        for path in output_dir.glob(pattern):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -180,6 +180,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume(tmp_path: Path) -> None
 
 KILL_BEFORE_LAST = """
 import os, signal, sys, time
+import rlft_ray.attempts as attempts
 import rlft_ray.driver as driver
 from rlft_ray.config import build_config
 from rlft_ray.rundir import RunDirCallback
@@ -198,7 +199,7 @@ class KillBeforeLast(RunDirCallback):
         return super()._materialize(checkpoint, name)
 
 
-driver.RunDirCallback = KillBeforeLast
+attempts.RunDirCallback = KillBeforeLast
 cfg = build_config(sys.argv[1], sys.argv[3:])
 driver.run_training(cfg, sys.argv[2], progress=False)
 """
@@ -416,6 +417,37 @@ def test_a_failed_checkpoint_copy_keeps_the_previous_one(
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last", "metrics.jsonl"]
 
 
+def test_a_replace_cut_between_its_renames_is_undone_on_resume(tmp_path: Path) -> None:
+    """Killed between moving the old checkpoint_last aside and renaming the new one in:
+    the old (whole) copy comes back, the unfinished new one and temp files go."""
+    from rlft_ray.rundir import remove_temp_files
+
+    (tmp_path / ".checkpoint_last.old-1234abcd").mkdir()
+    (tmp_path / ".checkpoint_last.old-1234abcd" / "state.json").write_text("{}")
+    (tmp_path / ".checkpoint_last.x9y8").mkdir()  # the copy being renamed in
+    (tmp_path / ".summary.json.1a2b.tmp").write_text("{")
+    remove_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last"]
+    assert (tmp_path / "checkpoint_last" / "state.json").is_file()
+
+
+def test_resume_without_checkpoint_last(tmp_path: Path) -> None:
+    """Killed while the first checkpoint was being saved (rows ran past it): start again
+    at 0. With checkpoint_best there, checkpoint_last was removed: refuse."""
+    from rlft_ray.driver import RunError, prepare_run_dir
+    from rlft_ray.rundir import METRICS_FILE
+
+    cfg = build_config(CARTPOLE, ["checkpoint_every=5"])
+    (tmp_path / "config.yaml").write_text("algo: ppo\n")
+    rows = [{"counters/iteration": float(i)} for i in range(1, 6)]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_run_dir(cfg, None, tmp_path, resume=True)
+    assert read_metrics(tmp_path) == []
+    (tmp_path / "checkpoint_best").mkdir()
+    with pytest.raises(RunError, match="checkpoint_last is gone although the run saved"):
+        prepare_run_dir(cfg, None, tmp_path, resume=True)
+
+
 def test_resuming_an_init_from_run_keeps_its_reference(tmp_path: Path) -> None:
     """The KL reference of an ``init_from`` run is the ``init_from`` policy, also after a
     resume (not ``lm.model``); optimizer, RNG and counters come from the checkpoint."""
@@ -464,34 +496,15 @@ def test_bad_input_sweep_over_every_verb(
     missing = tmp_path / "missing.jsonl"
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"run_config: {CARTPOLE}\nsearch_space:\n  ppo.nope: {{grid: [1]}}\n")
+    lm_missing = [str(GRPO), f"lm.model={model_dir}", f"lm.prompts={missing}"]
     cases = [
         (["train", str(CARTPOLE), "ppo.nope=1", "--output-dir", str(out)], "ppo.nope"),
-        (
-            [
-                "train",
-                str(GRPO),
-                f"lm.model={model_dir}",
-                f"lm.prompts={missing}",
-                "--output-dir",
-                str(out),
-            ],
-            "prompt file not found",
-        ),
+        (["train", *lm_missing, "--output-dir", str(out)], "prompt file not found"),
         (["train", str(CARTPOLE), "--resume", "--output-dir", str(out)], "holds no run to resume"),
         (["eval", str(tmp_path / "nothing")], "checkpoint not found"),
         (["tune", str(spec), "--output-dir", str(out)], "ppo.nope"),
         (["quickstart", "--output-dir", str(out), "grpo.nope=1"], "grpo.nope"),
-        (
-            [
-                "sample",
-                str(GRPO),
-                f"lm.model={model_dir}",
-                f"lm.prompts={missing}",
-                "--output-dir",
-                str(out),
-            ],
-            "prompt file not found",
-        ),
+        (["sample", *lm_missing, "--output-dir", str(out)], "prompt file not found"),
         (["make-arith-data", str(out), "--train", "0"], "--train"),
         (["make-arith-prefs", str(out), "--from", str(tmp_path / "no_model")], "no_model"),
     ]

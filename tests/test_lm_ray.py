@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,10 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> None:
+def _actors_and_other_model(
+    model_dir: Path, tmp_path: Path, count: int, max_restarts: int, prefix: str
+) -> tuple[list, torch.nn.Module, Any]:
+    """``count`` generation actors on ``model_dir`` and another tiny model to publish."""
     other_dir = make_tiny_model(
         tmp_path / "other", n_layer=1, hidden=32, n_head=2, max_positions=64, seed=5
     )
@@ -35,25 +39,38 @@ def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> Non
         EXAMPLES / "arithmetic_grpo.yaml", [f"lm.model={model_dir}", "lm.num_samples=2"]
     )
     actors = make_remote_runners(
-        GenerationActor, 2, 0.5, 0, "test-gen-", kwargs_for=lambda i: {"lm": cfg.lm, "seed": i}
+        GenerationActor,
+        count,
+        0.5,
+        max_restarts,
+        prefix,
+        kwargs_for=lambda i: {"lm": cfg.lm, "seed": i},
     )
+    new, tok = load_model_and_tokenizer(other_dir)
+    return actors, new, tok
+
+
+def _assert_sampled_by(model: torch.nn.Module, batch: Any) -> None:
+    """The batch's recorded log-probs are ``model``'s."""
+    t = [
+        torch.tensor(x)
+        for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    ]
+    new_lp = response_forward(PolicyWithValueHead(model.eval()), *t).logprobs
+    assert torch.allclose(new_lp[t[3]], torch.tensor(batch.logprobs)[t[3]], atol=1e-4)
+
+
+def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> None:
+    actors, new, tok = _actors_and_other_model(model_dir, tmp_path, 2, 0, "test-gen-")
     try:
-        new, tok = load_model_and_tokenizer(other_dir)
         group = RunnerGroup(actors, mine=[0, 1])
         prompts = [Prompt(t, tok(t)["input_ids"], {"answer": "0"}) for t in ("1+2=", "33+4=")]
         sync_s = group.publish({k: v.clone() for k, v in new.state_dict().items()}, version=5)
         assert sync_s > 0 and ray.get([a.get_version.remote() for a in actors]) == [5, 5]
         batches = group.sample(lambda: ({}, 0), per_actor=[(prompts,), (prompts[:1],)])
         assert [b.policy_version for b in batches] == [5, 5] and [len(b) for b in batches] == [4, 2]
-        # the actors now sample from the published weights: their log-probs are the new model's
-        for b in batches:
-            t = [
-                torch.tensor(x)
-                for x in (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
-            ]
-            mask = t[3]
-            new_lp = response_forward(PolicyWithValueHead(new.eval()), *t).logprobs
-            assert torch.allclose(new_lp[mask], torch.tensor(b.logprobs)[mask], atol=1e-4)
+        for b in batches:  # the actors now sample from the published weights
+            _assert_sampled_by(new, b)
     finally:
         for a in actors:
             ray.kill(a)
@@ -64,17 +81,8 @@ def test_an_actor_restarted_before_it_holds_version_0_is_restored_not_trusted(
 ) -> None:
     """Iteration 0 of an ``init_from`` run publishes version 0. A generation actor Ray
     restarts comes back with ``lm.model``'s weights and must not pass for one holding it."""
-    published = make_tiny_model(
-        tmp_path / "published", n_layer=1, hidden=32, n_head=2, max_positions=64, seed=7
-    )
-    cfg = build_config(
-        EXAMPLES / "arithmetic_grpo.yaml", [f"lm.model={model_dir}", "lm.num_samples=2"]
-    )
-    actors = make_remote_runners(
-        GenerationActor, 1, 0.5, 1, "test-restart-", kwargs_for=lambda i: {"lm": cfg.lm, "seed": i}
-    )
+    actors, new, tok = _actors_and_other_model(model_dir, tmp_path, 1, 1, "test-restart-")
     try:
-        new, tok = load_model_and_tokenizer(published)
         weights = {k: v.clone() for k, v in new.state_dict().items()}
         group = RunnerGroup(actors, mine=[0])
         group.publish(weights, version=0)
@@ -82,12 +90,7 @@ def test_an_actor_restarted_before_it_holds_version_0_is_restored_not_trusted(
         prompts = [Prompt(t, tok(t)["input_ids"], {"answer": "0"}) for t in ("1+2=", "33+4=")]
         (batch,) = group.sample(lambda: (weights, 0), per_actor=[(prompts,)], version=0)
         assert group.restarts == 1 and batch.policy_version == 0
-        t = [
-            torch.tensor(x)
-            for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-        ]
-        new_lp = response_forward(PolicyWithValueHead(new.eval()), *t).logprobs
-        assert torch.allclose(new_lp[t[3]], torch.tensor(batch.logprobs)[t[3]], atol=1e-4)
+        _assert_sampled_by(new, batch)
     finally:
         for a in actors:
             ray.kill(a)

@@ -130,6 +130,7 @@ def test_sample_job_writes_the_accepted_set_and_resumes_without_duplicates(
         "policy_version",
     ]
     assert accepted["prompt_index"].tolist() == list(range(40))  # one per prompt, in order
+    assert set(accepted["policy_version"]) == {0}  # lm.model as loaded
     assert accepted["prompt"].tolist() == [json.loads(x)["prompt"] for x in lines]
     assert len(list((out / PARTS).glob("part-*.parquet"))) == 5
 

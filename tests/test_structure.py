@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "rlft_ray.registry": 2,
     "rlft_ray.loop": 3,
     "rlft_ray.driver": 3,
+    "rlft_ray.attempts": 3,
     "rlft_ray.sample_job": 3,
     "rlft_ray.tune": 4,
     "rlft_ray.cli": 4,

@@ -275,11 +275,8 @@ def prepare_prompts(
     out: list[dict[str, Any]] = []
     overlong: list[int] = []
     truncated = dropped_long = 0
-    for n, record in zip(lines, records):
-        if _is_empty(record[lm.prompt_key]):
-            continue
-        text = render_prompt(record[lm.prompt_key], tokenizer, lm.chat_template, lm.system_prompt)
-        ids = encode_prompt(text, tokenizer, lm.chat_template)
+    for n, record in used:
+        text, ids = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
         if len(ids) > lm.max_prompt_tokens:
             overlong.append(n)
             if lm.prompt_overflow == "drop":
@@ -311,6 +308,14 @@ def prepare_prompts(
     if not out:
         raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()})")
     return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
+
+
+def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int]]:
+    """A prompt's text as the model sees it and its ids (a chat template adds its own
+    special tokens, so templated text is encoded without them)."""
+    text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt)
+    templated = lm.chat_template or isinstance(value, (list, np.ndarray))
+    return text, encode_prompt(text, tokenizer, templated)
 
 
 def _check_answers(records: list[dict], lines: list[int], source: str, key: str) -> None:

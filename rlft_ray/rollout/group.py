@@ -25,6 +25,11 @@ class SamplingTimeoutError(DeterministicError, TimeoutError):
     in between): a hanging reward function or environment, not bad luck."""
 
 
+class ActorLostError(DeterministicError, RuntimeError):
+    """A rollout actor is gone for good (``resources.max_actor_restarts`` used up): a
+    learner restart would reuse the same dead actor."""
+
+
 class _TimedOut(Exception):
     """One sampling call ran past the timeout; the actor was killed (Ray restarts it)."""
 
@@ -166,9 +171,17 @@ class RunnerGroup:
             (Ray restarted it): a held-out figure from stale weights would mislead.
         """
         calls = [r.heldout_scores.remote(*a) for r, a in zip(self.all_runners, requests)]
+        _, hung = ray.wait(
+            calls, num_returns=len(calls), timeout=timeout_s or self.sample_timeout_s
+        )
+        if hung:  # restart them now, or the next sampling call waits a whole timeout again
+            for i in [calls.index(c) for c in hung]:
+                ray.kill(self.all_runners[i], no_restart=False)
+            logger.warning("held-out evaluation skipped: %d actor(s) timed out", len(hung))
+            return None
         try:
-            answers = ray.get(calls, timeout=timeout_s or self.sample_timeout_s)
-        except (*_ACTOR_DOWN, ray.exceptions.GetTimeoutError) as exc:
+            answers = ray.get(calls)
+        except _ACTOR_DOWN as exc:
             logger.warning("held-out evaluation skipped: %s", type(exc).__name__)
             return None
         if any(v != version for v, _ in answers):
@@ -217,7 +230,7 @@ class RunnerGroup:
                 exc = _TimedOut(i)
             except _ACTOR_DOWN as again:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise ActorLostError(
                         f"rollout actor {i} did not come back within {self.recovery_timeout_s:.0f}s "
                         "(resources.max_actor_restarts exhausted?)"
                     ) from again

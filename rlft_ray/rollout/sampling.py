@@ -71,6 +71,7 @@ class BatchSampler:
             selection=selection,
             scorers=scorers,
         )
+        self.actor.policy_version = 0  # nothing publishes here: lm.model as loaded is version 0
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Prompt rows (``prompt``, ``prompt_ids``, ``metadata``, ``prompt_index``) in, one
