@@ -114,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--resume", action="store_true", help="continue a stopped job in --output-dir")
     sa.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     sa.add_argument(
-        "--prompts-per-batch", type=int, default=32, help="prompts per actor call (one part file)"
+        "--prompts-per-batch",
+        type=int,
+        default=256,
+        help="prompts per actor call and part file: large batches keep the driver's per-batch "
+        "work small next to the actors' (generation is still chunked by lm.generation_batch_size)",
     )
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     sa.add_argument(

@@ -49,7 +49,7 @@ def run_sampling(
     output_dir: str | Path,
     resume: bool = False,
     fmt: str = "jsonl",
-    prompts_per_batch: int = 32,
+    prompts_per_batch: int = 256,
     address: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:

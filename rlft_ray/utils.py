@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -19,6 +20,18 @@ def seed_everything(seed: int) -> None:
 def torch_threads(cpus: float) -> int:
     """Threads for an actor holding ``cpus`` CPUs: at least 1, never more than it holds."""
     return max(1, int(cpus))
+
+
+def hold_threads(num_threads: int) -> None:
+    """Use only the CPUs this process holds: torch's intra-op threads, and the Rust
+    tokenizer's thread pool (which would otherwise spread batch encode/decode over every
+    core of the machine and slow the other actors there). Call before the first
+    tokenizer use in the process."""
+    n = max(1, int(num_threads))
+    torch.set_num_threads(n)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(n))
+    if n == 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def weights_to_wire(weights: dict[str, torch.Tensor]) -> dict[str, Any]:

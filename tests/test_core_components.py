@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,22 @@ def test_rank_state_files_must_match_the_number_of_learners(tmp_path: Path) -> N
         ckpt.load_rank_state(tmp_path, 0, 1)
     ckpt.save_rank_states(tmp_path / "none", [{}])  # learners without rank state write nothing
     assert ckpt.load_rank_state(tmp_path / "none", 0, 1) is None
+
+
+def test_hold_threads_keeps_torch_and_the_tokenizer_to_the_cpus_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rlft_ray.utils import hold_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    try:
+        hold_threads(1)
+        assert torch.get_num_threads() == 1
+        assert (os.environ["RAYON_NUM_THREADS"], os.environ["TOKENIZERS_PARALLELISM"]) == (
+            "1",
+            "false",
+        )
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from torch import nn
 
 from rlft_ray.config import EnvConfig
 from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
-from rlft_ray.utils import weights_from_wire
+from rlft_ray.utils import hold_threads, weights_from_wire
 
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
@@ -64,7 +64,7 @@ class EnvRunner:
         seed: int,
         num_threads: int = 1,
     ) -> None:
-        torch.set_num_threads(max(1, num_threads))
+        hold_threads(num_threads)
         torch.manual_seed(seed)
         self.env = gym.vector.SyncVectorEnv(
             [lambda: make_env(env_cfg) for _ in range(env_cfg.num_envs_per_runner)],

@@ -33,7 +33,7 @@ from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
-from rlft_ray.utils import weights_from_wire
+from rlft_ray.utils import hold_threads, weights_from_wire
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -70,7 +70,7 @@ class GenerationActor:
         from rlft_ray.lm import quiet_transformers
 
         quiet_transformers()
-        torch.set_num_threads(max(1, num_threads))
+        hold_threads(num_threads)
         torch.manual_seed(seed)
         self.lm = lm
         self.device = torch.device(device)

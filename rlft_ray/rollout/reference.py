@@ -21,6 +21,7 @@ import torch
 
 from rlft_ray.config import LMConfig
 from rlft_ray.fileio import atomic_write
+from rlft_ray.utils import hold_threads
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ReferenceScorer:
         from rlft_ray.lm.policy import PolicyWithValueHead
 
         quiet_transformers()
-        torch.set_num_threads(max(1, num_threads))
+        hold_threads(num_threads)
         model, tok = load_model_and_tokenizer(
             model_path, trust_remote_code=lm.trust_remote_code, tokenizer_path=lm.tokenizer
         )

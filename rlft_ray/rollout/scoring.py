@@ -20,6 +20,7 @@ import torch
 
 from rlft_ray.rewards import RewardError
 from rlft_ray.types import pad_sequences
+from rlft_ray.utils import hold_threads
 
 
 def reward_model_dir(path: str | Path) -> Path:
@@ -54,7 +55,7 @@ class RewardModelScorer:
         from rlft_ray.lm import quiet_transformers
 
         quiet_transformers()
-        torch.set_num_threads(max(1, num_threads))
+        hold_threads(num_threads)
         directory = reward_model_dir(path)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
