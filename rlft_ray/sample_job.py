@@ -6,8 +6,9 @@ completions per prompt, scores them and applies the ``rsft`` selection rule. Lay
 ``--output-dir``::
 
     config.yaml              the resolved run config
-    parts/part-*.parquet     every sample of a batch of prompts, with its ``accepted`` flag,
-                             written atomically as each batch arrives (what --resume reads)
+    parts/part-*.parquet     every sample of a batch of prompts: its reward, log-prob and
+                             ``accepted`` flag, and its text when accepted; written
+                             atomically as each batch arrives (what --resume reads)
     accepted.jsonl           the accepted samples in TRL's SFT field names (``prompt``,
       (or .parquet)          ``completion``) plus ``reward``, ``logprob``, ``policy_version``
     summary.json             counts, acceptance rate, rewards, throughput
@@ -167,9 +168,10 @@ def _sample_into_parts(
         },
         batch_size=prompts_per_batch,
         batch_format="pandas",
-        # a deep queue per actor: the next batch is there when one ends (no idle gaps)
+        # two calls queued per actor: the next batch is there when one ends (no idle gap),
+        # and the last batches still go to whichever actor is free (no idle tail)
         compute=ray.data.ActorPoolStrategy(
-            size=res.num_rollout_actors, max_tasks_in_flight_per_actor=8
+            size=res.num_rollout_actors, max_tasks_in_flight_per_actor=2
         ),
         num_cpus=res.cpus_per_rollout_actor,
         num_gpus=res.gpus_per_rollout_actor or None,

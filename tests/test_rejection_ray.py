@@ -133,6 +133,11 @@ def test_sample_job_writes_the_accepted_set_and_resumes_without_duplicates(
     assert set(accepted["policy_version"]) == {0}  # lm.model as loaded
     assert accepted["prompt"].tolist() == [json.loads(x)["prompt"] for x in lines]
     assert len(list((out / PARTS).glob("part-*.parquet"))) == 5
+    rows = pd.concat([pd.read_parquet(p) for p in (out / PARTS).glob("part-*.parquet")])
+    assert len(rows) == summary["samples"] and rows["reward"].notna().all()
+    # every sample is counted; only the accepted ones carry their text
+    assert rows.loc[rows["accepted"], "completion"].notna().all()
+    assert rows.loc[~rows["accepted"], ["prompt", "completion", "metadata"]].isna().all().all()
 
     # a second job into the same directory is refused, before any sampling
     with pytest.raises(ConfigError, match="--output-dir: .* is not empty"):
