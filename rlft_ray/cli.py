@@ -155,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
         "--algo rsft; cartpole_ppo.yaml with --task cartpole)",
     )
 
+    x = sub.add_parser(
+        "export",
+        help="an LM checkpoint as a plain save_pretrained directory (weights, tokenizer, "
+        "generation config; no value head or training state)",
+    )
+    x.add_argument("checkpoint", type=Path, help="e.g. runs/g/checkpoint_best")
+    x.add_argument("out", type=Path, help="new directory (loads with from_pretrained)")
+
     m = sub.add_parser(
         "make-tiny-model",
         help="build a small random GPT-2/Llama/Qwen2 + char tokenizer (save_pretrained)",
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "quickstart": _quickstart,
             "sample": _sample,
             "tune": _tune,
+            "export": _export,
             "make-tiny-model": _make_tiny_model,
             "make-arith-data": _make_arith_data,
             "make-arith-prefs": _make_arith_prefs,
@@ -366,6 +375,15 @@ def _eval_config(saved: RunConfig, overrides: list[str]) -> RunConfig:
 
 def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "state.json").is_file()
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rlft_ray.lm import quiet_transformers
+    from rlft_ray.lm.export import export_checkpoint
+
+    quiet_transformers()
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out), indent=2))
+    return 0
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

@@ -43,6 +43,18 @@ def test_override_of_nested_kwargs_and_lists() -> None:
     assert cfg.ppo.hidden_sizes == (32, 32)
 
 
+def test_env_shorthand_sets_only_the_id(tmp_path: Path) -> None:
+    # on the command line: the file's other env keys (kwargs) stay
+    cfg = build_config(EXAMPLES / "navigation_ppo.yaml", ["env=rlft/Navigation-v0"])
+    assert cfg.env.id == "rlft/Navigation-v0" and cfg.env.kwargs["action_type"] == "discrete"
+    assert build_config(EXAMPLES / "cartpole_ppo.yaml", ["env=Acrobot-v1"]).env.id == "Acrobot-v1"
+    # in a run file
+    (tmp_path / "run.yaml").write_text("algo: ppo\nenv: Acrobot-v1\n")
+    assert build_config(tmp_path / "run.yaml").env.id == "Acrobot-v1"
+    with pytest.raises(ConfigError, match="env.nope"):
+        build_config(tmp_path / "run.yaml", ["env.nope=1"])
+
+
 @pytest.mark.parametrize(
     ("override", "key", "fragment"),
     [

@@ -215,7 +215,8 @@ def build_config(
         path: Optional YAML run file.
         overrides: ``["ppo.lr=3e-4", ...]`` strings or a ``{"ppo.lr": 3e-4}`` mapping
             (the latter is what Tune search spaces produce). Keys in
-            :data:`OVERRIDE_ALIASES` (``model`` -> ``lm.model``) are expanded.
+            :data:`OVERRIDE_ALIASES` (``model`` -> ``lm.model``) are expanded, and
+            ``env=CartPole-v1`` (like ``env: CartPole-v1`` in a file) sets ``env.id``.
         base: Optional nested mapping applied before the file (e.g. a saved config).
 
     Returns:
@@ -226,11 +227,20 @@ def build_config(
     """
     data: dict[str, Any] = {}
     for source in (base or {}, load_yaml(path) if path else {}):
-        _deep_merge(data, source)
+        _deep_merge(data, _env_shorthand(dict(source)))
     items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in items:
+        if key == "env" and isinstance(value, str):  # env=CartPole-v1 sets only the id
+            key = "env.id"
         set_dotted(data, OVERRIDE_ALIASES.get(key, key), value)
     return from_dict(RunConfig, data)
+
+
+def _env_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """``env: CartPole-v1`` in a run file means ``env: {id: CartPole-v1}``."""
+    if isinstance(data.get("env"), str):
+        data["env"] = {"id": data["env"]}
+    return data
 
 
 def _deep_merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:

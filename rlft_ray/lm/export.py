@@ -1,0 +1,132 @@
+"""``rlft-ray export CKPT OUT``: an LM checkpoint as a plain ``save_pretrained`` directory.
+
+The result loads with ``from_pretrained`` (or an inference server that reads Hugging Face
+directories): the policy's weights, its tokenizer and a generation config with the run's
+sampling settings, without the learner's extras (value head, optimizer, RNG, counters).
+Only data is read from the checkpoint: the model class is the transformers class its
+``config.json`` names, never remote code, and ``config.yaml`` is read as YAML.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlft_ray.config import ConfigError
+from rlft_ray.fileio import atomic_write_text
+
+USAGE = """# {name}
+
+Exported by `rlft-ray export` from `{checkpoint}` (algo: {algo}, iteration {iteration}).
+
+```python
+from transformers import {auto}, AutoTokenizer
+
+model = {auto}.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+```
+"""
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write ``checkpoint``'s policy to ``out`` as a ``save_pretrained`` directory.
+
+    Args:
+        checkpoint: An LM run's checkpoint directory (with ``policy/``), e.g.
+            ``runs/g/checkpoint_best``.
+        out: A new (or empty) directory; written whole or not at all.
+
+    Returns:
+        ``{"out", "architecture", "parameters", "generation"}``.
+
+    Raises:
+        ConfigError: Naming ``checkpoint`` or ``out``: not an LM checkpoint, an
+            architecture transformers does not know, or ``out`` not empty.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    src, dest = Path(checkpoint), Path(out)
+    policy = src / "policy"
+    if not (policy / "config.json").is_file():
+        what = (
+            "a small gym policy (policy.safetensors)"
+            if (src / "policy.safetensors").is_file()
+            else "no policy/ directory"
+        )
+        raise ConfigError("checkpoint", f"{src} is not an LM checkpoint: {what}")
+    if dest.exists() and any(dest.iterdir()):
+        raise ConfigError("out", f"{dest} is not empty; choose a new directory")
+    config = AutoConfig.from_pretrained(policy, trust_remote_code=False)
+    arch = (config.architectures or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        raise ConfigError(
+            "checkpoint", f"{policy}: architecture {arch!r} is not a transformers class"
+        )
+    model = model_cls.from_pretrained(policy, trust_remote_code=False)
+    run, state = _read_yaml(src / "config.yaml"), _read_yaml(src / "state.json")
+    generation = _sampling_config(model, run.get("lm") or {})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(policy).save_pretrained(tmp)
+        auto = (
+            "AutoModelForCausalLM"
+            if arch.endswith("LMHeadModel") or arch.endswith("ForCausalLM")
+            else "AutoModelForSequenceClassification"
+        )
+        atomic_write_text(
+            tmp / "README.md",
+            USAGE.format(
+                name=dest.name,
+                checkpoint=src,
+                algo=run.get("algo", "?"),
+                iteration=(state.get("counters") or {}).get("iteration", "?"),
+                auto=auto,
+                out=dest,
+            ),
+        )
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "out": str(dest),
+        "architecture": arch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "generation": generation,
+    }
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML (or JSON) mapping as plain data; empty when the file is absent."""
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _sampling_config(model: Any, lm: dict[str, Any]) -> dict[str, Any]:
+    """Give ``model`` a generation config with the run's sampling settings (and the
+    checkpoint's special tokens, nothing else); returns those settings."""
+    from transformers import GenerationConfig
+
+    generation = {
+        "do_sample": True,
+        "temperature": float(lm.get("temperature", 1.0)),
+        "top_p": float(lm.get("top_p", 1.0)),
+        "max_new_tokens": int(lm.get("max_new_tokens", 64)),
+    }
+    loaded = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=loaded.bos_token_id,
+        eos_token_id=loaded.eos_token_id,
+        pad_token_id=loaded.pad_token_id,
+        **generation,
+    )
+    return generation
