@@ -49,7 +49,7 @@ def main() -> None:
             "resources.cpus_per_rollout_actor=1",
         ],
     )
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     # Alternate 1 and 2 actors and keep medians: background load drifts on a small machine.
     ones, twos = [], []
     for _ in range(args.repeats):

@@ -94,7 +94,7 @@ def main() -> None:
     )
     table, _ = load_prompts(ROOT / "data" / "arith_train.jsonl", build_tokenizer(), cfg.lm)
     prompts = prompts_from_batch(table.head(args.prompts))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     # Alternate 1 and 2 actors and keep the median of each, so a burst of other load on
     # the machine does not land on one side only.
     runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}

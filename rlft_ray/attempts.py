@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rlft_ray import checkpoint as ckpt
-from rlft_ray.config import RunConfig
+from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import train_loop_per_worker
@@ -219,7 +219,11 @@ class Attempts:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=0),  # restarts are ours (run())
                 callbacks=[
-                    RunDirCallback(str(self.output_dir), self.learner_cls.score_metric),
+                    RunDirCallback(
+                        str(self.output_dir),
+                        self.learner_cls.score_metric,
+                        tensorboard=config_yaml(cfg) if cfg.tracking.tensorboard else None,
+                    ),
                     *self.callbacks,
                 ],
             ),
@@ -245,9 +249,9 @@ def _stage_checkpoint(last: Path, storage_path: str | None, attempt: str) -> ray
 def _deterministic(error: BaseException) -> bool:
     """Would the failure happen again on a restart (see :class:`DeterministicError`)?"""
     failures = getattr(error, "worker_failures", None) or {}
+    kinds = (DeterministicError, ConfigError)  # the schema's errors stay free of imports
     return any(
-        isinstance(exc, DeterministicError)
-        or isinstance(getattr(exc, "cause", None), DeterministicError)
+        isinstance(exc, kinds) or isinstance(getattr(exc, "cause", None), kinds)
         for exc in failures.values()
     )
 

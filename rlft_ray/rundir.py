@@ -8,6 +8,7 @@ Layout of ``--output-dir`` (Ray Train's experiment directory is the same folder)
     return_curve.png     return against env steps
     checkpoint_best/     best checkpoint so far (by the learner's score metric)
     checkpoint_last/     latest checkpoint
+    tensorboard/         TensorBoard event files of every metric (tracking.tensorboard)
     ray_train/           Ray Train's storage for this attempt (its own checkpoint copies)
     .lock                who writes the directory now (host, pid): one writer at a time
 
@@ -18,6 +19,7 @@ The run directory, not Ray Train's storage, decides what ``--resume`` restores: 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +36,8 @@ from ray.train import Checkpoint, UserCallback
 from rlft_ray.config import RunConfig
 from rlft_ray.fileio import atomic_write_json, atomic_write_text, replace_dir
 from rlft_ray.plots import plot_curves
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 #: Key under which a report carries every iteration's row since the previous report.
@@ -183,18 +187,73 @@ def truncate_metrics(output_dir: Path, last_iteration: int) -> None:
     atomic_write_text(output_dir / METRICS_FILE, text)
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardLog:
+    """Every metrics row as TensorBoard scalars against ``counters/iteration``, and the
+    config as text, in ``tensorboard/`` of the run directory (tensorboardX's protocol
+    buffers and event-file writer, which Ray Tune brings along). Events are written and
+    flushed with each report, synchronously: nothing waits in a queue when the run
+    ends. An attempt's file starts with a purge marker at its first iteration, so
+    TensorBoard drops what an earlier attempt logged for the iterations that run again.
+    A tracker never fails a run: an error is reported once and logging stops.
+    """
+
+    def __init__(self, output_dir: Path, config_text: str) -> None:
+        self.directory = Path(output_dir) / TENSORBOARD_DIR
+        self.config_text = config_text
+        self.writer: Any = None
+        self.failed = False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Log ``rows`` (one per iteration) and flush."""
+        if self.failed or not rows:
+            return
+        try:
+            from tensorboardX import summary
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            if self.writer is None:
+                first = int(rows[0].get("counters/iteration", 1))
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.writer = EventsWriter(str(self.directory / "events"))
+                self.writer.write_event(
+                    Event(step=first, session_log=SessionLog(status=SessionLog.START))
+                )
+                text = summary.text("config", f"```yaml\n{self.config_text}\n```")
+                self.writer.write_event(Event(step=first, wall_time=time.time(), summary=text))
+            for row in rows:
+                step = int(row.get("counters/iteration", 0))
+                for key, value in row.items():
+                    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                    if number and math.isfinite(value):
+                        event = Event(step=step, wall_time=time.time())
+                        event.summary.CopyFrom(summary.scalar(key, float(value)))
+                        self.writer.write_event(event)
+            self.writer.flush()
+        except Exception as exc:  # disk full, no tensorboardX: the run goes on
+            self.failed = True
+            logger.warning("TensorBoard logging stopped: %s: %s", type(exc).__name__, exc)
+
+
 class RunDirCallback(UserCallback):
-    """Runs in the Ray Train controller (on the driver's node): writes metrics and keeps
-    ``checkpoint_best`` / ``checkpoint_last`` up to date, atomically.
+    """Runs in the Ray Train controller (on the driver's node): writes metrics (and their
+    TensorBoard copy) and keeps ``checkpoint_best`` / ``checkpoint_last`` up to date,
+    atomically.
 
     Args:
         output_dir: The run directory.
         score_metric: Metric ranking checkpoints (higher is better).
+        tensorboard: The config's YAML to log with TensorBoard scalars
+            (``tracking.tensorboard``); None: no TensorBoard files.
     """
 
-    def __init__(self, output_dir: str, score_metric: str) -> None:
+    def __init__(self, output_dir: str, score_metric: str, tensorboard: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.score_metric = score_metric
+        self.tensorboard = TensorBoardLog(self.output_dir, tensorboard) if tensorboard else None
 
     def _best_score(self) -> float:
         score_file = self.output_dir / "checkpoint_best" / "score.json"
@@ -210,6 +269,8 @@ class RunDirCallback(UserCallback):
         row = metrics[0]
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        if self.tensorboard is not None:
+            self.tensorboard.write(rows)
         if checkpoint is None:
             return
         self._materialize(checkpoint, "checkpoint_last")

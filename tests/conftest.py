@@ -39,6 +39,6 @@ def local_ray() -> Iterator[None]:
     """A local 2-CPU Ray instance for one test module (``pytestmark`` uses it)."""
     import ray
 
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -486,6 +486,19 @@ def test_resuming_an_init_from_run_keeps_its_reference(tmp_path: Path) -> None:
     assert torch.equal(learner.policy.weight, saved.policy.weight)
 
 
+def test_tensorboard_never_fails_a_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "tensorboard").write_text("a file where the directory should be")
+    callback = RunDirCallback(str(tmp_path), "reward/mean", tensorboard="algo: ppo\n")
+    for i in (1, 2):
+        callback.after_report(None, [{"counters/iteration": float(i)}], None)
+    assert _iterations(tmp_path) == [1, 2]  # metrics.jsonl still written
+    assert caplog.text.count("TensorBoard logging stopped") == 1
+    off = tmp_path / "off"
+    off.mkdir()
+    RunDirCallback(str(off), "reward/mean").after_report(None, [{"counters/iteration": 1.0}], None)
+    assert not (off / "tensorboard").exists()
+
+
 # -- bad input: every verb fails fast, non-zero, naming the cause, leaving nothing ---------
 
 
@@ -499,6 +512,7 @@ def test_bad_input_sweep_over_every_verb(
     lm_missing = [str(GRPO), f"lm.model={model_dir}", f"lm.prompts={missing}"]
     cases = [
         (["train", str(CARTPOLE), "ppo.nope=1", "--output-dir", str(out)], "ppo.nope"),
+        (["train", str(CARTPOLE), "--output-dir", str(out), "ppo.nope=1"], "ppo.nope"),
         (["train", *lm_missing, "--output-dir", str(out)], "prompt file not found"),
         (["train", str(CARTPOLE), "--resume", "--output-dir", str(out)], "holds no run to resume"),
         (["eval", str(tmp_path / "nothing")], "checkpoint not found"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ DQN = EXAMPLES / "cartpole_dqn.yaml"
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -57,10 +58,36 @@ def test_ppo_return_rises_and_run_dir_is_complete(
     )
     for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
         assert key in rows[-1]
+    # every metric is in TensorBoard too, against the iteration, with the config as text
+    scalars, texts = _tensorboard(out / "tensorboard")
+    assert [step for step, _ in scalars["rollout/episode_return_mean"]] == list(range(1, 41))
+    assert scalars["loss/policy"][-1][1] == pytest.approx(rows[-1]["loss/policy"], rel=1e-6)
+    assert any("total_env_steps: 20480" in t for t in texts)
     # the greedy policy of the best checkpoint beats a random one (~22) by far
     assert main(["eval", str(out / "checkpoint_best"), "--episodes", "5"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["episodes"] == 5 and result["episode_return_mean"] > 100
+
+
+def _tensorboard(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    """Scalars and texts of the TensorBoard event files in ``directory`` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    texts: list[str] = []
+    for file in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = file.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+                elif v.HasField("tensor"):
+                    texts += [t.decode() for t in v.tensor.string_val]
+    return scalars, texts
 
 
 def test_resume_continues_counters(tmp_path: Path) -> None:

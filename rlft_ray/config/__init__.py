@@ -30,6 +30,7 @@ from rlft_ray.config.lm import (
 from rlft_ray.config.parse import (
     OVERRIDE_ALIASES,
     build_config,
+    config_yaml,
     from_dict,
     load_yaml,
     parse_override,
@@ -38,7 +39,7 @@ from rlft_ray.config.parse import (
     to_dict,
 )
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
-from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig
+from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
 __all__ = [
     "ALGORITHMS",
@@ -64,7 +65,9 @@ __all__ = [
     "RewardModelConfig",
     "RunConfig",
     "Selection",
+    "TrackingConfig",
     "build_config",
+    "config_yaml",
     "from_dict",
     "load_yaml",
     "parse_override",

@@ -251,6 +251,11 @@ def _deep_merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
             dst[key] = dict(value) if isinstance(value, Mapping) else value
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), config_yaml(cfg))

@@ -21,6 +21,20 @@ ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's metrics go besides ``metrics.jsonl``.
+
+    Attributes:
+        tensorboard: Write TensorBoard event files to ``tensorboard/`` in the run
+            directory: every ``metrics.jsonl`` key as a scalar against
+            ``counters/iteration``, and the resolved config as text
+            (``tensorboard --logdir runs/``).
+    """
+
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     """What the run asks of the Ray cluster.
 
@@ -133,6 +147,7 @@ class RunConfig:
         online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
         reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
         resources: Cluster resources.
+        tracking: Metric sinks besides ``metrics.jsonl`` (TensorBoard).
         total_env_steps: Stop after this many environment steps (for LM algorithms a
             step is one sampled completion).
         total_iterations: Also stop after this many iterations (sample + update), if set.
@@ -165,6 +180,7 @@ class RunConfig:
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     total_env_steps: int = 200_000
     total_iterations: int | None = None
     time_limit_s: float | None = None
