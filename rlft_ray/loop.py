@@ -238,9 +238,9 @@ class _Reporter:
     ) -> None:
         self.rows.append(metrics)
         checkpoint_due = last or counters.iteration % self.cfg.checkpoint_every == 0
-        if not self._agree(
-            checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s
-        ):
+        # every rank must call report equally often: rank 0's clock decides
+        due = checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s
+        if not rank0_decides(due, self.ctx):
             return
         payload = {**metrics, ROWS_KEY: self.rows}
         self.rows, self.last_report = [], time.monotonic()
@@ -264,10 +264,6 @@ class _Reporter:
                 extras=extras,
             )
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    def _agree(self, want: bool) -> bool:
-        # Every rank must call report equally often: rank 0's clock decides.
-        return rank0_decides(want, self.ctx)
 
 
 def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:

@@ -82,7 +82,8 @@ def read_records(
 ) -> tuple[list[dict], list[int]]:
     """The rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file and where each one is.
 
-    Values are kept as written (an ``answer`` of ``"19"`` stays a string).
+    Values are kept as written (an ``answer`` of ``"19"`` stays a string, an integer
+    column with a missing value stays integers and None).
 
     Returns:
         ``(rows, lines)``: one dict per row, and its 1-based line in a ``.jsonl`` file
@@ -103,7 +104,9 @@ def read_records(
         )
     try:
         if suffix == ".parquet":
-            rows = pd.read_parquet(p).to_dict(orient="records")
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(p).to_pylist()  # as written: no pandas float/NaN coercion
             return rows, list(range(1, len(rows) + 1))
         if suffix == ".jsonl":
             rows, lines = [], []
@@ -141,21 +144,7 @@ def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame
         PromptDataError: See :func:`read_records`; also an empty file.
     """
     p = Path(path).expanduser()
-    try:
-        if p.suffix.lower() == ".parquet" and p.is_file():
-            import pyarrow.parquet as pq
-
-            try:
-                rows = pq.read_table(p).to_pylist()  # no pandas dtype coercion
-            except Exception as exc:
-                raise PromptDataError(key, f"cannot read {p}: {type(exc).__name__}: {exc}") from exc
-            lines = list(range(1, len(rows) + 1))
-        else:
-            rows, lines = read_records(path, key)
-    except PromptDataError as exc:
-        raise PromptDataError(
-            key, exc.reason.replace("file not found", "prompt file not found")
-        ) from None
+    rows, lines = read_records(p, key)
     if not rows:
         raise PromptDataError(key, f"{p} is empty: no prompts to read")
     columns = list(dict.fromkeys(k for row in rows for k in row))

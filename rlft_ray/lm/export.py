@@ -18,6 +18,7 @@ import yaml
 
 from rlft_ray.config import ConfigError
 from rlft_ray.fileio import atomic_write_text
+from rlft_ray.lm.loading import neutral_generation_config
 
 USAGE = """# {name}
 
@@ -114,19 +115,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _sampling_config(model: Any, lm: dict[str, Any]) -> dict[str, Any]:
     """Give ``model`` a generation config with the run's sampling settings (and the
     checkpoint's special tokens, nothing else); returns those settings."""
-    from transformers import GenerationConfig
-
     generation = {
         "do_sample": True,
         "temperature": float(lm.get("temperature", 1.0)),
         "top_p": float(lm.get("top_p", 1.0)),
         "max_new_tokens": int(lm.get("max_new_tokens", 64)),
     }
-    loaded = model.generation_config
-    model.generation_config = GenerationConfig(
-        bos_token_id=loaded.bos_token_id,
-        eos_token_id=loaded.eos_token_id,
-        pad_token_id=loaded.pad_token_id,
-        **generation,
-    )
+    model.generation_config = neutral_generation_config(model.generation_config, **generation)
     return generation

@@ -135,6 +135,20 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     return resolved
 
 
+def neutral_generation_config(loaded: Any, **sampling: Any) -> Any:
+    """A ``GenerationConfig`` with the checkpoint's special-token ids, ``sampling`` (e.g.
+    ``temperature``) and nothing else: every processor a checkpoint's own
+    ``generation_config.json`` ships (``repetition_penalty``, ``min_p``, ...) stays off."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=loaded.bos_token_id,
+        eos_token_id=loaded.eos_token_id,
+        pad_token_id=loaded.pad_token_id,
+        **sampling,
+    )
+
+
 def load_model_and_tokenizer(
     path_or_id: str | os.PathLike[str],
     trust_remote_code: bool = False,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
-from rlft_ray.lm.loading import load_model_and_tokenizer
+from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
@@ -88,7 +88,7 @@ class GenerationActor:
         # unset from the checkpoint's own generation_config.json (repetition_penalty, min_p,
         # no_repeat_ngram_size, ...), which would sample from another distribution than the
         # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
-        self.model.generation_config = _neutral_generation_config(self.model.generation_config)
+        self.model.generation_config = neutral_generation_config(self.model.generation_config)
         self._tensors = self.model.state_dict(keep_vars=True)
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
@@ -349,14 +349,3 @@ class GenerationActor:
         fn = load_reward_fn(eval_fn or self.lm.eval_fn)
         scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
         return batch, np.asarray(scores, dtype=np.float32)
-
-
-def _neutral_generation_config(loaded: GenerationConfig) -> GenerationConfig:
-    """A generation config with the checkpoint's special-token ids and nothing else."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        bos_token_id=loaded.bos_token_id,
-        eos_token_id=loaded.eos_token_id,
-        pad_token_id=loaded.pad_token_id,
-    )
