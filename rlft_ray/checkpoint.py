@@ -98,7 +98,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    has_policy = (p / "policy.safetensors").is_file() or (p / "policy" / "config.json").is_file()
+    has_policy = (
+        (p / "policy.safetensors").is_file()
+        or (p / "policy" / "config.json").is_file()
+        or (p / "policy" / "adapter_config.json").is_file()  # LoRA: adapters of lm.model
+    )
     if not (p / "state.json").is_file() or not has_policy:
         raise CheckpointError(
             f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors or policy/)"
@@ -307,10 +311,26 @@ def _is_pretrained(module: torch.nn.Module) -> bool:
 def _load_pretrained_into(module: torch.nn.Module, directory: Path) -> None:
     """Copy the weights of the ``save_pretrained`` directory into ``module`` (same architecture).
 
-    Loading through ``from_pretrained`` handles sharded files and tied weights.
+    Loading through ``from_pretrained`` handles sharded files and tied weights. A LoRA
+    adapter directory goes into a LoRA model as adapters, into a plain model merged.
     """
+    from rlft_ray.lm.lora import is_adapter_dir, load_adapter_dir, load_merged, lora_of
+
     try:
-        loaded = type(module).from_pretrained(directory, dtype=next(module.parameters()).dtype)
+        if lora_of(module):
+            if not is_adapter_dir(directory):
+                raise ValueError(
+                    "a full model, not LoRA adapters: with lm.lora, init_from a LoRA run's "
+                    "checkpoint, or `rlft-ray export` this one and make it lm.model"
+                )
+            load_adapter_dir(module, directory)
+            return
+        dtype = next(module.parameters()).dtype
+        loaded = (
+            load_merged(directory, {"dtype": dtype})
+            if is_adapter_dir(directory)
+            else type(module).from_pretrained(directory, dtype=dtype)
+        )
     except Exception as exc:  # OSError, shape mismatch, ...: name the directory
         raise CheckpointError(f"cannot load {directory}: {type(exc).__name__}: {exc}") from exc
     own, theirs = module.state_dict(), loaded.state_dict()

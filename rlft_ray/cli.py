@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export",
         help="an LM checkpoint as a plain save_pretrained directory (weights, tokenizer, "
-        "generation config; no value head or training state)",
+        "generation config; LoRA adapters merged; no value head or training state)",
     )
     x.add_argument("checkpoint", type=Path, help="e.g. runs/g/checkpoint_best")
     x.add_argument("out", type=Path, help="new directory (loads with from_pretrained)")

@@ -41,6 +41,7 @@ from rlft_ray.rundir import (
     truncate_metrics,
     write_summary,
 )
+from rlft_ray.tracking import TrackerFeed, check_tracking
 from rlft_ray.utils import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def run_training(
     callbacks: Sequence[Any] = (),
     address: str | None = None,
     start_checkpoint: ray.train.Checkpoint | None = None,
+    track: bool = True,
 ) -> dict[str, Any]:
     """Train ``cfg`` on Ray and write the run directory; returns ``summary.json``'s content.
 
@@ -79,6 +81,8 @@ def run_training(
         start_checkpoint: Continue this checkpoint (weights, optimizer state, counters)
             in a fresh run directory, with ``cfg``'s hyperparameters (Tune trials: PBT
             exploit, trial restarts). Ignored once the directory has a checkpoint.
+        track: Feed ``tracking.mlflow_uri`` / ``tracking.wandb_project`` from the driver
+            (Tune trials pass False: Tune's logger callbacks do it there).
 
     Raises:
         RunError: With the cause (NaN loss, dead actor, ...) and the last good checkpoint.
@@ -110,6 +114,7 @@ def run_training(
             signals.raise_if_interrupted("before training started")
             raise
         bar = ProgressBar(output_dir, cfg, learner_cls.score_metric) if progress else None
+        feed = TrackerFeed(output_dir, cfg) if track and TrackerFeed.wanted(cfg) else None
         fit = Attempts(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
         signals.attempts = fit
         try:
@@ -125,6 +130,8 @@ def run_training(
                 ray.kill(actor)
         # 3. Summary, learning curve, and the error with what was kept.
         summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
+        if feed:
+            feed.close(summary["status"])
     _raise_for(error, summary, output_dir)
     return summary
 
@@ -181,6 +188,7 @@ def check_task(learner_cls: type[Learner], cfg: RunConfig) -> tuple[RunConfig, T
     cfg, signature = probe.cfg or cfg, probe.spaces.signature()
     if cfg.init_from:  # the learners run in another working directory
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
+    cfg = dataclasses.replace(cfg, tracking=check_tracking(cfg.tracking))
     for line in _describe(probe.info):
         logger.warning(line)
     if cfg.init_from:

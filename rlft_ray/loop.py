@@ -82,11 +82,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         eval_due = _eval_due(cfg, counters, last)
         # actors that sample need every version; an offline learner's only score held-out sets
         publish = rank == 0 and (not learner.offline or eval_due)
-        sync_s = (
-            runners.publish(learner.policy_state(), counters.policy_version, wait=world > 1)
-            if publish
-            else 0.0
-        )
+        state = learner.policy_state() if publish else {}  # with LoRA: the adapters only
+        sync_s = runners.publish(state, counters.policy_version, wait=world > 1) if publish else 0.0
         if rank == 0 and eval_due:
             metrics.update(learner.heldout_eval(runners, counters.policy_version))
         _barrier(world)
@@ -101,6 +98,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 "perf/sample_s": t1 - t0,
                 "perf/update_s": t2 - t1,
                 "perf/weight_sync_s": sync_s,
+                "perf/weight_sync_mb": sum(v.numel() * v.element_size() for v in state.values())
+                / 1e6,
                 "perf/iteration_s": time.perf_counter() - t0,
                 "perf/weight_sync_frac": sync_s / max(time.perf_counter() - t0, 1e-9),
                 "perf/actor_restarts": float(runners.restarts),

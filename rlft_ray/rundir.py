@@ -31,9 +31,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ray.train import Checkpoint, UserCallback
 
-from rlft_ray.config import RunConfig
+from rlft_ray.config import RunConfig, flat_dict
 from rlft_ray.fileio import atomic_write_json, atomic_write_text, replace_dir
 from rlft_ray.plots import plot_curves
 
@@ -200,9 +201,10 @@ class TensorBoardLog:
     A tracker never fails a run: an error is reported once and logging stops.
     """
 
-    def __init__(self, output_dir: Path, config_text: str) -> None:
+    def __init__(self, output_dir: Path, config_text: str, score_metric: str = "") -> None:
         self.directory = Path(output_dir) / TENSORBOARD_DIR
         self.config_text = config_text
+        self.score_metric = score_metric
         self.writer: Any = None
         self.failed = False
 
@@ -224,6 +226,8 @@ class TensorBoardLog:
                 )
                 text = summary.text("config", f"```yaml\n{self.config_text}\n```")
                 self.writer.write_event(Event(step=first, wall_time=time.time(), summary=text))
+                for part in self._hparams(summary):  # HParams tab: the config, the score
+                    self.writer.write_event(Event(step=first, wall_time=time.time(), summary=part))
             for row in rows:
                 step = int(row.get("counters/iteration", 0))
                 for key, value in row.items():
@@ -236,6 +240,16 @@ class TensorBoardLog:
         except Exception as exc:  # disk full, no tensorboardX: the run goes on
             self.failed = True
             logger.warning("TensorBoard logging stopped: %s: %s", type(exc).__name__, exc)
+
+    def _hparams(self, summary: Any) -> tuple[Any, ...]:
+        """The config's fields (dotted keys; lists as text) for TensorBoard's HParams tab,
+        with the run's score metric as its metric column."""
+        values = flat_dict(yaml.safe_load(self.config_text) or {})
+        params = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()
+        }
+        exp, ssi, _ = summary.hparams(params, {self.score_metric: None})
+        return exp, ssi
 
 
 class RunDirCallback(UserCallback):
@@ -253,7 +267,9 @@ class RunDirCallback(UserCallback):
     def __init__(self, output_dir: str, score_metric: str, tensorboard: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.score_metric = score_metric
-        self.tensorboard = TensorBoardLog(self.output_dir, tensorboard) if tensorboard else None
+        self.tensorboard = (
+            TensorBoardLog(self.output_dir, tensorboard, score_metric) if tensorboard else None
+        )
 
     def _best_score(self) -> float:
         score_file = self.output_dir / "checkpoint_best" / "score.json"

@@ -36,6 +36,8 @@ CASES = {
     ),
     "reinforce-seq-sum": ("grpo", ["grpo.estimator=reinforce", "grpo.loss_agg=seq-mean-token-sum"]),
     "lm-ppo-value-head": ("lm_ppo", ["lm_ppo.num_epochs=1", "lm_ppo.value_head_init_std=0.1"]),
+    # LoRA: only adapter gradients, all-reduced over the ranks the same way
+    "grpo-lora-kl-loss": ("grpo", ["lm.lora.r=4", "lm.lora.alpha=8", "grpo.kl_coef=0.1"]),
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.driver import run_training
 from rlft_ray.lm.loading import load_model_and_tokenizer
@@ -147,6 +148,62 @@ def test_grpo_reward_rises_then_resumes(model_dir: Path, tmp_path: Path) -> None
     assert [r["counters/iteration"] for r in rows] == list(range(1, 31))
     assert summary["policy_version"] == 30
     assert np.mean([r["reward/mean"] for r in rows[-5:]]) > np.mean(rewards[:5])
+
+
+@pytest.mark.slow
+def test_lora_run_with_two_learners_resumes_seeds_and_exports(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    overrides = [
+        f"lm.model={model_dir}",
+        "lm.reward_fn=envs.arithmetic:digit_fraction",
+        "lm.max_new_tokens=4",
+        "lm.num_samples=4",
+        "lm.prompts_per_iteration=8",
+        "lm.lora.r=8",
+        "lm.lora.alpha=16",
+        "grpo.lr=1e-2",
+        "grpo.kl_coef=0.01",
+        "resources.num_learners=2",
+        "resources.cpus_per_learner=0.5",
+        "checkpoint_every=10",
+        "seed=1",
+    ]
+    cfg = build_config(EXAMPLES / "arithmetic_grpo.yaml", [*overrides, "total_iterations=20"])
+    run_training(cfg, out, progress=False)
+    rows = read_metrics(out)
+    # kl/mean is KL(the actors' sampling policy || adapters off): it grows only because the
+    # actors sample with the published adapters; and the learner's log-probs under its own
+    # adapters equal the actors' (approx_kl ~ 0), so both hold the same policy
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)
+    assert np.mean([r["kl/mean"] for r in rows[-5:]]) > 1e-3
+    assert max(r["loss/approx_kl"] for r in rows) < 1e-4
+    full_mb = sum(p.numel() * 4 for p in load_model_and_tokenizer(model_dir)[0].parameters()) / 1e6
+    assert 0 < rows[-1]["perf/weight_sync_mb"] < full_mb / 4  # adapters only
+    assert (out / "checkpoint_last" / "policy" / "adapter_model.safetensors").is_file()
+
+    more = build_config(EXAMPLES / "arithmetic_grpo.yaml", [*overrides, "total_iterations=24"])
+    assert run_training(more, out, resume=True, progress=False)["policy_version"] == 24
+    assert [r["counters/iteration"] for r in read_metrics(out)] == list(range(1, 25))
+
+    seeded = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml",
+        [
+            *overrides,
+            "resources.num_learners=1",
+            f"init_from={out / 'checkpoint_last'}",
+            "total_iterations=2",
+        ],
+    )
+    rows = (
+        run_training(seeded, tmp_path / "seeded", progress=False),
+        read_metrics(tmp_path / "seeded"),
+    )[1]
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)  # reference: init_from's policy
+    assert main(["export", str(out / "checkpoint_last"), str(tmp_path / "merged")]) == 0
+    model, _ = load_model_and_tokenizer(tmp_path / "merged")
+    assert not any("lora" in k for k in model.state_dict())
 
 
 def test_reward_error_is_found_on_one_row_before_ray(model_dir: Path, tmp_path: Path) -> None:

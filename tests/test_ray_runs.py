@@ -40,7 +40,16 @@ def test_ppo_return_rises_and_run_dir_is_complete(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    cfg = build_config(CARTPOLE, ["total_env_steps=20480", "seed=1"])
+    mlruns = (tmp_path / "mlruns").as_uri()
+    cfg = build_config(
+        CARTPOLE,
+        [
+            "total_env_steps=20480",
+            "seed=1",
+            f"tracking.mlflow_uri={mlruns}",
+            "tracking.wandb_project=rlft-test",
+        ],
+    )
     summary = run_training(cfg, out, progress=False)
     rows = read_metrics(out)
     assert [r["counters/iteration"] for r in rows] == list(range(1, 41))
@@ -59,23 +68,37 @@ def test_ppo_return_rises_and_run_dir_is_complete(
     for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
         assert key in rows[-1]
     # every metric is in TensorBoard too, against the iteration, with the config as text
-    scalars, texts = _tensorboard(out / "tensorboard")
+    scalars, texts, hparams = _tensorboard(out / "tensorboard")
     assert [step for step, _ in scalars["rollout/episode_return_mean"]] == list(range(1, 41))
     assert scalars["loss/policy"][-1][1] == pytest.approx(rows[-1]["loss/policy"], rel=1e-6)
     assert any("total_env_steps: 20480" in t for t in texts)
+    assert hparams["total_env_steps"] == 20480 and hparams["ppo.clip_coef"] == 0.2
+    # ... and in MLflow (and a W&B offline run) when asked, the run closed as finished
+    from mlflow import MlflowClient
+
+    ids = json.loads((out / "tracking.json").read_text())
+    client = MlflowClient(tracking_uri=mlruns)
+    assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
+    history = client.get_metric_history(ids["mlflow"], "rollout/episode_return_mean")
+    assert sorted(m.step for m in history) == list(range(1, 41))
+    assert next((out / "wandb").glob(f"offline-run-*-{ids['wandb']}")).is_dir()
     # the greedy policy of the best checkpoint beats a random one (~22) by far
     assert main(["eval", str(out / "checkpoint_best"), "--episodes", "5"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["episodes"] == 5 and result["episode_return_mean"] > 100
 
 
-def _tensorboard(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
-    """Scalars and texts of the TensorBoard event files in ``directory`` (TFRecord framing:
-    length, its CRC, the Event proto, its CRC)."""
+def _tensorboard(
+    directory: Path,
+) -> tuple[dict[str, list[tuple[int, float]]], list[str], dict[str, object]]:
+    """Scalars, texts and HParams of the TensorBoard event files in ``directory`` (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
     from tensorboardX.proto import event_pb2
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
     scalars: dict[str, list[tuple[int, float]]] = {}
     texts: list[str] = []
+    hparams: dict[str, object] = {}
     for file in sorted(directory.glob("events.out.tfevents.*")):
         data, pos = file.read_bytes(), 0
         while pos < len(data):
@@ -87,7 +110,11 @@ def _tensorboard(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], l
                     scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
                 elif v.HasField("tensor"):
                     texts += [t.decode() for t in v.tensor.string_val]
-    return scalars, texts
+                elif v.tag == "_hparams_/session_start_info":
+                    plugin = HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                    for key, value in plugin.session_start_info.hparams.items():
+                        hparams[key] = getattr(value, value.WhichOneof("kind"))
+    return scalars, texts, hparams
 
 
 def test_resume_continues_counters(tmp_path: Path) -> None:

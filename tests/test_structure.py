@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "rlft_ray.plots": 1,
     "rlft_ray.checkpoint": 1,
     "rlft_ray.rundir": 1,
+    "rlft_ray.tracking": 1,
     "rlft_ray.cluster_check": 1,
     "rlft_ray.lm": 1,
     "rlft_ray.rollout": 1,

@@ -65,7 +65,11 @@ def _write_spec(path: Path, **changes: Any) -> Path:
 def test_tiny_search_writes_results_and_lists_the_crashed_trial(
     local_ray, tmp_path: Path, capsys
 ) -> None:
+    mlruns = (tmp_path / "mlruns").as_uri()  # trials go to MLflow through Tune's callback
     spec = _write_spec(tmp_path / "spec.yaml")
+    data = yaml.safe_load(spec.read_text())
+    data["overrides"]["tracking.mlflow_uri"] = mlruns
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "search"
     result = run_search(spec, out, verbose=0)
 
@@ -106,6 +110,14 @@ def test_tiny_search_writes_results_and_lists_the_crashed_trial(
     # each trial's own run directory, as written by a plain `rlft-ray train`
     run_dir = out / "trials" / good["trial"] / "run0"
     assert len(read_metrics(run_dir)) == 8 and (run_dir / "summary.json").is_file()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns)
+    runs = client.search_runs([client.get_experiment_by_name("rlft_ray").experiment_id])
+    assert sorted(r.data.params["env.kwargs.nan_after_steps"] for r in runs) == ["10", "1000000"]
+    finished = next(r for r in runs if r.data.params["env.kwargs.nan_after_steps"] == "1000000")
+    assert finished.data.metrics[METRIC] == pytest.approx(good["metric"])
 
     # the best checkpoint works with `rlft-ray eval` ...
     capsys.readouterr()

@@ -3,10 +3,51 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from rlft_ray.config.errors import require
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) trained instead of the full model, via ``peft``.
+
+    With ``r > 0`` every LM learner wraps its model with ``peft``: only the adapters
+    train, are checkpointed (``policy/`` holds ``adapter_model.safetensors``) and are
+    published to the generation actors; the KL reference is the base model with the
+    adapters disabled (no second copy in memory). Needs ``pip install 'rlft-ray[lora]'``.
+
+    Attributes:
+        r: Adapter rank; 0 turns LoRA off (full fine-tuning).
+        alpha: Scaling numerator: the update is ``(alpha / r) B A x``.
+        dropout: Dropout on the adapter input. The learners score log-probs with
+            dropout off (they must match the sampler's), so this only acts where a
+            learner trains in train mode; kept for configs carried over from ``peft``.
+        target_modules: Module names to adapt (``q_proj``, ``c_attn``, ...), or
+            ``all-linear``: every linear layer but the output head (QLoRA, Dettmers et
+            al. 2023, found that adapting all of them is what matches full fine-tuning).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+    def __post_init__(self) -> None:
+        require(self.r >= 0, "r", f"must be >= 0 (0: off; got {self.r})")
+        require(self.alpha > 0, "alpha", f"must be > 0 (got {self.alpha})")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        require(
+            len(self.target_modules) > 0 and all(self.target_modules),
+            "target_modules",
+            "must name at least one module (or all-linear)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are trained instead of the full model."""
+        return self.r > 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +97,8 @@ class LMConfig:
         reward_model: A Bradley-Terry reward model (an ``algo: reward_model`` checkpoint or
             a ``save_pretrained`` sequence-classification directory) that scores completions
             instead of ``reward_fn``, served by ``resources.num_scorer_actors`` actors.
+        lora: Train low-rank adapters instead of the full model (:class:`LoRAConfig`;
+            ``lm.lora.r=16`` turns it on).
     """
 
     model: str | None = None
@@ -86,6 +129,7 @@ class LMConfig:
     pair_overflow: Literal["drop", "truncate", "error"] = "drop"
     drop_invalid_pairs: bool = False
     reward_model: str | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")

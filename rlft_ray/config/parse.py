@@ -157,6 +157,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def flat_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys (``{"grpo": {"lr": 1}}`` -> ``{"grpo.lr": 1}``): the
+    config as the parameters of an experiment tracker."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flat_dict(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Split a ``dotted.key=value`` CLI override; the value is read as YAML."""
     if "=" not in item:

@@ -29,9 +29,34 @@ class TrackingConfig:
             directory: every ``metrics.jsonl`` key as a scalar against
             ``counters/iteration``, and the resolved config as text
             (``tensorboard --logdir runs/``).
+        mlflow_uri: Also log to MLflow at this tracking URI (``file:./mlruns``, a path, or
+            a server ``http://host:5000``): the config as parameters, every metric per
+            iteration, one MLflow run per run directory. Needs ``rlft-ray[tracking]``.
+        mlflow_experiment: The MLflow experiment the runs go into.
+        wandb_project: Also log to Weights & Biases under this project (needs
+            ``rlft-ray[tracking]``); the run's files go to ``wandb/`` in the run directory.
+        wandb_mode: ``offline`` (default: nothing leaves the machine; ``wandb sync``
+            uploads later) or ``online``.
     """
 
     tensorboard: bool = True
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "rlft_ray"
+    wandb_project: str | None = None
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+    def __post_init__(self) -> None:
+        require(
+            self.mlflow_uri is None or bool(self.mlflow_uri.strip()),
+            "mlflow_uri",
+            "must not be empty",
+        )
+        require(bool(self.mlflow_experiment.strip()), "mlflow_experiment", "must not be empty")
+        require(
+            self.wandb_project is None or bool(self.wandb_project.strip()),
+            "wandb_project",
+            "must not be empty",
+        )
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from rlft_ray.learners.ddp import (
 )
 from rlft_ray.lm.data import PromptStream, prompts_from_batch
 from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
+from rlft_ray.lm.lora import LoRAReference, adapter_state, adapter_tensors, apply_lora
 from rlft_ray.lm.policy import (
     PolicyWithValueHead,
     ResponseOutput,
@@ -96,15 +97,21 @@ class LMCore:
         self.model.float().eval()
         disable_dropout(self.model)
         hidden = self.model.config.get_text_config().hidden_size
+        self.lora = lm.lora.enabled
+        if self.lora:  # only the adapters train; the base weights stay as loaded
+            self.model = apply_lora(self.model, lm.lora, base_path=resolve_model_path(lm.model))
         self.value_head = make_value_head(hidden, value_head_init_std) if value_head else None
         self.policy = PolicyWithValueHead(self.model, self.value_head)
         self.net = wrap_ddp(self.policy, ctx)
-        self.reference: PolicyWithValueHead | None = None
-        if keep_start:
+        self.reference: nn.Module | None = None
+        if keep_start and self.lora:
+            self.reference = LoRAReference(self.policy)  # adapters off: no second model
+        elif keep_start:
             self.reference = PolicyWithValueHead(
                 copy.deepcopy(self.model).requires_grad_(False).eval()
             )
             self.reference.to(ctx.device)
+        self.lora_start = adapter_state(self.model) if self.lora else {}
         self.optimizer = self.new_optimizer()
         self.prompts = PromptStream(
             ctx.datasets.get(PROMPTS),
@@ -118,9 +125,11 @@ class LMCore:
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         """A fresh AdamW over the policy (and value head) parameters."""
-        return torch.optim.AdamW(
-            self.policy.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
-        )
+        return torch.optim.AdamW(self.trainable(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What the optimizer steps: every parameter, or with LoRA the adapters (and value head)."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     # -- hooks the learners delegate to --------------------------------------------------
     def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
@@ -130,7 +139,10 @@ class LMCore:
         return [(prompts[i * size : (i + 1) * size],) for i in range(num_actors)]
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the LM's state dict (what the generation actors load)."""
+        """CPU copy of the LM's state dict (what the generation actors load); with LoRA
+        only the adapter tensors (the actors hold the same base model)."""
+        if self.lora:
+            return adapter_state(self.model)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def modules(self) -> dict[str, nn.Module]:
@@ -140,7 +152,8 @@ class LMCore:
         if self.value_head is not None:
             mods["value_head"] = self.value_head
         if self.save_reference and self.reference is not None:
-            mods["reference"] = self.reference.lm
+            # with LoRA the reference's state is its adapters (reference.safetensors)
+            mods["reference"] = self.reference if self.lora else self.reference.lm
         return mods
 
     def save_extras(self, path: Path) -> None:
@@ -149,7 +162,9 @@ class LMCore:
 
     def reset_reference(self) -> None:
         """Make the reference the current policy (after ``init_from`` loaded new weights)."""
-        if self.reference is not None:
+        if isinstance(self.reference, LoRAReference):
+            self.reference.set_from_policy()
+        elif self.reference is not None:
             self.reference.lm.load_state_dict(self.model.state_dict())
 
     def load_start_point(self, path: Path) -> None:
@@ -157,7 +172,9 @@ class LMCore:
         not ``lm.model`` (the checkpoint then loads the trained weights into the policy)."""
         from rlft_ray.checkpoint import load_modules
 
-        if self.reference is not None:
+        if isinstance(self.reference, LoRAReference):
+            self.reference.load_adapter_dir(Path(path) / "policy")
+        elif self.reference is not None:
             load_modules(path, {"policy": self.reference.lm})
 
     def reset_to_start(self) -> None:
@@ -165,7 +182,13 @@ class LMCore:
         ``reset_to_base``); the caller re-points the learner at :attr:`optimizer`."""
         if self.reference is None:
             raise RuntimeError("reset_to_start needs keep_start=True")
-        self.model.load_state_dict(self.reference.lm.state_dict())
+        if isinstance(self.reference, LoRAReference):
+            start = self.reference.adapters or self.lora_start
+            with torch.no_grad():
+                for name, param in adapter_tensors(self.model).items():
+                    param.copy_(start[name])
+        else:
+            self.model.load_state_dict(self.reference.lm.state_dict())
         self.optimizer = self.new_optimizer()
 
     # -- batches -------------------------------------------------------------------------
@@ -282,7 +305,7 @@ class LMCore:
                 den = global_sum(den, self.ctx).clamp_min(1e-8)
                 for k, idx in enumerate(micro):
                     tokens += self._accumulate(t, idx, den, token_loss, sums, k == len(micro) - 1)
-                grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(self.trainable(), hp.max_grad_norm)
                 check_finite("loss/grad_norm", grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
 from rlft_ray.learners.lm_core import HELDOUT, PROMPTS, LMCore
 from rlft_ray.lm.data import load_prompts, prompts_from_batch
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
+from rlft_ray.lm.lora import check_lora
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import Prompt
@@ -105,6 +106,7 @@ def check_model(cfg: RunConfig, new_tokens: int, new_key: str) -> tuple[Any, dic
             f"lm.max_prompt_tokens ({lm.max_prompt_tokens}) + {new_key} ({new_tokens}) "
             f"exceeds the model's {max_pos} positions",
         )
+    check_lora(lm.lora, model_cfg, cfg.init_from)
     info: dict[str, Any] = {"env": None, "model": lm.model}
     if pad_note:
         info["tokenizer_pad"] = pad_note

@@ -89,6 +89,12 @@ class RewardModelLearner(Learner):
     # -- class-level hooks ---------------------------------------------------------------
     @classmethod
     def probe(cls, cfg: RunConfig) -> TaskProbe:
+        if cfg.lm.lora.enabled:
+            raise ConfigError(
+                "lm.lora.r",
+                "algo=reward_model trains the whole classifier; LoRA is for the policy "
+                "learners (grpo, lm_ppo, rsft, dpo, online_dpo): set lm.lora.r=0",
+            )
         if cfg.eval_every is not None and not cfg.lm.eval_pairs:
             raise ConfigError("eval_every", "the reward model's evaluation needs lm.eval_pairs")
 

@@ -19,6 +19,7 @@ import yaml
 from rlft_ray.config import ConfigError
 from rlft_ray.fileio import atomic_write_text
 from rlft_ray.lm.loading import neutral_generation_config
+from rlft_ray.lm.lora import adapter_base, is_adapter_dir, load_merged
 
 USAGE = """# {name}
 
@@ -38,22 +39,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
 
     Args:
         checkpoint: An LM run's checkpoint directory (with ``policy/``), e.g.
-            ``runs/g/checkpoint_best``.
+            ``runs/g/checkpoint_best``; a LoRA run's adapters are merged into their base.
         out: A new (or empty) directory; written whole or not at all.
 
     Returns:
-        ``{"out", "architecture", "parameters", "generation"}``.
+        ``{"out", "architecture", "parameters", "generation", "lora_merged"}``.
 
     Raises:
         ConfigError: Naming ``checkpoint`` or ``out``: not an LM checkpoint, an
             architecture transformers does not know, or ``out`` not empty.
     """
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     src, dest = Path(checkpoint), Path(out)
     policy = src / "policy"
-    if not (policy / "config.json").is_file():
+    lora = is_adapter_dir(policy)
+    if not lora and not (policy / "config.json").is_file():
         what = (
             "a small gym policy (policy.safetensors)"
             if (src / "policy.safetensors").is_file()
@@ -62,14 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
         raise ConfigError("checkpoint", f"{src} is not an LM checkpoint: {what}")
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError("out", f"{dest} is not empty; choose a new directory")
-    config = AutoConfig.from_pretrained(policy, trust_remote_code=False)
-    arch = (config.architectures or [None])[0]
-    model_cls = getattr(transformers, arch, None) if arch else None
-    if model_cls is None:
-        raise ConfigError(
-            "checkpoint", f"{policy}: architecture {arch!r} is not a transformers class"
-        )
-    model = model_cls.from_pretrained(policy, trust_remote_code=False)
+    model, arch = _load_policy(policy, lora)
     run, state = _read_yaml(src / "config.yaml"), _read_yaml(src / "state.json")
     generation = _sampling_config(model, run.get("lm") or {})
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +98,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
         "architecture": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "generation": generation,
+        "lora_merged": lora,
     }
 
 
@@ -123,3 +118,28 @@ def _sampling_config(model: Any, lm: dict[str, Any]) -> dict[str, Any]:
     }
     model.generation_config = neutral_generation_config(model.generation_config, **generation)
     return generation
+
+
+def _load_policy(policy: Path, lora: bool) -> tuple[Any, str]:
+    """The checkpoint's policy model (LoRA: its base with the adapters merged) and its
+    architecture name, loading only classes transformers ships."""
+    import transformers
+    from transformers import AutoConfig
+
+    # a LoRA checkpoint: the base model its adapter_config.json names, adapters merged in
+    config = AutoConfig.from_pretrained(adapter_base(policy) if lora else policy)
+    arch = (config.architectures or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        raise ConfigError(
+            "checkpoint", f"{policy}: architecture {arch!r} is not a transformers class"
+        )
+    try:
+        model = (
+            load_merged(policy, {"trust_remote_code": False})
+            if lora
+            else model_cls.from_pretrained(policy, trust_remote_code=False)
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError("checkpoint", f"cannot load {policy}: {exc}") from exc
+    return model, arch

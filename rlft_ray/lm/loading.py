@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.lm.lora import is_adapter_dir, load_merged
 from rlft_ray.lm.tiny import PAD_TOKEN
 
 if TYPE_CHECKING:
@@ -163,7 +164,8 @@ def load_model_and_tokenizer(
     loss computation right padding, so callers choose per use.
 
     Args:
-        path_or_id: Local checkpoint directory or a Hugging Face hub id.
+        path_or_id: Local checkpoint directory or a Hugging Face hub id; a LoRA
+            checkpoint's adapter directory loads its base model with the adapters merged.
         trust_remote_code: Forwarded to ``from_pretrained`` (custom modelling code).
         dtype: Model dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` keeps the transformers default.
@@ -191,7 +193,10 @@ def load_model_and_tokenizer(
 
     tok_name = os.path.expanduser(os.fspath(tokenizer_path)) if tokenizer_path else name
     tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
+    if is_adapter_dir(name):  # a LoRA checkpoint's policy/: its base with the adapters merged
+        model = load_merged(name, model_kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
 
     pad_changed = ensure_pad_token(tokenizer) is not None
     if pad_changed and len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -28,6 +28,7 @@ import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
+from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
@@ -89,7 +90,13 @@ class GenerationActor:
         # no_repeat_ngram_size, ...), which would sample from another distribution than the
         # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
         self.model.generation_config = neutral_generation_config(self.model.generation_config)
-        self._tensors = self.model.state_dict(keep_vars=True)
+        self.lora = lm.lora.enabled and model_path is None
+        self.merged = False  # adapters folded into the base weights (after a LoRA sync)
+        if self.lora:  # the learner publishes only adapters, merged here for fast sampling
+            self.model = apply_lora(self.model, lm.lora).eval()
+            self._tensors = adapter_tensors(self.model)
+        else:
+            self._tensors = self.model.state_dict(keep_vars=True)
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -116,7 +123,8 @@ class GenerationActor:
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         """Load published policy weights (tensors or numpy arrays); returns the version now held.
 
-        Copies straight into the parameters (dtype and device converted on the way).
+        Copies straight into the parameters (dtype and device converted on the way). With
+        LoRA the weights are the adapters, merged into the base weights after the copy.
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
@@ -130,8 +138,13 @@ class GenerationActor:
                 f"published weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
         with torch.no_grad():
+            if self.lora and self.merged:  # take the old adapters out before replacing them
+                self.model.base_model.unmerge_adapter()
             for name, value in weights_from_wire(weights).items():
                 self._tensors[name].copy_(value)
+            if self.lora:  # W + (alpha / r) B A: sampling runs at the plain model's speed
+                self.model.base_model.merge_adapter()
+                self.merged = True
         self.policy_version = version
         return version
 

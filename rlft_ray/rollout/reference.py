@@ -21,6 +21,7 @@ import torch
 
 from rlft_ray.config import LMConfig
 from rlft_ray.fileio import atomic_write
+from rlft_ray.lm.lora import adapter_base, is_adapter_dir
 from rlft_ray.utils import hold_threads
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def reference_hash(model_path: str, lm: LMConfig) -> str:
     model = Path(model_path)
     if model.exists():
         _digest_path(h, model)
+        if is_adapter_dir(model) and Path(adapter_base(model)).exists():  # LoRA: and its base
+            _digest_path(h, Path(adapter_base(model)))
     else:  # a hub id: its name (a hub revision changes under the same name: pass a path)
         h.update(model_path.encode())
     return h.hexdigest()[:16]

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from rlft_ray.config import ConfigError, from_dict
+from rlft_ray.config import ConfigError, RunConfig, from_dict
 from rlft_ray.fileio import atomic_write_text
 from rlft_ray.resources import init_ray, rollout_bundle, runs_that_fit
+from rlft_ray.tracking import check_tracking, mlflow_store_path
 from rlft_ray.tune.results import best_of, collect_rows, count_exploits, write_results
 from rlft_ray.tune.spec import Dimension, SpecError, TuneSpec, load_spec
 from rlft_ray.tune.trial import COMPLETED_KEY, _run_trial, _trial_dirname, _TrialContext
@@ -166,6 +167,7 @@ def run_search(
     spec = load_spec(spec_path)
     output_dir = Path(output_dir).resolve()
     _check_output_dir(spec, spec_path, output_dir, resume)
+    check_tracking(spec.base_config.tracking)  # no tracker package / unwritable store: now
     # Tune warns each time a checkpoint forces an experiment-state snapshot; with
     # frequent small checkpoints that is noise, not a bottleneck.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -273,5 +275,30 @@ def _make_tuner(
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             stop={COMPLETED_KEY: 1.0},
             verbose=verbose,
+            callbacks=tracker_callbacks(spec.base_config, name),
         ),
     )
+
+
+def tracker_callbacks(cfg: RunConfig, experiment: str) -> list[Any]:
+    """Ray Tune's own logger callbacks for the base config's ``tracking.mlflow_uri`` /
+    ``tracking.wandb_project``: one tracker run per trial, its sampled hyperparameters
+    as parameters, every reported metric. (Each trial's run directory also gets its
+    TensorBoard files.)"""
+    callbacks: list[Any] = []
+    t = check_tracking(cfg.tracking)
+    if t.mlflow_uri is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        if mlflow_store_path(t.mlflow_uri) is not None:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        callbacks.append(
+            MLflowLoggerCallback(tracking_uri=t.mlflow_uri, experiment_name=t.mlflow_experiment)
+        )
+    if t.wandb_project is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(
+            WandbLoggerCallback(project=t.wandb_project, group=experiment, mode=t.wandb_mode)
+        )
+    return callbacks

@@ -137,6 +137,7 @@ def _train_into_queue(
             progress=False,
             callbacks=[TuneBridgeCallback(queue)],
             start_checkpoint=start,
+            track=False,  # Tune's logger callbacks (tracker_callbacks) log the trials
         )
     except BaseException as exc:
         outcome["error"] = exc
