@@ -117,21 +117,25 @@ def run_training(
         feed = TrackerFeed(output_dir, cfg) if track and TrackerFeed.wanted(cfg) else None
         fit = Attempts(cfg, probe, runners, output_dir, learner_cls, callbacks, start_checkpoint)
         signals.attempts = fit
+        status = "failed"  # what the trackers record if anything below raises
         try:
-            error = fit.run()
-        except Interrupt as stop:
-            error = stop
-            fit.abort()
+            try:
+                error = fit.run()
+            except Interrupt as stop:
+                error = stop
+                fit.abort()
+            finally:
+                signals.finishing = True  # the summary is written whatever arrives now
+                if bar:
+                    bar.close()
+                for actor in [*runners, *scorers]:
+                    ray.kill(actor)
+            # 3. Summary, learning curve, and the error with what was kept.
+            summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
+            status = summary["status"]
         finally:
-            signals.finishing = True  # the summary is written whatever arrives now
-            if bar:
-                bar.close()
-            for actor in [*runners, *scorers]:
-                ray.kill(actor)
-        # 3. Summary, learning curve, and the error with what was kept.
-        summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
-        if feed:
-            feed.close(summary["status"])
+            if feed:
+                feed.close(status)
     _raise_for(error, summary, output_dir)
     return summary
 

@@ -189,7 +189,9 @@ def restore(
             return _load_rank_parts(learner, path, counters)
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, sig, same_algo=False)
-        if "policy" not in ckpt.load_modules(cfg.init_from, learner.modules()):
+        # the weights to start from; the reference is this run's own (after_init_from)
+        seeds = [name for name in learner.modules() if name != "reference"]
+        if "policy" not in ckpt.load_modules(cfg.init_from, learner.modules(), names=seeds):
             raise ckpt.CheckpointError(f"init_from {cfg.init_from}: no policy was loaded from it")
         learner.after_init_from()
     return ckpt.Counters()

@@ -44,7 +44,9 @@ def mlflow_store_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path((parsed.netloc + parsed.path) or ".").expanduser().resolve()
-    if parsed.scheme in ("", "local") or (len(parsed.scheme) == 1 and os.name == "nt"):
+    # no scheme: a path when it looks like one ("databricks", "uc" are MLflow backends)
+    looks_like_path = "/" in uri or os.sep in uri or uri.startswith((".", "~"))
+    if (parsed.scheme == "" and looks_like_path) or (len(parsed.scheme) == 1 and os.name == "nt"):
         return Path(uri).expanduser().resolve()
     return None
 
@@ -81,20 +83,37 @@ def check_tracking(tracking: TrackingConfig) -> TrackingConfig:
                     "tracking.mlflow_uri", f"{tracking.mlflow_uri}: {store} cannot be written"
                 )
             tracking = replace(tracking, mlflow_uri=store.as_uri())
+            # asked for explicitly: MLflow 3 refuses file stores unless this is set
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # a server that is down: a few short retries, not MLflow's default of ~2 minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if tracking.wandb_project is not None:
         try:
-            import wandb  # noqa: F401
+            import wandb
         except ImportError as exc:
             raise ConfigError(
                 "tracking.wandb_project",
                 "Weights & Biases tracking needs the wandb package: pip install 'rlft-ray[tracking]'",
             ) from exc
+        if tracking.wandb_mode == "online" and not wandb.login(prompt=False, verify=False):
+            raise ConfigError(
+                "tracking.wandb_mode",
+                "online needs W&B credentials (`wandb login` or WANDB_API_KEY); "
+                "offline writes the run to wandb/ for a later `wandb sync`",
+            )
+        # read by wandb itself (Ray Tune's callback checks the key unless this says offline)
+        os.environ.setdefault("WANDB_MODE", tracking.wandb_mode)
     return tracking
 
 
 def flat_config(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as dotted keys (``grpo.lr``), the trackers' parameters."""
     return flat_dict(to_dict(cfg))
+
+
+def _step(row: dict[str, Any]) -> int:
+    return int(row.get(STEP_KEY, 0))
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:
@@ -112,8 +131,8 @@ class MLflowTracker:
     """One MLflow run per run directory: the config as parameters, every metric per step.
 
     Args:
-        uri: Tracking URI (``file:`` stores are allowed explicitly: MLflow 3 refuses them
-            unless ``MLFLOW_ALLOW_FILE_STORE`` is set).
+        uri: Tracking URI, as :func:`check_tracking` returned it (which also sets MLflow's
+            environment: file stores allowed, short HTTP retries).
         experiment: Experiment name (created when missing).
         run_name: The run's name (the run directory's name).
         run_id: Continue this run (``--resume``), else start one.
@@ -122,11 +141,6 @@ class MLflowTracker:
     name = "MLflow"
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
-        if mlflow_store_path(uri) is not None:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        # a server that is down: a few short retries, not MLflow's default of ~2 minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -151,11 +165,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, v, now, int(row.get(STEP_KEY, 0)))
-            for row in rows
-            for k, v in _numbers(row).items()
-        ]
+        metrics = [Metric(k, v, now, _step(row)) for row in rows for k, v in _numbers(row).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
@@ -199,7 +209,7 @@ class WandbTracker:
 
     def log(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self.run.log(_numbers(row), step=int(row.get(STEP_KEY, 0)))
+            self.run.log(_numbers(row), step=_step(row))
 
     def finish(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "completed" else 1)
@@ -219,7 +229,10 @@ class TrackerFeed:
         self.output_dir = Path(output_dir)
         self.cfg = cfg
         self.interval = interval
-        self.sent = len(read_metrics(self.output_dir))  # a resume starts after the kept rows
+        # a resume starts after the rows kept; rows re-run after a learner restart (same
+        # iterations again) are not re-sent: W&B refuses lower steps, MLflow would hold both
+        self.sent = max((_step(r) for r in read_metrics(self.output_dir)), default=0)
+        self.status = "failed"
         self.trackers: list[Any] = []
         self.stop = threading.Event()
         # Trackers start on the thread: a slow server delays the trackers, never the run.
@@ -275,12 +288,13 @@ class TrackerFeed:
         while not self.stop.wait(self.interval):
             self.flush()
         self.flush()
+        self._each("finish", self.status)
 
     def flush(self) -> None:
-        """Send the rows written since the last call."""
-        rows = read_metrics(self.output_dir)
-        new, self.sent = rows[self.sent :], len(rows)
+        """Send the rows of iterations not sent yet."""
+        new = [r for r in read_metrics(self.output_dir) if _step(r) > self.sent]
         if new:
+            self.sent = max(_step(r) for r in new)
             self._each("log", new)
 
     def _each(self, method: str, *args: Any) -> None:
@@ -294,12 +308,11 @@ class TrackerFeed:
     def close(self, status: str) -> None:
         """Send the last rows and end each tracker's run with ``status``
         (``completed`` / ``failed`` / ``interrupted``)."""
+        self.status = status
         self.stop.set()
-        self.thread.join(timeout=CLOSE_TIMEOUT_S)  # it sends the last rows, then stops
+        self.thread.join(timeout=CLOSE_TIMEOUT_S)  # it sends the last rows, then finishes
         if self.thread.is_alive():
             logger.warning(
-                "experiment trackers did not answer within %d s; their last rows are not logged",
+                "experiment trackers did not finish within %d s; their last rows may be missing",
                 CLOSE_TIMEOUT_S,
             )
-            return
-        self._each("finish", status)

@@ -3,6 +3,7 @@ the base with adapters off; checkpoints load for resume, init_from, eval and exp
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -131,6 +132,19 @@ def test_actor_with_published_adapters_matches_the_learner(model_dir: Path) -> N
         actor.set_weights(AutoModelForCausalLM.from_pretrained(model_dir).state_dict(), 8)
 
 
+def test_bf16_actors_keep_adapters_unmerged(model_dir: Path) -> None:
+    """Merging and unmerging in bf16 would round the base weights a little more every sync."""
+    learner = make_learner("grpo", model_dir, *LORA)
+    learner.update(make_batch(model_dir), progress=0.0)
+    lm = dataclasses.replace(learner.cfg.lm, dtype="bfloat16")
+    actor = GenerationActor(lm, seed=0)
+    base = {k: v.clone() for k, v in actor.model.state_dict().items() if "base_layer" in k}
+    for version in range(3):
+        actor.set_weights(learner.policy_state(), version)
+    assert not actor.merge_lora and not actor.merged
+    assert all(torch.equal(v, actor.model.state_dict()[k]) for k, v in base.items())
+
+
 def test_checkpoint_holds_adapters_and_loads_for_resume_eval_and_export(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -192,8 +206,15 @@ def test_init_from_a_lora_checkpoint_makes_it_the_reference(
 
     full = tmp_path / "full"  # a full-weights checkpoint cannot seed adapters
     _save(make_learner("grpo", model_dir), full)
+    model_cfg = AutoConfig.from_pretrained(model_dir)
     with pytest.raises(ConfigError, match="init_from: .* holds a full model"):
-        check_lora(LoRAConfig(r=4), AutoConfig.from_pretrained(model_dir), str(full))
+        check_lora(LoRAConfig(r=4), model_cfg, str(full))
+    check_lora(LoRAConfig(r=4), model_cfg, str(tmp_path / "a"), str(model_dir))
+    other = make_tiny_model(tmp_path / "other", n_layer=1, hidden=32, n_head=2, max_positions=64)
+    with pytest.raises(ConfigError, match="init_from: .* adapters were trained on"):
+        check_lora(LoRAConfig(r=4), model_cfg, str(tmp_path / "a"), str(other))
+    with pytest.raises(ConfigError, match="lm.model: .* holds LoRA adapters"):
+        check_lora(LoRAConfig(r=4), model_cfg, None, str(tmp_path / "a" / "policy"))
 
 
 def test_lm_ppo_trains_value_head_and_adapters(model_dir: Path) -> None:

@@ -106,7 +106,7 @@ def check_model(cfg: RunConfig, new_tokens: int, new_key: str) -> tuple[Any, dic
             f"lm.max_prompt_tokens ({lm.max_prompt_tokens}) + {new_key} ({new_tokens}) "
             f"exceeds the model's {max_pos} positions",
         )
-    check_lora(lm.lora, model_cfg, cfg.init_from)
+    check_lora(lm.lora, model_cfg, cfg.init_from, resolve_model_path(lm.model))
     info: dict[str, Any] = {"env": None, "model": lm.model}
     if pad_note:
         info["tokenizer_pad"] = pad_note

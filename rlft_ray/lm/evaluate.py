@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rlft_ray.config import LMConfig
+from rlft_ray.config import LMConfig, LoRAConfig
 
 
 def evaluate_model(
@@ -41,7 +41,8 @@ def evaluate_model(
     from rlft_ray.lm.data import load_prompts, prompts_from_batch
     from rlft_ray.rollout.generation import GenerationActor
 
-    lm = dataclasses.replace(lm, model=str(model_dir), tokenizer=None)
+    # a LoRA checkpoint's policy/ loads merged: no adapters on top of it
+    lm = dataclasses.replace(lm, model=str(model_dir), tokenizer=None, lora=LoRAConfig())
     actor = GenerationActor(lm, seed=seed, num_threads=num_threads)
     table, stats = load_prompts(dataset, actor.tokenizer, lm, key="--dataset")
     prompts = prompts_from_batch(table)

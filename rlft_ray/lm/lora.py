@@ -88,13 +88,19 @@ def check_targets(model: nn.Module, lora: LoRAConfig) -> None:
         )
 
 
-def check_lora(lora: LoRAConfig, model_config: Any, init_from: str | None = None) -> None:
+def check_lora(
+    lora: LoRAConfig,
+    model_config: Any,
+    init_from: str | None = None,
+    base_path: str | None = None,
+) -> None:
     """Before Ray starts: peft is installed, the target modules exist in the architecture
-    (checked on an empty, weightless copy of the model), and an ``init_from`` checkpoint
-    holds adapters (a full model cannot seed adapters).
+    (checked on an empty, weightless copy of the model), ``lm.model`` (``base_path``) is a
+    full model, and an ``init_from`` checkpoint holds adapters trained on that same base.
 
     Raises:
-        ConfigError: Naming ``lm.lora.r`` (no peft), ``lm.lora.target_modules`` or ``init_from``.
+        ConfigError: Naming ``lm.lora.r`` (no peft), ``lm.lora.target_modules``,
+            ``lm.model`` or ``init_from``.
     """
     if not lora.enabled:
         return
@@ -104,12 +110,37 @@ def check_lora(lora: LoRAConfig, model_config: Any, init_from: str | None = None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     check_targets(skeleton, lora)
-    if init_from and not is_adapter_dir(Path(init_from).expanduser() / "policy"):
+    if base_path is not None and is_adapter_dir(base_path):
+        raise ConfigError(
+            "lm.model",
+            f"{base_path} holds LoRA adapters; new adapters need a full base model: "
+            "`rlft-ray export` that checkpoint and make the exported directory lm.model",
+        )
+    if not init_from:
+        return
+    policy = Path(init_from).expanduser() / "policy"
+    if not is_adapter_dir(policy):
         raise ConfigError(
             "init_from",
             f"{init_from} holds a full model, and lm.lora trains adapters on lm.model: "
             "init_from a LoRA run's checkpoint, or `rlft-ray export` this one and make it lm.model",
         )
+    trained_on = adapter_base(policy)
+    if base_path is not None and _same_model(trained_on, base_path) is False:
+        raise ConfigError(
+            "init_from",
+            f"{init_from}'s adapters were trained on {trained_on}, this run's lm.model is "
+            f"{base_path}: adapters only fit the base they were trained on",
+        )
+
+
+def _same_model(a: str, b: str) -> bool | None:
+    """Whether two model references name the same model (None: cannot tell)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    if not os.path.exists(a) and not os.path.exists(b):
+        return a == b
+    return False
 
 
 def apply_lora(model: nn.Module, lora: LoRAConfig, base_path: str | None = None) -> nn.Module:
@@ -136,9 +167,11 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, base_path: str | None = None)
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+    training = model.training
     with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out and says so
         warnings.simplefilter("ignore")
         wrapped = peft.get_peft_model(model, config)
+    wrapped.train(training)  # peft's new modules start in train mode; keep the model's
     if base_path is not None:
         local = os.path.exists(base_path)
         wrapped.peft_config[ADAPTER_NAME].base_model_name_or_path = (
@@ -199,7 +232,7 @@ def load_merged(directory: str | os.PathLike[str], model_kwargs: dict[str, Any])
 
     peft = require_peft()
     base = adapter_base(directory)
-    if not os.path.exists(base) and (base.startswith(("/", ".")) or os.sep in base.strip("/")):
+    if os.path.isabs(base) and not os.path.exists(base):  # local bases are written absolute
         raise FileNotFoundError(
             f"{directory} holds LoRA adapters of the base model {base}, which no longer exists"
         )
@@ -246,17 +279,17 @@ class LoRAReference(nn.Module):
             with self.peft_model.disable_adapter():
                 yield
             return
+        # in-place swaps bump the parameters' autograd versions: only between updates
+        assert not torch.is_grad_enabled(), "the LoRA reference runs under torch.no_grad()"
         live = adapter_tensors(self.peft_model)
         saved = {n: p.detach().clone() for n, p in live.items()}
-        with torch.no_grad():
+        try:
             for n, p in live.items():
                 p.copy_(self.adapters[n])
-        try:
             yield
         finally:
-            with torch.no_grad():
-                for n, p in live.items():
-                    p.copy_(saved[n])
+            for n, p in live.items():
+                p.copy_(saved[n])
 
     def set_from_policy(self) -> None:
         """The reference becomes the policy as it is now."""

@@ -91,8 +91,12 @@ class GenerationActor:
         # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
         self.model.generation_config = neutral_generation_config(self.model.generation_config)
         self.lora = lm.lora.enabled and model_path is None
-        self.merged = False  # adapters folded into the base weights (after a LoRA sync)
-        if self.lora:  # the learner publishes only adapters, merged here for fast sampling
+        # fp32 weights take the adapters merged in (sampling at the plain model's speed):
+        # merge / unmerge round-trips leave ~1e-7 relative error there, but in bf16 / fp16
+        # the rounding piles up sync after sync, so those keep the adapters unmerged (exact)
+        self.merge_lora = self.lora and next(self.model.parameters()).dtype == torch.float32
+        self.merged = False
+        if self.lora:  # the learner publishes only adapters
             self.model = apply_lora(self.model, lm.lora).eval()
             self._tensors = adapter_tensors(self.model)
         else:
@@ -124,7 +128,7 @@ class GenerationActor:
         """Load published policy weights (tensors or numpy arrays); returns the version now held.
 
         Copies straight into the parameters (dtype and device converted on the way). With
-        LoRA the weights are the adapters, merged into the base weights after the copy.
+        LoRA the weights are the adapters (merged into fp32 base weights after the copy).
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
@@ -138,11 +142,11 @@ class GenerationActor:
                 f"published weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
         with torch.no_grad():
-            if self.lora and self.merged:  # take the old adapters out before replacing them
+            if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
             for name, value in weights_from_wire(weights).items():
                 self._tensors[name].copy_(value)
-            if self.lora:  # W + (alpha / r) B A: sampling runs at the plain model's speed
+            if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True
         self.policy_version = version

@@ -25,7 +25,7 @@ import yaml
 from rlft_ray.config import ConfigError, RunConfig, from_dict
 from rlft_ray.fileio import atomic_write_text
 from rlft_ray.resources import init_ray, rollout_bundle, runs_that_fit
-from rlft_ray.tracking import check_tracking, mlflow_store_path
+from rlft_ray.tracking import check_tracking
 from rlft_ray.tune.results import best_of, collect_rows, count_exploits, write_results
 from rlft_ray.tune.spec import Dimension, SpecError, TuneSpec, load_spec
 from rlft_ray.tune.trial import COMPLETED_KEY, _run_trial, _trial_dirname, _TrialContext
@@ -290,8 +290,6 @@ def tracker_callbacks(cfg: RunConfig, experiment: str) -> list[Any]:
     if t.mlflow_uri is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        if mlflow_store_path(t.mlflow_uri) is not None:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         callbacks.append(
             MLflowLoggerCallback(tracking_uri=t.mlflow_uri, experiment_name=t.mlflow_experiment)
         )
