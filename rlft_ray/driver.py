@@ -36,6 +36,7 @@ from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.rundir import (
     ProgressBar,
     RunDirLock,
+    StartupMarks,
     plot_curve,
     remove_temp_files,
     truncate_metrics,
@@ -89,25 +90,22 @@ def run_training(
         RunInterrupted: SIGINT / SIGTERM arrived; the summary says ``interrupted``.
     """
     started = time.perf_counter()
+    marks = StartupMarks()
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
     # 1. Everything about the input that can be wrong, checked before Ray.
     cfg, probe = check_task(learner_cls, cfg)
+    marks.mark("checks")
     created = not output_dir.exists()
     with RunDirLock(output_dir), RunSignals() as signals:  # one writer per run directory
         try:
             prepare_run_dir(cfg, probe, output_dir, resume)
             # 2. Ray, data preparation on the cluster, actors.
             init_ray(address)
+            marks.mark("ray_init")
             signals.install()
-            scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
-            has_actors = learner_cls.sampler(cfg) is not None
-            check_fits(
-                cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed
-            )
-            probe = learner_cls.prepare(cfg, probe, output_dir)  # e.g. DPO's reference log-probs
-            scorers = _start_scorers(cfg) if scorers_needed else []
-            runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
+            probe, scorers, runners = _prepare_and_start_actors(learner_cls, cfg, probe, output_dir)
+            marks.mark("actors")
         except BaseException:
             if created:  # leave no half-made run directory behind
                 shutil.rmtree(output_dir, ignore_errors=True)
@@ -131,13 +129,29 @@ def run_training(
                 for actor in [*runners, *scorers]:
                     ray.kill(actor)
             # 3. Summary, learning curve, and the error with what was kept.
+            marks.mark("training")
             summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
+            summary = marks.write(output_dir, summary)
             status = summary["status"]
         finally:
             if feed:
                 feed.close(status)
     _raise_for(error, summary, output_dir)
     return summary
+
+
+def _prepare_and_start_actors(
+    learner_cls: type[Learner], cfg: RunConfig, probe: TaskProbe, output_dir: Path
+) -> tuple[TaskProbe, list[Any], list[Any]]:
+    """Check the actors and learners fit the cluster, run the learner's data preparation
+    (e.g. DPO's reference log-probs), start the scorer and rollout actors."""
+    scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
+    has_actors = learner_cls.sampler(cfg) is not None
+    check_fits(cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed)
+    probe = learner_cls.prepare(cfg, probe, output_dir)
+    scorers = _start_scorers(cfg) if scorers_needed else []
+    runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []
+    return probe, scorers, runners
 
 
 def _write_outputs(

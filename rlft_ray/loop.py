@@ -318,6 +318,7 @@ def _rollout_metrics(
         "rollout/episodes_this_iter": float(len(returns)),
         "rollout/policy_lag": float(counters.policy_version - 1 - batch.policy_version),
         "time/wall_s": counters.wall_s,
+        "time/unix": time.time(),  # wall clock: start-up breakdown, time-to-accuracy curves
     }
     if counters.recent_returns:
         out["rollout/episode_return_mean"] = float(counters.return_mean())

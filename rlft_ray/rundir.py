@@ -339,6 +339,61 @@ def write_summary(
     return summary
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), None where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StartupMarks:
+    """Where a run's wall time goes outside its iterations: process start (imports) ->
+    checks -> Ray -> actors -> the first iteration's start (Train controller, worker group,
+    learner, restore, first weight sync) ... the last iteration's end -> training returned.
+    Written to ``summary.json`` as ``startup`` and logged at debug level."""
+
+    def __init__(self) -> None:
+        age = process_age_s()
+        now = time.time()
+        self.process_start = now - age if age is not None else None
+        self.points: list[tuple[str, float]] = [("imports", now)]
+
+    def mark(self, name: str) -> None:
+        """The phase ``name`` ends now."""
+        self.points.append((name, time.time()))
+
+    def breakdown(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Seconds per phase; ``to_first_iteration_s`` from process start (or from the
+        driver's start where the process start is unknown)."""
+        origin = self.process_start if self.process_start is not None else self.points[0][1]
+        out: dict[str, float] = {}
+        prev = origin
+        for name, at in self.points:
+            if name == "training":
+                break
+            out[f"{name}_s"] = round(at - prev, 3)
+            prev = at
+        mine = [r for r in rows if r.get("time/unix", 0.0) >= self.points[0][1]]
+        end = dict(self.points).get("training")
+        if mine and end is not None:
+            first = mine[0]["time/unix"] - mine[0].get("perf/iteration_s", 0.0)
+            out["train_start_s"] = round(first - prev, 3)  # controller, workers, learner
+            out["iterations_s"] = round(mine[-1]["time/unix"] - first, 3)
+            out["train_end_s"] = round(end - mine[-1]["time/unix"], 3)
+            out["to_first_iteration_s"] = round(first - origin, 3)
+        return out
+
+    def write(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """Add the breakdown to ``summary.json``; returns the summary."""
+        summary = {**summary, "startup": self.breakdown(read_metrics(output_dir))}
+        atomic_write_json(output_dir / "summary.json", summary)
+        logger.debug("start-up breakdown: %s", summary["startup"])
+        return summary
+
+
 def plot_curve(
     output_dir: Path,
     y_key: str = "rollout/episode_return_mean",

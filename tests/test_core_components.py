@@ -281,3 +281,23 @@ def test_hold_threads_keeps_torch_and_the_tokenizer_to_the_cpus_held(
         )
     finally:
         torch.set_num_threads(before)
+
+
+def test_gym_heldout_evaluation_splits_episodes_over_runners_on_unused_seeds() -> None:
+    from rlft_ray.learners.base import HELDOUT_SEED
+
+    cfg = build_config(
+        overrides=["algo=ppo", "env.id=CartPole-v1", "eval_every=5", "eval_episodes=5", "seed=3"]
+    )
+    cls = get_learner_cls("ppo")
+    learner = cls(cfg, cls.probe(cfg).spaces, LearnerContext(0, 1))
+    requests = learner.heldout_requests(2)
+    assert requests == [(3, HELDOUT_SEED + 3), (2, HELDOUT_SEED + 6)]  # 5 episodes, no overlap
+    runner = EnvRunner(**cls.sampler_kwargs(cfg, 0))
+    runner.set_weights(learner.policy_state(), 0)
+    (version, first), (_, again) = (runner.heldout_scores(*requests[0]) for _ in range(2))
+    assert version == 0 and len(first.returns) == 3
+    assert first.returns == again.returns  # greedy on fixed seeds: repeatable
+    second = runner.heldout_scores(*requests[1])[1]
+    metrics = learner.heldout_metrics([first, second])
+    assert metrics["eval/return_mean"] == pytest.approx(np.mean(first.returns + second.returns))

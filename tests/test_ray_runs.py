@@ -46,6 +46,7 @@ def test_ppo_return_rises_and_run_dir_is_complete(
         [
             "total_env_steps=20480",
             "seed=1",
+            "eval_every=20",
             f"tracking.mlflow_uri={mlruns}",
             "tracking.wandb_project=rlft-test",
         ],
@@ -67,6 +68,14 @@ def test_ppo_return_rises_and_run_dir_is_complete(
     )
     for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
         assert key in rows[-1]
+    # held-out greedy episodes on the env runners every 20 iterations (and after the last)
+    evals = {
+        int(r["counters/iteration"]): r["eval/return_mean"] for r in rows if "eval/return_mean" in r
+    }
+    assert sorted(evals) == [20, 40] and evals[40] > 100, evals
+    startup = summary["startup"]  # where the wall time outside the iterations went
+    assert {"imports_s", "ray_init_s", "train_start_s", "iterations_s"} <= set(startup)
+    assert startup["train_start_s"] > 0 and 0 < startup["iterations_s"] < summary["wall_s"]
     # every metric is in TensorBoard too, against the iteration, with the config as text
     scalars, texts, hparams = _tensorboard(out / "tensorboard")
     assert [step for step, _ in scalars["rollout/episode_return_mean"]] == list(range(1, 41))

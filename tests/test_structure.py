@@ -10,7 +10,8 @@ import typing
 from pathlib import Path
 
 from rlft_ray.config import ALGORITHMS, RunConfig
-from rlft_ray.registry import algorithm_names
+from rlft_ray.learners.base import Learner
+from rlft_ray.registry import algorithm_names, get_learner_cls
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlft_ray"
 
@@ -104,6 +105,19 @@ def test_registry_and_schema_name_the_same_algorithms() -> None:
     assert typing.get_args(typing.get_type_hints(RunConfig)["algo"]) == ALGORITHMS
     for name in ALGORITHMS:  # each algorithm's hyperparameters live in the section of its name
         assert name in RunConfig.__dataclass_fields__, name
+        assert issubclass(get_learner_cls(name), Learner), name
+
+
+def test_a_gym_learner_does_not_import_the_lm_stack() -> None:
+    """The registry imports only the learner asked for: CartPole start-up skips transformers."""
+    code = (
+        "import sys\n"
+        "from rlft_ray.registry import get_learner_cls\n"
+        "get_learner_cls('ppo'); get_learner_cls('dqn')\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
 
 
 def test_no_file_over_500_lines_no_function_over_80() -> None:

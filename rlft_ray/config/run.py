@@ -189,7 +189,9 @@ class RunConfig:
             carries every iteration's row, so ``metrics.jsonl`` stays complete).
         eval_every: Iterations between held-out evaluations on the rollout actors (LM
             algorithms: greedy ``lm.eval_fn`` on ``lm.eval_prompts`` -> ``eval/accuracy``;
-            also after the last iteration); null: none.
+            gym: ``eval_episodes`` greedy episodes on held-out seeds ->
+            ``eval/return_mean``; also after the last iteration); null: none.
+        eval_episodes: Episodes per gym held-out evaluation, split over the env runners.
     """
 
     algo: Algorithm = "ppo"
@@ -217,6 +219,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     report_interval_s: float = 1.0
     eval_every: int | None = None
+    eval_episodes: int = 10
 
     def __post_init__(self) -> None:
         require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
@@ -241,6 +244,7 @@ class RunConfig:
         require(
             self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null"
         )
+        require(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
         require(
             self.resources.num_rollout_actors % self.resources.num_learners == 0,
             "resources.num_rollout_actors",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.config import RunConfig
 from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError
 from rlft_ray.models import space_signature
 from rlft_ray.rollout.env_runner import EnvRunner
@@ -93,6 +93,10 @@ class EvalOptions:
     limit: int | None = None
 
 
+#: Held-out evaluation episodes reset with seeds from ``seed + HELDOUT_SEED`` on.
+HELDOUT_SEED = 1_000_000
+
+
 class Learner(ABC):
     """Algorithm-specific half of the loop (PPO, DQN, ...).
 
@@ -134,13 +138,6 @@ class Learner(ABC):
         """
         from rlft_ray.rollout.env_runner import probe_spaces
 
-        if cfg.eval_every is not None:
-            raise ConfigError(
-                "eval_every",
-                f"held-out evaluation during training is implemented for the LM algorithms "
-                f"(greedy lm.eval_fn on lm.eval_prompts), not algo={cfg.algo}; "
-                "use `rlft-ray eval CHECKPOINT` on the saved checkpoints",
-            )
         spaces = Spaces(*probe_spaces(cfg.env))
         try:
             cls.make_policy(cfg, spaces)
@@ -243,12 +240,28 @@ class Learner(ABC):
 
     def heldout_requests(self, num_actors: int) -> list[tuple[Any, ...]] | None:
         """Arguments of each actor's ``heldout_scores`` call for a held-out evaluation
-        (``eval_every``), split over ``num_actors``; None: this learner has none."""
-        return None
+        (``eval_every``), split over ``num_actors``; None: this learner has none.
+
+        Gym default: ``eval_episodes`` greedy episodes split over the env runners, on
+        seeds no training reset uses (``seed + 10**6`` on)."""
+        total = self.cfg.eval_episodes
+        base, extra = divmod(total, num_actors)
+        counts = [base + (i < extra) for i in range(num_actors)]
+        starts = np.cumsum([0, *counts[:-1]])
+        return [(n, HELDOUT_SEED + self.cfg.seed + int(s)) for n, s in zip(counts, starts)]
 
     def heldout_metrics(self, results: list[Any]) -> dict[str, float]:
-        """``eval/*`` metrics from the actors' ``heldout_scores`` results."""
-        return {}
+        """``eval/*`` metrics from the actors' ``heldout_scores`` results (gym default:
+        ``eval/return_mean``, ``eval/return_std`` and, where reported, ``eval/success_rate``)."""
+        returns = [r for stats in results for r in stats.returns]
+        successes = [s for stats in results for s in stats.successes]
+        out = {
+            "eval/return_mean": float(np.mean(returns)) if returns else 0.0,
+            "eval/return_std": float(np.std(returns)) if returns else 0.0,
+        }
+        if successes:
+            out["eval/success_rate"] = float(np.mean(successes))
+        return out
 
     # -- learning ---------------------------------------------------------------------
     @abstractmethod

@@ -70,6 +70,7 @@ class EnvRunner:
             [lambda: make_env(env_cfg) for _ in range(env_cfg.num_envs_per_runner)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         )
+        self.env_cfg = env_cfg
         self.num_envs = env_cfg.num_envs_per_runner
         self.rollout_steps = rollout_steps
         self.policy = make_policy(self.env.single_observation_space, self.env.single_action_space)
@@ -163,6 +164,13 @@ class EnvRunner:
             policy_version=self.policy_version,
             episodes=episodes,
         )
+
+    def heldout_scores(self, episodes: int, seed: int) -> tuple[int, EpisodeStats]:
+        """``episodes`` greedy episodes of the policy this runner holds, on a separate env
+        seeded ``seed + i`` (held-out seeds: training resets never use them), and the
+        policy version they are of."""
+        stats = evaluate_policy(self.policy, self.env_cfg, episodes, seed, deterministic=True)
+        return self.policy_version, stats
 
     def close(self) -> None:
         """Close the vector env."""
