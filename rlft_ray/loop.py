@@ -24,7 +24,7 @@ from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
 from rlft_ray.lm.data import TableShard
 from rlft_ray.registry import get_learner_cls
-from rlft_ray.rollout.group import RunnerGroup
+from rlft_ray.rollout.group import PendingSample, RunnerGroup
 from rlft_ray.rundir import ROWS_KEY
 from rlft_ray.utils import seed_everything, torch_threads
 
@@ -44,10 +44,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.set_num_threads(torch_threads(cfg.resources.cpus_per_learner))
     seed_everything(cfg.seed + 7919 * rank)
 
-    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg.get("datasets", ())}
-    for name, table in loop_cfg.get("inline_datasets", {}).items():
-        shards[name] = TableShard(table, rank, world)
-    ctx = LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
+    ctx = _learner_context(loop_cfg, rank, world)
     learner = get_learner_cls(cfg.algo)(cfg, spaces, ctx)
     runners = _rank_runners(loop_cfg["runners"], cfg, rank, world)
     counters = restore(
@@ -60,13 +57,17 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     reporter = _Reporter(cfg, spaces, ctx)
 
     last = _finished(cfg, counters, counters.wall_s, ctx)
+    overlap = cfg.async_rollouts and not learner.offline
+    pending = _submit(learner, runners) if overlap and not last else None
     while not last:
         t0 = time.perf_counter()
-        batch = (
-            learner.next_batch(counters.policy_version)
-            if learner.offline
-            else _sample(learner, runners, counters.policy_version)
-        )
+        if learner.offline:
+            batch = learner.next_batch(counters.policy_version)
+        elif overlap:  # this batch was sampled during the last update; the next starts now
+            batch = _collect(learner, runners, pending, counters.policy_version, cfg.max_policy_lag)
+            pending = _submit(learner, runners)
+        else:
+            batch = _sample(learner, runners, counters.policy_version)
         t1 = time.perf_counter()
 
         returns, successes = _gather_episodes(batch.episodes, world)
@@ -108,6 +109,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         reporter.add(metrics, learner, counters, last=last)
 
 
+def _learner_context(loop_cfg: dict[str, Any], rank: int, world: int) -> LearnerContext:
+    """This rank's context: its device, its shards of the datasets, the whole tables."""
+    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg.get("datasets", ())}
+    for name, table in loop_cfg.get("inline_datasets", {}).items():
+        shards[name] = TableShard(table, rank, world)
+    return LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
+
+
 def _rank_runners(all_runners: list[Any], cfg: RunConfig, rank: int, world: int) -> RunnerGroup:
     """This rank's share of the rollout actors (rank 0 also publishes to the others)."""
     per_rank = len(all_runners) // world
@@ -136,6 +145,23 @@ def _sample(learner: Learner, runners: RunnerGroup, version: int) -> Any:
         lambda: (learner.policy_state(), version),
         per_actor=learner.next_sample_args(len(runners.mine)),
         version=version,
+    )
+    return type(batches[0]).concat(batches)
+
+
+def _submit(learner: Learner, runners: RunnerGroup) -> PendingSample:
+    """Start sampling the next batch with the weights the actors hold (overlapped
+    sampling): the learner's next weights queue behind it on each actor."""
+    return runners.submit(per_actor=learner.next_sample_args(len(runners.mine)))
+
+
+def _collect(
+    learner: Learner, runners: RunnerGroup, pending: PendingSample, version: int, max_lag: int
+) -> Any:
+    """The overlapped batch, sampled with a version at most ``max_lag`` behind ``version``
+    (the PPO / GRPO ratio corrects against the log-probs its sampler recorded)."""
+    batches = runners.collect(
+        pending, lambda: (learner.policy_state(), version), version=version, max_lag=max_lag
     )
     return type(batches[0]).concat(batches)
 

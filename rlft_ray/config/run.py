@@ -192,6 +192,13 @@ class RunConfig:
             gym: ``eval_episodes`` greedy episodes on held-out seeds ->
             ``eval/return_mean``; also after the last iteration); null: none.
         eval_episodes: Episodes per gym held-out evaluation, split over the env runners.
+        async_rollouts: Overlap sampling with learning: the actors sample the next batch
+            with the weights they hold while the learner updates on the last one (one
+            policy version behind; ``rollout/policy_lag`` records it per batch). The
+            PPO / GRPO ratio is taken against the log-probs the sampler recorded, which
+            corrects for the lag. Off by default: on-policy is what the papers ran.
+        max_policy_lag: With ``async_rollouts``: the most versions a batch may lag behind
+            the learner (an older batch, from an actor Ray restarted, is resampled).
     """
 
     algo: Algorithm = "ppo"
@@ -220,6 +227,8 @@ class RunConfig:
     report_interval_s: float = 1.0
     eval_every: int | None = None
     eval_episodes: int = 10
+    async_rollouts: bool = False
+    max_policy_lag: int = 1
 
     def __post_init__(self) -> None:
         require(self.total_env_steps >= 1, "total_env_steps", "must be >= 1")
@@ -245,6 +254,11 @@ class RunConfig:
             self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null"
         )
         require(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
+        require(
+            self.max_policy_lag >= 1,
+            "max_policy_lag",
+            "must be >= 1 (async_rollouts samples with the weights one update behind)",
+        )
         require(
             self.resources.num_rollout_actors % self.resources.num_learners == 0,
             "resources.num_rollout_actors",

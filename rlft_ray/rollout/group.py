@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -68,6 +69,14 @@ def make_remote_runners(
         ).remote(**kwargs_for(i))
         for i in range(count)
     ]
+
+
+@dataclass
+class PendingSample:
+    """``sample`` calls in flight on a rank's actors (:meth:`RunnerGroup.submit`)."""
+
+    calls: list[Any]
+    args: list[tuple[Any, ...]]
 
 
 class RunnerGroup:
@@ -144,18 +153,35 @@ class RunnerGroup:
         Returns:
             One batch per actor, in order.
         """
+        return self.collect(self.submit(*args, per_actor=per_actor), weights_for_recovery, version)
+
+    def submit(
+        self, *args: Any, per_actor: Sequence[tuple[Any, ...]] | None = None
+    ) -> PendingSample:
+        """Start one ``sample`` call on each of this rank's actors and return at once;
+        :meth:`collect` waits for them (overlapped sampling: the learner updates between)."""
         actor_args = [args + tuple(extra) for extra in (per_actor or [()] * len(self.mine))]
         calls = [self.all_runners[i].sample.remote(*a) for i, a in zip(self.mine, actor_args)]
+        return PendingSample(calls, actor_args)
+
+    def collect(
+        self,
+        pending: PendingSample,
+        weights_for_recovery: Callable[[], tuple[dict[str, torch.Tensor], int]],
+        version: int | None = None,
+        max_lag: int = 0,
+    ) -> list[Any]:
+        """The batches of :meth:`submit`'s calls, restoring actors that died; a batch
+        sampled with a version outside ``[version - max_lag, version]`` comes from an
+        actor Ray restarted in between: it is restored and resampled."""
         out = []
-        for i, call, a in zip(self.mine, calls, actor_args):
+        for i, call, a in zip(self.mine, pending.calls, pending.args):
             try:
                 batch = self._get(i, call)
             except (*_ACTOR_DOWN, _TimedOut) as exc:
                 batch = self._recover(i, exc, weights_for_recovery, a)
             else:
-                if version is not None and batch.policy_version != version:
-                    # Ray restarted the actor between our calls (e.g. during the weight
-                    # sync): it came back with fresh weights, so restore and resample.
+                if version is not None and not 0 <= version - batch.policy_version <= max_lag:
                     batch = self._recover(i, None, weights_for_recovery, a)
             out.append(batch)
         return out
