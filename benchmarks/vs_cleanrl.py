@@ -92,13 +92,18 @@ def main() -> None:
             result = fn(seed)
             runs[result["who"]].append(result)
             emit({"benchmark": "vs_cleanrl", **result})
+    for rs in runs.values():  # a run that never reached 450 has no time to it
+        for r in rs:
+            r["to_450_s"] = r["to_450_s"] if r["reached"] else float("inf")
     med = {
         who: {
             k: statistics.median(r[k] for r in rs) for k in ("to_450_s", "command_s", "env_steps")
         }
         for who, rs in runs.items()
     }
-    startup = [r["startup"] for r in runs["rlft_ray"] if r.get("startup")]
+    startup = [
+        r["startup"] for r in runs["rlft_ray"] if "train_start_s" in (r.get("startup") or {})
+    ]
     emit(
         {
             "benchmark": "vs_cleanrl",

@@ -205,6 +205,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rlft-ray`` / ``python -m rlft_ray``."""
+    if argv is None:  # a command of its own: the start-up breakdown counts its imports
+        from rlft_ray.rundir import count_from_process_start
+
+        count_from_process_start()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also come after the options (`train cfg.yaml --output-dir d ppo.lr=1e-3`)

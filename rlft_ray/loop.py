@@ -63,15 +63,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         if learner.offline:
             batch = learner.next_batch(counters.policy_version)
-        elif overlap:  # this batch was sampled during the last update; the next starts now
+        elif overlap:  # this batch was sampled during the last update
             batch = _collect(learner, runners, pending, counters.policy_version, cfg.max_policy_lag)
-            pending = _submit(learner, runners)
         else:
             batch = _sample(learner, runners, counters.policy_version)
         t1 = time.perf_counter()
 
         returns, successes = _gather_episodes(batch.episodes, world)
         totals = _global_counts(batch.counts(), ctx)  # ranks may hold different amounts
+        if overlap and not _budget_spent(cfg, counters, totals):
+            pending = _submit(learner, runners)  # sampled while the update below runs
         metrics = learner.update(batch, progress=_progress(cfg, counters))
         counters.iteration += 1
         counters.env_steps += int(totals["env_steps"])
@@ -92,7 +93,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
         metrics.update(_rollout_metrics(counters, returns, batch, world))
         # rates over the sampling time; an offline learner's over its whole iteration
-        rate_s = (time.perf_counter() - t0) if learner.offline else (t1 - t0)
+        # (overlapped: over the whole iteration, the time a batch takes to come in)
+        rate_s = (time.perf_counter() - t0) if learner.offline or overlap else (t1 - t0)
         metrics.update({f"perf/{k}_per_s": v / max(rate_s, 1e-9) for k, v in totals.items()})
         metrics.update(
             {
@@ -147,6 +149,14 @@ def _sample(learner: Learner, runners: RunnerGroup, version: int) -> Any:
         version=version,
     )
     return type(batches[0]).concat(batches)
+
+
+def _budget_spent(cfg: RunConfig, counters: ckpt.Counters, totals: dict[str, float]) -> bool:
+    """Whether the iteration or env-step budget ends the run after this iteration (then no
+    next batch is worth sampling)."""
+    its = cfg.total_iterations is not None and counters.iteration + 1 >= cfg.total_iterations
+    steps = counters.env_steps + int(totals.get("env_steps", 0))
+    return its or (cfg.total_env_steps is not None and steps >= cfg.total_env_steps)
 
 
 def _submit(learner: Learner, runners: RunnerGroup) -> PendingSample:

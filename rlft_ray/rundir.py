@@ -349,6 +349,16 @@ def process_age_s() -> float | None:
         return None
 
 
+#: Whether this process exists for one run (the ``rlft-ray`` command): only then does the
+#: start-up breakdown count from the process's start (imports included).
+_COUNT_FROM_PROCESS_START = [False]
+
+
+def count_from_process_start() -> None:
+    """Called by the CLI: this process runs one command, so its start is the run's start."""
+    _COUNT_FROM_PROCESS_START[0] = True
+
+
 class StartupMarks:
     """Where a run's wall time goes outside its iterations: process start (imports) ->
     checks -> Ray -> actors -> the first iteration's start (Train controller, worker group,
@@ -356,7 +366,7 @@ class StartupMarks:
     Written to ``summary.json`` as ``startup`` and logged at debug level."""
 
     def __init__(self) -> None:
-        age = process_age_s()
+        age = process_age_s() if _COUNT_FROM_PROCESS_START[0] else None
         now = time.time()
         self.process_start = now - age if age is not None else None
         self.points: list[tuple[str, float]] = [("imports", now)]

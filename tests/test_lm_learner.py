@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from rlft_ray import checkpoint as ckpt
 from rlft_ray.algorithms import aggregate_loss, aggregate_loss_parts
 from rlft_ray.cli import main
-from rlft_ray.config import build_config
+from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import LearnerContext
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.registry import get_learner_cls
@@ -255,3 +255,31 @@ def test_other_architectures_sample_and_learn(tmp_path: Path, arch: str) -> None
     )
     metrics = learner.update(batch, progress=0.0)
     assert np.isfinite(metrics["loss/value"]) and np.isfinite(metrics["loss/policy"])
+
+
+def test_async_checkpoint_keeps_the_prompts_of_the_batch_in_flight(model_dir: Path) -> None:
+    """With async_rollouts the loop takes the next batch's prompts before the update it
+    checkpoints; --resume must sample them again, not skip them."""
+
+    class Stream:  # a prompt stream that counts the batches taken
+        taken = 0
+
+        def next(self) -> list[int]:
+            self.taken += 1
+            return [self.taken] * 4
+
+        def state(self) -> dict[str, np.ndarray]:
+            return {"stream_taken": np.array(self.taken)}
+
+    for overlap, expected in ((True, 1), (False, 2)):
+        learner = make_learner("grpo", model_dir, f"async_rollouts={str(overlap).lower()}")
+        learner.core.prompts = Stream()
+        learner.next_sample_args(2)  # batch k, trained on
+        learner.next_sample_args(2)  # batch k + 1: in flight at the checkpoint when async
+        assert int(learner.rank_state()["stream_taken"]) == expected
+
+
+def test_async_rollouts_only_for_losses_that_correct_the_lag() -> None:
+    with pytest.raises(ConfigError, match="async_rollouts: algo=rsft .* no importance ratio"):
+        build_config(overrides=["algo=rsft", "async_rollouts=true"])
+    assert build_config(overrides=["algo=grpo", "async_rollouts=true"]).async_rollouts

@@ -18,6 +18,9 @@ Algorithm = Literal[
     "dpo", "dqn", "filtered_bc", "grpo", "lm_ppo", "online_dpo", "ppo", "reward_model", "rsft"
 ]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+#: Algorithms whose loss corrects for samples a version behind (PPO / GRPO ratio against
+#: the recorded log-probs; DQN learns off-policy anyway): what ``async_rollouts`` allows.
+ASYNC_ALGORITHMS: tuple[str, ...] = ("dqn", "grpo", "lm_ppo", "ppo")
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,8 @@ class RunConfig:
             PPO / GRPO ratio is taken against the log-probs the sampler recorded, which
             corrects for the lag. Off by default: on-policy is what the papers ran.
         max_policy_lag: With ``async_rollouts``: the most versions a batch may lag behind
-            the learner (an older batch, from an actor Ray restarted, is resampled).
+            the learner. The loop runs one batch ahead, so batches lag by 1; an older one
+            (from an actor Ray restarted with stale weights) is resampled.
     """
 
     algo: Algorithm = "ppo"
@@ -254,6 +258,12 @@ class RunConfig:
             self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null"
         )
         require(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
+        require(
+            not self.async_rollouts or self.algo in ASYNC_ALGORITHMS,
+            "async_rollouts",
+            f"algo={self.algo} trains on its samples as if the current policy drew them, with "
+            f"no importance ratio to correct a lag; async_rollouts is for {list(ASYNC_ALGORITHMS)}",
+        )
         require(
             self.max_policy_lag >= 1,
             "max_policy_lag",

@@ -312,6 +312,9 @@ class LMLearnerHooks:
 
     # -- per-rank hooks ------------------------------------------------------------------
     def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
+        # with async_rollouts the last prompts taken belong to the batch in flight, which
+        # no checkpoint has trained on: a checkpoint keeps the stream from before them
+        self._stream_before = self.core.prompts.state()
         return self.core.next_sample_args(num_actors)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
@@ -327,6 +330,9 @@ class LMLearnerHooks:
         self.core.reset_reference()
 
     def rank_state(self) -> dict[str, np.ndarray]:
+        in_flight = self.cfg.async_rollouts and getattr(self, "_stream_before", None) is not None
+        if in_flight:
+            return self._stream_before
         return self.core.prompts.state()  # --resume goes on where the prompt stream was
 
     def load_rank_state(self, state: dict[str, np.ndarray]) -> None:

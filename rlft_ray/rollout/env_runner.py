@@ -18,6 +18,9 @@ from rlft_ray.config import EnvConfig
 from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
 from rlft_ray.utils import hold_threads, weights_from_wire
 
+#: Longest evaluation episode of an env that sets no ``max_episode_steps``.
+MAX_EVAL_EPISODE_STEPS = 100_000
+
 
 def make_env(env_cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
     """``gymnasium.make`` for a config, importing the project's ``envs`` first."""
@@ -195,10 +198,12 @@ def evaluate_policy(
     env = make_env(env_cfg)
     stats = EpisodeStats()
     space = env.action_space
+    # an env without a time limit would never end an episode that balances forever
+    limit = getattr(env.spec, "max_episode_steps", None) or MAX_EVAL_EPISODE_STEPS
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         total, length, done, info = 0.0, 0, False, {}
-        while not done:
+        while not done and length < limit:
             action, _, _ = policy.act(
                 torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0), deterministic
             )

@@ -13,6 +13,7 @@ import torch
 from ray.actor import ActorHandle
 
 from rlft_ray.errors import DeterministicError
+from rlft_ray.types import UNSYNCED_VERSION
 from rlft_ray.utils import weights_to_wire
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ class RunnerGroup:
             except (*_ACTOR_DOWN, _TimedOut) as exc:
                 batch = self._recover(i, exc, weights_for_recovery, a)
             else:
-                if version is not None and not 0 <= version - batch.policy_version <= max_lag:
+                lag = None if version is None else version - batch.policy_version
+                unsynced = batch.policy_version == UNSYNCED_VERSION  # never got weights
+                if lag is not None and (unsynced or not 0 <= lag <= max_lag):
                     batch = self._recover(i, None, weights_for_recovery, a)
             out.append(batch)
         return out
