@@ -254,6 +254,7 @@ def test_run_that_cannot_be_placed_fails_with_numbers(tmp_path: Path) -> None:
         run_training(cfg, tmp_path / "big", progress=False)
 
 
+@pytest.mark.slow
 def test_async_rollouts_sample_one_version_behind_and_still_learn(tmp_path: Path) -> None:
     """Overlapped sampling: every batch after the first comes from the weights one update
     behind (recorded per batch), and PPO's ratio against the recorded log-probs still
