@@ -1,0 +1,185 @@
+"""GRPO side by side with TRL's ``GRPOTrainer`` (``pip install -e ".[bench]"``).
+
+Both train the same SFT base (``--base``, e.g. ``runs/q/sft_base`` from ``rlft-ray
+quickstart``) on the same prompts (``data/arith_train.jsonl``, exact-match reward) with the
+quickstart RL phase's settings: 500 steps of 16 prompts x 8 completions, at most 8 new
+tokens, temperature 1, no KL (beta 0), clip 0.2, group-normalised advantages,
+sequence-mean-token-mean loss (TRL's ``loss_type="grpo"``), constant lr 5e-4, grad norm 1.
+TRL runs in one process with both cores; rlft_ray runs its example (2 generation actors +
+1 learner). Each in a fresh process, per seed, alternating. Printed: iterations/s of the
+training loop, the command's wall seconds, and held-out greedy exact-match on
+``data/arith_test.jsonl`` of the final model (the same scorer for both).
+
+Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, emit
+
+
+def trl_run(base: str, out: str, seed: int, steps: int) -> None:
+    """In a fresh process: TRL's GRPOTrainer; prints one JSON line."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from envs.arithmetic import exact_match
+    from rlft_ray.config import build_config
+    from rlft_ray.lm.evaluate import evaluate_model
+
+    torch.set_num_threads(2)
+
+    def reward(
+        prompts: list[str], completions: list[str], answer: list, **_: object
+    ) -> list[float]:
+        return exact_match(prompts, completions, [{"answer": a} for a in answer])
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    data = load_dataset("json", data_files=str(ROOT / "data" / "arith_train.jsonl"), split="train")
+    args = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=128,  # completions per step: 16 prompts x 8
+        num_generations=8,
+        max_completion_length=8,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=5e-4,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=steps,
+        num_iterations=1,
+        use_cpu=True,
+        disable_dropout=True,
+        save_strategy="no",
+        logging_steps=50,
+        report_to="none",
+        seed=seed,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    trainer.save_model(out)
+    tokenizer.save_pretrained(out)
+    lm = build_config(ROOT / "examples" / "arithmetic_grpo.yaml").lm
+    acc = evaluate_model(out, ROOT / "data" / "arith_test.jsonl", lm)["accuracy"]
+    print(json.dumps({"train_s": train_s, "accuracy": acc}), flush=True)
+
+
+def trl(base: str, seed: int, steps: int) -> dict:
+    out = tempfile.mkdtemp(prefix="rlft_vs_trl_")
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trl-run", base, out, str(seed), str(steps)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "who": "trl",
+        "seed": seed,
+        "iterations_per_s": round(steps / r["train_s"], 2),
+        "train_s": round(r["train_s"], 1),
+        "command_s": round(time.time() - start, 1),
+        "eval_accuracy": round(r["accuracy"], 3),
+    }
+
+
+def ours(base: str, seed: int, steps: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="rlft_vs_trl_")) / "run"
+    start = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlft_ray",
+            "train",
+            "examples/arithmetic_grpo.yaml",
+            f"lm.model={base}",
+            f"seed={seed}",
+            f"total_iterations={steps}",
+            f"eval_every={steps}",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    end = time.time()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    loop_s = rows[-1]["time/wall_s"]
+    return {
+        "who": "rlft_ray",
+        "seed": seed,
+        "iterations_per_s": round(steps / loop_s, 2),
+        "train_s": round(loop_s, 1),
+        "command_s": round(end - start, 1),
+        "eval_accuracy": round(rows[-1]["eval/accuracy"], 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", default=str(ROOT / "runs" / "q" / "sft_base"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--trl-run", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trl_run:
+        base, out, seed, steps = args.trl_run
+        trl_run(base, out, int(seed), int(steps))
+        return
+    runs: dict[str, list[dict]] = {"trl": [], "rlft_ray": []}
+    for seed in args.seeds:
+        for fn in (trl, ours):
+            r = fn(str(Path(args.base).resolve()), seed, args.steps)
+            runs[r["who"]].append(r)
+            emit({"benchmark": "vs_trl_grpo", **r})
+    med = {
+        who: {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("iterations_per_s", "command_s", "eval_accuracy")
+        }
+        for who, rs in runs.items()
+    }
+    emit(
+        {
+            "benchmark": "vs_trl_grpo",
+            "seeds": args.seeds,
+            "steps": args.steps,
+            **{f"{who}_{k}": v for who, m in med.items() for k, v in m.items()},
+            "ratio_iterations_per_s": round(
+                med["rlft_ray"]["iterations_per_s"] / med["trl"]["iterations_per_s"], 2
+            ),
+            "ratio_command_s": round(med["rlft_ray"]["command_s"] / med["trl"]["command_s"], 2),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
