@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.group import RunnerGroup, make_remote_runners
 from rlft_ray.rundir import read_metrics
-from rlft_ray.types import Prompt
+from rlft_ray.types import UNSYNCED_VERSION, Prompt
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -88,6 +89,15 @@ def test_an_actor_restarted_before_it_holds_version_0_is_restored_not_trusted(
         group = RunnerGroup(actors, mine=[0])
         group.publish(weights, version=0)
         ray.kill(actors[0], no_restart=False)  # Ray restarts it with lm.model's weights
+        deadline = time.monotonic() + 60
+        while True:  # ray.kill is asynchronous: wait until the restarted actor answers
+            try:
+                if ray.get(actors[0].get_version.remote(), timeout=10) == UNSYNCED_VERSION:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the killed actor did not come back"
+            time.sleep(0.1)
         prompts = [Prompt(t, tok(t)["input_ids"], {"answer": "0"}) for t in ("1+2=", "33+4=")]
         (batch,) = group.sample(lambda: (weights, 0), per_actor=[(prompts,)], version=0)
         assert group.restarts == 1 and batch.policy_version == 0
