@@ -20,11 +20,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, emit
+from _common import ROOT, emit, train_cli
 
 
 def cleanrl(seed: int) -> dict:
@@ -48,28 +47,9 @@ def cleanrl(seed: int) -> dict:
 
 
 def ours(seed: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="rlft_vs_cleanrl_")) / "run"
     start = time.time()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlft_ray",
-            "train",
-            "examples/cartpole_ppo.yaml",
-            "stop_return=450",
-            f"seed={seed}",
-            "--output-dir",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    end = time.time()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = train_cli("examples/cartpole_ppo.yaml", ["stop_return=450", f"seed={seed}"])
+    out = Path(summary["output_dir"])
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {
         "who": "rlft_ray",
@@ -77,7 +57,7 @@ def ours(seed: int) -> dict:
         "reached": (summary["episode_return_mean"] or 0) >= 450,
         "env_steps": summary["env_steps"],
         "to_450_s": round(last["time/unix"] - start, 2),
-        "command_s": round(end - start, 2),
+        "command_s": summary["command_wall_s"],
         "startup": summary.get("startup"),
     }
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, emit
+from _common import ROOT, emit, train_cli
 
 
 def trl_run(base: str, out: str, seed: int, steps: int) -> None:
@@ -108,37 +108,18 @@ def trl(base: str, seed: int, steps: int) -> dict:
 
 
 def ours(base: str, seed: int, steps: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="rlft_vs_trl_")) / "run"
-    start = time.time()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlft_ray",
-            "train",
-            "examples/arithmetic_grpo.yaml",
-            f"lm.model={base}",
-            f"seed={seed}",
-            f"total_iterations={steps}",
-            f"eval_every={steps}",
-            "--output-dir",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
+    summary = train_cli(
+        "examples/arithmetic_grpo.yaml",
+        [f"lm.model={base}", f"seed={seed}", f"total_iterations={steps}", f"eval_every={steps}"],
     )
-    end = time.time()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    rows = [json.loads(x) for x in (Path(summary["output_dir"]) / "metrics.jsonl").open()]
     loop_s = rows[-1]["time/wall_s"]
     return {
         "who": "rlft_ray",
         "seed": seed,
         "iterations_per_s": round(steps / loop_s, 2),
         "train_s": round(loop_s, 1),
-        "command_s": round(end - start, 1),
+        "command_s": round(summary["command_wall_s"], 1),
         "eval_accuracy": round(rows[-1]["eval/accuracy"], 3),
     }
 

@@ -38,6 +38,7 @@ from rlft_ray.rundir import (
     RunDirLock,
     StartupMarks,
     plot_curve,
+    read_metrics,
     remove_temp_files,
     truncate_metrics,
     write_summary,
@@ -130,8 +131,9 @@ def run_training(
                     ray.kill(actor)
             # 3. Summary, learning curve, and the error with what was kept.
             marks.mark("training")
-            summary = _write_outputs(output_dir, cfg, learner_cls, probe, fit, error, started)
-            summary = marks.write(output_dir, summary)
+            summary = _write_outputs(
+                output_dir, cfg, learner_cls, probe, fit, error, started, marks
+            )
             status = summary["status"]
         finally:
             if feed:
@@ -162,12 +164,16 @@ def _write_outputs(
     fit: Attempts,
     error: BaseException | None,
     started: float,
+    marks: StartupMarks,
 ) -> dict[str, Any]:
-    """``summary.json`` (with ``status``) and the learning curve; temp leftovers removed."""
+    """``summary.json`` (with ``status`` and the ``startup`` breakdown) and the learning
+    curve; temp leftovers removed."""
     remove_temp_files(output_dir)
+    startup = marks.breakdown(read_metrics(output_dir))
+    logger.debug("start-up breakdown: %s", startup)
     status = "interrupted" if isinstance(error, Interrupt) else "failed" if error else "completed"
     extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": failure_cause(error)}
-    extra.update({"learner_restarts": fit.restarts, **probe.info})
+    extra.update({"learner_restarts": fit.restarts, **probe.info, "startup": startup})
     summary = write_summary(output_dir, time.perf_counter() - started, extra)
     y_key, x_key, png = learner_cls.curve
     plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)

@@ -7,6 +7,7 @@ sample (this rank's rollout actors) -> learner.update -> rank 0 publishes weight
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -154,9 +155,12 @@ def _sample(learner: Learner, runners: RunnerGroup, version: int) -> Any:
 def _budget_spent(cfg: RunConfig, counters: ckpt.Counters, totals: dict[str, float]) -> bool:
     """Whether the iteration or env-step budget ends the run after this iteration (then no
     next batch is worth sampling)."""
-    its = cfg.total_iterations is not None and counters.iteration + 1 >= cfg.total_iterations
-    steps = counters.env_steps + int(totals.get("env_steps", 0))
-    return its or (cfg.total_env_steps is not None and steps >= cfg.total_env_steps)
+    after = dataclasses.replace(
+        counters,
+        iteration=counters.iteration + 1,
+        env_steps=counters.env_steps + int(totals.get("env_steps", 0)),
+    )
+    return _progress(cfg, after) >= 1.0
 
 
 def _submit(learner: Learner, runners: RunnerGroup) -> PendingSample:

@@ -363,7 +363,7 @@ class StartupMarks:
     """Where a run's wall time goes outside its iterations: process start (imports) ->
     checks -> Ray -> actors -> the first iteration's start (Train controller, worker group,
     learner, restore, first weight sync) ... the last iteration's end -> training returned.
-    Written to ``summary.json`` as ``startup`` and logged at debug level."""
+    The driver puts :meth:`breakdown` into ``summary.json`` as ``startup``."""
 
     def __init__(self) -> None:
         age = process_age_s() if _COUNT_FROM_PROCESS_START[0] else None
@@ -395,13 +395,6 @@ class StartupMarks:
             out["train_end_s"] = round(end - mine[-1]["time/unix"], 3)
             out["to_first_iteration_s"] = round(first - origin, 3)
         return out
-
-    def write(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-        """Add the breakdown to ``summary.json``; returns the summary."""
-        summary = {**summary, "startup": self.breakdown(read_metrics(output_dir))}
-        atomic_write_json(output_dir / "summary.json", summary)
-        logger.debug("start-up breakdown: %s", summary["startup"])
-        return summary
 
 
 def plot_curve(
