@@ -198,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="most pairs per prompt (best vs worst first)",
     )
+    pr.add_argument(
+        "--name",
+        default="arith_prefs",
+        help="writes <out>/<name>_train.jsonl and <out>/<name>_test.jsonl",
+    )
     pr.add_argument("--temperature", type=float, default=1.0)
     pr.add_argument("--seed", type=int, default=0)
     return p
@@ -461,7 +466,7 @@ def _make_arith_prefs(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "make-arith-prefs", f"{prompts} not found (rlft-ray make-arith-data {args.out})"
             )
-        out = args.out / f"arith_prefs_{split}.jsonl"
+        out = args.out / f"{args.name}_{split}.jsonl"
         info = label_pairs(
             model, prompts, out, cfg.lm, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt
         )

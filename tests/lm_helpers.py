@@ -66,6 +66,8 @@ def first_step_grads(learner, batch: Any) -> dict[str, torch.Tensor]:
     """Gradients the optimizer sees at its first step of ``learner.update(batch)``."""
     module = learner.core.policy if hasattr(learner, "core") else learner.model
     params = dict(module.named_parameters())
+    if getattr(learner, "own_head", False):  # a reward model's untied LM head (sft_coef)
+        params.update({f"lm_head.{n}": p for n, p in learner.lm_head.named_parameters()})
     seen: dict[str, torch.Tensor] = {}
     step = learner.optimizer.step
 

@@ -194,13 +194,36 @@ def test_micro_batches_give_the_gradient_of_one_batch(model_dir: Path, pairs_fil
             torch.testing.assert_close(grads_parts[k], g, atol=2e-6, rtol=1e-4, msg=f"{extra}: {k}")
 
 
-def _ddp_worker(rank: int, port: int, model_dir: str, pairs: str, out: str) -> None:
+def _untied_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir``'s LM with its own output layer (untied from the input embeddings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tied = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = tied.config
+    config.tie_word_embeddings = False
+    untied = type(tied)(config)
+    untied.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.transformer.wte.weight.copy_(tied.transformer.wte.weight)
+        untied.lm_head.weight.copy_(1.5 * tied.transformer.wte.weight)  # differs from E
+    untied.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def untied_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _untied_copy(model_dir, tmp_path_factory.mktemp("untied") / "lm")
+
+
+def _ddp_worker(rank: int, port: int, model_dir: str, pairs: str, out: str, untied: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for name, cls, extra in DDP_CASES:
             torch.manual_seed(0)
-            learner = _learner(cls, Path(model_dir), Path(pairs), *extra, rank=rank, world=2)
+            model = Path(untied if "untied" in name else model_dir)
+            learner = _learner(cls, model, Path(pairs), *extra, rank=rank, world=2)
             torch.save(
                 first_step_grads(learner, learner.next_batch(0)), Path(out) / f"{name}-{rank}.pt"
             )
@@ -233,21 +256,37 @@ DDP_CASES = [
             "reward_model.shuffle=false",
         ],
     ),
+    *(
+        (
+            f"rm_sft_{kind}",
+            RewardModelLearner,
+            [
+                "algo=reward_model",
+                "reward_model.sft_coef=0.5",
+                "reward_model.batch_size=8",
+                "reward_model.micro_batch_size=3",
+                "reward_model.shuffle=false",
+            ],
+        )
+        for kind in ("tied", "untied")
+    ),
 ]
 
 
 def test_two_ddp_ranks_match_one_on_the_same_global_batch(
-    model_dir: Path, pairs_file: Path, tmp_path: Path
+    model_dir: Path, pairs_file: Path, untied_dir: Path, tmp_path: Path
 ) -> None:
     mp.spawn(
-        _ddp_worker, args=(free_port(), str(model_dir), str(pairs_file), str(tmp_path)), nprocs=2
+        _ddp_worker,
+        args=(free_port(), str(model_dir), str(pairs_file), str(tmp_path), str(untied_dir)),
+        nprocs=2,
     )
     tok = load_model_and_tokenizer(model_dir)[1]
     table, _ = load_pairs(pairs_file, tok, _cfg(model_dir, pairs_file).lm)
     # rank r read rows r, r+2, ... of the table, 4 each: the global batch is rows 0..7
     for name, cls, extra in DDP_CASES:
         torch.manual_seed(0)
-        alone = _learner(cls, model_dir, pairs_file, *extra)
+        alone = _learner(cls, untied_dir if "untied" in name else model_dir, pairs_file, *extra)
         rows = pd.concat([table.iloc[0::2].iloc[:4], table.iloc[1::2].iloc[:4]])
         grads = first_step_grads(alone, pair_batch(rows, tok.pad_token_id))
         ranks = [torch.load(tmp_path / f"{name}-{r}.pt") for r in range(2)]
@@ -286,6 +325,55 @@ def test_reward_model_learns_and_serves_the_same_scores(
     with torch.no_grad():
         chosen, rejected = pair_scores(learner.model, t)
     assert got == pytest.approx([float(chosen), float(rejected)], abs=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reward_model_sft_term_is_the_chosen_nll_through_the_lm_head(
+    model_dir: Path, untied_dir: Path, pairs_file: Path, tmp_path: Path, tied: bool
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = model_dir if tied else untied_dir
+    extra = ["reward_model.batch_size=8", "reward_model.micro_batch_size=3"]
+    torch.manual_seed(0)  # the same scalar head for both learners
+    learner = _learner(
+        RewardModelLearner,
+        model,
+        pairs_file,
+        "algo=reward_model",
+        "reward_model.sft_coef=0.5",
+        *extra,
+    )
+    batch = learner.next_batch(0)
+    t = pair_tensors(batch, torch.device("cpu"))
+    # by hand: the causal LM's mean token NLL of each chosen completion after its prompt
+    causal = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = torch.cat([t["prompt_ids"], t["chosen_ids"]], 1)
+    mask = torch.cat([t["prompt_mask"], t["chosen_mask"]], 1).long()
+    with torch.no_grad():
+        logits = causal(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)
+        ).logits
+    p, m = t["prompt_ids"].shape[1], t["chosen_mask"].float()
+    logp = torch.log_softmax(logits[:, p - 1 : -1], -1)
+    logp = logp.gather(-1, t["chosen_ids"].unsqueeze(-1)).squeeze(-1)
+    expected = float((-(logp * m).sum(-1) / m.sum(-1)).mean())
+    metrics = learner.update(batch, 0.5)  # past the warm-up: the step moves the weights
+    assert metrics["loss/sft"] == pytest.approx(expected, rel=1e-4)
+    # the BT loss alone gives the same loss/rm and no loss/sft
+    torch.manual_seed(0)
+    plain = _learner(RewardModelLearner, model, pairs_file, "algo=reward_model", *extra)
+    plain_metrics = plain.update(plain.next_batch(0), 0.5)
+    assert "loss/sft" not in plain_metrics
+    assert plain_metrics["loss/rm"] == pytest.approx(metrics["loss/rm"], rel=1e-5)
+    # an untied head is trained and checkpointed beside the scorer; a tied one is the embeddings
+    assert ("lm_head" in learner.modules()) is not tied
+    if not tied:
+        head = dict(learner.lm_head.named_parameters())["weight"]
+        torch.testing.assert_close(
+            head.detach(), causal.lm_head.weight, atol=0.05, rtol=0.05
+        )  # loaded from the causal LM, moved by one step
+        assert not torch.equal(head.detach(), causal.lm_head.weight)
 
 
 def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Path) -> None:
@@ -379,3 +467,38 @@ def test_pair_runs_check_their_inputs_before_ray(model_dir: Path, pairs_file: Pa
         _cfg(model_dir, pairs_file, "algo=dpo", "dpo.num_epochs=3", "dpo.batch_size=8")
     )
     assert probe.cfg.total_iterations == 12 and probe.info["pairs/kept"] == 32  # 3 x 32 / 8
+
+
+def test_ranked_pairs_put_best_against_worst_first_and_skip_duplicates() -> None:
+    from types import SimpleNamespace
+
+    from rlft_ray.lm.preference_data import _ranked_pairs
+
+    # one group of 5: "12" twice (correct), "13" and "" wrong, "22" wrong
+    batch = SimpleNamespace(
+        group_size=5,
+        prompts=["5+7="] * 5,
+        completions=["13", "12", "12", " ", "22"],
+        rewards=np.array([0.0, 1.0, 1.0, 0.0, 0.0]),
+    )
+    rows = _ranked_pairs(batch, 0, limit=8)
+    # distinct non-empty texts: "13", "12", "22"; one correct, so two pairs, worst (last) first
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("12", "22"), ("12", "13")]
+    assert _ranked_pairs(batch, 0, limit=1) == rows[:1]
+    flat = SimpleNamespace(**{**vars(batch), "rewards": np.ones(5)})
+    assert _ranked_pairs(flat, 0, limit=8) == []
+
+
+def test_make_arith_prefs_writes_the_named_files(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from rlft_ray.cli import main
+
+    assert main(["make-arith-data", str(tmp_path), "--train", "12", "--test", "4"]) == 0
+    argv = ["make-arith-prefs", str(tmp_path), "--from", str(model_dir), "--samples", "4"]
+    assert main([*argv, "--pairs-per-prompt", "3", "--name", "rm_prefs"]) == 0
+    out = capsys.readouterr().out
+    for split, prompts in (("train", 12), ("test", 4)):
+        path = tmp_path / f"rm_prefs_{split}.jsonl"
+        assert path.is_file() and f"from {prompts} prompts to {path}" in out
+        # a random model never answers right: every prompt is flat, so no pair is made
+        assert path.read_text() == "" and f"({prompts} prompts had no reward spread)" in out
+    assert not (tmp_path / "arith_prefs_train.jsonl").exists()

@@ -125,12 +125,18 @@ class RewardModelConfig:
 
     The model is ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``,
     one label) scoring the last token of prompt + completion; the loss is
-    -log sigma(r_chosen - r_rejected - margin). Each iteration is one optimizer step on
+    -log sigma(r_chosen - r_rejected - margin), plus ``sft_coef`` times the chosen
+    completion's NLL through the model's LM head. Each iteration is one optimizer step on
     ``batch_size`` pairs over all ranks; ``eval_every`` measures the pairwise accuracy on
     ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
 
     Attributes:
         margin: m in the loss (0: plain Bradley-Terry).
+        sft_coef: Weight of the chosen completions' mean token NLL, read from the scorer's
+            last hidden states through the LM head (hidden-state regularisation: GRM,
+            Yang et al. 2024). It keeps the backbone a language model, so the score
+            generalises to completions the pairs did not show; 0 (default): plain
+            Bradley-Terry.
         num_epochs: Passes over the pairs (sets the run's iterations).
         batch_size: Pairs per optimizer step, over all ranks.
         micro_batch_size: Pairs per forward/backward.
@@ -139,6 +145,7 @@ class RewardModelConfig:
     """
 
     margin: float = 0.0
+    sft_coef: float = 0.0
     num_epochs: int = 1
     batch_size: int = 32
     micro_batch_size: int = 16
@@ -152,6 +159,7 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         check_optimizer(self)
         require(self.margin >= 0, "margin", "must be >= 0")
+        require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
         require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")

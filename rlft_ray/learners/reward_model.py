@@ -2,7 +2,8 @@
 
 ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
 scores prompt + completion at its last token; the loss is -log sigma(r_chosen - r_rejected
-- margin) (Ouyang et al. 2022). Each iteration is one optimizer step on
+- margin) (Ouyang et al. 2022), plus with ``reward_model.sft_coef`` the chosen completion's
+NLL through the LM head (GRM's hidden-state regularisation, Yang et al. 2024). Each iteration is one optimizer step on
 ``reward_model.batch_size`` pairs over all ranks (DDP, micro-batched); ``eval_every``
 measures the pairwise accuracy on ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
 Checkpoints hold ``policy/``, a ``save_pretrained`` directory of the reward model and its
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import bradley_terry_losses, lr_factor
+from rlft_ray.algorithms import bradley_terry_losses, lr_factor, sequence_logps
+from rlft_ray.algorithms.lm import sequence_logprobs
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import wrap_ddp
@@ -33,15 +35,15 @@ from rlft_ray.types import PairBatch
 HELDOUT_PAIRS = "heldout_pairs"
 
 
-def pair_scores(
-    model: nn.Module, sub: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[b]`` scores of prompt + chosen and of prompt + rejected, in one forward.
+def pair_forward(
+    model: nn.Module, sub: dict[str, torch.Tensor], hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[2b]`` scores of prompt + chosen then prompt + rejected, in one forward, and with
+    ``hidden`` the ``[2b, P + L, H]`` last hidden states (for the SFT term).
 
     The prompt is left-padded and the completions right-padded, so positions count from
     each row's first real token and the model scores its last non-padding token.
     """
-    b = sub["prompt_ids"].shape[0]
     ids = torch.cat(
         [sub["prompt_ids"].repeat(2, 1), torch.cat([sub["chosen_ids"], sub["rejected_ids"]])], 1
     )
@@ -49,8 +51,92 @@ def pair_scores(
         [sub["prompt_mask"].repeat(2, 1), torch.cat([sub["chosen_mask"], sub["rejected_mask"]])], 1
     ).long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    scores = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 0].float()
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden
+    )
+    return out.logits[:, 0].float(), out.hidden_states[-1] if hidden else None
+
+
+def pair_scores(
+    model: nn.Module, sub: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b]`` scores of prompt + chosen and of prompt + rejected, in one forward."""
+    scores, _ = pair_forward(model, sub)
+    b = sub["prompt_ids"].shape[0]
     return scores[:b], scores[b:]
+
+
+def chosen_nll(
+    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Mean token NLL of each chosen completion, read from the scorer's hidden states.
+
+    ``nll_i = -1/|y_i| sum_t log softmax(W h_{i, P+t-1})[y_{i,t}]``: the hidden state before
+    each completion token, through the LM head ``W`` (GRM, Yang et al. 2024).
+
+    Args:
+        hidden: ``[b, P + L, H]`` last hidden states of prompt + chosen.
+        lm_head: Maps ``[..., H]`` to ``[..., V]`` logits.
+        sub: The pair tensors (``prompt_ids`` ``[b, P]``, ``chosen_ids`` / ``chosen_mask`` ``[b, L]``).
+
+    Returns:
+        ``[b]`` NLLs.
+    """
+    p = sub["prompt_ids"].shape[1]
+    mask = sub["chosen_mask"]
+    logits = lm_head(hidden[:, p - 1 : -1])
+    tokens = sub["chosen_ids"].masked_fill(mask == 0, 0)  # an added <pad> may be past the head
+    return -sequence_logps(sequence_logprobs(logits, tokens), mask, average=True)
+
+
+class TiedLMHead(nn.Module):
+    """The LM head of a model with tied embeddings: logits = h E^T with the scorer's own
+    input embeddings ``E`` (so the SFT term trains them along with the rest)."""
+
+    def __init__(self, embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.embeddings = [embeddings]  # a list: not a submodule, E stays the scorer's
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.embeddings[0].weight.T
+
+
+class ScorerWithLMHead(nn.Module):
+    """The scorer and an untied model's own LM head as one module, so DDP averages the
+    head's gradients too; its forward is the scorer's."""
+
+    def __init__(self, scorer: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.scorer, self.lm_head = scorer, lm_head
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.scorer(**kwargs)
+
+
+def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> tuple[nn.Module, bool]:
+    """The LM head the SFT term reads hidden states through, and whether it is separate.
+
+    Tied embeddings: the scorer's input embeddings. Otherwise the causal LM's own output
+    layer, loaded from ``lm.model`` once (the sequence classifier drops it), trained with
+    the scorer and checkpointed as ``lm_head.safetensors``.
+    """
+    if getattr(scorer.config, "tie_word_embeddings", False):
+        return TiedLMHead(scorer.get_input_embeddings()), False
+    from transformers import AutoModelForCausalLM
+
+    from rlft_ray.lm.loading import resolve_model_path
+
+    causal = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(cfg.lm.model), trust_remote_code=cfg.lm.trust_remote_code
+    )
+    if vocab > causal.get_input_embeddings().num_embeddings:
+        causal.resize_token_embeddings(vocab)
+    head = causal.get_output_embeddings()
+    if head is None:
+        raise ConfigError(
+            "reward_model.sft_coef", f"{cfg.lm.model} has no LM head to read the hidden states"
+        )
+    return head.float(), True
 
 
 class RewardModelLearner(Learner):
@@ -73,9 +159,17 @@ class RewardModelLearner(Learner):
         self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
-        self.net = wrap_ddp(self.model, ctx)
+        self.lm_head: nn.Module | None = None  # the SFT term's head (sft_coef > 0)
+        self.own_head = False  # an untied model's own head: trained and checkpointed here
+        trained: nn.Module = self.model
+        if self.hp.sft_coef > 0:
+            self.lm_head, self.own_head = load_lm_head(cfg, self.model, len(self.tokenizer))
+            if self.own_head:
+                trained = ScorerWithLMHead(self.model, self.lm_head)
+        self.net = wrap_ddp(trained, ctx)
+        self.params = list(trained.parameters())
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+            self.params, lr=self.hp.lr, weight_decay=self.hp.weight_decay
         )
         self.pairs = ShardStream(
             ctx.datasets.get(PAIRS),
@@ -144,6 +238,8 @@ class RewardModelLearner(Learner):
 
     # -- per-rank hooks ------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
+        if self.own_head and self.lm_head is not None:
+            return {"policy": self.model, "lm_head": self.lm_head}
         return {"policy": self.model}
 
     def save_extras(self, path: Path) -> None:
@@ -175,8 +271,11 @@ class RewardModelLearner(Learner):
             group["lr"] = lr
 
         def loss(sub: dict[str, torch.Tensor], weight: torch.Tensor) -> Any:
-            chosen, rejected = pair_scores(self.net, sub)
+            scores, hidden = pair_forward(self.net, sub, hidden=self.lm_head is not None)
+            b = sub["prompt_ids"].shape[0]
+            chosen, rejected = scores[:b], scores[b:]
             losses = bradley_terry_losses(chosen, rejected, hp.margin)
+            total = (losses * weight).sum()
             stats = {
                 "loss/rm": losses.detach(),
                 "rewards/chosen": chosen.detach(),
@@ -184,12 +283,16 @@ class RewardModelLearner(Learner):
                 "rewards/accuracies": (chosen > rejected).float(),
                 "rewards/margins": (chosen - rejected).detach(),
             }
-            return (losses * weight).sum(), stats
+            if hidden is not None and self.lm_head is not None:
+                nll = chosen_nll(hidden[:b], self.lm_head, sub)
+                total = total + hp.sft_coef * (nll * weight).sum()
+                stats["loss/sft"] = nll.detach()
+            return total, stats
 
         metrics = pair_steps(
             self.ctx,
             self.net,
-            list(self.model.parameters()),
+            self.params,
             self.optimizer,
             pair_tensors(batch, self.ctx.device),
             loss,
