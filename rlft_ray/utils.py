@@ -53,3 +53,19 @@ def weights_from_wire(weights: dict[str, Any]) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # arrays from the object store are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
         return {k: torch.as_tensor(v) for k, v in weights.items()}
+
+
+def fused_optimizer(
+    cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """``cls(params, fused=True, **kwargs)`` (Adam / AdamW) where torch has a fused kernel
+    for the parameters' device and dtypes, else the default implementation.
+
+    The fused kernel updates every tensor in one call; the default loops over them in
+    Python, which is most of a small model's optimizer step on a CPU. Same update rule.
+    """
+    params = list(params)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return cls(params, **kwargs)

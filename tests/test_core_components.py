@@ -301,3 +301,29 @@ def test_gym_heldout_evaluation_splits_episodes_over_runners_on_unused_seeds() -
     second = runner.heldout_scores(*requests[1])[1]
     metrics = learner.heldout_metrics([first, second])
     assert metrics["eval/return_mean"] == pytest.approx(np.mean(first.returns + second.returns))
+
+
+def test_fused_optimizer_takes_the_same_steps_and_falls_back_without_a_kernel() -> None:
+    from rlft_ray.utils import fused_optimizer
+
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    fused_w, plain_w = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    fused = fused_optimizer(torch.optim.AdamW, [fused_w], lr=0.1, weight_decay=0.01)
+    plain = torch.optim.AdamW([plain_w], lr=0.1, weight_decay=0.01)
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    for step in range(3):
+        for w, opt in ((fused_w, fused), (plain_w, plain)):
+            opt.zero_grad()
+            ((w - step) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(fused_w, plain_w)
+
+    class NoKernel(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            if kwargs.get("fused"):
+                raise RuntimeError("`fused=True` requires all the params to be ... supported")
+            super().__init__(params, **kwargs)
+
+    fallback = fused_optimizer(NoKernel, [torch.nn.Parameter(w0.clone())], lr=0.1)
+    assert not fallback.param_groups[0]["fused"]

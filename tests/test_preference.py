@@ -123,7 +123,12 @@ def test_conversational_pairs_go_through_the_chat_template(model_dir: Path, tmp_
     ]
 
 
-def test_concatenated_forward_equals_separate_ones(model_dir: Path, pairs_file: Path) -> None:
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_shared_prompt_forward_equals_separate_ones(
+    model_dir: Path, pairs_file: Path, tmp_path: Path, arch: str
+) -> None:
+    if arch != "gpt2":  # rotary positions and grouped KV heads through the shared cache
+        model_dir = make_tiny_model(tmp_path / arch, arch=arch, n_layer=2, hidden=32, n_head=4)
     model, tok = load_model_and_tokenizer(model_dir)
     net = PolicyWithValueHead(model.eval())
     table, _ = load_pairs(pairs_file, tok, _cfg(model_dir, pairs_file).lm)
@@ -135,6 +140,27 @@ def test_concatenated_forward_equals_separate_ones(model_dir: Path, pairs_file: 
         )
         want = (out.logprobs * t[f"{key}_mask"]).sum(-1)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and the gradients through the shared prompt's keys and values are the same too
+    grads = []
+    for shared in (True, False):
+        net.zero_grad()
+        if shared:
+            chosen, rejected, _ = pair_logps(net, t)
+        else:
+            chosen, rejected = (
+                (response_forward(net, t["prompt_ids"], t["prompt_mask"], ids, m).logprobs * m).sum(
+                    -1
+                )
+                for ids, m in (
+                    (t["chosen_ids"], t["chosen_mask"]),
+                    (t["rejected_ids"], t["rejected_mask"]),
+                )
+            )
+        (chosen - 0.5 * rejected).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_dpo_learns_the_preferences_and_reports_trl_metrics(

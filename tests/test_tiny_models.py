@@ -10,7 +10,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rlft_ray.lm.loading import load_model_and_tokenizer
+from rlft_ray.lm.loading import fuse_activations, load_model_and_tokenizer
 from rlft_ray.lm.tiny import (
     SUPPORTED_ARCHS,
     build_tokenizer,
@@ -101,6 +101,28 @@ def test_loaded_logits_match_built_model(tmp_path: Path) -> None:
     model1, _ = load_model_and_tokenizer(other)
     with torch.no_grad():
         assert not torch.equal(model(x).logits, model1.eval()(x).logits)
+
+
+def test_gpt2_activations_are_fused_with_the_same_outputs_and_gradients(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = make_tiny_model(tmp_path / "g", arch="gpt2", n_layer=2, hidden=32, n_head=2, seed=0)
+    raw = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, tok = load_model_and_tokenizer(out)
+    model.eval()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "NewGELUActivation" in {type(m).__name__ for m in raw.modules()}
+    assert "NewGELUActivation" not in kinds and "GELU" in kinds
+    x = torch.tensor([tok("12+34=46")["input_ids"]])
+    raw(x).logits.sum().backward()
+    model(x).logits.sum().backward()
+    torch.testing.assert_close(model(x).logits, raw(x).logits, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), raw.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # a runtime swap: the saved config still names gelu_new, and nothing else is swapped
+    model.save_pretrained(tmp_path / "saved")
+    assert '"activation_function": "gelu_new"' in (tmp_path / "saved" / "config.json").read_text()
+    assert fuse_activations(model) == 0 and fuse_activations(raw) == 2
 
 
 def test_seed_does_not_disturb_global_rng(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import check_finite, wrap_ddp
 from rlft_ray.models import QNetwork
 from rlft_ray.types import RolloutBatch
+from rlft_ray.utils import fused_optimizer
 
 
 class ReplayBuffer:
@@ -110,7 +111,7 @@ class DQNLearner(Learner):
         self.q = self.make_policy(cfg, spaces)
         self.model = wrap_ddp(self.q, ctx)
         self.target = copy.deepcopy(self.q).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.hp.lr)
+        self.optimizer = fused_optimizer(torch.optim.Adam, self.q.parameters(), lr=self.hp.lr)
         self.replay = ReplayBuffer(
             max(1, self.hp.buffer_size // ctx.world_size),
             spaces.observation.shape,

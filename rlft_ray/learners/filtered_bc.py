@@ -33,6 +33,7 @@ from rlft_ray.learners.ddp import check_finite, global_sum, wrap_ddp
 from rlft_ray.models import ActorCritic
 from rlft_ray.rollout.episodes import EpisodeCollector
 from rlft_ray.types import EpisodeBatch
+from rlft_ray.utils import fused_optimizer
 
 
 class FilteredBCLearner(Learner):
@@ -45,7 +46,9 @@ class FilteredBCLearner(Learner):
         self.hp = cfg.filtered_bc
         self.policy = self.make_policy(cfg, spaces)
         self.model = wrap_ddp(self.policy, ctx)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.hp.lr, eps=1e-5)
+        self.optimizer = fused_optimizer(
+            torch.optim.Adam, self.policy.parameters(), lr=self.hp.lr, eps=1e-5
+        )
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
 
     @classmethod

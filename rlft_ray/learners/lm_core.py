@@ -40,6 +40,7 @@ from rlft_ray.lm.policy import (
     response_forward,
 )
 from rlft_ray.types import GenerationBatch
+from rlft_ray.utils import fused_optimizer
 
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"
@@ -125,7 +126,9 @@ class LMCore:
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         """A fresh AdamW over the policy (and value head) parameters."""
-        return torch.optim.AdamW(self.trainable(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+        return fused_optimizer(
+            torch.optim.AdamW, self.trainable(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+        )
 
     def trainable(self) -> list[nn.Parameter]:
         """What the optimizer steps: every parameter, or with LoRA the adapters (and value head)."""

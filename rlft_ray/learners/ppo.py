@@ -17,6 +17,7 @@ from rlft_ray.learners.base import Learner, LearnerContext, Spaces, to_tensor
 from rlft_ray.learners.ddp import all_reduce_mean, check_finite, global_mean_std, wrap_ddp
 from rlft_ray.models import ActorCritic
 from rlft_ray.types import RolloutBatch
+from rlft_ray.utils import fused_optimizer
 
 
 class PPOLearner(Learner):
@@ -27,7 +28,9 @@ class PPOLearner(Learner):
         self.hp = cfg.ppo
         self.policy = self.make_policy(cfg, spaces)
         self.model = wrap_ddp(self.policy, ctx)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.hp.lr, eps=1e-5)
+        self.optimizer = fused_optimizer(
+            torch.optim.Adam, self.policy.parameters(), lr=self.hp.lr, eps=1e-5
+        )
 
     @classmethod
     def make_policy(cls, cfg: RunConfig, spaces: Spaces) -> nn.Module:

@@ -30,6 +30,7 @@ from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
 from rlft_ray.lm.data import ShardStream
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.types import PairBatch
+from rlft_ray.utils import fused_optimizer
 
 #: Name of the held-out pair table every rank receives (``LearnerContext.tables``).
 HELDOUT_PAIRS = "heldout_pairs"
@@ -168,8 +169,8 @@ class RewardModelLearner(Learner):
                 trained = ScorerWithLMHead(self.model, self.lm_head)
         self.net = wrap_ddp(trained, ctx)
         self.params = list(trained.parameters())
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.hp.lr, weight_decay=self.hp.weight_decay
+        self.optimizer = fused_optimizer(
+            torch.optim.AdamW, self.params, lr=self.hp.lr, weight_decay=self.hp.weight_decay
         )
         self.pairs = ShardStream(
             ctx.datasets.get(PAIRS),
@@ -205,14 +206,16 @@ class RewardModelLearner(Learner):
         from transformers import AutoModelForSequenceClassification
 
         from rlft_ray.lm import quiet_transformers
-        from rlft_ray.lm.loading import resolve_model_path
+        from rlft_ray.lm.loading import fuse_activations, resolve_model_path
 
         quiet_transformers()
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(cfg.lm.model),
             num_labels=1,
             trust_remote_code=cfg.lm.trust_remote_code,
         )
+        fuse_activations(model)
+        return model
 
     @classmethod
     def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:

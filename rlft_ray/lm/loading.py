@@ -150,6 +150,25 @@ def neutral_generation_config(loaded: Any, **sampling: Any) -> Any:
     )
 
 
+#: Activations transformers writes out as several elementwise ops, and the single
+#: fused kernel that computes the same function (the tanh approximation of GELU).
+_FUSED_ACTIVATIONS = ("NewGELUActivation", "FastGELUActivation")
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Swap GPT-2-style ``gelu_new`` / ``gelu_fast`` activation modules for
+    ``nn.GELU(approximate="tanh")``: the same function, one kernel each way instead of
+    seven elementwise ops (about a quarter of a small GPT-2's forward and backward on a
+    CPU). Weights and the saved config are untouched. Returns how many were swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in _FUSED_ACTIVATIONS:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 def load_model_and_tokenizer(
     path_or_id: str | os.PathLike[str],
     trust_remote_code: bool = False,
@@ -161,7 +180,8 @@ def load_model_and_tokenizer(
     See :func:`ensure_pad_token`; when it adds a token the model's embeddings are
     resized. The model config and generation config get the pad id when they lack one.
     The tokenizer's ``padding_side`` is left as loaded: generation wants left padding,
-    loss computation right padding, so callers choose per use.
+    loss computation right padding, so callers choose per use. Unfused activations are
+    swapped for fused ones computing the same function (:func:`fuse_activations`).
 
     Args:
         path_or_id: Local checkpoint directory or a Hugging Face hub id; a LoRA
@@ -197,6 +217,7 @@ def load_model_and_tokenizer(
         model = load_merged(name, model_kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
+    fuse_activations(model)
 
     pad_changed = ensure_pad_token(tokenizer) is not None
     if pad_changed and len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -38,12 +38,21 @@ class PolicyWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         logits_to_keep: int,
+        completions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last ``logits_to_keep`` positions and values of every position.
+
+        With ``completions`` (``ids [k * B, L]``, ``mask [k * B, L]``: ``k`` right-padded
+        completions per prompt, those of prompt ``i`` in rows ``k*i .. k*i+k-1``), the
+        prompts ``input_ids`` run once and every completion attends to their cached keys
+        and values: the logits predicting each completion token, ``[k * B, L, V]``, and
+        no values (see :func:`pair_logps`).
 
         Returns:
             ``(logits [B, logits_to_keep, V], values [B, T] or None)``.
         """
+        if completions is not None:
+            return self._shared_prompt_logits(input_ids, attention_mask, *completions), None
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.lm(
             input_ids=input_ids,
@@ -58,6 +67,42 @@ class PolicyWithValueHead(nn.Module):
             hidden = out.hidden_states[-1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
+
+    def _shared_prompt_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[k * B, L, V]`` logits predicting each completion token, the prompt run once.
+
+        The prompt's keys and values (with their gradients) are repeated for its ``k``
+        completions, and the first completion token is predicted from the prompt's last
+        position, exactly as in one forward over prompt + completion.
+        """
+        k = completion_ids.shape[0] // prompt_ids.shape[0]
+        prompt_mask = prompt_mask.long()
+        first = self.lm(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)
+        lengths = prompt_mask.sum(-1, keepdim=True).repeat_interleave(k, 0)
+        rest = self.lm(
+            input_ids=completion_ids,
+            attention_mask=torch.cat(
+                [prompt_mask.repeat_interleave(k, 0), completion_mask.long()], 1
+            ),
+            position_ids=lengths + torch.arange(completion_ids.shape[1], device=lengths.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return torch.cat([first.logits.repeat_interleave(k, 0), rest.logits[:, :-1]], 1)
 
 
 def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
@@ -136,7 +181,11 @@ def response_forward(
 def pair_logps(
     net: nn.Module, sub: dict[str, torch.Tensor], average: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected under ``net``, in one concatenated forward.
+    """Sequence log-probs of chosen and rejected under ``net``, in one forward call.
+
+    The shared prompt runs once and both completions attend to its cached keys and
+    values (prefix sharing: a pair costs prompt + 2 completions of tokens, not
+    2 x (prompt + completion)); the log-probs equal two separate forwards' (a test).
 
     Args:
         net: A :class:`~rlft_ray.lm.policy.PolicyWithValueHead` (maybe DDP-wrapped).
@@ -147,16 +196,12 @@ def pair_logps(
         ``(chosen [b], rejected [b], chosen_nll [b])``: summed (or mean) completion
         log-probs, and the chosen completion's mean token NLL (for an SFT term).
     """
-    b = sub["prompt_ids"].shape[0]
-    out = response_forward(
-        net,
-        sub["prompt_ids"].repeat(2, 1),
-        sub["prompt_mask"].repeat(2, 1),
-        torch.cat([sub["chosen_ids"], sub["rejected_ids"]]),
-        torch.cat([sub["chosen_mask"], sub["rejected_mask"]]),
-        entropy=False,
-    )
-    mask = torch.cat([sub["chosen_mask"], sub["rejected_mask"]])[:, : out.logprobs.shape[1]]
-    logps = sequence_logps(out.logprobs, mask, average=average)
-    nll = -sequence_logps(out.logprobs[:b], mask[:b], average=True)
-    return logps[:b], logps[b:], nll
+    # rows 2i and 2i+1: pair i's chosen and rejected completion
+    ids = torch.stack([sub["chosen_ids"], sub["rejected_ids"]], 1).flatten(0, 1)
+    mask = torch.stack([sub["chosen_mask"], sub["rejected_mask"]], 1).flatten(0, 1)
+    with autocast_for(ids.device):
+        logits, _ = net(sub["prompt_ids"], sub["prompt_mask"], 0, completions=(ids, mask))
+    logprobs = sequence_logprobs(logits.float(), ids)
+    logps = sequence_logps(logprobs, mask, average=average)
+    nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
+    return logps[0::2], logps[1::2], nll

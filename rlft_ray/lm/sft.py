@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from rlft_ray.utils import fused_optimizer
+
 IGNORE = -100
 
 
@@ -73,7 +75,7 @@ def supervised_finetune(
         raise ValueError("supervised_finetune needs at least one (prompt, answer) row")
     ids, mask, labels = _encode(rows, tokenizer)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = fused_optimizer(torch.optim.AdamW, model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     start = time.perf_counter()
     step, loss_ema = 0, math.nan

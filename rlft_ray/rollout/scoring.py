@@ -53,12 +53,14 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlft_ray.lm import quiet_transformers
+        from rlft_ray.lm.loading import fuse_activations
 
         quiet_transformers()
         hold_threads(num_threads)
         directory = reward_model_dir(path)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+        fuse_activations(self.model)
         self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size
