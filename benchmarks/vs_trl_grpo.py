@@ -10,7 +10,13 @@ TRL runs in one process with both cores; rlft_ray runs its example (2 generation
 training loop, the command's wall seconds, and held-out greedy exact-match on
 ``data/arith_test.jsonl`` of the final model (the same scorer for both).
 
-Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500]
+With ``--curves``, both also measure held-out exact-match every 25 steps while they train
+(TRL through a callback in its process, rlft_ray through ``eval_every`` on its actors; each
+pays for its own evaluations), and the benchmark prints accuracy against wall seconds from
+the training loop's start at every 15 s mark, how many marks rlft_ray is at or above TRL,
+and the seconds each takes to first reach the best accuracy TRL's run reaches.
+
+Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500] [--curves]
 """
 
 from __future__ import annotations
@@ -26,17 +32,21 @@ from pathlib import Path
 
 from _common import ROOT, emit, train_cli
 
+EVAL_EVERY, MARK_S = 25, 15.0
 
-def trl_run(base: str, out: str, seed: int, steps: int) -> None:
+
+def trl_run(base: str, out: str, seed: int, steps: int, curves: bool) -> None:
     """In a fresh process: TRL's GRPOTrainer; prints one JSON line."""
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from envs.arithmetic import exact_match
     from rlft_ray.config import build_config
+    from rlft_ray.lm.data import load_prompts, prompts_from_batch
     from rlft_ray.lm.evaluate import evaluate_model
+    from rlft_ray.rollout.generation import GenerationActor
 
     torch.set_num_threads(2)
 
@@ -72,24 +82,45 @@ def trl_run(base: str, out: str, seed: int, steps: int) -> None:
         report_to="none",
         seed=seed,
     )
+    lm = build_config(ROOT / "examples" / "arithmetic_grpo.yaml", [f"lm.model={base}"]).lm
+    curve: list[tuple[float, int, float]] = []
+
+    class HeldOut(TrainerCallback):
+        """Greedy exact-match on the held-out prompts every EVAL_EVERY steps, in-process."""
+
+        def __init__(self) -> None:
+            self.actor = GenerationActor(lm, seed=seed, num_threads=2)
+            table, _ = load_prompts(ROOT / "data" / "arith_test.jsonl", self.actor.tokenizer, lm)
+            self.prompts = prompts_from_batch(table)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % EVAL_EVERY == 0 or state.global_step == steps:
+                self.actor.model.load_state_dict(model.state_dict())
+                _, scores = self.actor.evaluate(self.prompts)
+                curve.append((time.perf_counter() - start, state.global_step, float(scores.mean())))
+
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[HeldOut()] if curves else None,
     )
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
     trainer.save_model(out)
     tokenizer.save_pretrained(out)
-    lm = build_config(ROOT / "examples" / "arithmetic_grpo.yaml").lm
     acc = evaluate_model(out, ROOT / "data" / "arith_test.jsonl", lm)["accuracy"]
-    print(json.dumps({"train_s": train_s, "accuracy": acc}), flush=True)
+    print(json.dumps({"train_s": train_s, "accuracy": acc, "curve": curve}), flush=True)
 
 
-def trl(base: str, seed: int, steps: int) -> dict:
+def trl(base: str, seed: int, steps: int, curves: bool) -> dict:
     out = tempfile.mkdtemp(prefix="rlft_vs_trl_")
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, __file__, "--trl-run", base, out, str(seed), str(steps)],
+        [sys.executable, __file__, "--trl-run", base, out, str(seed), str(steps), str(curves)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -104,16 +135,27 @@ def trl(base: str, seed: int, steps: int) -> dict:
         "train_s": round(r["train_s"], 1),
         "command_s": round(time.time() - start, 1),
         "eval_accuracy": round(r["accuracy"], 3),
+        "curve": [(round(t, 1), step, round(a, 3)) for t, step, a in r["curve"]],
     }
 
 
-def ours(base: str, seed: int, steps: int) -> dict:
+def ours(base: str, seed: int, steps: int, curves: bool) -> dict:
     summary = train_cli(
         "examples/arithmetic_grpo.yaml",
-        [f"lm.model={base}", f"seed={seed}", f"total_iterations={steps}", f"eval_every={steps}"],
+        [
+            f"lm.model={base}",
+            f"seed={seed}",
+            f"total_iterations={steps}",
+            f"eval_every={EVAL_EVERY if curves else steps}",
+        ],
     )
     rows = [json.loads(x) for x in (Path(summary["output_dir"]) / "metrics.jsonl").open()]
     loop_s = rows[-1]["time/wall_s"]
+    curve = [
+        (round(r["time/wall_s"], 1), int(r["counters/iteration"]), round(r["eval/accuracy"], 3))
+        for r in rows
+        if "eval/accuracy" in r
+    ]
     return {
         "who": "rlft_ray",
         "seed": seed,
@@ -121,6 +163,35 @@ def ours(base: str, seed: int, steps: int) -> dict:
         "train_s": round(loop_s, 1),
         "command_s": round(summary["command_wall_s"], 1),
         "eval_accuracy": round(rows[-1]["eval/accuracy"], 3),
+        "curve": curve if curves else [],
+    }
+
+
+def compare_curves(ours_curve: list, trl_curve: list) -> dict:
+    """Accuracy at every 15 s mark (the last evaluation at or before it), and the seconds
+    each run takes to first reach the best accuracy TRL's run reaches."""
+    end = max(ours_curve[-1][0], trl_curve[-1][0])
+    marks = [MARK_S * k for k in range(1, int(end // MARK_S) + 1)]
+
+    def at(curve: list, t: float) -> float | None:
+        seen = [a for s, _, a in curve if s <= t]
+        return seen[-1] if seen else None
+
+    pairs = [(m, at(ours_curve, m), at(trl_curve, m)) for m in marks]
+    scored = [(o, t) for _, o, t in pairs if t is not None]
+    best = max(a for _, _, a in trl_curve)
+
+    def first(curve: list) -> float | None:
+        return next((s for s, _, a in curve if a >= best), None)
+
+    t_trl, t_ours = first(trl_curve), first(ours_curve)
+    return {
+        "marks": [(m, o, t) for m, o, t in pairs],
+        "marks_ours_at_or_above": sum(o is not None and o >= t for o, t in scored),
+        "marks_with_trl": len(scored),
+        "trl_best_accuracy": best,
+        "seconds_to_trl_best": {"trl": t_trl, "rlft_ray": t_ours},
+        "ratio_time_to_trl_best": round(t_ours / t_trl, 2) if t_ours and t_trl else None,
     }
 
 
@@ -129,18 +200,22 @@ def main() -> None:
     p.add_argument("--base", default=str(ROOT / "runs" / "q" / "sft_base"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--trl-run", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--curves", action="store_true", help="held-out accuracy every 25 steps")
+    p.add_argument("--trl-run", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl_run:
-        base, out, seed, steps = args.trl_run
-        trl_run(base, out, int(seed), int(steps))
+        base, out, seed, steps, curves = args.trl_run
+        trl_run(base, out, int(seed), int(steps), curves == "True")
         return
     runs: dict[str, list[dict]] = {"trl": [], "rlft_ray": []}
     for seed in args.seeds:
         for fn in (trl, ours):
-            r = fn(str(Path(args.base).resolve()), seed, args.steps)
+            r = fn(str(Path(args.base).resolve()), seed, args.steps, args.curves)
             runs[r["who"]].append(r)
             emit({"benchmark": "vs_trl_grpo", **r})
+        if args.curves:
+            pair = compare_curves(runs["rlft_ray"][-1]["curve"], runs["trl"][-1]["curve"])
+            emit({"benchmark": "vs_trl_grpo_curves", "seed": seed, **pair})
     med = {
         who: {
             k: statistics.median(r[k] for r in rs)

@@ -211,7 +211,11 @@ class LMCore:
         return list(torch.split(rows, self.hp.micro_batch_size))
 
     def forward(
-        self, module: nn.Module, t: dict[str, torch.Tensor], idx: torch.Tensor
+        self,
+        module: nn.Module,
+        t: dict[str, torch.Tensor],
+        idx: torch.Tensor,
+        entropy: bool = True,
     ) -> ResponseOutput:
         """:func:`response_forward` of rows ``idx``, trimmed to their longest prompt/response."""
         sub = _trim({k: t[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")})
@@ -222,6 +226,7 @@ class LMCore:
             sub["response_ids"],
             sub["mask"],
             self.temperature,
+            entropy=entropy,
         )
 
     @torch.no_grad()
@@ -237,11 +242,11 @@ class LMCore:
         width = t["mask"].shape[1]
         for idx in self._micro_slices(rows):
             if self.reference is not None:
-                out["ref_logprobs"].append(
-                    _pad_to(self.forward(self.reference, t, idx).logprobs, width)
-                )
+                ref = self.forward(self.reference, t, idx, entropy=False)
+                out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
             if values:
-                out["old_values"].append(_pad_to(self.forward(self.policy, t, idx).values, width))
+                old = self.forward(self.policy, t, idx, entropy=False)
+                out["old_values"].append(_pad_to(old.values, width))
         return {k: torch.cat(v) for k, v in out.items() if v}
 
     def kl_metrics(
