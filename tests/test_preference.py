@@ -163,18 +163,21 @@ def test_shared_prompt_forward_equals_separate_ones(
         torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("lora", [False, True])
 def test_dpo_learns_the_preferences_and_reports_trl_metrics(
-    model_dir: Path, pairs_file: Path
+    model_dir: Path, pairs_file: Path, lora: bool
 ) -> None:
+    torch.manual_seed(0)  # LoRA's A matrices
     learner = _learner(
         DPOLearner,
         model_dir,
         pairs_file,
         "algo=dpo",
-        "dpo.precompute_ref=false",
-        "dpo.lr=3e-3",
+        "dpo.precompute_ref=false",  # with LoRA the reference is the policy, adapters off
+        "dpo.lr=5e-2" if lora else "dpo.lr=3e-3",
         "dpo.batch_size=8",
         "dpo.micro_batch_size=4",
+        *(["lm.lora.r=4", "lm.lora.alpha=8"] if lora else []),
     )
     first = learner.update(learner.next_batch(0), progress=0.0)
     for step in range(1, 12):
@@ -190,7 +193,8 @@ def test_dpo_learns_the_preferences_and_reports_trl_metrics(
     ):
         assert np.isfinite(last[key]), key
     assert first["loss/dpo"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at start
-    assert last["loss/dpo"] < first["loss/dpo"] - 0.05 and last["rewards/margins"] > 0
+    drop = 0.02 if lora else 0.05  # 4-rank adapters on a 1-layer model move slower
+    assert last["loss/dpo"] < first["loss/dpo"] - drop and last["rewards/margins"] > 0
     assert last["rewards/accuracies"] > 0.5 and first["optim/grad_accum_steps"] == 2
 
 

@@ -3,7 +3,8 @@
 ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
 scores prompt + completion at its last token; the loss is -log sigma(r_chosen - r_rejected
 - margin) (Ouyang et al. 2022), plus with ``reward_model.sft_coef`` the chosen completion's
-NLL through the LM head (GRM's hidden-state regularisation, Yang et al. 2024). Each iteration is one optimizer step on
+NLL through the LM head (GRM's hidden-state regularisation, Yang et al. 2024). Each
+iteration is one optimizer step on
 ``reward_model.batch_size`` pairs over all ranks (DDP, micro-batched); ``eval_every``
 measures the pairwise accuracy on ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
 Checkpoints hold ``policy/``, a ``save_pretrained`` directory of the reward model and its

@@ -265,11 +265,16 @@ class LoRAReference(nn.Module):
         return self._policy[0].lm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        completions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """The policy's logits under the reference (no value head)."""
+        """The policy's logits under the reference (no value head; ``completions`` as in
+        :meth:`~rlft_ray.lm.policy.PolicyWithValueHead.forward`)."""
         with torch.no_grad(), self.active():
-            logits, _ = self._policy[0](input_ids, attention_mask, logits_to_keep)
+            logits, _ = self._policy[0](input_ids, attention_mask, logits_to_keep, completions)
         return logits, None
 
     @contextlib.contextmanager
