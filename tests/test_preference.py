@@ -161,6 +161,14 @@ def test_shared_prompt_forward_equals_separate_ones(
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    # a model whose cache cannot be shared gets one forward over prompt + completion
+    ids = torch.stack([t["chosen_ids"], t["rejected_ids"]], 1).flatten(0, 1)
+    mask = torch.stack([t["chosen_mask"], t["rejected_mask"]], 1).flatten(0, 1)
+    with torch.no_grad():
+        shared = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids, mask)
+        joint = net._joint_logits(t["prompt_ids"], t["prompt_mask"], ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(shared[real], joint[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -91,6 +91,8 @@ class PolicyWithValueHead(nn.Module):
             use_cache=True,
         )
         cache = first.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # a model without a shareable cache
+            return self._joint_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
         cache.batch_repeat_interleave(k)
         lengths = prompt_mask.sum(-1, keepdim=True).repeat_interleave(k, 0)
         rest = self.lm(
@@ -103,6 +105,26 @@ class PolicyWithValueHead(nn.Module):
             use_cache=True,
         )
         return torch.cat([first.logits.repeat_interleave(k, 0), rest.logits[:, :-1]], 1)
+
+    def _joint_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same logits as :meth:`_shared_prompt_logits`, from one forward over each
+        prompt (repeated per completion) + completion."""
+        k = completion_ids.shape[0] // prompt_ids.shape[0]
+        mask = torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask], 1).long()
+        out = self.lm(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids], 1),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            logits_to_keep=completion_ids.shape[1] + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1]
 
 
 def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
