@@ -30,6 +30,7 @@ from rlft_ray.learners.lm_core import disable_dropout
 from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
 from rlft_ray.lm.data import ShardStream
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
+from rlft_ray.lm.policy import position_ids
 from rlft_ray.types import PairBatch
 from rlft_ray.utils import fused_optimizer
 
@@ -52,9 +53,11 @@ def pair_forward(
     mask = torch.cat(
         [sub["prompt_mask"].repeat(2, 1), torch.cat([sub["chosen_mask"], sub["rejected_mask"]])], 1
     ).long()
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=hidden
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        output_hidden_states=hidden,
     )
     return out.logits[:, 0].float(), out.hidden_states[-1] if hidden else None
 
@@ -115,15 +118,15 @@ class ScorerWithLMHead(nn.Module):
         return self.scorer(**kwargs)
 
 
-def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> tuple[nn.Module, bool]:
-    """The LM head the SFT term reads hidden states through, and whether it is separate.
+def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> nn.Module:
+    """The LM head the SFT term reads hidden states through.
 
     Tied embeddings: the scorer's input embeddings. Otherwise the causal LM's own output
     layer, loaded from ``lm.model`` once (the sequence classifier drops it), trained with
     the scorer and checkpointed as ``lm_head.safetensors``.
     """
     if getattr(scorer.config, "tie_word_embeddings", False):
-        return TiedLMHead(scorer.get_input_embeddings()), False
+        return TiedLMHead(scorer.get_input_embeddings())
     from transformers import AutoModelForCausalLM
 
     from rlft_ray.lm.loading import resolve_model_path
@@ -138,7 +141,7 @@ def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> tuple[nn.Modu
         raise ConfigError(
             "reward_model.sft_coef", f"{cfg.lm.model} has no LM head to read the hidden states"
         )
-    return head.float(), True
+    return head.float()
 
 
 class RewardModelLearner(Learner):
@@ -162,10 +165,9 @@ class RewardModelLearner(Learner):
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
         self.lm_head: nn.Module | None = None  # the SFT term's head (sft_coef > 0)
-        self.own_head = False  # an untied model's own head: trained and checkpointed here
         trained: nn.Module = self.model
         if self.hp.sft_coef > 0:
-            self.lm_head, self.own_head = load_lm_head(cfg, self.model, len(self.tokenizer))
+            self.lm_head = load_lm_head(cfg, self.model, len(self.tokenizer))
             if self.own_head:
                 trained = ScorerWithLMHead(self.model, self.lm_head)
         self.net = wrap_ddp(trained, ctx)
@@ -181,6 +183,11 @@ class RewardModelLearner(Learner):
         )
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
         self.heldout = ctx.tables.get(HELDOUT_PAIRS)
+
+    @property
+    def own_head(self) -> bool:
+        """An untied model's own LM head, trained and checkpointed beside the scorer."""
+        return self.lm_head is not None and not isinstance(self.lm_head, TiedLMHead)
 
     # -- class-level hooks ---------------------------------------------------------------
     @classmethod
@@ -242,7 +249,7 @@ class RewardModelLearner(Learner):
 
     # -- per-rank hooks ------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        if self.own_head and self.lm_head is not None:
+        if self.own_head:
             return {"policy": self.model, "lm_head": self.lm_head}
         return {"policy": self.model}
 

@@ -18,6 +18,11 @@ from rlft_ray.algorithms.lm import sequence_logprobs
 from rlft_ray.algorithms.preference import sequence_logps
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` positions counted from each row's first real token (left padding: 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 class PolicyWithValueHead(nn.Module):
     """A Hugging Face causal LM plus an optional scalar value head on its last hidden state.
 
@@ -53,11 +58,10 @@ class PolicyWithValueHead(nn.Module):
         """
         if completions is not None:
             return self._shared_prompt_logits(input_ids, attention_mask, *completions), None
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids(attention_mask),
             logits_to_keep=logits_to_keep,
             output_hidden_states=self.value_head is not None,
             use_cache=False,
@@ -86,7 +90,7 @@ class PolicyWithValueHead(nn.Module):
         first = self.lm(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
+            position_ids=position_ids(prompt_mask),
             logits_to_keep=1,
             use_cache=True,
         )
@@ -113,18 +117,15 @@ class PolicyWithValueHead(nn.Module):
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """The same logits as :meth:`_shared_prompt_logits`, from one forward over each
-        prompt (repeated per completion) + completion."""
+        """The same logits as :meth:`_shared_prompt_logits`, from the plain forward over
+        each prompt (repeated per completion) + completion."""
         k = completion_ids.shape[0] // prompt_ids.shape[0]
-        mask = torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask], 1).long()
-        out = self.lm(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids], 1),
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        logits, _ = self.forward(
+            torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids], 1),
+            torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask.long()], 1),
             logits_to_keep=completion_ids.shape[1] + 1,
-            use_cache=False,
         )
-        return out.logits[:, :-1]
+        return logits[:, :-1]
 
 
 def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
