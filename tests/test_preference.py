@@ -169,6 +169,20 @@ def test_shared_prompt_forward_equals_separate_ones(
         joint = net._joint_logits(t["prompt_ids"], t["prompt_mask"], ids, mask)
     real = mask.bool()
     torch.testing.assert_close(shared[real], joint[real], atol=1e-5, rtol=1e-5)
+    # one-token completions are predicted by the prompt alone (no completion pass)
+    with torch.no_grad():
+        one = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids[:, :1], mask[:, :1])
+        alone = response_forward(
+            net,
+            t["prompt_ids"].repeat_interleave(2, 0),
+            t["prompt_mask"].repeat_interleave(2, 0),
+            ids[:, :1],
+            mask[:, :1],
+        ).logprobs
+    assert one.shape[:2] == (ids.shape[0], 1)
+    torch.testing.assert_close(
+        torch.log_softmax(one, -1).gather(-1, ids[:, :1, None])[..., 0], alone, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -94,10 +94,15 @@ class PolicyWithValueHead(nn.Module):
             logits_to_keep=1,
             use_cache=True,
         )
+        first_logits = first.logits.repeat_interleave(k, 0)
+        if completion_ids.shape[1] == 1:  # one-token completions: the prompt predicts them
+            return first_logits
         cache = first.past_key_values
         if not hasattr(cache, "batch_repeat_interleave"):  # a model without a shareable cache
             return self._joint_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
         cache.batch_repeat_interleave(k)
+        # the last completion column predicts nothing and no kept position attends to it
+        completion_ids, completion_mask = completion_ids[:, :-1], completion_mask[:, :-1]
         lengths = prompt_mask.sum(-1, keepdim=True).repeat_interleave(k, 0)
         rest = self.lm(
             input_ids=completion_ids,
@@ -108,7 +113,7 @@ class PolicyWithValueHead(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-        return torch.cat([first.logits.repeat_interleave(k, 0), rest.logits[:, :-1]], 1)
+        return torch.cat([first_logits, rest.logits], 1)
 
     def _joint_logits(
         self,
@@ -118,14 +123,14 @@ class PolicyWithValueHead(nn.Module):
         completion_mask: torch.Tensor,
     ) -> torch.Tensor:
         """The same logits as :meth:`_shared_prompt_logits`, from the plain forward over
-        each prompt (repeated per completion) + completion."""
+        each prompt (repeated per completion) + completion but its last column."""
         k = completion_ids.shape[0] // prompt_ids.shape[0]
         logits, _ = self.forward(
-            torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids], 1),
-            torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask.long()], 1),
-            logits_to_keep=completion_ids.shape[1] + 1,
+            torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids[:, :-1]], 1),
+            torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask[:, :-1].long()], 1),
+            logits_to_keep=completion_ids.shape[1],
         )
-        return logits[:, :-1]
+        return logits
 
 
 def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
@@ -184,11 +189,12 @@ def response_forward(
         Log-probs, values (if the policy has a value head) and entropies, each ``[B, L]``.
     """
     p_len, r_len = prompt_ids.shape[1], response_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    # the last completion token predicts nothing and no kept position attends to it: cut
+    input_ids = torch.cat([prompt_ids, response_ids[:, :-1]], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1).long()
     with autocast_for(input_ids.device):
-        logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len + 1)
-    logits = logits[:, :-1].float() / temperature
+        logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len)
+    logits = logits.float() / temperature
     logprobs = sequence_logprobs(logits, response_ids)
     if entropy:
         with torch.no_grad():
