@@ -78,6 +78,22 @@ def test_generate_round_trip(model_dir: Path) -> None:
     assert torch.allclose(out.logprobs[mask], torch.as_tensor(batch.logprobs)[mask], atol=1e-4)
     assert (torch.as_tensor(batch.logprobs)[~mask] == 0).all()
     assert (out.logprobs[mask] <= 0).all()
+    # a group's completions sharing one prompt pass: the same log-probs and gradients
+    net = PolicyWithValueHead(actor.model)
+    args = [
+        torch.as_tensor(x)
+        for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    ]
+    grads = []
+    for share in (False, True):
+        net.zero_grad()
+        got = response_forward(net, *args, share_prompts=share).logprobs
+        torch.testing.assert_close(got[mask], out.logprobs[mask], atol=1e-5, rtol=1e-5)
+        (got * mask * torch.linspace(-1, 1, len(got))[:, None]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_temperature_scales_logprobs(model_dir: Path) -> None:

@@ -165,13 +165,16 @@ def test_shared_prompt_forward_equals_separate_ones(
     ids = torch.stack([t["chosen_ids"], t["rejected_ids"]], 1).flatten(0, 1)
     mask = torch.stack([t["chosen_mask"], t["rejected_mask"]], 1).flatten(0, 1)
     with torch.no_grad():
-        shared = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids, mask)
-        joint = net._joint_logits(t["prompt_ids"], t["prompt_mask"], ids, mask)
+        index = torch.arange(len(t["prompt_ids"])).repeat_interleave(2)
+        shared = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
+        joint = net._joint_logits(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
     real = mask.bool()
     torch.testing.assert_close(shared[real], joint[real], atol=1e-5, rtol=1e-5)
     # one-token completions are predicted by the prompt alone (no completion pass)
     with torch.no_grad():
-        one = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids[:, :1], mask[:, :1])
+        one = net._shared_prompt_logits(
+            t["prompt_ids"], t["prompt_mask"], ids[:, :1], mask[:, :1], index
+        )
         alone = response_forward(
             net,
             t["prompt_ids"].repeat_interleave(2, 0),

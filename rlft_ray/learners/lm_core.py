@@ -217,7 +217,10 @@ class LMCore:
         idx: torch.Tensor,
         entropy: bool = True,
     ) -> ResponseOutput:
-        """:func:`response_forward` of rows ``idx``, trimmed to their longest prompt/response."""
+        """:func:`response_forward` of rows ``idx``, trimmed to their longest prompt/response.
+
+        Completions of one prompt share its pass unless the module must return values.
+        """
         sub = _trim({k: t[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")})
         return response_forward(
             module,
@@ -227,6 +230,7 @@ class LMCore:
             sub["mask"],
             self.temperature,
             entropy=entropy,
+            share_prompts=self.value_head is None or module is self.reference,
         )
 
     @torch.no_grad()

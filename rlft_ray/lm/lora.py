@@ -269,7 +269,7 @@ class LoRAReference(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         logits_to_keep: int,
-        completions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        completions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, None]:
         """The policy's logits under the reference (no value head; ``completions`` as in
         :meth:`~rlft_ray.lm.policy.PolicyWithValueHead.forward`)."""

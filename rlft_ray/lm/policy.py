@@ -43,15 +43,15 @@ class PolicyWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         logits_to_keep: int,
-        completions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        completions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last ``logits_to_keep`` positions and values of every position.
 
-        With ``completions`` (``ids [k * B, L]``, ``mask [k * B, L]``: ``k`` right-padded
-        completions per prompt, those of prompt ``i`` in rows ``k*i .. k*i+k-1``), the
-        prompts ``input_ids`` run once and every completion attends to their cached keys
-        and values: the logits predicting each completion token, ``[k * B, L, V]``, and
-        no values (see :func:`pair_logps`).
+        With ``completions`` (``ids [N, L]``, ``mask [N, L]``: right-padded completions,
+        and ``prompt_index [N]``: the row of ``input_ids`` each one continues), the
+        prompts run once and every completion attends to its prompt's cached keys and
+        values: the logits predicting each completion token, ``[N, L, V]``, and no values
+        (see :func:`pair_logps` and :func:`response_forward`).
 
         Returns:
             ``(logits [B, logits_to_keep, V], values [B, T] or None)``.
@@ -78,14 +78,14 @@ class PolicyWithValueHead(nn.Module):
         prompt_mask: torch.Tensor,
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
+        prompt_index: torch.Tensor,
     ) -> torch.Tensor:
-        """``[k * B, L, V]`` logits predicting each completion token, the prompt run once.
+        """``[N, L, V]`` logits predicting each completion token, each prompt run once.
 
-        The prompt's keys and values (with their gradients) are repeated for its ``k``
+        The prompt's keys and values (with their gradients) are gathered for each of its
         completions, and the first completion token is predicted from the prompt's last
         position, exactly as in one forward over prompt + completion.
         """
-        k = completion_ids.shape[0] // prompt_ids.shape[0]
         prompt_mask = prompt_mask.long()
         first = self.lm(
             input_ids=prompt_ids,
@@ -94,21 +94,21 @@ class PolicyWithValueHead(nn.Module):
             logits_to_keep=1,
             use_cache=True,
         )
-        first_logits = first.logits.repeat_interleave(k, 0)
+        first_logits = first.logits[prompt_index]
         if completion_ids.shape[1] == 1:  # one-token completions: the prompt predicts them
             return first_logits
         cache = first.past_key_values
         if not hasattr(cache, "batch_repeat_interleave"):  # a model without a shareable cache
-            return self._joint_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        cache.batch_repeat_interleave(k)
+            return self._joint_logits(
+                prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
+            )
+        cache.batch_select_indices(prompt_index)
         # the last completion column predicts nothing and no kept position attends to it
         completion_ids, completion_mask = completion_ids[:, :-1], completion_mask[:, :-1]
-        lengths = prompt_mask.sum(-1, keepdim=True).repeat_interleave(k, 0)
+        lengths = prompt_mask.sum(-1, keepdim=True)[prompt_index]
         rest = self.lm(
             input_ids=completion_ids,
-            attention_mask=torch.cat(
-                [prompt_mask.repeat_interleave(k, 0), completion_mask.long()], 1
-            ),
+            attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask.long()], 1),
             position_ids=lengths + torch.arange(completion_ids.shape[1], device=lengths.device),
             past_key_values=cache,
             use_cache=True,
@@ -121,13 +121,13 @@ class PolicyWithValueHead(nn.Module):
         prompt_mask: torch.Tensor,
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
+        prompt_index: torch.Tensor,
     ) -> torch.Tensor:
         """The same logits as :meth:`_shared_prompt_logits`, from the plain forward over
-        each prompt (repeated per completion) + completion but its last column."""
-        k = completion_ids.shape[0] // prompt_ids.shape[0]
+        each completion's prompt + the completion but its last column."""
         logits, _ = self.forward(
-            torch.cat([prompt_ids.repeat_interleave(k, 0), completion_ids[:, :-1]], 1),
-            torch.cat([prompt_mask.repeat_interleave(k, 0), completion_mask[:, :-1].long()], 1),
+            torch.cat([prompt_ids[prompt_index], completion_ids[:, :-1]], 1),
+            torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1].long()], 1),
             logits_to_keep=completion_ids.shape[1],
         )
         return logits
@@ -174,26 +174,42 @@ def response_forward(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     entropy: bool = True,
+    share_prompts: bool = False,
 ) -> ResponseOutput:
     """Score completions under ``policy`` (a :class:`PolicyWithValueHead`, maybe DDP-wrapped).
 
     Args:
-        policy: Module with ``forward(input_ids, attention_mask, logits_to_keep)``.
+        policy: Module with ``forward(input_ids, attention_mask, logits_to_keep, completions)``.
         prompt_ids: ``[B, P]`` left-padded prompts. prompt_mask: ``[B, P]``.
         response_ids: ``[B, L]`` right-padded completions. response_mask: ``[B, L]``.
         temperature: Logits are divided by it, as when sampling.
         entropy: Also compute the entropies (a second pass over the vocabulary; pair
             losses skip it and get zeros).
+        share_prompts: Run each distinct prompt once and its completions against its
+            cached keys and values (a GRPO group's ``k`` completions cost one prompt, not
+            ``k``); the same log-probs, but no values.
 
     Returns:
-        Log-probs, values (if the policy has a value head) and entropies, each ``[B, L]``.
+        Log-probs, values (if the policy has a value head and prompts are not shared) and
+        entropies, each ``[B, L]``.
     """
     p_len, r_len = prompt_ids.shape[1], response_ids.shape[1]
-    # the last completion token predicts nothing and no kept position attends to it: cut
-    input_ids = torch.cat([prompt_ids, response_ids[:, :-1]], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1).long()
-    with autocast_for(input_ids.device):
-        logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len)
+    values = None
+    if share_prompts:
+        # rows with the same prompt (ids and padding) share one prompt pass
+        key = torch.cat([prompt_ids, prompt_mask.long()], 1)
+        unique, index = torch.unique(key, dim=0, return_inverse=True)
+        share_prompts = unique.shape[0] < key.shape[0]  # no repeats: one plain pass is cheaper
+    if share_prompts:
+        completions = (response_ids, response_mask, index)
+        with autocast_for(prompt_ids.device):
+            logits, _ = policy(unique[:, :p_len], unique[:, p_len:], 0, completions=completions)
+    else:
+        # the last completion token predicts nothing and no kept position attends to it: cut
+        input_ids = torch.cat([prompt_ids, response_ids[:, :-1]], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1).long()
+        with autocast_for(input_ids.device):
+            logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len)
     logits = logits.float() / temperature
     logprobs = sequence_logprobs(logits, response_ids)
     if entropy:
@@ -225,11 +241,12 @@ def pair_logps(
         ``(chosen [b], rejected [b], chosen_nll [b])``: summed (or mean) completion
         log-probs, and the chosen completion's mean token NLL (for an SFT term).
     """
-    # rows 2i and 2i+1: pair i's chosen and rejected completion
+    # rows 2i and 2i+1: pair i's chosen and rejected completion, both continuing prompt i
     ids = torch.stack([sub["chosen_ids"], sub["rejected_ids"]], 1).flatten(0, 1)
     mask = torch.stack([sub["chosen_mask"], sub["rejected_mask"]], 1).flatten(0, 1)
+    index = torch.arange(ids.shape[0] // 2, device=ids.device).repeat_interleave(2)
     with autocast_for(ids.device):
-        logits, _ = net(sub["prompt_ids"], sub["prompt_mask"], 0, completions=(ids, mask))
+        logits, _ = net(sub["prompt_ids"], sub["prompt_mask"], 0, completions=(ids, mask, index))
     logprobs = sequence_logprobs(logits.float(), ids)
     logps = sequence_logps(logprobs, mask, average=average)
     nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
