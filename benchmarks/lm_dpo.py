@@ -10,9 +10,10 @@ folder holding its prompts (``--data``, with ``arith_train.jsonl`` / ``arith_tes
    learner takes DPO steps), each as shipped.
 3. ``rlft-ray eval`` measures the base and each run's last checkpoint on the held-out prompts.
 
-Each run prints its gain in points, its training seconds (the loop's ``time/wall_s``, the
-reference pass and held-out evaluations included) and its command seconds, plus the first
-training second at which the run's own ``eval/accuracy`` was 20 points over the base.
+Each run prints its gain in points, its training seconds (the loop's ``time/wall_s``, its
+held-out evaluations included), its command seconds (start-up and DPO's reference pass
+too), and the first training second at which the run's own ``eval/accuracy`` was 20 points
+over the base.
 Target (issue 10): each raises held-out exact-match by >= 20 points within 3 minutes of
 training.
 
