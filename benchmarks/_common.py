@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -46,3 +47,15 @@ def train_cli(config: str, overrides: list[str], output_dir: Path | None = None)
     summary["command_wall_s"] = round(wall, 2)
     summary["output_dir"] = str(out)
     return summary
+
+
+def base_data_seeds(description: str) -> argparse.Namespace:
+    """``--base`` (an SFT base model), ``--data`` (its prompts, resolved) and ``--seeds``:
+    the arguments of the benchmarks that start from the quickstart's SFT base."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--base", default=str(ROOT / "runs" / "q" / "sft_base"))
+    p.add_argument("--data", type=Path, default=ROOT / "data")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args()
+    args.data = args.data.resolve()
+    return args

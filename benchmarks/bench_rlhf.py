@@ -21,14 +21,13 @@ Usage: python benchmarks/bench_rlhf.py --base runs/q/sft_base --data data [--see
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import ROOT, emit, run_cli, train_cli
+from _common import ROOT, base_data_seeds, emit, run_cli, train_cli
 
 
 def heldout_accuracy(model: str, data: Path) -> float:
@@ -107,12 +106,8 @@ def rlhf(base: str, data: Path, seed: int, rm: str, base_accuracy: float) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default=str(ROOT / "runs" / "q" / "sft_base"))
-    p.add_argument("--data", type=Path, default=ROOT / "data")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = p.parse_args()
-    data = args.data.resolve()
+    args = base_data_seeds(__doc__.splitlines()[0])
+    data = args.data
     run_cli(
         "make-arith-prefs", str(data), "--from", args.base,
         "--samples", "16", "--pairs-per-prompt", "8", "--name", "rm_prefs",

@@ -22,12 +22,11 @@ Usage: python benchmarks/lm_dpo.py --base runs/q/sft_base --data data [--seeds 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from _common import ROOT, emit, run_cli, train_cli
+from _common import base_data_seeds, emit, run_cli, train_cli
 from bench_rlhf import heldout_accuracy
 
 CONFIGS = {
@@ -72,12 +71,8 @@ def run(algo: str, base: str, data: Path, seed: int, base_accuracy: float) -> di
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default=str(ROOT / "runs" / "q" / "sft_base"))
-    p.add_argument("--data", type=Path, default=ROOT / "data")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = p.parse_args()
-    data = args.data.resolve()
+    args = base_data_seeds(__doc__.splitlines()[0])
+    data = args.data
     run_cli("make-arith-prefs", str(data), "--from", args.base)
     base_accuracy = heldout_accuracy(args.base, data)
     results: dict[str, list[dict]] = {algo: [] for algo in CONFIGS}
