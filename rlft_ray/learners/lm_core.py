@@ -305,7 +305,12 @@ class LMCore:
         start = time.perf_counter()
         for _epoch in range(hp.num_epochs):
             perm = torch.randperm(t["mask"].shape[0], generator=self.torch_rng)
-            splits = [mb.to(self.ctx.device) for mb in torch.tensor_split(perm, hp.num_minibatches)]
+            # a minibatch's rows in batch order: a group's completions stay together in its
+            # micro-batches and share one prompt pass (the step's gradient is the same sum)
+            splits = [
+                mb.sort().values.to(self.ctx.device)
+                for mb in torch.tensor_split(perm, hp.num_minibatches)
+            ]
             counts = [float(len(mb)) for mb in splits]
             sizes = global_sum(torch.tensor(counts, device=self.ctx.device), self.ctx)
             for mb, size in zip(splits, sizes.tolist()):
