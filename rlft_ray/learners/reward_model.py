@@ -40,9 +40,9 @@ HELDOUT_PAIRS = "heldout_pairs"
 
 def pair_forward(
     model: nn.Module, sub: dict[str, torch.Tensor], hidden: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[2b]`` scores of prompt + chosen then prompt + rejected, in one forward, and with
-    ``hidden`` the ``[2b, P + L, H]`` last hidden states (for the SFT term).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``[b]`` scores of prompt + chosen and of prompt + rejected, in one forward, and with
+    ``hidden`` the ``[b, P + L, H]`` last hidden states of prompt + chosen (the SFT term).
 
     The prompt is left-padded and the completions right-padded, so positions count from
     each row's first real token and the model scores its last non-padding token.
@@ -59,16 +59,17 @@ def pair_forward(
         position_ids=position_ids(mask),
         output_hidden_states=hidden,
     )
-    return out.logits[:, 0].float(), out.hidden_states[-1] if hidden else None
+    b = sub["prompt_ids"].shape[0]
+    scores = out.logits[:, 0].float()
+    return scores[:b], scores[b:], out.hidden_states[-1][:b] if hidden else None
 
 
 def pair_scores(
     model: nn.Module, sub: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[b]`` scores of prompt + chosen and of prompt + rejected, in one forward."""
-    scores, _ = pair_forward(model, sub)
-    b = sub["prompt_ids"].shape[0]
-    return scores[:b], scores[b:]
+    chosen, rejected, _ = pair_forward(model, sub)
+    return chosen, rejected
 
 
 def chosen_nll(
@@ -282,9 +283,7 @@ class RewardModelLearner(Learner):
             group["lr"] = lr
 
         def loss(sub: dict[str, torch.Tensor], weight: torch.Tensor) -> Any:
-            scores, hidden = pair_forward(self.net, sub, hidden=self.lm_head is not None)
-            b = sub["prompt_ids"].shape[0]
-            chosen, rejected = scores[:b], scores[b:]
+            chosen, rejected, hidden = pair_forward(self.net, sub, hidden=self.lm_head is not None)
             losses = bradley_terry_losses(chosen, rejected, hp.margin)
             total = (losses * weight).sum()
             stats = {
@@ -295,7 +294,7 @@ class RewardModelLearner(Learner):
                 "rewards/margins": (chosen - rejected).detach(),
             }
             if hidden is not None and self.lm_head is not None:
-                nll = chosen_nll(hidden[:b], self.lm_head, sub)
+                nll = chosen_nll(hidden, self.lm_head, sub)
                 total = total + hp.sft_coef * (nll * weight).sum()
                 stats["loss/sft"] = nll.detach()
             return total, stats

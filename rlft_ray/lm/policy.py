@@ -98,7 +98,7 @@ class PolicyWithValueHead(nn.Module):
         if completion_ids.shape[1] == 1:  # one-token completions: the prompt predicts them
             return first_logits
         cache = first.past_key_values
-        if not hasattr(cache, "batch_repeat_interleave"):  # a model without a shareable cache
+        if not hasattr(cache, "batch_select_indices"):  # a model without a shareable cache
             return self._joint_logits(
                 prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
             )
