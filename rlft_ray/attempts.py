@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -25,6 +26,7 @@ from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import train_loop_per_worker
+from rlft_ray.resources import NO_DASHBOARD_ENV
 from rlft_ray.rundir import RunDirCallback, remove_temp_files, truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -97,12 +99,23 @@ class RunSignals:
 
 class _Trainer(TorchTrainer):
     """``TorchTrainer`` that keeps its controller's handle, so an interrupt can abort it,
-    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary)."""
+    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary). On a
+    local instance without a dashboard it leaves out the placement-group cleaner: that
+    actor polls the dashboard's state API (a warning a second without it), and the
+    instance's placement groups end with it anyway."""
 
     controller: Any = None
 
     def _register_sigint_handler(self, controller: Any) -> None:
         self.controller = controller
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if os.environ.get(NO_DASHBOARD_ENV):
+            callbacks = [
+                c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"
+            ]
+        return callbacks
 
 
 class Attempts:

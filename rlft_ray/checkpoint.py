@@ -26,13 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlft_ray.config import RunConfig, build_config, load_yaml, save_config
-from rlft_ray.errors import DeterministicError
+from rlft_ray.errors import CheckpointError
 
 RECENT_EPISODES = 20
-
-
-class CheckpointError(DeterministicError, ValueError):
-    """A checkpoint is missing, incomplete or does not fit the run; names path and mismatch."""
 
 
 @dataclass

@@ -8,10 +8,14 @@ the one way train and tune connect to a cluster or start embedded Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import sys
+import threading
 from collections.abc import Mapping
 
 from rlft_ray.config import ResourcesConfig
@@ -217,26 +221,47 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from exc
 
 
+#: Set in this process's environment (which an embedded instance's processes inherit)
+#: while a local Ray instance started here runs without its dashboard: Ray Train's
+#: placement-group cleaner, which polls the dashboard's state API, is left out then.
+NO_DASHBOARD_ENV = "RLFT_RAY_LOCAL_NO_DASHBOARD"
+
+#: Ray Train's preemption watcher (spot nodes) and Prometheus metrics actors have
+#: nothing to do on an embedded instance without a dashboard: each is one more process
+#: to start on a laptop's cores.
+_LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+#: Bound on waiting for a local instance started by :func:`start_ray_early`.
+LOCAL_START_TIMEOUT_S = 120.0
+
+
 def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     """Connect to the cluster the user asked for (``address`` / ``RAY_ADDRESS``: a
     cluster, ``ray job submit``), else start embedded Ray; nothing when Ray is already
-    up in this process.
+    up in this process (or is being started by :func:`start_ray_early`: waits for it).
 
     Args:
         address: Ray address (``host:port``, ``ray://...``, ``auto`` or ``local``);
             default ``RAY_ADDRESS`` or a new local instance.
         dashboard: A local instance started here runs the dashboard on a free loopback
-            port and tells every worker where it is. (Without this flag Ray's default
-            applies: the dashboard, whose state API Ray Train's placement-group cleaner
-            polls; turning it off saves ~2 s but floods the log with that cleaner's warnings.) Tune needs it when a scheduler stops
+            port and tells every worker where it is. Tune needs it when a scheduler stops
             trials: a detached Ray Train actor frees a stopped trial's learners through the
             dashboard's state API, which it finds by address; that is ambiguous when several
             local Ray instances run on one machine, and a placement group left behind would
-            starve every later trial of CPUs.
+            starve every later trial of CPUs. Without it a local instance starts without
+            the dashboard (about 1 s and a dozen processes less): its placement groups end
+            with it, so Ray Train's cleaner is left out (:data:`NO_DASHBOARD_ENV`).
 
     Raises:
-        ResourceError: The named cluster does not answer within ``CONNECT_TIMEOUT_S``.
+        ResourceError: The named cluster does not answer within ``CONNECT_TIMEOUT_S``,
+            or a local instance does not start within ``LOCAL_START_TIMEOUT_S``.
     """
+    if _EarlyStart.pending is not None:
+        _EarlyStart.pending.wait()
+    _init_ray(address, dashboard)
+
+
+def _init_ray(address: str | None, dashboard: bool) -> None:
     import ray
 
     # Faster Ray Train controller polling: the default 2 s adds seconds to short runs.
@@ -247,6 +272,7 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     target = cluster_address(address)
     if target is None:
         target = "local"  # never a stale head recorded by an earlier `ray start`
+        os.environ.pop(NO_DASHBOARD_ENV, None)
         if dashboard:
             port = _free_port()
             kwargs.update(
@@ -255,6 +281,101 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
                 dashboard_port=port,
                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
             )
+        else:
+            kwargs["include_dashboard"] = False
+            os.environ[NO_DASHBOARD_ENV] = "1"
+            for key, value in _LOCAL_TRAIN_ENV.items():
+                os.environ.setdefault(key, value)
     else:
         check_reachable(target)
     ray.init(address=target, **kwargs)
+
+
+def start_ray_early(address: str | None = None) -> None:
+    """Start a local Ray instance in the background while the caller imports and checks
+    its input (the ``train`` command); :func:`init_ray` then waits for it. Nothing when
+    ``address`` / ``RAY_ADDRESS`` names a cluster (connecting is checked where it is
+    used) or Ray is up. :func:`shutdown_ray` stops it whether or not it was used."""
+    import ray
+
+    if cluster_address(address) is None and not ray.is_initialized() and not _EarlyStart.pending:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # What ray.init installs on the main thread: SIGTERM exits through atexit's
+            # ray.shutdown, which stops the instance's agents too.
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        _EarlyStart.stopped.clear()
+        _EarlyStart.pending = _EarlyStart()
+
+
+def shutdown_ray() -> None:
+    """Stop (or disconnect from) Ray, including an instance :func:`start_ray_early` is
+    still starting (bounded wait)."""
+    import ray
+
+    if _EarlyStart.pending is not None:
+        with contextlib.suppress(ResourceError):
+            _EarlyStart.pending.wait()
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.pop(NO_DASHBOARD_ENV, None)
+    _EarlyStart.stopped.set()  # a parked start thread may go: its processes are gone
+
+
+def _start_train_coordinator() -> None:
+    """Start Ray Train's autoscaling-coordinator actor with the instance. Every Ray Train
+    run asks it for resources first and waits while its process boots (about 1 s on 2
+    cores); started here, it boots while the driver checks the task. It lives in a private
+    Ray module: skipped if that moved (Ray Train then starts it as before)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception as exc:  # an optimisation only
+        logging.getLogger(__name__).debug("coordinator not started early: %r", exc)
+
+
+def _no_sigterm_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+class _EarlyStart:
+    """``ray.init`` on a thread that stays alive while Ray is up: an embedded instance's
+    head processes die with the *thread* that started them (Ray sets
+    ``PR_SET_PDEATHSIG`` on them, which Linux ties to the parent thread)."""
+
+    pending: _EarlyStart | None = None
+    stopped = threading.Event()
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        threading.Thread(target=self._run, name="rlft-ray-start", daemon=True).start()
+
+    def _run(self) -> None:
+        # ray.init says it skips its SIGTERM handler off the main thread; set above.
+        logging.getLogger("ray._private.worker").addFilter(_no_sigterm_warning)
+        try:
+            _init_ray(None, dashboard=False)
+        except BaseException as exc:  # re-raised where the run waits for Ray
+            self.error = exc
+            return
+        finally:
+            self.ready.set()
+        _start_train_coordinator()
+        # Parked until shutdown_ray has stopped the instance: leaving while the head's
+        # processes run would kill them before they stop their agents.
+        self.stopped.wait()
+
+    def wait(self) -> None:
+        """Until the instance is up; re-raises its start's error.
+
+        Raises:
+            ResourceError: Not up within ``LOCAL_START_TIMEOUT_S``.
+        """
+        if not self.ready.wait(LOCAL_START_TIMEOUT_S):
+            raise ResourceError(f"local Ray did not start within {LOCAL_START_TIMEOUT_S:.0f} s")
+        _EarlyStart.pending = None
+        if self.error is not None:
+            raise self.error

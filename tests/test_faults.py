@@ -313,10 +313,46 @@ def test_a_local_run_starts_embedded_ray_unless_a_cluster_is_named(
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.append(address))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(resources.NO_DASHBOARD_ENV, raising=False)  # set by the local start
     resources.init_ray()  # never the head an earlier `ray start` recorded
     monkeypatch.setenv("RAY_ADDRESS", "local")
     resources.init_ray()
     assert seen == ["local", "local"]
+
+
+def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents() -> None:
+    # `rlft-ray train` starts local Ray on a background thread while the driver imports
+    # and checks its input; the run then uses that instance, and shutdown_ray stops
+    # every process of it (a thread that left early would orphan the raylet's agents).
+    import psutil
+    import ray
+    from ray.train import ScalingConfig
+
+    from rlft_ray import resources
+    from rlft_ray.attempts import _Trainer
+
+    if ray.is_initialized():
+        ray.shutdown()
+    resources.start_ray_early()
+    resources.init_ray()  # waits for the background start instead of starting another
+    try:
+        assert ray.is_initialized() and ray.cluster_resources()["CPU"] >= 1
+        assert ray.get(ray.remote(lambda: 7).remote(), timeout=60) == 7
+        started = psutil.Process().children(recursive=True)
+        assert any("raylet" in p.name() for p in started), [p.name() for p in started]
+        # no dashboard: Ray Train's cleaner, which polls its state API, is left out
+        assert os.environ[resources.NO_DASHBOARD_ENV] == "1"
+        trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+        names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+        assert "PlacementGroupCleanerCallback" not in names and "BackendSetupCallback" in names
+    finally:
+        resources.shutdown_ray()
+    assert not ray.is_initialized() and resources.NO_DASHBOARD_ENV not in os.environ
+    _, alive = psutil.wait_procs(started, timeout=20)
+    assert not alive, [p.name() for p in alive]
+    trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" in names  # Ray's default elsewhere
 
 
 def test_one_writer_per_run_directory(tmp_path: Path) -> None:
