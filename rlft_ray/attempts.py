@@ -25,7 +25,7 @@ from rlft_ray import checkpoint as ckpt
 from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.loop import train_loop_per_worker
+from rlft_ray.loop import LOOP_CFG, train_loop_per_worker
 from rlft_ray.resources import NO_DASHBOARD_ENV
 from rlft_ray.rundir import RunDirCallback, remove_temp_files, truncate_metrics
 
@@ -99,10 +99,11 @@ class RunSignals:
 
 class _Trainer(TorchTrainer):
     """``TorchTrainer`` that keeps its controller's handle, so an interrupt can abort it,
-    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary). On a
-    local instance without a dashboard it leaves out the placement-group cleaner: that
-    actor polls the dashboard's state API (a warning a second without it), and the
-    instance's placement groups end with it anyway."""
+    and leaves SIGINT to the run (Ray's own handler exits 0 without a summary). It leaves
+    out callbacks with nothing to do, each one more actor process to start: Ray Data's
+    dataset manager when no Ray Dataset is passed, and, on a local instance without a
+    dashboard, the placement-group cleaner (it polls the dashboard's state API, a warning a
+    second without it; the instance's placement groups end with it anyway)."""
 
     controller: Any = None
 
@@ -110,12 +111,10 @@ class _Trainer(TorchTrainer):
         self.controller = controller
 
     def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
+        skip = {"DatasetsCallback"} if not self.datasets else set()  # its actor: a process
         if os.environ.get(NO_DASHBOARD_ENV):
-            callbacks = [
-                c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"
-            ]
-        return callbacks
+            skip.add("PlacementGroupCleanerCallback")
+        return [c for c in super()._create_default_callbacks() if type(c).__name__ not in skip]
 
 
 class Attempts:
@@ -210,15 +209,22 @@ class Attempts:
         resume_from = _stage_checkpoint(last, res.storage_path, attempt) if last.is_dir() else None
         return _Trainer(
             train_loop_per_worker,
+            # By reference: Ray Train also hands train_loop_config to its controller, which
+            # would import torch, transformers and gymnasium to unpickle spaces, actor
+            # handles and tables it never reads (seconds of every start on 2 cores).
             train_loop_config={
-                "cfg": cfg,
-                "spaces": self.probe.spaces,
-                "runners": self.runners,
-                "resume_from": resume_from,
-                "start_checkpoint": None if resume_from else self.start,
-                "datasets": sorted(datasets),
-                "inline_datasets": inline,
-                "tables": self.probe.tables,
+                LOOP_CFG: ray.put(
+                    {
+                        "cfg": cfg,
+                        "spaces": self.probe.spaces,
+                        "runners": self.runners,
+                        "resume_from": resume_from,
+                        "start_checkpoint": None if resume_from else self.start,
+                        "datasets": sorted(datasets),
+                        "inline_datasets": inline,
+                        "tables": self.probe.tables,
+                    }
+                )
             },
             datasets=datasets,
             scaling_config=ScalingConfig(

@@ -29,14 +29,18 @@ from rlft_ray.rollout.group import PendingSample, RunnerGroup
 from rlft_ray.rundir import ROWS_KEY
 from rlft_ray.utils import seed_everything, torch_threads
 
+#: The key of ``train_loop_config`` whose value references the loop's inputs.
+LOOP_CFG = "loop_cfg"
+#: Bound on fetching them from the object store (another node's, on a cluster).
+LOOP_CFG_TIMEOUT_S = 300.0
 
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """Ray Train entry point.
 
-    ``loop_cfg`` holds ``cfg``, ``spaces``, ``runners`` (actor handles), ``datasets`` (names
-    of the Ray Datasets Ray Train shards over the ranks), ``tables`` (small tables every
-    rank gets whole), ``resume_from`` and ``start_checkpoint`` (see :func:`restore`).
-    """
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config[LOOP_CFG]`` references a dict of ``cfg``, ``spaces``,
+    ``runners`` (actor handles), ``datasets`` (names of the Ray Datasets Ray Train shards),
+    ``inline_datasets`` and ``tables`` (small tables every rank gets whole), ``resume_from``
+    and ``start_checkpoint`` (see :func:`restore`)."""
+    loop_cfg: dict[str, Any] = ray.get(config[LOOP_CFG], timeout=LOOP_CFG_TIMEOUT_S)
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
     _quiet_ray_train_reports()

@@ -345,6 +345,15 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
         trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
         names = [type(c).__name__ for c in trainer._create_default_callbacks()]
         assert "PlacementGroupCleanerCallback" not in names and "BackendSetupCallback" in names
+        assert "DatasetsCallback" not in names  # no Ray Dataset: no dataset-manager actor
+        with_data = _Trainer(
+            lambda config: None,
+            scaling_config=ScalingConfig(num_workers=1),
+            datasets={"d": ray.data.from_items([{"x": 1}])},
+        )
+        assert "DatasetsCallback" in [
+            type(c).__name__ for c in with_data._create_default_callbacks()
+        ]
     finally:
         resources.shutdown_ray()
     assert not ray.is_initialized() and resources.NO_DASHBOARD_ENV not in os.environ

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.lm.lora import is_adapter_dir, load_merged
@@ -115,6 +114,8 @@ def load_tokenizer(cfg: RunConfig) -> tuple[Any, str | None]:
     model = resolve_model_path(cfg.lm.model, required_by=f"algo={cfg.algo}")
     name = resolve_model_path(cfg.lm.tokenizer, "lm.tokenizer") if cfg.lm.tokenizer else model
     try:
+        from transformers import AutoTokenizer  # here: the driver's checks need no models
+
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.lm.trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: one line naming the key
         key = "lm.tokenizer" if cfg.lm.tokenizer else "lm.model"
@@ -212,6 +213,8 @@ def load_model_and_tokenizer(
         model_kwargs["dtype"] = resolved_dtype  # transformers 5.x: `torch_dtype` is deprecated
 
     tok_name = os.path.expanduser(os.fspath(tokenizer_path)) if tokenizer_path else name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=trust_remote_code)
     if is_adapter_dir(name):  # a LoRA checkpoint's policy/: its base with the adapters merged
         model = load_merged(name, model_kwargs)

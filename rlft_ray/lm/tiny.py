@@ -21,22 +21,16 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedTokenizerFast
 
 from rlft_ray.fileio import replace_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
@@ -101,6 +95,16 @@ def _build_model(
     max_positions: int,
 ) -> PreTrainedModel:
     """Instantiate a randomly initialised causal LM of the given architecture."""
+    # Imported here: modules that only need the tokenizer stay free of model code.
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
     if arch == "gpt2":
         # GPT-2 ties input and output embeddings by default.
         config = GPT2Config(
