@@ -18,12 +18,16 @@ pays for its own evaluations), and the benchmark prints accuracy against wall se
 the training loop's start at every 15 s mark, how many marks rlft_ray is at or above TRL,
 and the seconds each takes to first reach the best accuracy TRL's run reaches.
 
-Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500] [--curves]
+With ``--async-rollouts`` ours runs with sampling overlapped with the update (policy lag 1;
+the example's default is synchronous); TRL's side is unchanged.
+
+Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500] [--curves] [--async-rollouts]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -141,7 +145,7 @@ def trl(base: str, seed: int, steps: int, curves: bool) -> dict:
     }
 
 
-def ours(base: str, seed: int, steps: int, curves: bool) -> dict:
+def ours(base: str, seed: int, steps: int, curves: bool, overlap: bool = False) -> dict:
     summary = train_cli(
         "examples/arithmetic_grpo.yaml",
         [
@@ -149,6 +153,7 @@ def ours(base: str, seed: int, steps: int, curves: bool) -> dict:
             f"seed={seed}",
             f"total_iterations={steps}",
             f"eval_every={EVAL_EVERY if curves else steps}",
+            f"async_rollouts={str(overlap).lower()}",
         ],
     )
     rows = [json.loads(x) for x in (Path(summary["output_dir"]) / "metrics.jsonl").open()]
@@ -160,6 +165,7 @@ def ours(base: str, seed: int, steps: int, curves: bool) -> dict:
     ]
     return {
         "who": "rlft_ray",
+        "async_rollouts": overlap,
         "seed": seed,
         "iterations_per_s": round(steps / loop_s, 2),
         "train_s": round(loop_s, 1),
@@ -204,6 +210,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--curves", action="store_true", help="held-out accuracy every 25 steps")
+    p.add_argument(
+        "--async-rollouts",
+        action="store_true",
+        help="run ours with async_rollouts=true (sampling overlapped with the update, lag 1)",
+    )
     p.add_argument("--trl-run", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl_run:
@@ -212,7 +223,7 @@ def main() -> None:
         return
     runs: dict[str, list[dict]] = {"trl": [], "rlft_ray": []}
     for seed in args.seeds:
-        for fn in (trl, ours):
+        for fn in (trl, functools.partial(ours, overlap=args.async_rollouts)):
             r = fn(str(Path(args.base).resolve()), seed, args.steps, args.curves)
             runs[r["who"]].append(r)
             emit({"benchmark": "vs_trl_grpo", **r})
@@ -231,6 +242,7 @@ def main() -> None:
             "benchmark": "vs_trl_grpo",
             "seeds": args.seeds,
             "steps": args.steps,
+            "async_rollouts": args.async_rollouts,
             **{f"{who}_{k}": v for who, m in med.items() for k, v in m.items()},
             "ratio_iterations_per_s": round(
                 med["rlft_ray"]["iterations_per_s"] / med["trl"]["iterations_per_s"], 2
