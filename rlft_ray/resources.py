@@ -293,7 +293,7 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
 
 def start_ray_early(address: str | None = None) -> None:
     """Start a local Ray instance in the background while the caller imports and checks
-    its input (the ``train`` command); :func:`init_ray` then waits for it. Nothing when
+    its input (the ``train`` and ``quickstart`` commands); :func:`init_ray` then waits for it. Nothing when
     ``address`` / ``RAY_ADDRESS`` names a cluster (connecting is checked where it is
     used) or Ray is up. :func:`shutdown_ray` stops it whether or not it was used."""
     import ray
