@@ -272,8 +272,8 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
     target = cluster_address(address)
     if target is None:
         target = "local"  # never a stale head recorded by an earlier `ray start`
-        os.environ.pop(NO_DASHBOARD_ENV, None)
         if dashboard:
+            os.environ.pop(NO_DASHBOARD_ENV, None)
             port = _free_port()
             kwargs.update(
                 include_dashboard=True,
@@ -313,7 +313,8 @@ def shutdown_ray() -> None:
     import ray
 
     if _EarlyStart.pending is not None:
-        with contextlib.suppress(ResourceError):
+        # a start that failed or timed out has nothing to stop; its error is not this call's
+        with contextlib.suppress(Exception):
             _EarlyStart.pending.wait()
     if ray.is_initialized():
         _kill_autoscaler_monitor()
