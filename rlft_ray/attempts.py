@@ -26,7 +26,7 @@ from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import LOOP_CFG, train_loop_per_worker
-from rlft_ray.resources import NO_DASHBOARD_ENV
+from rlft_ray.resources import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
 from rlft_ray.rundir import RunDirCallback, remove_temp_files, truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,37 @@ class RunSignals:
             raise RunInterrupted(self.signum, f"interrupted by {name} {when}") from None
 
 
+class LearnerFailed(RuntimeError):
+    """The learner raised while running in the driver (Ray Train's local mode). It holds
+    the error as ``worker_failures``, like Ray Train's ``WorkerGroupError``, so a failure
+    is reported and retried the same way wherever the learner ran."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.worker_failures = {0: error}
+
+
+class _DeferSignals:
+    """The run directory's callback as the learner in the driver calls it: a signal that
+    arrives while it writes metrics or a checkpoint stops the run once the write is done
+    (in a Train worker, the controller calls the callback and the signal aborts the
+    workers instead)."""
+
+    def __init__(self, callback: RunDirCallback, attempts: Attempts) -> None:
+        self.callback, self.attempts = callback, attempts
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        self.attempts.reporting = True
+        try:
+            self.callback.after_report(run_context, metrics, checkpoint)
+        finally:
+            self.attempts.reporting = False
+        if self.attempts.signum is not None:
+            raise Interrupt(self.attempts.signum)
+
+
 class _Trainer(TorchTrainer):
     """``TorchTrainer`` that keeps its controller's handle, so an interrupt can abort it,
     and leaves SIGINT to the run (Ray's own handler exits 0 without a summary). It leaves
@@ -122,7 +153,12 @@ class Attempts:
     failure (up to ``resources.max_failures``), always from the run directory's
     ``checkpoint_last`` (never Ray Train's storage, so a fresh run can't pick up a foreign
     checkpoint). A deterministic failure (NaN loss, reward function error, bad data or
-    checkpoint) would fail the same way again and is not retried."""
+    checkpoint) would fail the same way again and is not retried.
+
+    On Ray this process started, with no Tune trial reporting (``callbacks``), one CPU
+    learner runs in this process, in Ray Train's local mode (``resources.learner_in_driver``),
+    unless the run streams a Ray Dataset.
+    """
 
     def __init__(
         self,
@@ -136,8 +172,12 @@ class Attempts:
     ) -> None:
         self.cfg, self.probe, self.runners, self.output_dir = cfg, probe, runners, output_dir
         self.learner_cls, self.callbacks, self.start = learner_cls, callbacks, start_checkpoint
+        self.in_driver = (
+            learner_in_driver_wanted(cfg.resources) and embedded_here() and not callbacks
+        )
         self.restarts = 0
         self.signum: int | None = None
+        self.reporting = False  # the learner in this process writes the run directory
         self.trainer: _Trainer | None = None
 
     def run(self) -> BaseException | None:
@@ -155,7 +195,9 @@ class Attempts:
             except BaseException as exc:
                 if self.signum is not None:  # whatever the abort made fit() raise
                     raise Interrupt(self.signum) from None
-                if not isinstance(exc, ray.train.TrainingFailedError):
+                if self.in_driver and isinstance(exc, Exception):
+                    exc = LearnerFailed(exc)  # raised by the learner itself, in this process
+                if not isinstance(exc, (ray.train.TrainingFailedError, LearnerFailed)):
                     raise
                 if _deterministic(exc) or (limit != -1 and self.restarts >= limit):
                     return exc
@@ -183,8 +225,11 @@ class Attempts:
     def on_signal(self, signum: int) -> None:
         """Ask the running controller to stop its workers; fit() then returns and
         :meth:`run` raises :class:`Interrupt`. (An exception raised inside Ray's blocking
-        get would surface as a SystemError.) Between attempts, raise at once."""
+        get would surface as a SystemError.) Between attempts, and with the learner in this
+        thread, raise at once; while it writes the run directory, once that is written."""
         self.signum = signum
+        if self.reporting:
+            return
         controller = self.trainer.controller if self.trainer else None
         if controller is None:
             raise Interrupt(signum)
@@ -207,28 +252,33 @@ class Attempts:
             shutil.rmtree(self.output_dir / "ray_train", ignore_errors=True)
         last = self.output_dir / "checkpoint_last"
         resume_from = _stage_checkpoint(last, res.storage_path, attempt) if last.is_dir() else None
+        run_dir = RunDirCallback(
+            str(self.output_dir),
+            self.learner_cls.score_metric,
+            tensorboard=config_yaml(cfg) if cfg.tracking.tensorboard else None,
+        )
+        inputs = {
+            "cfg": cfg,
+            "spaces": self.probe.spaces,
+            "runners": self.runners,
+            "resume_from": resume_from,
+            "start_checkpoint": None if resume_from else self.start,
+            "datasets": sorted(datasets),
+            "inline_datasets": inline,
+            "tables": self.probe.tables,
+        }
+        in_driver = self.in_driver and not datasets
+        if in_driver:  # no controller calls the callbacks: the loop does (see _DeferSignals)
+            inputs["report_to"] = [_DeferSignals(run_dir, self), *self.callbacks]
         return _Trainer(
             train_loop_per_worker,
-            # By reference: Ray Train also hands train_loop_config to its controller, which
-            # would import torch, transformers and gymnasium to unpickle spaces, actor
-            # handles and tables it never reads (seconds of every start on 2 cores).
-            train_loop_config={
-                LOOP_CFG: ray.put(
-                    {
-                        "cfg": cfg,
-                        "spaces": self.probe.spaces,
-                        "runners": self.runners,
-                        "resume_from": resume_from,
-                        "start_checkpoint": None if resume_from else self.start,
-                        "datasets": sorted(datasets),
-                        "inline_datasets": inline,
-                        "tables": self.probe.tables,
-                    }
-                )
-            },
+            # In a worker, by reference: Ray Train also hands train_loop_config to its
+            # controller, which would import torch, transformers and gymnasium to unpickle
+            # spaces, actor handles and tables it never reads (seconds on 2 cores).
+            train_loop_config={LOOP_CFG: inputs if in_driver else ray.put(inputs)},
             datasets=datasets,
             scaling_config=ScalingConfig(
-                num_workers=res.num_learners,
+                num_workers=0 if in_driver else res.num_learners,  # 0: Ray Train's local mode
                 use_gpu=res.use_gpu,
                 resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
             ),
@@ -237,14 +287,7 @@ class Attempts:
                 storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=0),  # restarts are ours (run())
-                callbacks=[
-                    RunDirCallback(
-                        str(self.output_dir),
-                        self.learner_cls.score_metric,
-                        tensorboard=config_yaml(cfg) if cfg.tracking.tensorboard else None,
-                    ),
-                    *self.callbacks,
-                ],
+                callbacks=[run_dir, *self.callbacks],
             ),
         )
 

@@ -264,7 +264,7 @@ def _default_dir(config: Path) -> Path:
 def _train(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, args.overrides)
     output_dir = args.output_dir or _default_dir(Path(args.config))
-    _start_early(args, args.address)
+    _start_early(args, args.address, cfg)
     from rlft_ray.driver import run_training
 
     summary = run_training(
@@ -274,11 +274,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_early(args: argparse.Namespace, address: str | None = None) -> None:
+def _start_early(
+    args: argparse.Namespace, address: str | None = None, cfg: RunConfig | None = None
+) -> None:
     """A command of its own: local Ray boots while the driver imports and checks the task,
     and the run's start-up breakdown counts from the process start (imports included)."""
     if args.own_process:
-        start_ray_early(address)
+        start_ray_early(address, cfg.resources if cfg else None)
         from rlft_ray.rundir import count_from_process_start
 
         count_from_process_start()
@@ -343,7 +345,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         )
         return 0 if summary.get("error") is None else 1
     cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["stop_return=475", *args.overrides])
-    _start_early(args)
+    _start_early(args, cfg=cfg)
     from rlft_ray.driver import run_training
 
     summary = run_training(cfg, output_dir, progress=True)

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config[LOOP_CFG]`` references a dict of ``cfg``, ``spaces``,
     ``runners`` (actor handles), ``datasets`` (names of the Ray Datasets Ray Train shards),
     ``inline_datasets`` and ``tables`` (small tables every rank gets whole), ``resume_from``
-    and ``start_checkpoint`` (see :func:`restore`)."""
-    loop_cfg: dict[str, Any] = ray.get(config[LOOP_CFG], timeout=LOOP_CFG_TIMEOUT_S)
+    and ``start_checkpoint`` (see :func:`restore`); the dict itself in local mode."""
+    loop_cfg = _loop_inputs(config[LOOP_CFG])
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
     _quiet_ray_train_reports()
@@ -59,7 +60,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         runners.publish(learner.policy_state(), counters.policy_version)
     _barrier(world)
     clock_start = time.perf_counter() - counters.wall_s
-    reporter = _Reporter(cfg, spaces, ctx)
+    reporter = _Reporter(cfg, spaces, ctx, loop_cfg.get("report_to", ()))
 
     last = _finished(cfg, counters, counters.wall_s, ctx)
     overlap = cfg.async_rollouts and not learner.offline
@@ -114,6 +115,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
         )
         reporter.add(metrics, learner, counters, last=last)
+
+
+def _loop_inputs(inputs: Any) -> dict[str, Any]:
+    """The dict itself in Ray Train's local mode (the learner in the driver), with
+    ``report_to``: the callbacks the loop calls after each report, since no controller
+    does. Else fetched by its reference (bounded wait)."""
+    return inputs if isinstance(inputs, dict) else ray.get(inputs, timeout=LOOP_CFG_TIMEOUT_S)
 
 
 def _learner_context(loop_cfg: dict[str, Any], rank: int, world: int) -> LearnerContext:
@@ -273,8 +281,10 @@ class _Reporter:
     latest iteration ride along for Tune and the checkpoint ranking.
     """
 
-    def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
-        self.cfg, self.spaces, self.ctx = cfg, spaces, ctx
+    def __init__(
+        self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext, report_to: Sequence[Any] = ()
+    ) -> None:
+        self.cfg, self.spaces, self.ctx, self.report_to = cfg, spaces, ctx, report_to
         self.rows: list[dict[str, float]] = []
         self.last_report = time.monotonic()
 
@@ -291,7 +301,7 @@ class _Reporter:
         self.rows, self.last_report = [], time.monotonic()
         rank_states = _gather_rank_states(learner, self.ctx.world_size) if checkpoint_due else []
         if not (checkpoint_due and self.ctx.rank == 0):
-            ray.train.report(payload)
+            self._report(payload)
             return
 
         def extras(path: Path) -> None:
@@ -308,7 +318,14 @@ class _Reporter:
                 self.spaces.signature(),
                 extras=extras,
             )
-            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self._report(payload, ray.train.Checkpoint.from_directory(tmp))
+
+    def _report(
+        self, payload: dict[str, Any], checkpoint: ray.train.Checkpoint | None = None
+    ) -> None:
+        ray.train.report(payload, checkpoint=checkpoint)
+        for callback in self.report_to:  # local mode: the callbacks a controller would call
+            callback.after_report(None, [payload], checkpoint)
 
 
 def _progress(cfg: RunConfig, counters: ckpt.Counters) -> float:

@@ -289,13 +289,39 @@ def _init_ray(address: str | None, dashboard: bool) -> None:
     else:
         check_reachable(target)
     ray.init(address=target, **kwargs)
+    _STARTED_HERE[0] = target == "local"
 
 
-def start_ray_early(address: str | None = None) -> None:
+#: Whether this process started the Ray instance it is connected to (:func:`embedded_here`).
+_STARTED_HERE = [False]
+
+
+def embedded_here() -> bool:
+    """Whether Ray is an instance this process started (a local run on one machine),
+    not a cluster it connected to."""
+    import ray
+
+    return _STARTED_HERE[0] and ray.is_initialized()
+
+
+def learner_in_driver_wanted(res: ResourcesConfig) -> bool:
+    """Whether ``res`` lets the learner run in the driver (``resources.learner_in_driver``
+    with one CPU learner); the run also needs an embedded instance, no Ray Dataset and no
+    Tune trial around it (:mod:`rlft_ray.attempts` decides)."""
+    return res.learner_in_driver and res.num_learners == 1 and not res.use_gpu
+
+
+def start_ray_early(address: str | None = None, res: ResourcesConfig | None = None) -> None:
     """Start a local Ray instance in the background while the caller imports and checks
     its input (the ``train`` and ``quickstart`` commands); :func:`init_ray` then waits for it. Nothing when
     ``address`` / ``RAY_ADDRESS`` names a cluster (connecting is checked where it is
-    used) or Ray is up. :func:`shutdown_ray` stops it whether or not it was used."""
+    used) or Ray is up. :func:`shutdown_ray` stops it whether or not it was used.
+
+    Args:
+        address: The command's ``--address``.
+        res: The run's resources (default: the defaults). Unless its learner will run in
+            the driver, Ray Train's autoscaling coordinator starts with the instance.
+    """
     import ray
 
     if cluster_address(address) is None and not ray.is_initialized() and not _EarlyStart.pending:
@@ -304,7 +330,7 @@ def start_ray_early(address: str | None = None) -> None:
             # ray.shutdown, which stops the instance's agents too.
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         _EarlyStart.stopped.clear()
-        _EarlyStart.pending = _EarlyStart()
+        _EarlyStart.pending = _EarlyStart(not learner_in_driver_wanted(res or ResourcesConfig()))
 
 
 def shutdown_ray() -> None:
@@ -319,6 +345,7 @@ def shutdown_ray() -> None:
     if ray.is_initialized():
         _kill_autoscaler_monitor()
         ray.shutdown()
+    _STARTED_HERE[0] = False
     os.environ.pop(NO_DASHBOARD_ENV, None)
     _EarlyStart.stopped.set()  # a parked start thread may go: its processes are gone
 
@@ -366,7 +393,8 @@ class _EarlyStart:
     pending: _EarlyStart | None = None
     stopped = threading.Event()
 
-    def __init__(self) -> None:
+    def __init__(self, train_workers: bool) -> None:
+        self.train_workers = train_workers
         self.error: BaseException | None = None
         self.ready = threading.Event()
         threading.Thread(target=self._run, name="rlft-ray-start", daemon=True).start()
@@ -381,7 +409,8 @@ class _EarlyStart:
             return
         finally:
             self.ready.set()
-        _start_train_coordinator()
+        if self.train_workers:
+            _start_train_coordinator()
         # Parked until shutdown_ray has stopped the instance: leaving while the head's
         # processes run would kill them before they stop their agents.
         self.stopped.wait()

@@ -18,6 +18,7 @@ The run directory, not Ray Train's storage, decides what ``--resume`` restores: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -426,7 +427,8 @@ class ProgressBar:
             dynamic_ncols=True,
             mininterval=0.5 if os.isatty(2) else 10.0,
         )
-        self.start_rows = len(read_metrics(output_dir))
+        path = output_dir / METRICS_FILE
+        self.offset = path.stat().st_size if path.is_file() else 0  # a resume's earlier rows
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -435,11 +437,30 @@ class ProgressBar:
         while not self.stop.wait(0.5):
             self._refresh()
 
+    def _last_new_row(self) -> dict[str, Any] | None:
+        """The last whole row written since the previous call. Reads only what is new:
+        with the learner in the driver, parsing the whole file twice a second would take
+        its time from the learner."""
+        path = self.output_dir / METRICS_FILE
+        size = path.stat().st_size if path.is_file() else 0
+        if size < self.offset:  # a restart dropped rows after checkpoint_last
+            self.offset = 0
+        if size == self.offset:
+            return None
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n") + 1  # a torn last line is read again next time
+        self.offset += end
+        for line in reversed(data[:end].splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+        return None
+
     def _refresh(self) -> None:
-        rows = read_metrics(self.output_dir)
-        if len(rows) <= self.start_rows:
+        last = self._last_new_row()
+        if last is None:
             return
-        last = rows[-1]
         self.bar.n = int(last.get(self.x_key, 0))
         score = last.get(self.score_metric)
         self.bar.set_postfix(

@@ -96,6 +96,12 @@ class ResourcesConfig:
             generation actor waits while its scorer works (they take turns on its CPUs).
         gpus_per_scorer_actor: GPUs each scorer actor holds; null: a 0.1 share when the
             cluster has GPUs, else none.
+        learner_in_driver: On Ray started by the run itself (no cluster address), one
+            CPU learner runs in the driver process, in Ray Train's local mode
+            (``num_workers=0``: same loop, same reports), instead of a Train controller and
+            worker process that take seconds to start on a small machine. Not with more
+            learners, a GPU, a Ray Dataset or in a Tune trial; never on a cluster. False:
+            the learner runs in a Ray Train worker as it does on a cluster.
     """
 
     num_rollout_actors: int = 2
@@ -113,6 +119,7 @@ class ResourcesConfig:
     num_scorer_actors: int = 1
     cpus_per_scorer_actor: float = 0.0
     gpus_per_scorer_actor: float | None = None
+    learner_in_driver: bool = True
 
     def __post_init__(self) -> None:
         for name in ("rollout_actor_resources", "learner_resources"):
