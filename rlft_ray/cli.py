@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     code = _main(None)
     shutdown_ray()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     logging.shutdown()
     os._exit(code)
 
@@ -220,11 +220,7 @@ def _main(argv: list[str] | None) -> int:
     args, extra = parser.parse_known_args(argv)
     args.own_process = argv is None  # a command of its own (not main([...]) in a caller)
     # overrides may also come after the options (`train cfg.yaml --output-dir d ppo.lr=1e-3`)
-    if (
-        extra
-        and hasattr(args, "overrides")
-        and all("=" in e and not e.startswith("-") for e in extra)
-    ):
+    if extra and hasattr(args, "overrides") and all("=" in e and e[0] != "-" for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -280,8 +276,11 @@ def _start_early(
     """A command of its own: local Ray boots while the driver imports and checks the task,
     and the run's start-up breakdown counts from the process start (imports included)."""
     if args.own_process:
-        start_ray_early(address, cfg.resources if cfg else None)
-        from rlft_ray.rundir import count_from_process_start
+        from rlft_ray.registry import GENERATION_MODULE, rollout_module
+
+        preload = rollout_module(cfg) if cfg else GENERATION_MODULE  # LM quickstart: no cfg yet
+        start_ray_early(address, cfg.resources if cfg else None, preload)
+        from rlft_ray.rundir import count_from_process_start  # imports ray.train: after
 
         count_from_process_start()
 

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rlft_ray.config import RunConfig
     from rlft_ray.learners.base import Learner
 
 #: ``algo`` -> ``module:class`` of its learner.
@@ -24,6 +25,32 @@ _LEARNERS: dict[str, str] = {
     "reward_model": "rlft_ray.learners.reward_model:RewardModelLearner",
     "rsft": "rlft_ray.learners.rsft:RSFTLearner",
 }
+
+
+GENERATION_MODULE = "rlft_ray.rollout.generation"
+_ENV_RUNNER = "rlft_ray.rollout.env_runner"
+#: ``algo`` -> module of its rollout actor class (``Learner.sampler``; a test keeps the two
+#: in step), named without importing the learner (see :func:`rollout_module`).
+_ROLLOUT_MODULES: dict[str, str | None] = {
+    "dpo": GENERATION_MODULE,  # only with eval_every (held-out prompts)
+    "dqn": _ENV_RUNNER,
+    "filtered_bc": "rlft_ray.rollout.episodes",
+    "grpo": GENERATION_MODULE,
+    "lm_ppo": GENERATION_MODULE,
+    "online_dpo": GENERATION_MODULE,
+    "ppo": _ENV_RUNNER,
+    "reward_model": None,  # learns from pairs
+    "rsft": GENERATION_MODULE,
+}
+
+
+def rollout_module(cfg: RunConfig) -> str | None:
+    """The module of the rollout actor class ``cfg``'s run starts (None: no actors),
+    without importing torch: Ray's first worker processes import it while the driver
+    still imports and checks the task."""
+    if cfg.algo == "dpo" and cfg.eval_every is None:
+        return None
+    return _ROLLOUT_MODULES[cfg.algo]
 
 
 def algorithm_names() -> list[str]:

@@ -333,11 +333,14 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
 
     if ray.is_initialized():
         ray.shutdown()
-    resources.start_ray_early()
+    resources.start_ray_early(preload="rlft_ray.rollout.env_runner")
     resources.init_ray()  # waits for the background start instead of starting another
     try:
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] >= 1
-        assert ray.get(ray.remote(lambda: 7).remote(), timeout=60) == 7
+        assert resources.embedded_here()  # so a run's one CPU learner runs in the driver
+        # the rollout actors' module: imported by Ray's first worker processes at their start
+        preloaded = ray.remote(lambda: "rlft_ray.rollout.env_runner" in sys.modules)
+        assert ray.get(preloaded.remote(), timeout=60) is True
         started = psutil.Process().children(recursive=True)
         assert any("raylet" in p.name() for p in started), [p.name() for p in started]
         # no dashboard: Ray Train's cleaner, which polls its state API, is left out
@@ -357,6 +360,7 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
     finally:
         resources.shutdown_ray()
     assert not ray.is_initialized() and resources.NO_DASHBOARD_ENV not in os.environ
+    assert not resources.embedded_here()
     _, alive = psutil.wait_procs(started, timeout=20)
     assert not alive, [p.name() for p in alive]
     trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))

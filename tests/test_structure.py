@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rlft_ray.config import ALGORITHMS, RunConfig
 from rlft_ray.learners.base import Learner
-from rlft_ray.registry import algorithm_names, get_learner_cls
+from rlft_ray.registry import algorithm_names, get_learner_cls, rollout_module
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlft_ray"
 
@@ -106,6 +106,10 @@ def test_registry_and_schema_name_the_same_algorithms() -> None:
     for name in ALGORITHMS:  # each algorithm's hyperparameters live in the section of its name
         assert name in RunConfig.__dataclass_fields__, name
         assert issubclass(get_learner_cls(name), Learner), name
+        for eval_every in (None, 5):  # the module Ray's first workers import ahead of time
+            cfg = RunConfig(algo=name, eval_every=eval_every)
+            sampler = get_learner_cls(name).sampler(cfg)
+            assert rollout_module(cfg) == (sampler.__module__ if sampler else None), name
 
 
 def test_a_gym_learner_does_not_import_the_lm_stack() -> None:
