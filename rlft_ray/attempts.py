@@ -155,9 +155,9 @@ class Attempts:
     checkpoint). A deterministic failure (NaN loss, reward function error, bad data or
     checkpoint) would fail the same way again and is not retried.
 
-    On Ray this process started, with no Tune trial reporting (``callbacks``), one CPU
-    learner runs in this process, in Ray Train's local mode (``resources.learner_in_driver``),
-    unless the run streams a Ray Dataset.
+    On Ray this process started, with no Tune trial reporting (``callbacks``) and no table
+    too large to pass whole (no Ray Dataset), one CPU learner runs in this process, in Ray
+    Train's local mode (``resources.learner_in_driver``).
     """
 
     def __init__(
@@ -173,7 +173,10 @@ class Attempts:
         self.cfg, self.probe, self.runners, self.output_dir = cfg, probe, runners, output_dir
         self.learner_cls, self.callbacks, self.start = learner_cls, callbacks, start_checkpoint
         self.in_driver = (
-            learner_in_driver_wanted(cfg.resources) and embedded_here() and not callbacks
+            learner_in_driver_wanted(cfg.resources)
+            and embedded_here()
+            and not callbacks
+            and all(len(t) <= INLINE_ROWS for t in probe.datasets.values())  # no Ray Dataset
         )
         self.restarts = 0
         self.signum: int | None = None
@@ -267,18 +270,17 @@ class Attempts:
             "inline_datasets": inline,
             "tables": self.probe.tables,
         }
-        in_driver = self.in_driver and not datasets
-        if in_driver:  # no controller calls the callbacks: the loop does (see _DeferSignals)
+        if self.in_driver:  # no controller calls the callbacks: the loop does them
             inputs["report_to"] = [_DeferSignals(run_dir, self), *self.callbacks]
         return _Trainer(
             train_loop_per_worker,
             # In a worker, by reference: Ray Train also hands train_loop_config to its
             # controller, which would import torch, transformers and gymnasium to unpickle
             # spaces, actor handles and tables it never reads (seconds on 2 cores).
-            train_loop_config={LOOP_CFG: inputs if in_driver else ray.put(inputs)},
+            train_loop_config={LOOP_CFG: inputs if self.in_driver else ray.put(inputs)},
             datasets=datasets,
             scaling_config=ScalingConfig(
-                num_workers=0 if in_driver else res.num_learners,  # 0: Ray Train's local mode
+                num_workers=0 if self.in_driver else res.num_learners,  # 0: local mode
                 use_gpu=res.use_gpu,
                 resources_per_worker={"CPU": res.cpus_per_learner, **res.learner_resources},
             ),

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from rlft_ray.config import ResourcesConfig
 
@@ -290,8 +290,30 @@ def _init_ray(address: str | None, dashboard: bool, preload: str | None = None) 
                 os.environ.setdefault(key, value)
     else:
         check_reachable(target)
-    ray.init(address=target, **kwargs)
+    with _no_api_server() if target == "local" and not dashboard else contextlib.nullcontext():
+        ray.init(address=target, **kwargs)
     _STARTED_HERE[0] = target == "local"
+
+
+@contextlib.contextmanager
+def _no_api_server() -> Iterator[None]:
+    """Without the dashboard a local instance still starts Ray's API server (the job and
+    state APIs, which nothing of a local run calls), and ``ray.init`` waits until it is up:
+    about 0.7 s of every start on 2 cores, and one more process. Skipped while the
+    instance starts; the node then reports no dashboard URL, as when that server fails to
+    start. (A private Ray method: if it moved, the server starts as before.)"""
+    try:
+        from ray._private.node import Node
+
+        original = Node.start_api_server
+    except (ImportError, AttributeError):
+        yield
+        return
+    Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        Node.start_api_server = original
 
 
 #: Whether this process started the Ray instance it is connected to (:func:`embedded_here`).

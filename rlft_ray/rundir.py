@@ -454,7 +454,9 @@ class ProgressBar:
         self.offset += end
         for line in reversed(data[:end].splitlines()):
             with contextlib.suppress(json.JSONDecodeError):
-                return json.loads(line)
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    return row
         return None
 
     def _refresh(self) -> None:

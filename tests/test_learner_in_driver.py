@@ -156,3 +156,30 @@ def test_the_progress_bar_reads_only_new_whole_rows(tmp_path: Path) -> None:
     metrics.write_text(json.dumps({"counters/iteration": 1}) + "\n")  # a restart truncated it
     assert bar._last_new_row() == {"counters/iteration": 1}
     bar.bar.close()
+
+
+def test_only_a_local_one_cpu_learner_without_tune_or_ray_data_runs_in_the_driver(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from rlft_ray import attempts
+    from rlft_ray.learners.base import TaskProbe
+
+    def in_driver(
+        *overrides: str, embedded: bool = True, callbacks: tuple = (), rows: int = 10
+    ) -> bool:
+        monkeypatch.setattr(attempts, "embedded_here", lambda: embedded)
+        cfg = build_config(CARTPOLE, list(overrides))
+        table = pd.DataFrame({"x": range(rows)})
+        probe = TaskProbe(spaces=None, datasets={"prompts": table})  # type: ignore[arg-type]
+        fit = Attempts(cfg, probe, [], tmp_path, PPOLearner, callbacks, None)
+        return fit.in_driver
+
+    assert in_driver()
+    assert not in_driver(embedded=False)  # a cluster (--address, RAY_ADDRESS, ray job submit)
+    assert not in_driver(callbacks=(object(),))  # a Tune trial reports through its callback
+    assert not in_driver("resources.learner_in_driver=false")
+    assert not in_driver("resources.num_learners=2")  # DDP
+    assert not in_driver("resources.use_gpu=true")
+    assert not in_driver(rows=attempts.INLINE_ROWS + 1)  # streamed through Ray Data
