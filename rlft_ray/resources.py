@@ -290,30 +290,33 @@ def _init_ray(address: str | None, dashboard: bool, preload: str | None = None) 
                 os.environ.setdefault(key, value)
     else:
         check_reachable(target)
-    with _no_api_server() if target == "local" and not dashboard else contextlib.nullcontext():
+    with _lean_local_head() if target == "local" and not dashboard else contextlib.nullcontext():
         ray.init(address=target, **kwargs)
     _STARTED_HERE[0] = target == "local"
 
 
 @contextlib.contextmanager
-def _no_api_server() -> Iterator[None]:
+def _lean_local_head() -> Iterator[None]:
     """Without the dashboard a local instance still starts Ray's API server (the job and
-    state APIs, which nothing of a local run calls), and ``ray.init`` waits until it is up:
-    about 0.7 s of every start on 2 cores, and one more process. Skipped while the
-    instance starts; the node then reports no dashboard URL, as when that server fails to
-    start. (A private Ray method: if it moved, the server starts as before.)"""
+    state APIs) and the autoscaler monitor (``ray status``, scaling a cluster), and
+    ``ray.init`` waits for the API server to come up: about 1 s of every start on 2 cores,
+    and two processes, none of which a local run uses. Both are skipped while the instance
+    starts; the node then reports no dashboard URL, as when that server fails to start.
+    (Private Ray methods: any that moved starts as before.)"""
     try:
         from ray._private.node import Node
 
-        original = Node.start_api_server
+        saved = {name: getattr(Node, name) for name in ("start_api_server", "start_monitor")}
     except (ImportError, AttributeError):
         yield
         return
-    Node.start_api_server = lambda self, **kwargs: None
+    for name in saved:
+        setattr(Node, name, lambda self, **kwargs: None)
     try:
         yield
     finally:
-        Node.start_api_server = original
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 #: Whether this process started the Ray instance it is connected to (:func:`embedded_here`).

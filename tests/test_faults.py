@@ -343,6 +343,9 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
         assert ray.get(preloaded.remote(), timeout=60) is True
         started = psutil.Process().children(recursive=True)
         assert any("raylet" in p.name() for p in started), [p.name() for p in started]
+        # nor Ray's API server or autoscaler monitor, which a local run never uses
+        commands = [" ".join(p.cmdline()) for p in started]
+        assert not [c for c in commands if "dashboard.py" in c or "_private/monitor.py" in c]
         # no dashboard: Ray Train's cleaner, which polls its state API, is left out
         assert os.environ[resources.NO_DASHBOARD_ENV] == "1"
         trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
