@@ -302,7 +302,7 @@ def _lean_local_head() -> Iterator[None]:
     ``ray.init`` waits for the API server to come up: about 1 s of every start on 2 cores,
     and two processes, none of which a local run uses. Both are skipped while the instance
     starts; the node then reports no dashboard URL, as when that server fails to start.
-    (Private Ray methods: any that moved starts as before.)"""
+    (Private Ray methods: if either moved, both start as before.)"""
     try:
         from ray._private.node import Node
 
