@@ -176,7 +176,7 @@ class Attempts:
             learner_in_driver_wanted(cfg.resources)
             and embedded_here()
             and not callbacks
-            and all(len(t) <= INLINE_ROWS for t in probe.datasets.values())  # no Ray Dataset
+            and not any(_streams(t) for t in probe.datasets.values())  # no Ray Dataset
         )
         self.restarts = 0
         self.signum: int | None = None
@@ -325,13 +325,18 @@ def _deterministic(error: BaseException) -> bool:
 INLINE_ROWS = 200_000
 
 
+def _streams(table: Any) -> bool:
+    """Whether the probe's ``table`` streams through Ray Data (else it goes whole)."""
+    return len(table) > INLINE_ROWS
+
+
 def _ray_datasets(tables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The probe's tables (pandas): ``(Ray Datasets, tables passed whole)``.
 
     Starting Ray Data's actors for a table that fits in memory costs more than a small
     run's whole training; such tables travel in the loop config instead.
     """
-    inline = {name: t for name, t in tables.items() if len(t) <= INLINE_ROWS}
+    inline = {name: t for name, t in tables.items() if not _streams(t)}
     big = {name: t for name, t in tables.items() if name not in inline}
     if not big:
         return {}, inline

@@ -49,14 +49,48 @@ ROWS_KEY = "_rows"
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All rows of ``metrics.jsonl`` (skipping a torn last line)."""
     path = Path(output_dir) / METRICS_FILE
+    return _parse_rows(path.read_bytes().splitlines()) if path.is_file() else []
+
+
+def _parse_rows(lines: list[bytes]) -> list[dict[str, Any]]:
     rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
+
+
+class MetricsTail:
+    """The rows appended to ``metrics.jsonl`` since the previous :meth:`new_rows`, read
+    incrementally: the driver's readers (progress bar, trackers) poll while the learner
+    may run in the same process, and parsing the whole file each time takes its time.
+    ``from_end``: start after the rows already written (a resume's earlier rows)."""
+
+    def __init__(self, output_dir: Path, from_end: bool = False) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.file, size = self._stat()
+        self.offset = size if from_end else 0
+
+    def _stat(self) -> tuple[int | None, int]:
+        st = self.path.stat() if self.path.is_file() else None
+        return (st.st_ino, st.st_size) if st else (None, 0)
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        """Whole rows written since the last call (a torn last line is read next time). A
+        file a learner restart rewrote (atomically: a new file) is read from its start."""
+        file, size = self._stat()
+        if file != self.file or size < self.offset:
+            self.file, self.offset = file, 0
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return _parse_rows(data[:end].splitlines())
 
 
 class RunDirBusyError(RuntimeError):
@@ -427,8 +461,7 @@ class ProgressBar:
             dynamic_ncols=True,
             mininterval=0.5 if os.isatty(2) else 10.0,
         )
-        path = output_dir / METRICS_FILE
-        self.offset = path.stat().st_size if path.is_file() else 0  # a resume's earlier rows
+        self.tail = MetricsTail(output_dir, from_end=True)  # not a resume's earlier rows
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -438,26 +471,9 @@ class ProgressBar:
             self._refresh()
 
     def _last_new_row(self) -> dict[str, Any] | None:
-        """The last whole row written since the previous call. Reads only what is new:
-        with the learner in the driver, parsing the whole file twice a second would take
-        its time from the learner."""
-        path = self.output_dir / METRICS_FILE
-        size = path.stat().st_size if path.is_file() else 0
-        if size < self.offset:  # a restart dropped rows after checkpoint_last
-            self.offset = 0
-        if size == self.offset:
-            return None
-        with open(path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        end = data.rfind(b"\n") + 1  # a torn last line is read again next time
-        self.offset += end
-        for line in reversed(data[:end].splitlines()):
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                if isinstance(row, dict):
-                    return row
-        return None
+        """The last whole row written since the previous call."""
+        rows = self.tail.new_rows()
+        return rows[-1] if rows else None
 
     def _refresh(self) -> None:
         last = self._last_new_row()

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from rlft_ray.config import ConfigError, RunConfig, TrackingConfig, flat_dict, to_dict
 from rlft_ray.fileio import atomic_write_json
-from rlft_ray.rundir import read_metrics
+from rlft_ray.rundir import MetricsTail, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ class TrackerFeed:
         # a resume starts after the rows kept; rows re-run after a learner restart (same
         # iterations again) are not re-sent: W&B refuses lower steps, MLflow would hold both
         self.sent = max((_step(r) for r in read_metrics(self.output_dir)), default=0)
+        self.tail = MetricsTail(self.output_dir, from_end=True)
         self.status = "failed"
         self.trackers: list[Any] = []
         self.stop = threading.Event()
@@ -292,7 +293,7 @@ class TrackerFeed:
 
     def flush(self) -> None:
         """Send the rows of iterations not sent yet."""
-        new = [r for r in read_metrics(self.output_dir) if _step(r) > self.sent]
+        new = [r for r in self.tail.new_rows() if _step(r) > self.sent]
         if new:
             self.sent = max(_step(r) for r in new)
             self._each("log", new)
