@@ -57,6 +57,7 @@ def main() -> None:
                 f"total_iterations={args.iterations}",
                 f"lm.prompts_per_iteration={prompts}",
                 "checkpoint_every=1000",
+                "lm.track_kl_every=1",  # the KL line of every iteration
             ],
         )
         rows = [

@@ -57,6 +57,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
         ("lm.temperature=0", "lm.temperature", "> 0"),
         ("lm.top_p=1.5", "lm.top_p", r"\(0, 1\]"),
         ("lm.num_samples=0", "lm.num_samples", ">= 1"),
+        ("lm.track_kl_every=0", "lm.track_kl_every", ">= 1"),
         ("lm.prompt_overflow=wrap", "lm.prompt_overflow", "must be one of"),
         ("lm.reward_fn=exact_match", "lm.reward_fn", "package.module:function"),
         ("lm.dtype=int8", "lm.dtype", "float32"),

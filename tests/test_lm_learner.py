@@ -80,6 +80,30 @@ def test_update_moves_policy_and_reports_metrics(model_dir: Path, algo: str) -> 
         assert "loss/value" in metrics and "value/explained_variance" in metrics
 
 
+@pytest.mark.parametrize("algo", ["grpo", "lm_ppo"])
+def test_kl_only_reported_runs_the_reference_every_track_kl_every(
+    model_dir: Path, algo: str
+) -> None:
+    batch = make_batch(model_dir)
+    whole = f"{algo}.micro_batch_size={len(batch)}"  # one forward per pass
+    every_3 = make_learner(algo, model_dir, whole, f"{algo}.kl_coef=0", "lm.track_kl_every=3")
+    every_1 = make_learner(algo, model_dir, whole, f"{algo}.kl_coef=0", "lm.track_kl_every=1")
+    calls = []
+    forward = every_3.core.reference.forward
+    every_3.core.reference.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    reported = [("kl/mean" in every_3.update(batch, progress=0.0)) for _ in range(7)]
+    assert reported == [True, False, False, True, False, False, True]
+    assert len(calls) == 3  # one reference forward per reported update, none otherwise
+    for _ in range(7):
+        assert "kl/mean" in every_1.update(batch, progress=0.0)
+    # the KL is only reported: both learned exactly the same thing
+    for key, value in every_1.policy_state().items():
+        torch.testing.assert_close(every_3.policy_state()[key], value, rtol=0, atol=0)
+    # a coefficient > 0 puts the KL in the objective: it is needed on every update
+    in_loss = make_learner(algo, model_dir, f"{algo}.kl_coef=0.05", "lm.track_kl_every=3")
+    assert all("kl/mean" in in_loss.update(batch, progress=0.0) for _ in range(3))
+
+
 def test_lr_schedule(model_dir: Path) -> None:
     core = make_learner(
         "grpo", model_dir, "grpo.lr_schedule=cosine", "grpo.warmup_fraction=0.1"

@@ -85,6 +85,10 @@ class LMConfig:
         shuffle: Reshuffle the prompts every epoch.
         track_kl: Keep a frozen reference model to report ``kl/mean`` even with a KL
             coefficient of 0 (a reference is always kept when the coefficient is > 0).
+        track_kl_every: With a KL coefficient of 0 the KL is only reported, and its
+            reference forward pass costs as much as the policy's (a quarter of a GRPO
+            update): it runs on every this-many-th update, the first included; rows in
+            between have no ``kl/*``. A coefficient > 0 needs it every update.
         pairs: Preference pairs (DPO, reward models): ``.jsonl``/``.json``/``.parquet``
             with TRL's fields ``prompt``, ``chosen``, ``rejected`` (strings, or lists of
             ``{role, content}`` messages rendered with the tokenizer's chat template).
@@ -123,6 +127,7 @@ class LMConfig:
     generation_batch_size: int = 256
     shuffle: bool = True
     track_kl: bool = True
+    track_kl_every: int = 10
     pairs: str | None = None
     eval_pairs: str | None = None
     max_completion_tokens: int = 64
@@ -155,6 +160,7 @@ class LMConfig:
         require(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.track_kl_every >= 1, "track_kl_every", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
         require(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
         require(

@@ -51,7 +51,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         t = core.tensors(batch)
-        t.update(core.score_pass(t))
+        t.update(core.score_pass(t, kl_in_objective=hp.kl_coef > 0))
         kl, metrics = core.kl_metrics(t, hp.kl_estimator)
         scores = t["rewards"].float()
         if hp.kl_in == "reward" and kl is not None and hp.kl_coef > 0:

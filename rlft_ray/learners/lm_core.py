@@ -113,6 +113,7 @@ class LMCore:
             )
             self.reference.to(ctx.device)
         self.lora_start = adapter_state(self.model) if self.lora else {}
+        self.score_passes = 0  # the cadence of a KL that is only reported (track_kl_every)
         self.optimizer = self.new_optimizer()
         self.prompts = PromptStream(
             ctx.datasets.get(PROMPTS),
@@ -235,18 +236,25 @@ class LMCore:
 
     @torch.no_grad()
     def score_pass(
-        self, t: dict[str, torch.Tensor], values: bool = False
+        self, t: dict[str, torch.Tensor], values: bool = False, kl_in_objective: bool = True
     ) -> dict[str, torch.Tensor]:
         """Reference log-probs (``ref_logprobs``) and, for PPO, ``old_values`` of the batch.
 
         Runs in micro-batches without gradients; results are padded back to ``[B, L]``.
+        A KL the objective does not use (``kl_in_objective`` False: a coefficient of 0) is
+        only reported, so its reference forward runs on every ``lm.track_kl_every``-th call
+        (the first included); the other calls return no ``ref_logprobs``. The count is
+        this rank's calls, the same on every rank (each updates once per iteration).
         """
+        due = kl_in_objective or self.score_passes % self.cfg.lm.track_kl_every == 0
+        self.score_passes += 1
+        reference = self.reference if due else None
         rows = torch.arange(t["mask"].shape[0], device=self.ctx.device)
         out: dict[str, list[torch.Tensor]] = {"ref_logprobs": [], "old_values": []}
         width = t["mask"].shape[1]
         for idx in self._micro_slices(rows):
-            if self.reference is not None:
-                ref = self.forward(self.reference, t, idx, entropy=False)
+            if reference is not None:
+                ref = self.forward(reference, t, idx, entropy=False)
                 out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
             if values:
                 old = self.forward(self.policy, t, idx, entropy=False)

@@ -45,7 +45,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         t = core.tensors(batch)
-        t.update(core.score_pass(t, values=True))
+        t.update(core.score_pass(t, values=True, kl_in_objective=hp.kl_coef > 0))
         kl, metrics = core.kl_metrics(t, hp.kl_estimator)
         rewards = token_rewards(t["rewards"], kl if hp.kl_coef > 0 else None, t["mask"], hp.kl_coef)
         advantages, returns = masked_gae(
