@@ -44,7 +44,7 @@ from rlft_ray.rundir import (
     write_summary,
 )
 from rlft_ray.tracking import TrackerFeed, check_tracking
-from rlft_ray.utils import torch_threads
+from rlft_ray.utils import process_state_kept, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,22 @@ def run_training(
         RunError: With the cause (NaN loss, dead actor, ...) and the last good checkpoint.
         RunInterrupted: SIGINT / SIGTERM arrived; the summary says ``interrupted``.
     """
+    with process_state_kept():  # the caller's threads and RNGs, as they were
+        return _run_training(
+            cfg, output_dir, resume, progress, callbacks, address, start_checkpoint, track
+        )
+
+
+def _run_training(
+    cfg: RunConfig,
+    output_dir: str | Path,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Any],
+    address: str | None,
+    start_checkpoint: ray.train.Checkpoint | None,
+    track: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     marks = StartupMarks()
     output_dir = Path(output_dir).resolve()

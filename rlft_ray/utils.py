@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Restore torch's thread count and the python, numpy and torch RNGs on exit.
+
+    A run started from another program (a notebook, a script calling ``run_training``)
+    builds policies with the global RNGs, and with the learner in its process (local mode)
+    seeds them and sets the thread count to the CPUs the learner holds; without this the
+    caller's torch code would go on with one thread after the run.
+    """
+    threads = torch.get_num_threads()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def torch_threads(cpus: float) -> int:

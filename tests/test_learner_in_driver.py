@@ -83,6 +83,25 @@ def test_the_learner_runs_in_the_driver_and_learns_what_a_train_worker_learns(
         assert score["iteration"] in (5, 10)
 
 
+def test_the_caller_gets_its_threads_and_random_state_back(embedded: None, tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the learner sets 1 (the CPUs it holds)
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    try:
+        _train(tmp_path / "driver", "total_env_steps=1024")  # seeds everything with seed=3
+        assert torch.get_num_threads() == threads + 1
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_learner_error_in_the_driver_is_retried_then_reported(
     embedded: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
