@@ -27,6 +27,7 @@ from rlft_ray.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.loop import LOOP_CFG, train_loop_per_worker
 from rlft_ray.resources import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
+from rlft_ray.rollout.shared_weights import SharedWeights
 from rlft_ray.rundir import RunDirCallback, remove_temp_files, truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class Attempts:
             and not callbacks
             and not any(_streams(t) for t in probe.datasets.values())  # no Ray Dataset
         )
+        self.shared = SharedWeights() if self.in_driver else None
         self.restarts = 0
         self.signum: int | None = None
         self.reporting = False  # the learner in this process writes the run directory
@@ -189,6 +191,13 @@ class Attempts:
         Raises:
             Interrupt: SIGINT / SIGTERM arrived (:meth:`on_signal`).
         """
+        try:
+            return self._run()
+        finally:
+            if self.shared is not None:
+                self.shared.close()
+
+    def _run(self) -> BaseException | None:
         limit = self.cfg.resources.max_failures
         while True:
             self.trainer = None  # a signal now must not go to the last attempt's controller
@@ -272,6 +281,7 @@ class Attempts:
         }
         if self.in_driver:  # no controller calls the callbacks: the loop does them
             inputs["report_to"] = [_DeferSignals(run_dir, self), *self.callbacks]
+            inputs["shared_weights"] = self.shared  # one machine: no object store for weights
         return _Trainer(
             train_loop_per_worker,
             # In a worker, by reference: Ray Train also hands train_loop_config to its

@@ -40,7 +40,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config[LOOP_CFG]`` references a dict of ``cfg``, ``spaces``,
     ``runners`` (actor handles), ``datasets`` (names of the Ray Datasets Ray Train shards),
     ``inline_datasets`` and ``tables`` (small tables every rank gets whole), ``resume_from``
-    and ``start_checkpoint`` (see :func:`restore`); the dict itself in local mode."""
+    and ``start_checkpoint`` (see :func:`restore`); the dict itself in local mode, with
+    ``shared_weights`` (publish through shared memory) and ``report_to``."""
     loop_cfg = _loop_inputs(config[LOOP_CFG])
     cfg: RunConfig = loop_cfg["cfg"]
     spaces: Spaces = loop_cfg["spaces"]
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = _learner_context(loop_cfg, rank, world)
     learner = get_learner_cls(cfg.algo)(cfg, spaces, ctx)
-    runners = _rank_runners(loop_cfg["runners"], cfg, rank, world)
+    runners = _rank_runners(loop_cfg, cfg, rank, world)
     counters = restore(
         learner, cfg, spaces, loop_cfg.get("resume_from"), loop_cfg.get("start_checkpoint")
     )
@@ -132,13 +133,16 @@ def _learner_context(loop_cfg: dict[str, Any], rank: int, world: int) -> Learner
     return LearnerContext(rank, world, get_device(), shards, loop_cfg.get("tables", {}))
 
 
-def _rank_runners(all_runners: list[Any], cfg: RunConfig, rank: int, world: int) -> RunnerGroup:
-    """This rank's share of the rollout actors (rank 0 also publishes to the others)."""
+def _rank_runners(loop_cfg: dict[str, Any], cfg: RunConfig, rank: int, world: int) -> RunnerGroup:
+    """This rank's share of the rollout actors (rank 0 also publishes to the others, through
+    ``shared_weights``, a shared-memory file, when the learner runs in the driver)."""
+    all_runners = loop_cfg["runners"]
     per_rank = len(all_runners) // world
     return RunnerGroup(
         all_runners,
         mine=range(rank * per_rank, (rank + 1) * per_rank),
         sample_timeout_s=cfg.resources.sample_timeout_s,
+        shared=loop_cfg.get("shared_weights"),
     )
 
 

@@ -18,6 +18,7 @@ from rlft_ray.config import build_config
 from rlft_ray.driver import RunError, run_training
 from rlft_ray.learners.ppo import PPOLearner
 from rlft_ray.resources import embedded_here, init_ray, shutdown_ray
+from rlft_ray.rollout.shared_weights import PREFIX, SharedWeights
 from rlft_ray.rundir import read_metrics
 
 CARTPOLE = Path(__file__).resolve().parent.parent / "examples" / "cartpole_ppo.yaml"
@@ -61,16 +62,24 @@ def _learning(out: Path) -> list[tuple[float, ...]]:
 
 
 def test_the_learner_runs_in_the_driver_and_learns_what_a_train_worker_learns(
-    embedded: None, tmp_path: Path, update_pids: list[int]
+    embedded: None, tmp_path: Path, update_pids: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    shared: list[str] = []  # the driver publishes through shared memory, a worker does not
+    write = SharedWeights.write
+    monkeypatch.setattr(
+        SharedWeights, "write", lambda s, *a: shared.append(str(s.directory)) or write(s, *a)
+    )
     here = _train(tmp_path / "driver")
     assert update_pids == [os.getpid()] * 10  # every update ran in this process
     assert not any((tmp_path / "driver" / "ray_train").rglob("checkpoint_*"))  # no controller
+    assert len(shared) == 11  # the first weights, then one version per iteration
+    assert not [p for p in Path("/dev/shm").glob(f"{PREFIX}{os.getpid()}_*")]  # removed
 
     update_pids.clear()
     worker = _train(tmp_path / "worker", "resources.learner_in_driver=false")
     assert update_pids == []  # a Ray Train worker process updated
     assert any((tmp_path / "worker" / "ray_train").rglob("checkpoint_*"))
+    assert len(shared) == 11  # the worker published through the object store
 
     assert _learning(tmp_path / "driver") == _learning(tmp_path / "worker")
     for key in ("status", "iterations", "env_steps", "episode_return_mean", "policy_version"):

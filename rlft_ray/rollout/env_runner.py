@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from rlft_ray.config import EnvConfig
+from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
 from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
-from rlft_ray.utils import hold_threads, weights_from_wire
+from rlft_ray.utils import hold_threads
 
 #: Longest evaluation episode of an env that sets no ``max_episode_steps``.
 MAX_EVAL_EPISODE_STEPS = 100_000
@@ -83,9 +84,10 @@ class EnvRunner:
         self.ep_return = np.zeros(self.num_envs, dtype=np.float64)
         self.ep_len = np.zeros(self.num_envs, dtype=np.int64)
 
-    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        """Load published policy weights (tensors or numpy arrays); returns the version now held."""
-        self.policy.load_state_dict(weights_from_wire(weights))
+    def set_weights(self, weights: dict[str, Any] | SharedSlot, version: int) -> int:
+        """Load published policy weights (tensors, numpy arrays or a shared-memory
+        :class:`~rlft_ray.rollout.shared_weights.SharedSlot`); returns the version now held."""
+        self.policy.load_state_dict(received_weights(weights))
         self.policy_version = version
         return version
 

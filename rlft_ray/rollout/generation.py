@@ -33,8 +33,9 @@ from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
+from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
-from rlft_ray.utils import hold_threads, weights_from_wire
+from rlft_ray.utils import hold_threads
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -124,8 +125,9 @@ class GenerationActor:
             self.target = PolicyWithValueHead(target.to(self.device).eval())
 
     # -- weights ------------------------------------------------------------------------
-    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        """Load published policy weights (tensors or numpy arrays); returns the version now held.
+    def set_weights(self, weights: dict[str, Any] | SharedSlot, version: int) -> int:
+        """Load published policy weights (tensors, numpy arrays or a shared-memory
+        :class:`~rlft_ray.rollout.shared_weights.SharedSlot`); returns the version now held.
 
         Copies straight into the parameters (dtype and device converted on the way). With
         LoRA the weights are the adapters (merged into fp32 base weights after the copy).
@@ -133,6 +135,7 @@ class GenerationActor:
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
         """
+        weights = received_weights(weights)
         if weights.keys() != self._tensors.keys():
             missing, extra = (
                 sorted(self._tensors.keys() - weights.keys()),
@@ -144,7 +147,7 @@ class GenerationActor:
         with torch.no_grad():
             if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
-            for name, value in weights_from_wire(weights).items():
+            for name, value in weights.items():
                 self._tensors[name].copy_(value)
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()

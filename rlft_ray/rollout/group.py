@@ -13,6 +13,7 @@ import torch
 from ray.actor import ActorHandle
 
 from rlft_ray.errors import DeterministicError
+from rlft_ray.rollout.shared_weights import SharedWeights
 from rlft_ray.types import UNSYNCED_VERSION
 from rlft_ray.utils import weights_to_wire
 
@@ -89,6 +90,10 @@ class RunnerGroup:
         recovery_timeout_s: How long to wait for Ray to restart a dead actor.
         sample_timeout_s: Longest wait for one call (sampling, weight loading); an actor
             past it is killed and restarted, and a second timeout fails the run.
+        shared: Publish through this shared-memory file instead of the object store
+            (actors on this machine only: a local instance). Safe with one sampling call in
+            flight per actor, as the loop has: a slot is rewritten only after a batch
+            sampled after its last reader has been collected.
     """
 
     def __init__(
@@ -97,18 +102,21 @@ class RunnerGroup:
         mine: Sequence[int],
         recovery_timeout_s: float = 60.0,
         sample_timeout_s: float = 600.0,
+        shared: SharedWeights | None = None,
     ) -> None:
         self.all_runners = list(all_runners)
+        self.shared = shared
         self.mine = list(mine)
         self.recovery_timeout_s = recovery_timeout_s
         self.sample_timeout_s = sample_timeout_s
         self.restarts = 0
 
     def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
-        """Put the weights in the object store once; every actor loads them. Returns seconds.
+        """Put the weights in the object store once (or in the ``shared`` file); every actor
+        loads them. Returns seconds.
 
         Tensors travel as numpy arrays (shared memory, no per-tensor unpickling); the
-        actors' ``set_weights`` accept either.
+        actors' ``set_weights`` accept either, or a shared slot.
 
         Args:
             weights: The policy's state dict.
@@ -122,7 +130,9 @@ class RunnerGroup:
         start = time.perf_counter()
         if not self.all_runners:  # a learner without actors (a reward model)
             return 0.0
-        ref = ray.put(weights_to_wire(weights))
+        # a shared slot is a few hundred bytes (inlined in the calls); else one object
+        ref = self.shared.write(weights, version) if self.shared is not None else None
+        ref = ref if ref is not None else ray.put(weights_to_wire(weights))
         pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
         if wait:
             for i, call in pending.items():

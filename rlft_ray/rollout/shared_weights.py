@@ -1,0 +1,213 @@
+"""Policy weights through shared memory, for rollout actors on the learner's own machine.
+
+Publishing through the object store costs a ``ray.put`` and an object fetch in every
+actor: about 4 ms of a 40 ms GRPO iteration on a 2-core machine, for a model of 0.5 MB.
+On a local instance (one machine by construction) the learner instead copies its
+weights into one of a few slots of a file in ``/dev/shm`` that every actor maps, and the
+``set_weights`` call carries only a :class:`SharedSlot` (the file, the layout, the
+version). The slot is the version modulo the number of slots; the learner overwrites a
+slot only after it has collected a batch sampled after that slot was read (see
+:class:`~rlft_ray.rollout.group.RunnerGroup`), and a reader checks the slot's version
+before and after its copy, so a torn read fails (the actor is then restored with the
+weights themselves) instead of loading a mix of two policies.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlft_ray.utils import weights_from_wire
+
+#: Where the file lives: RAM-backed on Linux.
+SHM_DIR = Path("/dev/shm")
+#: Slots in the file: the one being read, the one being written, one spare.
+SLOTS = 3
+#: Largest file (all slots); bigger models publish through the object store (where the
+#: per-call cost is a small share of the copy anyway).
+MAX_BYTES = 64 * 2**20
+#: The file's name: this prefix, the learner's pid, a random suffix.
+PREFIX = "rlft_ray_weights_"
+_ALIGN = 64  # every tensor starts on a cache line (and on its dtype's size)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+_HEADER = _ALIGN  # one int64 version per slot (-1: being written)
+Layout = tuple[tuple[str, str, tuple[int, ...], int, int], ...]
+
+
+def _views(buf: torch.Tensor, base: int, layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of the slot at byte ``base``, as views into the mapped file."""
+    return {
+        name: buf[base + offset : base + offset + nbytes].view(getattr(torch, dtype)).view(shape)
+        for name, dtype, shape, offset, nbytes in layout
+    }
+
+
+_MAPS: dict[str, torch.Tensor] = {}  # this process's mappings, by path
+
+
+def _mapped(path: str, size: int) -> torch.Tensor:
+    """The file as a shared ``uint8`` tensor, mapped once per process."""
+    buf = _MAPS.get(path)
+    if buf is None or buf.numel() != size:
+        _MAPS.clear()  # a new run's file: let the old mapping go
+        buf = _MAPS[path] = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    return buf
+
+
+class StaleWeightsError(RuntimeError):
+    """A shared slot held another version than the one asked for (overwritten)."""
+
+
+@dataclass(frozen=True)
+class SharedSlot:
+    """What a ``set_weights`` call carries instead of the weights: where to read them.
+
+    Attributes:
+        path: The shared file.
+        layout: ``(name, dtype, shape, offset, nbytes)`` of each tensor within a slot.
+        slot_bytes: Size of one slot.
+        version: The policy version to read (slot ``version % SLOTS``).
+    """
+
+    path: str
+    layout: Layout
+    slot_bytes: int
+    version: int
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """A copy of the slot's tensors.
+
+        Raises:
+            StaleWeightsError: The slot does not hold :attr:`version` (before or after the copy).
+        """
+        buf = _mapped(self.path, _HEADER + SLOTS * self.slot_bytes)
+        header = buf[:_HEADER].view(torch.int64)
+        slot = self.version % SLOTS
+        base = _HEADER + slot * self.slot_bytes
+        if int(header[slot]) != self.version:
+            raise StaleWeightsError(
+                f"slot {slot} holds version {int(header[slot])}, not {self.version}"
+            )
+        out = {name: view.clone() for name, view in _views(buf, base, self.layout).items()}
+        if int(header[slot]) != self.version:  # overwritten while copying
+            raise StaleWeightsError(
+                f"slot {slot} was overwritten while version {self.version} was read"
+            )
+        return out
+
+
+def received_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """What an actor's ``set_weights`` received, as tensors: read from a
+    :class:`SharedSlot`, or the object store's arrays (:func:`~rlft_ray.utils.weights_from_wire`)."""
+    if isinstance(weights, SharedSlot):
+        return weights.read()
+    return weights_from_wire(weights)
+
+
+class SharedWeights:
+    """The learner's side: a file of :data:`SLOTS` slots, made on the first :meth:`write`.
+
+    Args:
+        directory: Where to make the file (``/dev/shm``).
+        max_bytes: Largest file; weights that would need more are not shared.
+    """
+
+    def __init__(self, directory: Path = SHM_DIR, max_bytes: int = MAX_BYTES) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.path: Path | None = None
+        self.layout: Layout = ()
+        self.slot_bytes = 0
+        self.buf: torch.Tensor | None = None
+
+    def write(self, weights: dict[str, torch.Tensor], version: int) -> SharedSlot | None:
+        """Copy ``weights`` (CPU tensors) into slot ``version % SLOTS``.
+
+        Returns:
+            The slot to hand to the actors; None when the weights are too large or the file
+            cannot be made (no ``/dev/shm``, or too little room there): publish them
+            through the object store then.
+        """
+        layout = self._layout(weights)
+        if layout != self.layout and not self._make(layout):
+            return None
+        buf = self.buf
+        header = buf[:_HEADER].view(torch.int64)
+        slot = version % SLOTS
+        base = _HEADER + slot * self.slot_bytes
+        header[slot] = -1  # readers of an older version in this slot now fail their check
+        for name, view in _views(buf, base, self.layout).items():
+            view.copy_(weights[name])
+        header[slot] = version
+        return SharedSlot(str(self.path), self.layout, self.slot_bytes, version)
+
+    def close(self) -> None:
+        """Remove the file (actors that mapped it keep their mapping until they drop it)."""
+        self.buf = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+        self.layout = ()
+
+    @staticmethod
+    def _layout(
+        weights: dict[str, torch.Tensor],
+    ) -> tuple[tuple[str, str, tuple[int, ...], int, int], ...]:
+        layout, offset = [], 0
+        for name, value in weights.items():
+            nbytes = value.numel() * value.element_size()
+            layout.append(
+                (name, str(value.dtype).removeprefix("torch."), tuple(value.shape), offset, nbytes)
+            )
+            offset += _aligned(nbytes)
+        return tuple(layout)
+
+    def _make(self, layout: Layout) -> bool:
+        self.close()
+        slot_bytes = _aligned(sum(_aligned(entry[4]) for entry in layout) or _ALIGN)
+        size = _HEADER + SLOTS * slot_bytes
+        if size > self.max_bytes or not self.directory.is_dir():
+            return False
+        _remove_orphans(self.directory)
+        path = self.directory / f"{PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                # Reserve the pages now: a full /dev/shm then fails here, not as SIGBUS later.
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return False
+        self.path, self.layout, self.slot_bytes = path, layout, slot_bytes
+        self.buf = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+        self.buf[:_HEADER].view(torch.int64).fill_(-1)
+        return True
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Remove the files of learners that are gone (killed before :meth:`SharedWeights.close`)."""
+    for path in directory.glob(f"{PREFIX}*"):
+        pid = path.name.removeprefix(PREFIX).split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
