@@ -48,7 +48,9 @@ def main() -> None:
                 "sft_s": s["sft_s"],
                 "quickstart_wall_s": s["wall_s"],
                 "command_wall_s": round(wall, 2),
-                "met": gain >= 25 and s["rl_s"] <= 180,
+                # accuracies are counts over the test set: compare the rounded points (0.58 -
+                # 0.33 is 24.999... in floating point)
+                "met": round(gain, 1) >= 25 and s["rl_s"] <= 180,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "output_dir": str(out),
             }

@@ -18,10 +18,11 @@ pays for its own evaluations), and the benchmark prints accuracy against wall se
 the training loop's start at every 15 s mark, how many marks rlft_ray is at or above TRL,
 and the seconds each takes to first reach the best accuracy TRL's run reaches.
 
-With ``--async-rollouts`` ours runs with sampling overlapped with the update (policy lag 1;
-the example's default is synchronous); TRL's side is unchanged.
+Ours runs the example as it is, which overlaps sampling with the update
+(``async_rollouts: true``, policy lag 1); with ``--sync`` it runs synchronously
+(``async_rollouts=false``). TRL's side is the same either way.
 
-Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500] [--curves] [--async-rollouts]
+Usage: python benchmarks/vs_trl_grpo.py --base runs/q/sft_base [--seeds 0 1 2] [--steps 500] [--curves] [--sync]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from _common import ROOT, emit, train_cli
 
 EVAL_EVERY, MARK_S = 25, 15.0
@@ -145,7 +147,7 @@ def trl(base: str, seed: int, steps: int, curves: bool) -> dict:
     }
 
 
-def ours(base: str, seed: int, steps: int, curves: bool, overlap: bool = False) -> dict:
+def ours(base: str, seed: int, steps: int, curves: bool, sync: bool = False) -> dict:
     summary = train_cli(
         "examples/arithmetic_grpo.yaml",
         [
@@ -153,10 +155,11 @@ def ours(base: str, seed: int, steps: int, curves: bool, overlap: bool = False) 
             f"seed={seed}",
             f"total_iterations={steps}",
             f"eval_every={EVAL_EVERY if curves else steps}",
-            f"async_rollouts={str(overlap).lower()}",
+            *(["async_rollouts=false"] if sync else []),
         ],
     )
-    rows = [json.loads(x) for x in (Path(summary["output_dir"]) / "metrics.jsonl").open()]
+    out = Path(summary["output_dir"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
     loop_s = rows[-1]["time/wall_s"]
     curve = [
         (round(r["time/wall_s"], 1), int(r["counters/iteration"]), round(r["eval/accuracy"], 3))
@@ -165,7 +168,7 @@ def ours(base: str, seed: int, steps: int, curves: bool, overlap: bool = False) 
     ]
     return {
         "who": "rlft_ray",
-        "async_rollouts": overlap,
+        "async_rollouts": yaml.safe_load((out / "config.yaml").read_text())["async_rollouts"],
         "seed": seed,
         "iterations_per_s": round(steps / loop_s, 2),
         "train_s": round(loop_s, 1),
@@ -211,9 +214,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--curves", action="store_true", help="held-out accuracy every 25 steps")
     p.add_argument(
-        "--async-rollouts",
+        "--sync",
         action="store_true",
-        help="run ours with async_rollouts=true (sampling overlapped with the update, lag 1)",
+        help="run ours with async_rollouts=false (the example overlaps sampling and updates)",
     )
     p.add_argument("--trl-run", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -223,7 +226,7 @@ def main() -> None:
         return
     runs: dict[str, list[dict]] = {"trl": [], "rlft_ray": []}
     for seed in args.seeds:
-        for fn in (trl, functools.partial(ours, overlap=args.async_rollouts)):
+        for fn in (trl, functools.partial(ours, sync=args.sync)):
             r = fn(str(Path(args.base).resolve()), seed, args.steps, args.curves)
             runs[r["who"]].append(r)
             emit({"benchmark": "vs_trl_grpo", **r})
@@ -242,7 +245,7 @@ def main() -> None:
             "benchmark": "vs_trl_grpo",
             "seeds": args.seeds,
             "steps": args.steps,
-            "async_rollouts": args.async_rollouts,
+            "async_rollouts": runs["rlft_ray"][-1]["async_rollouts"],
             **{f"{who}_{k}": v for who, m in med.items() for k, v in m.items()},
             "ratio_iterations_per_s": round(
                 med["rlft_ray"]["iterations_per_s"] / med["trl"]["iterations_per_s"], 2
