@@ -159,9 +159,7 @@ class SharedWeights:
         self.layout = ()
 
     @staticmethod
-    def _layout(
-        weights: dict[str, torch.Tensor],
-    ) -> tuple[tuple[str, str, tuple[int, ...], int, int], ...]:
+    def _layout(weights: dict[str, torch.Tensor]) -> Layout:
         layout, offset = [], 0
         for name, value in weights.items():
             nbytes = value.numel() * value.element_size()
