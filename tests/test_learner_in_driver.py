@@ -211,3 +211,33 @@ def test_only_a_local_one_cpu_learner_without_tune_or_ray_data_runs_in_the_drive
     assert not in_driver("resources.num_learners=2")  # DDP
     assert not in_driver("resources.use_gpu=true")
     assert not in_driver(rows=attempts.INLINE_ROWS + 1)  # streamed through Ray Data
+
+
+def test_an_actor_whose_shared_slot_was_overwritten_is_restored_with_the_weights(
+    embedded: None, tmp_path: Path
+) -> None:
+    import ray
+    import torch
+
+    from rlft_ray.learners.base import LearnerContext, Spaces
+    from rlft_ray.rollout.env_runner import EnvRunner, probe_spaces
+    from rlft_ray.rollout.group import RunnerGroup, make_remote_runners
+    from rlft_ray.rollout.shared_weights import SLOTS
+
+    cfg = build_config(CARTPOLE, ["seed=3"])
+    learner = PPOLearner(cfg, Spaces(*probe_spaces(cfg.env)), LearnerContext())
+    [actor] = make_remote_runners(
+        EnvRunner, 1, 0.5, 1, "rlft-shared-test-", lambda i: PPOLearner.sampler_kwargs(cfg, i)
+    )
+    shared = SharedWeights(tmp_path)
+    runners = RunnerGroup([actor], mine=[0], sample_timeout_s=60, shared=shared)
+    weights = learner.policy_state()
+    # version 1's slot is overwritten before the actor reads it: its load fails, so it
+    # still holds no version, and the group restores it with the weights themselves
+    slot = shared.write(weights, 1)
+    shared.write({k: torch.zeros_like(v) for k, v in weights.items()}, 1 + SLOTS)
+    with pytest.raises(ray.exceptions.RayTaskError, match="StaleWeightsError"):
+        ray.get(actor.set_weights.remote(slot, 1), timeout=60)
+    [batch] = runners.sample(lambda: (weights, 1), 64, version=1)
+    assert batch.policy_version == 1 and runners.restarts == 1
+    shared.close()
