@@ -41,6 +41,18 @@ def _aligned(n: int) -> int:
 
 
 _HEADER = _ALIGN  # one int64 version per slot (-1: being written)
+
+
+def _file_bytes(slot_bytes: int) -> int:
+    return _HEADER + SLOTS * slot_bytes
+
+
+def _slot(buf: torch.Tensor, version: int, slot_bytes: int) -> tuple[torch.Tensor, int, int]:
+    """The header (versions per slot), the slot index of ``version`` and its first byte."""
+    slot = version % SLOTS
+    return buf[:_HEADER].view(torch.int64), slot, _HEADER + slot * slot_bytes
+
+
 Layout = tuple[tuple[str, str, tuple[int, ...], int, int], ...]
 
 
@@ -90,10 +102,8 @@ class SharedSlot:
         Raises:
             StaleWeightsError: The slot does not hold :attr:`version` (before or after the copy).
         """
-        buf = _mapped(self.path, _HEADER + SLOTS * self.slot_bytes)
-        header = buf[:_HEADER].view(torch.int64)
-        slot = self.version % SLOTS
-        base = _HEADER + slot * self.slot_bytes
+        buf = _mapped(self.path, _file_bytes(self.slot_bytes))
+        header, slot, base = _slot(buf, self.version, self.slot_bytes)
         if int(header[slot]) != self.version:
             raise StaleWeightsError(
                 f"slot {slot} holds version {int(header[slot])}, not {self.version}"
@@ -141,9 +151,7 @@ class SharedWeights:
         if layout != self.layout and not self._make(layout):
             return None
         buf = self.buf
-        header = buf[:_HEADER].view(torch.int64)
-        slot = version % SLOTS
-        base = _HEADER + slot * self.slot_bytes
+        header, slot, base = _slot(buf, version, self.slot_bytes)
         header[slot] = -1  # readers of an older version in this slot now fail their check
         for name, view in _views(buf, base, self.layout).items():
             view.copy_(weights[name])
@@ -171,8 +179,8 @@ class SharedWeights:
 
     def _make(self, layout: Layout) -> bool:
         self.close()
-        slot_bytes = _aligned(sum(_aligned(entry[4]) for entry in layout) or _ALIGN)
-        size = _HEADER + SLOTS * slot_bytes
+        slot_bytes = sum(_aligned(entry[4]) for entry in layout) or _ALIGN  # lines, aligned
+        size = _file_bytes(slot_bytes)
         if size > self.max_bytes or not self.directory.is_dir():
             return False
         _remove_orphans(self.directory)
