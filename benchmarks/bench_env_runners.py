@@ -16,7 +16,7 @@ import ray
 from _common import emit
 
 from rlft_ray.config import build_config
-from rlft_ray.registry import get_learner_cls
+from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.rollout.env_runner import EnvRunner
 
 

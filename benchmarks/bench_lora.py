@@ -98,7 +98,7 @@ def learner_memory(model: str, mode: str, batch_file: str) -> None:
 
     from rlft_ray.config import build_config
     from rlft_ray.learners.base import LearnerContext
-    from rlft_ray.registry import get_learner_cls
+    from rlft_ray.learners.registry import get_learner_cls
     from rlft_ray.types import GenerationBatch
 
     torch.manual_seed(0)

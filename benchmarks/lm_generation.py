@@ -22,7 +22,7 @@ import ray
 from _common import ROOT, emit
 
 from rlft_ray.config import build_config
-from rlft_ray.lm.data import load_prompts, prompts_from_batch
+from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
 from rlft_ray.rollout.generation import GenerationActor
 

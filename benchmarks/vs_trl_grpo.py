@@ -52,8 +52,8 @@ def trl_run(base: str, out: str, seed: int, steps: int, curves: bool) -> None:
 
     from envs.arithmetic import exact_match
     from rlft_ray.config import build_config
-    from rlft_ray.lm.data import load_prompts, prompts_from_batch
-    from rlft_ray.lm.evaluate import evaluate_model
+    from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
+    from rlft_ray.rollout.evaluate import evaluate_model
     from rlft_ray.rollout.generation import GenerationActor
 
     torch.set_num_threads(2)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from rlft_ray.config import ConfigError, RunConfig, build_config
-from rlft_ray.errors import CheckpointError
-from rlft_ray.resources import ResourceError, shutdown_ray, start_ray_early
+from rlft_ray.core.errors import CheckpointError
+from rlft_ray.run.resources import ResourceError, shutdown_ray, start_ray_early
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ADDRESS_HELP = (
@@ -241,8 +241,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from rlft_ray.driver import RunError, RunInterrupted
-        from rlft_ray.rundir import RunDirBusyError
+        from rlft_ray.run.driver import RunError, RunInterrupted
+        from rlft_ray.run.rundir import RunDirBusyError
 
         if isinstance(exc, RunInterrupted):  # the shell's convention: 128 + signal number
             print(f"error: {exc}", file=sys.stderr)
@@ -261,7 +261,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, args.overrides)
     output_dir = args.output_dir or _default_dir(Path(args.config))
     _start_early(args, args.address, cfg)
-    from rlft_ray.driver import run_training
+    from rlft_ray.run.driver import run_training
 
     summary = run_training(
         cfg, output_dir, resume=args.resume, progress=not args.no_progress, address=args.address
@@ -276,11 +276,11 @@ def _start_early(
     """A command of its own: local Ray boots while the driver imports and checks the task,
     and the run's start-up breakdown counts from the process start (imports included)."""
     if args.own_process:
-        from rlft_ray.registry import GENERATION_MODULE, rollout_module
+        from rlft_ray.learners.registry import GENERATION_MODULE, rollout_module
 
         preload = rollout_module(cfg) if cfg else GENERATION_MODULE  # LM quickstart: no cfg yet
         start_ray_early(address, cfg.resources if cfg else None, preload)
-        from rlft_ray.rundir import count_from_process_start  # imports ray.train: after
+        from rlft_ray.run.rundir import count_from_process_start  # imports ray.train: after
 
         count_from_process_start()
 
@@ -314,7 +314,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from rlft_ray.sample_job import run_sampling
+    from rlft_ray.apps.sample import run_sampling
 
     cfg = build_config(args.config, args.overrides)
     summary = run_sampling(
@@ -334,7 +334,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or _default_dir(Path("quickstart"))
     if args.task == "lm":
         _start_early(args)  # Ray boots on the core SFT leaves free
-        from rlft_ray.lm.quickstart import QuickstartSettings, run_lm_quickstart
+        from rlft_ray.apps.quickstart import QuickstartSettings, run_lm_quickstart
 
         settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps, algo=args.algo)
         summary = run_lm_quickstart(output_dir, args.overrides, settings)
@@ -345,7 +345,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         return 0 if summary.get("error") is None else 1
     cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["stop_return=475", *args.overrides])
     _start_early(args, cfg=cfg)
-    from rlft_ray.driver import run_training
+    from rlft_ray.run.driver import run_training
 
     summary = run_training(cfg, output_dir, progress=True)
     print(json.dumps(summary, indent=2))
@@ -356,9 +356,9 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rlft_ray.checkpoint import load_config_from_checkpoint
+    from rlft_ray.learners.checkpoint import load_config_from_checkpoint
     from rlft_ray.learners.base import EvalOptions
-    from rlft_ray.registry import get_learner_cls
+    from rlft_ray.learners.registry import get_learner_cls
 
     if args.episodes < 1:
         raise ConfigError("--episodes", "must be >= 1")
@@ -372,7 +372,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     if _is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
-        from rlft_ray.learners.lm_hooks import evaluate_lm
+        from rlft_ray.learners.lm_learner import evaluate_lm
 
         cfg = build_config(overrides=["algo=grpo", *args.overrides])
         result = evaluate_lm(args.checkpoint, cfg, opts)
@@ -413,7 +413,7 @@ def _is_model_dir(path: Path) -> bool:
 
 def _export(args: argparse.Namespace) -> int:
     from rlft_ray.lm import quiet_transformers
-    from rlft_ray.lm.export import export_checkpoint
+    from rlft_ray.apps.export import export_checkpoint
 
     quiet_transformers()
     print(json.dumps(export_checkpoint(args.checkpoint, args.out), indent=2))
@@ -467,7 +467,7 @@ def _make_arith_data(args: argparse.Namespace) -> int:
 def _make_arith_prefs(args: argparse.Namespace) -> int:
     from rlft_ray.lm import quiet_transformers
     from rlft_ray.lm.loading import resolve_model_path
-    from rlft_ray.lm.preference_data import label_pairs
+    from rlft_ray.apps.make_prefs import label_pairs
 
     quiet_transformers()
     cfg = build_config(

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlft_ray.errors import DeterministicError
+from rlft_ray.core.errors import DeterministicError
 
 RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[float]]
 

@@ -11,7 +11,7 @@ import torch
 
 from rlft_ray.config import LMConfig, build_config
 from rlft_ray.learners.base import LearnerContext
-from rlft_ray.registry import get_learner_cls
+from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import GenerationBatch, Prompt
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlft_ray.cluster_check import validate_cluster_yaml
+from rlft_ray.apps.cluster_check import validate_cluster_yaml
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlft_ray import checkpoint as ckpt
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.config import build_config
 from rlft_ray.learners.base import LearnerContext, NonFiniteLossError, Spaces
-from rlft_ray.registry import get_learner_cls
-from rlft_ray.resources import ResourceError, check_fits
+from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.run.resources import ResourceError, check_fits
 from rlft_ray.rollout.env_runner import EnvRunner, evaluate_policy, probe_spaces
 from rlft_ray.types import UNSYNCED_VERSION, RolloutBatch
 
@@ -267,7 +267,7 @@ def test_rank_state_files_must_match_the_number_of_learners(tmp_path: Path) -> N
 def test_hold_threads_keeps_torch_and_the_tokenizer_to_the_cpus_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from rlft_ray.utils import hold_threads
+    from rlft_ray.core.torch_utils import hold_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
@@ -304,7 +304,7 @@ def test_gym_heldout_evaluation_splits_episodes_over_runners_on_unused_seeds() -
 
 
 def test_fused_optimizer_takes_the_same_steps_and_falls_back_without_a_kernel() -> None:
-    from rlft_ray.utils import fused_optimizer
+    from rlft_ray.core.torch_utils import fused_optimizer
 
     torch.manual_seed(0)
     w0 = torch.randn(5, 3)

@@ -27,10 +27,10 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from rlft_ray.checkpoint import CheckpointError, load_training_state, rng_state, set_rng_state
+from rlft_ray.learners.checkpoint import CheckpointError, load_training_state, rng_state, set_rng_state
 from rlft_ray.cli import _eval_config, main
 from rlft_ray.config import ConfigError, build_config
-from rlft_ray.rundir import (
+from rlft_ray.run.rundir import (
     LOCK_FILE,
     RunDirBusyError,
     RunDirCallback,
@@ -180,10 +180,10 @@ def test_sigkill_before_the_first_checkpoint_then_resume(tmp_path: Path) -> None
 
 KILL_BEFORE_LAST = """
 import os, signal, sys, time
-import rlft_ray.attempts as attempts
-import rlft_ray.driver as driver
+import rlft_ray.run.attempts as attempts
+import rlft_ray.run.driver as driver
 from rlft_ray.config import build_config
-from rlft_ray.rundir import RunDirCallback
+from rlft_ray.run.rundir import RunDirCallback
 
 DRIVER = os.getpid()
 
@@ -307,7 +307,7 @@ def test_a_local_run_starts_embedded_ray_unless_a_cluster_is_named(
 ) -> None:
     import ray
 
-    from rlft_ray import resources
+    from rlft_ray.run import resources
 
     seen: list[str | None] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -328,8 +328,8 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
     import ray
     from ray.train import ScalingConfig
 
-    from rlft_ray import resources
-    from rlft_ray.attempts import _Trainer
+    from rlft_ray.run import resources
+    from rlft_ray.run.attempts import _Trainer
 
     if ray.is_initialized():
         ray.shutdown()
@@ -472,7 +472,7 @@ def test_a_failed_checkpoint_copy_keeps_the_previous_one(
 def test_a_replace_cut_between_its_renames_is_undone_on_resume(tmp_path: Path) -> None:
     """Killed between moving the old checkpoint_last aside and renaming the new one in:
     the old (whole) copy comes back, the unfinished new one and temp files go."""
-    from rlft_ray.rundir import remove_temp_files
+    from rlft_ray.run.rundir import remove_temp_files
 
     (tmp_path / ".checkpoint_last.old-1234abcd").mkdir()
     (tmp_path / ".checkpoint_last.old-1234abcd" / "state.json").write_text("{}")
@@ -486,8 +486,8 @@ def test_a_replace_cut_between_its_renames_is_undone_on_resume(tmp_path: Path) -
 def test_resume_without_checkpoint_last(tmp_path: Path) -> None:
     """Killed while the first checkpoint was being saved (rows ran past it): start again
     at 0. With checkpoint_best there, checkpoint_last was removed: refuse."""
-    from rlft_ray.driver import RunError, prepare_run_dir
-    from rlft_ray.rundir import METRICS_FILE
+    from rlft_ray.run.driver import RunError, prepare_run_dir
+    from rlft_ray.run.rundir import METRICS_FILE
 
     cfg = build_config(CARTPOLE, ["checkpoint_every=5"])
     (tmp_path / "config.yaml").write_text("algo: ppo\n")
@@ -503,9 +503,9 @@ def test_resume_without_checkpoint_last(tmp_path: Path) -> None:
 def test_resuming_an_init_from_run_keeps_its_reference(tmp_path: Path) -> None:
     """The KL reference of an ``init_from`` run is the ``init_from`` policy, also after a
     resume (not ``lm.model``); optimizer, RNG and counters come from the checkpoint."""
-    from rlft_ray.checkpoint import Counters, save_checkpoint
+    from rlft_ray.learners.checkpoint import Counters, save_checkpoint
     from rlft_ray.learners.base import LearnerContext
-    from rlft_ray.loop import restore
+    from rlft_ray.run.loop import restore
 
     cfg = build_config(CARTPOLE, [f"init_from={tmp_path / 'start'}"])
 

@@ -11,8 +11,8 @@ import pytest
 
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
-from rlft_ray.learners.lm_hooks import probe_lm
-from rlft_ray.lm.data import (
+from rlft_ray.learners.lm_learner import probe_lm
+from rlft_ray.lm.prompts import (
     PromptDataError,
     ShardStream,
     TableShard,
@@ -21,8 +21,8 @@ from rlft_ray.lm.data import (
 )
 from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
-from rlft_ray.registry import get_learner_cls
-from rlft_ray.resources import ResourceError, check_fits
+from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.run.resources import ResourceError, check_fits
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

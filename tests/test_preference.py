@@ -18,11 +18,11 @@ import torch.multiprocessing as mp
 from rlft_ray.config import build_config
 from rlft_ray.learners.base import LearnerContext
 from rlft_ray.learners.dpo import DPOLearner
-from rlft_ray.learners.lm_hooks import heldout_lm_metrics
+from rlft_ray.learners.lm_learner import heldout_lm_metrics
 from rlft_ray.learners.online_dpo import best_worst_pairs
 from rlft_ray.learners.pairwise import PAIRS
 from rlft_ray.learners.reward_model import RewardModelLearner, pair_scores, pairwise_accuracy
-from rlft_ray.lm.data import PromptDataError
+from rlft_ray.lm.prompts import PromptDataError
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.lm.policy import PolicyWithValueHead, pair_logps, response_forward
@@ -527,7 +527,7 @@ def test_pair_runs_check_their_inputs_before_ray(model_dir: Path, pairs_file: Pa
 def test_ranked_pairs_put_best_against_worst_first_and_skip_duplicates() -> None:
     from types import SimpleNamespace
 
-    from rlft_ray.lm.preference_data import _ranked_pairs
+    from rlft_ray.apps.make_prefs import _ranked_pairs
 
     # one group of 5: "12" twice (correct), "13" and "" wrong, "22" wrong
     batch = SimpleNamespace(

@@ -264,7 +264,7 @@ def test_target_model_checks_run_before_ray(model_dir: Path, tmp_path: Path) -> 
 
 
 def test_quickstart_runs_rsft_from_its_example(tmp_path: Path) -> None:
-    from rlft_ray.lm.quickstart import QuickstartSettings, _rl_config
+    from rlft_ray.apps.quickstart import QuickstartSettings, _rl_config
 
     cfg = _rl_config(
         tmp_path,

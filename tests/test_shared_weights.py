@@ -14,7 +14,7 @@ import torch
 
 from rlft_ray.config import build_config
 from rlft_ray.learners.base import LearnerContext, Spaces
-from rlft_ray.registry import get_learner_cls
+from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.rollout.env_runner import EnvRunner, probe_spaces
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.shared_weights import (

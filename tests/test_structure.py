@@ -11,44 +11,37 @@ from pathlib import Path
 
 from rlft_ray.config import ALGORITHMS, RunConfig
 from rlft_ray.learners.base import Learner
-from rlft_ray.registry import algorithm_names, get_learner_cls, rollout_module
+from rlft_ray.learners.registry import algorithm_names, get_learner_cls, rollout_module
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlft_ray"
 
-#: Lower layers never import higher ones (the longest matching prefix decides a module's layer).
+#: The packages of ``rlft_ray`` (and its top-level modules) by layer: a package imports
+#: only packages of lower layers, at module level or inside functions.
 LAYERS: dict[str, int] = {
-    "rlft_ray": 0,
-    "rlft_ray.config": 0,
-    "rlft_ray.types": 0,
-    "rlft_ray.algorithms": 0,
-    "rlft_ray.fileio": 0,
-    "rlft_ray.utils": 1,
-    "rlft_ray.models": 1,
-    "rlft_ray.rewards": 1,
-    "rlft_ray.resources": 1,
-    "rlft_ray.plots": 1,
-    "rlft_ray.checkpoint": 1,
-    "rlft_ray.rundir": 1,
-    "rlft_ray.tracking": 1,
-    "rlft_ray.cluster_check": 1,
-    "rlft_ray.lm": 1,
-    "rlft_ray.rollout": 1,
-    "rlft_ray.learners": 2,
-    "rlft_ray.registry": 2,
-    "rlft_ray.loop": 3,
-    "rlft_ray.driver": 3,
-    "rlft_ray.attempts": 3,
-    "rlft_ray.sample_job": 3,
-    "rlft_ray.tune": 4,
-    "rlft_ray.cli": 4,
-    "rlft_ray.__main__": 4,
-    "rlft_ray.lm.quickstart": 4,
+    "rlft_ray": 0,  # __init__: the version only
+    "rlft_ray.core": 0,
+    "rlft_ray.config": 1,
+    "rlft_ray.types": 1,
+    "rlft_ray.algorithms": 1,
+    "rlft_ray.rewards": 2,
+    "rlft_ray.lm": 2,
+    "rlft_ray.rollout": 3,
+    "rlft_ray.learners": 4,
+    "rlft_ray.run": 5,
+    "rlft_ray.apps": 6,
+    "rlft_ray.tune": 6,
+    "rlft_ray.cli": 7,
+    "rlft_ray.__main__": 8,
 }
 
 
+def _unit(module: str) -> str:
+    """The package (or top-level module) ``module`` belongs to: ``rlft_ray.X``."""
+    return ".".join(module.split(".")[:2])
+
+
 def _layer(module: str) -> int:
-    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
-    return LAYERS[best]
+    return LAYERS[_unit(module)]
 
 
 def _modules() -> list[tuple[str, Path]]:
@@ -61,14 +54,40 @@ def _modules() -> list[tuple[str, Path]]:
 
 
 def _imports(path: Path) -> set[str]:
-    """Every ``rlft_ray`` module ``path`` imports, at module level or inside functions."""
+    """Every ``rlft_ray`` module ``path`` imports, at module level or inside functions
+    (``from rlft_ray.pkg import mod`` counts as importing ``rlft_ray.pkg.mod``)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("rlft_ray"))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlft_ray"):
             found.add(node.module)
-    return found
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (PACKAGE.parent / rel.with_suffix(".py")).is_file() or (
+        PACKAGE.parent / rel / "__init__.py"
+    ).is_file()
+
+
+def _package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {unit: set() for unit in LAYERS}
+    for name, path in _modules():
+        for dep in _imports(path):
+            if _unit(dep) != _unit(name):
+                graph[_unit(name)].add(_unit(dep))
+    return graph
+
+
+def test_every_package_has_a_layer() -> None:
+    units = {_unit(name) for name, _ in _modules()}
+    assert units == set(LAYERS), units ^ set(LAYERS)
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    # the package root holds the entry points and the user-facing rewards, nothing else
+    assert top == ["__init__.py", "__main__.py", "cli.py", "rewards.py"], top
 
 
 def test_layers_import_only_downward() -> None:
@@ -76,16 +95,49 @@ def test_layers_import_only_downward() -> None:
         f"{name} (layer {_layer(name)}) imports {dep} (layer {_layer(dep)})"
         for name, path in _modules()
         for dep in sorted(_imports(path))
-        if _layer(dep) > _layer(name)
+        if _unit(dep) != _unit(name) and _layer(dep) >= _layer(name)
     ]
     assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle_between_packages() -> None:
+    """Lazy (function-level) imports count: a cycle through one still ties two packages."""
+    graph = _package_graph()
+    state: dict[str, int] = {}
+
+    def visit(unit: str, stack: list[str]) -> list[str] | None:
+        state[unit] = 1
+        for dep in sorted(graph[unit]):
+            if state.get(dep) == 1:
+                return [*stack, unit, dep]
+            if dep not in state and (cycle := visit(dep, [*stack, unit])):
+                return cycle
+        state[unit] = 2
+        return None
+
+    for unit in sorted(graph):
+        if unit not in state:
+            cycle = visit(unit, [])
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle(monkeypatch) -> None:
+    """The check above can fail: a lazy import from lm into rollout is reported."""
+    real = _package_graph()
+    monkeypatch.setitem(globals(), "_package_graph", lambda: {**real, "rlft_ray.lm": {"rlft_ray.rollout"}})
+    try:
+        test_no_import_cycle_between_packages()
+    except AssertionError as e:
+        assert "rlft_ray.lm -> rlft_ray.rollout" in str(e)
+    else:
+        raise AssertionError("a cycle went unnoticed")
 
 
 def test_schema_imports_no_implementation() -> None:
     for name, path in _modules():
         if name.startswith("rlft_ray.config"):
             deps = {d for d in _imports(path) if not d.startswith("rlft_ray.config")}
-            assert deps <= {"rlft_ray.fileio"}, f"{name} imports {deps}"
+            assert deps <= {"rlft_ray.core", "rlft_ray.core.fileio"}, f"{name} imports {deps}"
 
 
 def test_importing_the_schema_loads_no_torch_gym_ray_or_learner() -> None:
@@ -93,7 +145,7 @@ def test_importing_the_schema_loads_no_torch_gym_ray_or_learner() -> None:
         "import sys, rlft_ray.config as c\n"
         "c.build_config(overrides=['algo=grpo', 'grpo.lr=3e-4'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gymnasium', 'ray')"
-        " or m.startswith(('rlft_ray.learners', 'rlft_ray.registry')))\n"
+        " or m.startswith(('rlft_ray.learners', 'rlft_ray.learners.registry')))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -116,7 +168,7 @@ def test_a_gym_learner_does_not_import_the_lm_stack() -> None:
     """The registry imports only the learner asked for: CartPole start-up skips transformers."""
     code = (
         "import sys\n"
-        "from rlft_ray.registry import get_learner_cls\n"
+        "from rlft_ray.learners.registry import get_learner_cls\n"
         "get_learner_cls('ppo'); get_learner_cls('dqn')\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft'))))\n"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlft_ray.config import ConfigError, TrackingConfig, build_config
-from rlft_ray.tracking import IDS_FILE, TrackerFeed, check_tracking, mlflow_store_path
+from rlft_ray.run.tracking import IDS_FILE, TrackerFeed, check_tracking, mlflow_store_path
 
 
 def _rows(first: int, last: int) -> list[dict]:
@@ -102,7 +102,7 @@ def test_unreachable_server_warns_once_and_the_run_goes_on(
         port = s.getsockname()[1]  # nothing listens here once closed
     cfg = build_config(overrides=[f"tracking.mlflow_uri=http://127.0.0.1:{port}"])
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="rlft_ray.tracking"):
+    with caplog.at_level(logging.WARNING, logger="rlft_ray.run.tracking"):
         feed = TrackerFeed(tmp_path, cfg, interval=0.05)
         _append(tmp_path, _rows(1, 3))
         time.sleep(0.3)

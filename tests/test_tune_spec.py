@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from rlft_ray.config import ConfigError
-from rlft_ray.resources import ResourceError
+from rlft_ray.run.resources import ResourceError
 from rlft_ray.tune import (
     SpecError,
     build_scheduler,

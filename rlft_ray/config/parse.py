@@ -22,7 +22,7 @@ import yaml
 
 from rlft_ray.config.errors import ConfigError
 from rlft_ray.config.run import RunConfig
-from rlft_ray.fileio import atomic_write_text
+from rlft_ray.core.fileio import atomic_write_text
 
 
 def _type_name(tp: Any) -> str:

@@ -12,7 +12,7 @@ from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
 
 #: The algorithm names ``algo:`` accepts. Each is also the name of the section holding
-#: its hyperparameters; ``rlft_ray.registry`` maps each to its learner class (a test
+#: its hyperparameters; ``rlft_ray.learners.registry`` maps each to its learner class (a test
 #: keeps the two in step), so the schema never imports an implementation.
 Algorithm = Literal[
     "dpo", "dqn", "filtered_bc", "grpo", "lm_ppo", "online_dpo", "ppo", "reward_model", "rsft"

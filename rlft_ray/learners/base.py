@@ -23,7 +23,7 @@ from torch import nn
 
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError
-from rlft_ray.models import space_signature
+from rlft_ray.learners.nets import space_signature
 from rlft_ray.rollout.env_runner import EnvRunner
 
 __all__ = [
@@ -151,6 +151,12 @@ class Learner(ABC):
         return cls.sampler_cls
 
     @classmethod
+    def prepare_uses_actors(cls, cfg: RunConfig) -> bool:
+        """Whether :meth:`prepare` holds ``resources.num_rollout_actors`` actors of its own
+        (the driver checks they fit the cluster before calling it). Default: no."""
+        return False
+
+    @classmethod
     def prepare(cls, cfg: RunConfig, probe: TaskProbe, output_dir: Path) -> TaskProbe:
         """Data work that needs the cluster, after Ray starts and before the learners do
         (e.g. DPO's reference log-probs through a Ray Data actor pool). Default: none."""
@@ -161,7 +167,7 @@ class Learner(ABC):
         """``rlft-ray eval``: run the checkpoint's policy for ``opts.episodes`` episodes."""
         import numpy as np
 
-        from rlft_ray.checkpoint import load_modules
+        from rlft_ray.learners.checkpoint import load_modules
         from rlft_ray.rollout.env_runner import evaluate_policy, probe_spaces
 
         policy = cls.make_policy(cfg, Spaces(*probe_spaces(cfg.env)))

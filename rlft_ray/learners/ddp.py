@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlft_ray.errors import DeterministicError
+from rlft_ray.core.errors import DeterministicError
 
 
 class NonFiniteLossError(DeterministicError, FloatingPointError):

@@ -22,10 +22,10 @@ import torch
 from rlft_ray.algorithms import dpo_losses
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
-from rlft_ray.learners.lm_core import LMCore
-from rlft_ray.learners.lm_hooks import LMLearnerHooks, check_reward_fns, heldout_tables
+from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns, heldout_tables
 from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
-from rlft_ray.lm.data import ShardStream
+from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.lm.pairs import pair_batch, pair_tensors, rows_of
 from rlft_ray.lm.policy import pair_logps
 from rlft_ray.types import PairBatch
@@ -97,7 +97,7 @@ class DPOLearner(LMLearnerHooks, Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.dpo
         # DPO's log-probs are the model's own (T = 1); the reference copy only on the fly
-        self.core = LMCore(
+        self.core = LMRank(
             cfg, ctx, self.hp, keep_start=not self.hp.precompute_ref, temperature=1.0
         )
         self.optimizer = self.core.optimizer
@@ -123,18 +123,17 @@ class DPOLearner(LMLearnerHooks, Learner):
         return cls.sampler_cls if cfg.eval_every is not None else None
 
     @classmethod
+    def prepare_uses_actors(cls, cfg: RunConfig) -> bool:
+        return cfg.dpo.precompute_ref
+
+    @classmethod
     def prepare(cls, cfg: RunConfig, probe: TaskProbe, output_dir: Path) -> TaskProbe:
         """Attach the reference's log-probs to the pairs (cached; computed on actors)."""
         if not cfg.dpo.precompute_ref:
             return probe
-        import ray
-
-        from rlft_ray.resources import check_fits
         from rlft_ray.rollout.reference import attach_reference_logps
 
         res = cfg.resources
-        # the pass holds rollout actors before the learners start: they must fit too
-        check_fits(res, ray.cluster_resources(), learners=False)
         table, info = attach_reference_logps(
             probe.datasets[PAIRS],
             reference_model(cfg),

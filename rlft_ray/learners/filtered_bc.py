@@ -30,10 +30,10 @@ from rlft_ray.learners.base import (
     to_tensor,
 )
 from rlft_ray.learners.ddp import check_finite, global_sum, wrap_ddp
-from rlft_ray.models import ActorCritic
+from rlft_ray.learners.nets import ActorCritic
 from rlft_ray.rollout.episodes import EpisodeCollector
 from rlft_ray.types import EpisodeBatch
-from rlft_ray.utils import fused_optimizer
+from rlft_ray.core.torch_utils import fused_optimizer
 
 
 class FilteredBCLearner(Learner):

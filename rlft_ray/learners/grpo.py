@@ -15,8 +15,8 @@ from rlft_ray.algorithms.lm import group_advantages, kl_penalty, masked_sum, ppo
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import all_reduce_mean
-from rlft_ray.learners.lm_core import LMCore
-from rlft_ray.learners.lm_hooks import LMLearnerHooks
+from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_learner import LMLearnerHooks
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -27,7 +27,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.grpo
-        self.core = LMCore(cfg, ctx, self.hp, keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl)
+        self.core = LMRank(cfg, ctx, self.hp, keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl)
         self.optimizer = self.core.optimizer
 
     # -- class-level hooks -----------------------------------------------------------------

@@ -19,8 +19,8 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.dpo import preference_loss, reference_logps
-from rlft_ray.learners.lm_core import LMCore
-from rlft_ray.learners.lm_hooks import LMLearnerHooks
+from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_learner import LMLearnerHooks
 from rlft_ray.learners.pairwise import pair_steps
 from rlft_ray.lm.pairs import pair_tensors
 from rlft_ray.types import GenerationBatch, PairBatch
@@ -59,7 +59,7 @@ class OnlineDPOLearner(LMLearnerHooks, Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.online_dpo
-        self.core = LMCore(cfg, ctx, self.hp, keep_start=True, temperature=1.0)
+        self.core = LMRank(cfg, ctx, self.hp, keep_start=True, temperature=1.0)
         # a refreshed reference is part of the run's state: --resume must restore it
         self.core.save_reference = self.hp.ref_refresh_every is not None
         self.optimizer = self.core.optimizer

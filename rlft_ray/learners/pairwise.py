@@ -24,7 +24,7 @@ from torch import nn
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import TaskProbe
 from rlft_ray.learners.ddp import LearnerContext, check_finite, global_sum
-from rlft_ray.learners.lm_hooks import absolute_paths, check_model, lm_spaces
+from rlft_ray.learners.lm_learner import absolute_paths, check_model, lm_spaces
 from rlft_ray.lm.pairs import load_pairs, padding_pair, rows_of
 
 #: Name of the pair dataset handed to Ray Train (``LearnerContext.datasets``).

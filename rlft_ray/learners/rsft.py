@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.errors import DeterministicError
+from rlft_ray.core.errors import DeterministicError
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
-from rlft_ray.learners.lm_core import LMCore
-from rlft_ray.learners.lm_hooks import LMLearnerHooks, lm_sampler_kwargs, probe_lm
+from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_learner import LMLearnerHooks, lm_sampler_kwargs, probe_lm
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -41,7 +41,7 @@ class RSFTLearner(LMLearnerHooks, Learner):
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.rsft
         # cross-entropy of the model itself (T = 1), not of the tempered sampling policy
-        self.core = LMCore(cfg, ctx, self.hp, keep_start=self.hp.reset_to_base, temperature=1.0)
+        self.core = LMRank(cfg, ctx, self.hp, keep_start=self.hp.reset_to_base, temperature=1.0)
         self.optimizer = self.core.optimizer
         self.empty_rounds = 0
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from rlft_ray.config import LMConfig
-from rlft_ray.lm.data import PromptDataError, read_records
+from rlft_ray.lm.prompts import PromptDataError, read_records
 from rlft_ray.types import PairBatch, pad_sequences
 
 FIELDS = ("prompt", "chosen", "rejected")

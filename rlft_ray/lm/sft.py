@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rlft_ray.utils import fused_optimizer
+from rlft_ray.core.torch_utils import fused_optimizer
 
 IGNORE = -100
 

@@ -27,7 +27,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rlft_ray.fileio import replace_dir
+from rlft_ray.core.fileio import replace_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

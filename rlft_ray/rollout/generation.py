@@ -35,7 +35,7 @@ from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
-from rlft_ray.utils import hold_threads
+from rlft_ray.core.torch_utils import hold_threads
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from rlft_ray.config import LMConfig
-from rlft_ray.fileio import atomic_write
+from rlft_ray.core.fileio import atomic_write
 from rlft_ray.lm.lora import adapter_base, is_adapter_dir
-from rlft_ray.utils import hold_threads
+from rlft_ray.core.torch_utils import hold_threads
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _score_on_actors(
 ) -> pd.DataFrame:
     import ray.data
 
-    from rlft_ray.utils import torch_threads
+    from rlft_ray.core.torch_utils import torch_threads
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

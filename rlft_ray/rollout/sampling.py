@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
-from rlft_ray.lm.data import prompts_from_batch
+from rlft_ray.lm.prompts import prompts_from_batch
 from rlft_ray.rollout.generation import GenerationActor
 
 #: The columns of every sample row (``accepted`` marks the kept ones; ``prompt``,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rlft_ray.utils import weights_from_wire
+from rlft_ray.core.torch_utils import weights_from_wire
 
 #: Where the file lives: RAM-backed on Linux.
 SHM_DIR = Path("/dev/shm")
@@ -118,7 +118,7 @@ class SharedSlot:
 
 def received_weights(weights: Any) -> dict[str, torch.Tensor]:
     """What an actor's ``set_weights`` received, as tensors: read from a
-    :class:`SharedSlot`, or the object store's arrays (:func:`~rlft_ray.utils.weights_from_wire`)."""
+    :class:`SharedSlot`, or the object store's arrays (:func:`~rlft_ray.core.torch_utils.weights_from_wire`)."""
     if isinstance(weights, SharedSlot):
         return weights.read()
     return weights_from_wire(weights)

@@ -12,8 +12,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from rlft_ray.fileio import atomic_write_json, atomic_write_text
-from rlft_ray.plots import plot_curves
+from rlft_ray.core.fileio import atomic_write_json, atomic_write_text
+from rlft_ray.run.plots import plot_curves
 from rlft_ray.tune.spec import TuneSpec
 from rlft_ray.tune.trial import COMPLETED_KEY
 

@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from rlft_ray.config import ConfigError, RunConfig, from_dict
-from rlft_ray.fileio import atomic_write_text
-from rlft_ray.resources import init_ray, rollout_bundle, runs_that_fit
-from rlft_ray.tracking import check_tracking
+from rlft_ray.core.fileio import atomic_write_text
+from rlft_ray.run.resources import init_ray, rollout_bundle, runs_that_fit
+from rlft_ray.run.tracking import check_tracking
 from rlft_ray.tune.results import best_of, collect_rows, count_exploits, write_results
 from rlft_ray.tune.spec import Dimension, SpecError, TuneSpec, load_spec
 from rlft_ray.tune.trial import COMPLETED_KEY, _run_trial, _trial_dirname, _TrialContext
@@ -97,7 +97,7 @@ def trial_resources(spec: TuneSpec) -> Any:
 
 
 def check_concurrency(spec: TuneSpec, cluster: Mapping[str, float]) -> int:
-    """How many trials run at once (:func:`~rlft_ray.resources.runs_that_fit`).
+    """How many trials run at once (:func:`~rlft_ray.run.resources.runs_that_fit`).
 
     Raises:
         ResourceError: One trial does not fit, or ``max_concurrent_trials`` trials do not.
@@ -111,7 +111,7 @@ def _require_dashboard() -> None:
     Raises:
         RunError: Ray runs without its dashboard (the learners' CPUs would leak).
     """
-    from rlft_ray.driver import RunError
+    from rlft_ray.run.driver import RunError
 
     try:
         from ray._private.worker import get_dashboard_url

@@ -2,7 +2,7 @@
 
 Ray Train V2 (the default since Ray 2.51) no longer runs ``Tuner(TorchTrainer)``:
 each trial is a Tune *function* that builds its own trainer through
-:func:`rlft_ray.driver.run_training`. Ray's ``TuneReportCallback`` forwards only
+:func:`rlft_ray.run.driver.run_training`. Ray's ``TuneReportCallback`` forwards only
 metrics (a checkpoint reaches Tune as a ``checkpoint_path`` string), but PBT and
 ``--resume`` need real Tune checkpoints, so :class:`TuneBridgeCallback` hands each
 Ray Train report, checkpoint included, from the Train controller to the trial
@@ -128,7 +128,7 @@ def _train_into_queue(
     cfg: RunConfig, run_dir: Path, queue: Any, start: Any, outcome: dict[str, BaseException]
 ) -> None:
     """Run the training (reports flow into ``queue`` through the bridge), then mark the end."""
-    from rlft_ray.driver import run_training
+    from rlft_ray.run.driver import run_training
 
     try:
         run_training(

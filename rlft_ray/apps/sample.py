@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import yaml
 
 from rlft_ray.config import ConfigError, RunConfig, save_config, to_dict
-from rlft_ray.fileio import atomic_write, atomic_write_json, atomic_write_text
-from rlft_ray.learners.lm_core import PROMPTS
+from rlft_ray.core.fileio import atomic_write, atomic_write_json, atomic_write_text
+from rlft_ray.learners.lm_rank import PROMPTS
 from rlft_ray.learners.rsft import RSFTLearner
-from rlft_ray.resources import check_fits, init_ray
+from rlft_ray.run.resources import check_fits, init_ray
 from rlft_ray.rollout.sampling import SAMPLE_COLUMNS, BatchSampler
-from rlft_ray.utils import torch_threads
+from rlft_ray.core.torch_utils import torch_threads
 
 logger = logging.getLogger(__name__)
 

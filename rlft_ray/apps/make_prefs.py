@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rlft_ray.config import LMConfig
-from rlft_ray.fileio import atomic_write_text
-from rlft_ray.lm.data import load_prompts, prompts_from_batch
+from rlft_ray.core.fileio import atomic_write_text
+from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.rollout.generation import GenerationActor
 
 

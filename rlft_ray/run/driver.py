@@ -19,8 +19,8 @@ from typing import Any
 import ray
 import ray.train
 
-from rlft_ray import checkpoint as ckpt
-from rlft_ray.attempts import (
+from rlft_ray.learners import checkpoint as ckpt
+from rlft_ray.run.attempts import (
     Attempts,
     Interrupt,
     RunError,
@@ -30,10 +30,10 @@ from rlft_ray.attempts import (
 )
 from rlft_ray.config import ConfigError, RunConfig, save_config
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.registry import get_learner_cls
-from rlft_ray.resources import check_fits, init_ray, scorer_gpus
+from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.run.resources import check_fits, init_ray, scorer_gpus
 from rlft_ray.rollout.group import make_remote_runners
-from rlft_ray.rundir import (
+from rlft_ray.run.rundir import (
     ProgressBar,
     RunDirLock,
     StartupMarks,
@@ -43,8 +43,8 @@ from rlft_ray.rundir import (
     truncate_metrics,
     write_summary,
 )
-from rlft_ray.tracking import TrackerFeed, check_tracking
-from rlft_ray.utils import process_state_kept, torch_threads
+from rlft_ray.run.tracking import TrackerFeed, check_tracking
+from rlft_ray.core.torch_utils import process_state_kept, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,9 @@ def _prepare_and_start_actors(
     scorers_needed = learner_cls.scores_samples and cfg.lm.reward_model is not None
     has_actors = learner_cls.sampler(cfg) is not None
     check_fits(cfg.resources, ray.cluster_resources(), actors=has_actors, scorers=scorers_needed)
+    if learner_cls.prepare_uses_actors(cfg):
+        # the preparation holds rollout actors before the learners start: they must fit too
+        check_fits(cfg.resources, ray.cluster_resources(), learners=False)
     probe = learner_cls.prepare(cfg, probe, output_dir)
     scorers = _start_scorers(cfg) if scorers_needed else []
     runners = _start_rollout_actors(learner_cls, cfg, scorers) if has_actors else []

@@ -25,8 +25,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rlft_ray.config import ConfigError, RunConfig, TrackingConfig, flat_dict, to_dict
-from rlft_ray.fileio import atomic_write_json
-from rlft_ray.rundir import MetricsTail, read_metrics
+from rlft_ray.core.fileio import atomic_write_json
+from rlft_ray.run.rundir import MetricsTail, read_metrics
 
 logger = logging.getLogger(__name__)
 

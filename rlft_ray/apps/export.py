@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rlft_ray.config import ConfigError
-from rlft_ray.fileio import atomic_write_text
+from rlft_ray.core.fileio import atomic_write_text
 from rlft_ray.lm.loading import neutral_generation_config
 from rlft_ray.lm.lora import adapter_base, is_adapter_dir, load_merged
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlft_ray.config import RunConfig, build_config, load_yaml, save_config
-from rlft_ray.errors import CheckpointError
+from rlft_ray.core.errors import CheckpointError
 
 RECENT_EPISODES = 20
 

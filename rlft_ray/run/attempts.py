@@ -1,6 +1,6 @@
 """One run's Ray Train attempts: the first, restarts from ``checkpoint_last`` after a
 failure (``resources.max_failures``; deterministic failures are not retried), and the
-signals (SIGINT / SIGTERM) that stop them. Used by :mod:`rlft_ray.driver`.
+signals (SIGINT / SIGTERM) that stop them. Used by :mod:`rlft_ray.run.driver`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rlft_ray import checkpoint as ckpt
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.config import ConfigError, RunConfig, config_yaml
-from rlft_ray.errors import DeterministicError
+from rlft_ray.core.errors import DeterministicError
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.loop import LOOP_CFG, train_loop_per_worker
-from rlft_ray.resources import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
+from rlft_ray.run.loop import LOOP_CFG, train_loop_per_worker
+from rlft_ray.run.resources import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
 from rlft_ray.rollout.shared_weights import SharedWeights
-from rlft_ray.rundir import RunDirCallback, remove_temp_files, truncate_metrics
+from rlft_ray.run.rundir import RunDirCallback, remove_temp_files, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Attempts:
                 ray.get(controller.abort.remote(), timeout=10)
 
     def _trainer(self) -> _Trainer:
-        """The attempt's trainer: its workers run :func:`~rlft_ray.loop.train_loop_per_worker`."""
+        """The attempt's trainer: its workers run :func:`~rlft_ray.run.loop.train_loop_per_worker`."""
         cfg, res = self.cfg, self.cfg.resources
         datasets, inline = _ray_datasets(self.probe.datasets)
         attempt = f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}"  # never a foreign state

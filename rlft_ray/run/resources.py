@@ -334,7 +334,7 @@ def embedded_here() -> bool:
 def learner_in_driver_wanted(res: ResourcesConfig) -> bool:
     """Whether ``res`` lets the learner run in the driver (``resources.learner_in_driver``
     with one CPU learner); the run also needs an embedded instance, no Ray Dataset and no
-    Tune trial around it (:mod:`rlft_ray.attempts` decides)."""
+    Tune trial around it (:mod:`rlft_ray.run.attempts` decides)."""
     return res.learner_in_driver and res.num_learners == 1 and not res.use_gpu
 
 

@@ -1,6 +1,6 @@
 """A rank's LM, frozen reference, optimizer and micro-batched optimisation (shared by LM learners).
 
-:class:`LMCore` runs the optimisation every LM learner shares: each optimizer step
+:class:`LMRank` runs the optimisation every LM learner shares: each optimizer step
 accumulates gradients over micro-batches (without DDP all-reduce until the last one)
 and normalises each micro-batch loss by the *global* minibatch denominator, so 2 DDP
 ranks or 4 micro-batches give the same gradient as one rank with the whole batch.
@@ -30,7 +30,7 @@ from rlft_ray.learners.ddp import (
     global_sum,
     wrap_ddp,
 )
-from rlft_ray.lm.data import PromptStream, prompts_from_batch
+from rlft_ray.lm.prompts import PromptStream, prompts_from_batch
 from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import LoRAReference, adapter_state, adapter_tensors, apply_lora
 from rlft_ray.lm.policy import (
@@ -40,7 +40,7 @@ from rlft_ray.lm.policy import (
     response_forward,
 )
 from rlft_ray.types import GenerationBatch
-from rlft_ray.utils import fused_optimizer
+from rlft_ray.core.torch_utils import fused_optimizer
 
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"
@@ -54,7 +54,7 @@ TokenLoss = Callable[
 ]
 
 
-class LMCore:
+class LMRank:
     """A rank's LM, reference, optimizer and micro-batched optimisation.
 
     Args:
@@ -174,7 +174,7 @@ class LMCore:
     def load_start_point(self, path: Path) -> None:
         """On ``--resume`` of an ``init_from`` run: the reference is ``init_from``'s policy,
         not ``lm.model`` (the checkpoint then loads the trained weights into the policy)."""
-        from rlft_ray.checkpoint import load_modules
+        from rlft_ray.learners.checkpoint import load_modules
 
         if isinstance(self.reference, LoRAReference):
             self.reference.load_adapter_dir(Path(path) / "policy")

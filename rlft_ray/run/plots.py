@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlft_ray.fileio import atomic_write
+from rlft_ray.core.fileio import atomic_write
 
 #: One line: ``(label or None, x values, y values)``.
 Curve = tuple[str | None, Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]

@@ -36,8 +36,8 @@ import yaml
 from ray.train import Checkpoint, UserCallback
 
 from rlft_ray.config import RunConfig, flat_dict
-from rlft_ray.fileio import atomic_write_json, atomic_write_text, replace_dir
-from rlft_ray.plots import plot_curves
+from rlft_ray.core.fileio import atomic_write_json, atomic_write_text, replace_dir
+from rlft_ray.run.plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ _TEMP_PATTERNS = (".checkpoint_last.*", ".checkpoint_best.*", ".*.tmp")
 def remove_temp_files(output_dir: Path) -> list[str]:
     """Clean up after interrupted atomic writes in ``output_dir``; returns what was removed.
 
-    A directory replacement cut between its two renames (:func:`~rlft_ray.fileio.replace_dir`)
+    A directory replacement cut between its two renames (:func:`~rlft_ray.core.fileio.replace_dir`)
     left the old copy aside and no ``checkpoint_last``: the old copy is put back first (it
     is whole, and the rows after its iteration are re-run), then every temp leftover goes.
     """

@@ -38,7 +38,7 @@ def evaluate_model(
         ``{"dataset", "num_prompts", "accuracy", "completion_tokens_mean", "examples",
         "data/..."}`` where accuracy is the mean of ``lm.eval_fn`` (exact match by default).
     """
-    from rlft_ray.lm.data import load_prompts, prompts_from_batch
+    from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
     from rlft_ray.rollout.generation import GenerationActor
 
     # a LoRA checkpoint's policy/ loads merged: no adapters on top of it

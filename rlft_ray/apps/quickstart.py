@@ -77,11 +77,11 @@ def run_lm_quickstart(
     import torch
 
     from envs.arithmetic import write_splits
-    from rlft_ray.driver import RunError, run_training
-    from rlft_ray.fileio import atomic_write_json
+    from rlft_ray.run.driver import RunError, run_training
+    from rlft_ray.core.fileio import atomic_write_json
     from rlft_ray.lm import quiet_transformers
-    from rlft_ray.lm.evaluate import evaluate_model
-    from rlft_ray.utils import seed_everything
+    from rlft_ray.rollout.evaluate import evaluate_model
+    from rlft_ray.core.torch_utils import seed_everything
 
     quiet_transformers()
     s = settings or QuickstartSettings()

@@ -3,7 +3,7 @@
 Class-level hooks run on the driver before Ray starts (:func:`probe_lm` checks the
 model, tokenizer, prompt file and reward function) or build the generation actors
 (:func:`lm_sampler_kwargs`); :class:`LMLearnerHooks` forwards the per-rank hooks to
-the learner's :class:`~rlft_ray.learners.lm_core.LMCore`.
+the learner's :class:`~rlft_ray.learners.lm_rank.LMRank`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
-from rlft_ray.learners.lm_core import HELDOUT, PROMPTS, LMCore
-from rlft_ray.lm.data import load_prompts, prompts_from_batch
+from rlft_ray.learners.lm_rank import HELDOUT, PROMPTS, LMRank
+from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import check_lora
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import Prompt
-from rlft_ray.utils import torch_threads
+from rlft_ray.core.torch_utils import torch_threads
 
 
 def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
@@ -245,7 +245,7 @@ def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
 
 def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Exact-match (``lm.eval_fn``) accuracy of greedy completions of a checkpoint's policy."""
-    from rlft_ray.lm.evaluate import evaluate_model
+    from rlft_ray.rollout.evaluate import evaluate_model
 
     dataset = opts.dataset or cfg.lm.eval_prompts
     if not dataset:
@@ -278,7 +278,7 @@ class LMLearnerHooks:
     Mixed in ahead of ``Learner`` (``class GRPOLearner(LMLearnerHooks, Learner)``), so
     inheritance stays one level deep: generation actors feed the learner, checkpoints
     rank by ``reward/mean``, and the per-rank hooks forward to ``self.core``
-    (an :class:`LMCore`). Each learner adds its ``__init__`` and ``update``.
+    (an :class:`LMRank`). Each learner adds its ``__init__`` and ``update``.
     """
 
     sampler_cls: ClassVar[type | None] = GenerationActor
@@ -289,7 +289,7 @@ class LMLearnerHooks:
         "counters/iteration",
         "reward_curve.png",
     )
-    core: LMCore
+    core: LMRank
 
     # -- class-level hooks ---------------------------------------------------------------
     @classmethod

@@ -1,0 +1,1 @@
+"""Plumbing every layer may use: errors, atomic file writes, torch/thread helpers."""
