@@ -7,18 +7,32 @@ a one-line error naming the cause.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from rlft_ray.config import ConfigError, RunConfig, build_config
+from rlft_ray.config import ConfigError, build_config
 from rlft_ray.core.errors import CheckpointError
-from rlft_ray.run.resources import ResourceError, shutdown_ray, start_ray_early
+from rlft_ray.run.ray_session import shutdown_ray
+from rlft_ray.run.resources import ResourceError
+from rlft_ray.run.startup import default_output_dir, start_early
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: Each verb's handler, imported only when that verb runs (``train`` does not pay for
+#: the quickstart's or the sample job's imports).
+COMMANDS: dict[str, str] = {
+    "train": "rlft_ray.cli:train_command",
+    "tune": "rlft_ray.tune.command:command",
+    "eval": "rlft_ray.apps.evaluate:command",
+    "quickstart": "rlft_ray.apps.quickstart:command",
+    "sample": "rlft_ray.apps.sample:command",
+    "export": "rlft_ray.apps.export:command",
+    "make-tiny-model": "rlft_ray.apps.make_tiny_model:command",
+    "make-arith-data": "rlft_ray.apps.make_arith_data:command",
+    "make-arith-prefs": "rlft_ray.apps.make_prefs:command",
+}
 ADDRESS_HELP = (
     "Ray cluster to run on (host:port, ray://..., auto); default RAY_ADDRESS, else embedded Ray"
 )
@@ -225,24 +239,14 @@ def _main(argv: list[str] | None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        commands = {
-            "train": _train,
-            "eval": _eval,
-            "quickstart": _quickstart,
-            "sample": _sample,
-            "tune": _tune,
-            "export": _export,
-            "make-tiny-model": _make_tiny_model,
-            "make-arith-data": _make_arith_data,
-            "make-arith-prefs": _make_arith_prefs,
-        }
-        return commands[args.command](args)
+        module, function = COMMANDS[args.command].split(":")
+        return getattr(importlib.import_module(module), function)(args)
     except (ConfigError, CheckpointError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         from rlft_ray.run.driver import RunError, RunInterrupted
-        from rlft_ray.run.rundir import RunDirBusyError
+        from rlft_ray.run.lock import RunDirBusyError
 
         if isinstance(exc, RunInterrupted):  # the shell's convention: 128 + signal number
             print(f"error: {exc}", file=sys.stderr)
@@ -253,14 +257,11 @@ def _main(argv: list[str] | None) -> int:
         raise
 
 
-def _default_dir(config: Path) -> Path:
-    return Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
+    """``rlft-ray train``: the run file plus overrides, run by :func:`~rlft_ray.run.driver.run_training`."""
     cfg = build_config(args.config, args.overrides)
-    output_dir = args.output_dir or _default_dir(Path(args.config))
-    _start_early(args, args.address, cfg)
+    output_dir = args.output_dir or default_output_dir(Path(args.config).stem)
+    start_early(args.own_process, args.address, cfg)
     from rlft_ray.run.driver import run_training
 
     summary = run_training(
@@ -268,230 +269,3 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _start_early(
-    args: argparse.Namespace, address: str | None = None, cfg: RunConfig | None = None
-) -> None:
-    """A command of its own: local Ray boots while the driver imports and checks the task,
-    and the run's start-up breakdown counts from the process start (imports included)."""
-    if args.own_process:
-        from rlft_ray.learners.registry import GENERATION_MODULE, rollout_module
-
-        preload = rollout_module(cfg) if cfg else GENERATION_MODULE  # LM quickstart: no cfg yet
-        start_ray_early(address, cfg.resources if cfg else None, preload)
-        from rlft_ray.run.rundir import count_from_process_start  # imports ray.train: after
-
-        count_from_process_start()
-
-
-def _tune(args: argparse.Namespace) -> int:
-    from rlft_ray.tune import format_table, run_search
-
-    if args.resume and args.output_dir is None:
-        raise ConfigError("--resume", "needs --output-dir of the search to continue")
-    output_dir = (
-        args.output_dir or Path("runs") / f"tune-{args.spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    result = run_search(
-        args.spec,
-        output_dir,
-        resume=args.resume,
-        verbose=0 if args.quiet else 1,
-        address=args.address,
-    )
-    print(format_table(result.rows, result.metric))
-    print(f"\nsearch directory: {result.output_dir}  ({result.wall_s:.0f} s)")
-    for name, path in result.files.items():
-        print(f"  {name}: {path}")
-    if result.best is None:
-        print("error: no trial reported a finite metric; see the error column", file=sys.stderr)
-        return 1
-    print(f"best: trial {result.best['trial']} {result.metric}={result.best['value']:.4g}")
-    print(f"  evaluate: rlft-ray eval {result.best['checkpoint']}")
-    print(f"  retrain:  {result.best['train_command']}")
-    return 0
-
-
-def _sample(args: argparse.Namespace) -> int:
-    from rlft_ray.apps.sample import run_sampling
-
-    cfg = build_config(args.config, args.overrides)
-    summary = run_sampling(
-        cfg,
-        args.output_dir,
-        resume=args.resume,
-        fmt=args.format,
-        prompts_per_batch=args.prompts_per_batch,
-        progress=not args.no_progress,
-        address=args.address,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _quickstart(args: argparse.Namespace) -> int:
-    output_dir = args.output_dir or _default_dir(Path("quickstart"))
-    if args.task == "lm":
-        _start_early(args)  # Ray boots on the core SFT leaves free
-        from rlft_ray.apps.quickstart import QuickstartSettings, run_lm_quickstart
-
-        settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps, algo=args.algo)
-        summary = run_lm_quickstart(output_dir, args.overrides, settings)
-        print(
-            f"\nrun directory: {output_dir}  (summary.json, metrics.jsonl, reward_curve.png, checkpoint_best/)"
-            f"\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --dataset {output_dir}/data/arith_test.jsonl"
-        )
-        return 0 if summary.get("error") is None else 1
-    cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["stop_return=475", *args.overrides])
-    _start_early(args, cfg=cfg)
-    from rlft_ray.run.driver import run_training
-
-    summary = run_training(cfg, output_dir, progress=True)
-    print(json.dumps(summary, indent=2))
-    print(
-        f"\nrun directory: {output_dir}\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --episodes 20"
-    )
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from rlft_ray.learners.checkpoint import load_config_from_checkpoint
-    from rlft_ray.learners.base import EvalOptions
-    from rlft_ray.learners.registry import get_learner_cls
-
-    if args.episodes < 1:
-        raise ConfigError("--episodes", "must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError("--limit", "must be >= 1")
-    opts = EvalOptions(
-        episodes=args.episodes,
-        seed=args.seed,
-        stochastic=args.stochastic,
-        dataset=args.dataset,
-        limit=args.limit,
-    )
-    if _is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
-        from rlft_ray.learners.lm_learner import evaluate_lm
-
-        cfg = build_config(overrides=["algo=grpo", *args.overrides])
-        result = evaluate_lm(args.checkpoint, cfg, opts)
-    else:
-        cfg = _eval_config(load_config_from_checkpoint(args.checkpoint), args.overrides)
-        result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-#: Keys of a checkpoint's config that would import or run code. ``eval`` never takes them
-#: from a checkpoint (it may come from anyone): the built-in defaults apply unless the
-#: command line sets them.
-UNTRUSTED_KEYS = ("lm.trust_remote_code", "lm.reward_fn", "lm.eval_fn")
-
-
-def _eval_config(saved: RunConfig, overrides: list[str]) -> RunConfig:
-    """The checkpoint's config without its code-running keys, plus the command line's
-    overrides. An env id naming a module (``pkg.mod:Env-v0``) would import it: refused
-    unless the command line names the env itself."""
-    plain = _plain(saved)
-    for key in UNTRUSTED_KEYS:
-        section, name = key.split(".")
-        plain.get(section, {}).pop(name, None)
-    env_id = str(plain.get("env", {}).get("id", ""))
-    if ":" in env_id and not any(o.startswith("env.id=") for o in overrides):
-        raise ConfigError(
-            "env.id",
-            f"the checkpoint's env {env_id!r} would import module {env_id.split(':')[0]!r}; "
-            f"eval runs no code a checkpoint names: pass env.id={env_id} to allow it",
-        )
-    return build_config(base=plain, overrides=overrides)
-
-
-def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "state.json").is_file()
-
-
-def _export(args: argparse.Namespace) -> int:
-    from rlft_ray.lm import quiet_transformers
-    from rlft_ray.apps.export import export_checkpoint
-
-    quiet_transformers()
-    print(json.dumps(export_checkpoint(args.checkpoint, args.out), indent=2))
-    return 0
-
-
-def _make_tiny_model(args: argparse.Namespace) -> int:
-    from rlft_ray.lm import quiet_transformers
-    from rlft_ray.lm.tiny import make_tiny_model
-
-    quiet_transformers()
-    try:
-        out = make_tiny_model(
-            args.out,
-            arch=args.arch,
-            n_layer=args.layers,
-            hidden=args.hidden,
-            n_head=args.heads,
-            max_positions=args.max_positions,
-            seed=args.seed,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileExistsError) as exc:
-        raise ConfigError("make-tiny-model", str(exc)) from None
-    print(
-        f"wrote {args.arch} model + tokenizer to {out} (load with AutoModelForCausalLM.from_pretrained)"
-    )
-    return 0
-
-
-def _make_arith_data(args: argparse.Namespace) -> int:
-    from envs.arithmetic import write_splits
-
-    if args.train < 1 or args.test < 0:
-        raise ConfigError("--train/--test", "need --train >= 1 and --test >= 0 problems")
-    try:
-        train, test = write_splits(
-            args.out,
-            args.train,
-            args.test,
-            kind=args.kind,
-            seed=args.seed,
-            max_operand=args.max_operand,
-        )
-    except ValueError as exc:
-        raise ConfigError("make-arith-data", str(exc)) from None
-    print(f"wrote {args.train} problems to {train} and {args.test} to {test}")
-    return 0
-
-
-def _make_arith_prefs(args: argparse.Namespace) -> int:
-    from rlft_ray.lm import quiet_transformers
-    from rlft_ray.lm.loading import resolve_model_path
-    from rlft_ray.apps.make_prefs import label_pairs
-
-    quiet_transformers()
-    cfg = build_config(
-        EXAMPLES / "arithmetic_grpo.yaml",
-        [f"lm.num_samples={args.samples}", f"lm.temperature={args.temperature}"],
-    )
-    model = resolve_model_path(str(args.model), "--from")
-    for split in ("train", "test"):
-        prompts = args.out / f"arith_{split}.jsonl"
-        if not prompts.is_file():
-            raise ConfigError(
-                "make-arith-prefs", f"{prompts} not found (rlft-ray make-arith-data {args.out})"
-            )
-        out = args.out / f"{args.name}_{split}.jsonl"
-        info = label_pairs(
-            model, prompts, out, cfg.lm, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt
-        )
-        print(
-            f"wrote {info['pairs']} pairs from {info['prompts']} prompts to {out} ({info['flat_prompts']} prompts had no reward spread)"
-        )
-    return 0
-
-
-def _plain(cfg: object) -> dict:
-    from rlft_ray.config import to_dict
-
-    return to_dict(cfg)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.config import build_config
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import LearnerContext, NonFiniteLossError, Spaces
 from rlft_ray.learners.registry import get_learner_cls
-from rlft_ray.run.resources import ResourceError, check_fits
 from rlft_ray.rollout.env_runner import EnvRunner, evaluate_policy, probe_spaces
+from rlft_ray.run.resources import ResourceError, check_fits
 from rlft_ray.types import UNSYNCED_VERSION, RolloutBatch
 
 

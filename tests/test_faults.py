@@ -27,16 +27,18 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from rlft_ray.learners.checkpoint import CheckpointError, load_training_state, rng_state, set_rng_state
-from rlft_ray.cli import _eval_config, main
+from rlft_ray.apps.evaluate import eval_config
+from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
-from rlft_ray.run.rundir import (
-    LOCK_FILE,
-    RunDirBusyError,
-    RunDirCallback,
-    RunDirLock,
-    read_metrics,
+from rlft_ray.learners.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    rng_state,
+    set_rng_state,
 )
+from rlft_ray.run.callback import RunDirCallback
+from rlft_ray.run.lock import LOCK_FILE, RunDirBusyError, RunDirLock
+from rlft_ray.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CARTPOLE = ROOT / "examples" / "cartpole_ppo.yaml"
@@ -183,7 +185,7 @@ import os, signal, sys, time
 import rlft_ray.run.attempts as attempts
 import rlft_ray.run.driver as driver
 from rlft_ray.config import build_config
-from rlft_ray.run.rundir import RunDirCallback
+from rlft_ray.run.callback import RunDirCallback
 
 DRIVER = os.getpid()
 
@@ -307,16 +309,16 @@ def test_a_local_run_starts_embedded_ray_unless_a_cluster_is_named(
 ) -> None:
     import ray
 
-    from rlft_ray.run import resources
+    from rlft_ray.run import ray_session
 
     seen: list[str | None] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.append(address))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(resources.NO_DASHBOARD_ENV, raising=False)  # set by the local start
-    resources.init_ray()  # never the head an earlier `ray start` recorded
+    monkeypatch.delenv(ray_session.NO_DASHBOARD_ENV, raising=False)  # set by the local start
+    ray_session.init_ray()  # never the head an earlier `ray start` recorded
     monkeypatch.setenv("RAY_ADDRESS", "local")
-    resources.init_ray()
+    ray_session.init_ray()
     assert seen == ["local", "local"]
 
 
@@ -328,16 +330,16 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
     import ray
     from ray.train import ScalingConfig
 
-    from rlft_ray.run import resources
+    from rlft_ray.run import ray_session
     from rlft_ray.run.attempts import _Trainer
 
     if ray.is_initialized():
         ray.shutdown()
-    resources.start_ray_early(preload="rlft_ray.rollout.env_runner")
-    resources.init_ray()  # waits for the background start instead of starting another
+    ray_session.start_ray_early(preload="rlft_ray.rollout.env_runner")
+    ray_session.init_ray()  # waits for the background start instead of starting another
     try:
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] >= 1
-        assert resources.embedded_here()  # so a run's one CPU learner runs in the driver
+        assert ray_session.embedded_here()  # so a run's one CPU learner runs in the driver
         # the rollout actors' module: imported by Ray's first worker processes at their start
         preloaded = ray.remote(lambda: "rlft_ray.rollout.env_runner" in sys.modules)
         assert ray.get(preloaded.remote(), timeout=60) is True
@@ -347,7 +349,7 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
         commands = [" ".join(p.cmdline()) for p in started]
         assert not [c for c in commands if "dashboard.py" in c or "_private/monitor.py" in c]
         # no dashboard: Ray Train's cleaner, which polls its state API, is left out
-        assert os.environ[resources.NO_DASHBOARD_ENV] == "1"
+        assert os.environ[ray_session.NO_DASHBOARD_ENV] == "1"
         trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
         names = [type(c).__name__ for c in trainer._create_default_callbacks()]
         assert "PlacementGroupCleanerCallback" not in names and "BackendSetupCallback" in names
@@ -361,9 +363,9 @@ def test_an_early_started_instance_is_the_one_runs_use_and_stops_with_its_agents
             type(c).__name__ for c in with_data._create_default_callbacks()
         ]
     finally:
-        resources.shutdown_ray()
-    assert not ray.is_initialized() and resources.NO_DASHBOARD_ENV not in os.environ
-    assert not resources.embedded_here()
+        ray_session.shutdown_ray()
+    assert not ray.is_initialized() and ray_session.NO_DASHBOARD_ENV not in os.environ
+    assert not ray_session.embedded_here()
     _, alive = psutil.wait_procs(started, timeout=20)
     assert not alive, [p.name() for p in alive]
     trainer = _Trainer(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
@@ -432,18 +434,18 @@ def test_eval_runs_no_code_a_checkpoint_names() -> None:
             "lm.eval_fn=evil.module:run",
         ],
     )
-    cfg = _eval_config(crafted, [])
+    cfg = eval_config(crafted, [])
     default = build_config(GRPO)
     assert cfg.lm.trust_remote_code is False
     assert (cfg.lm.reward_fn, cfg.lm.eval_fn) == (default.lm.reward_fn, default.lm.eval_fn)
     # the command line may still choose them
-    assert _eval_config(crafted, ["lm.eval_fn=envs.arithmetic:numeric_match"]).lm.eval_fn == (
+    assert eval_config(crafted, ["lm.eval_fn=envs.arithmetic:numeric_match"]).lm.eval_fn == (
         "envs.arithmetic:numeric_match"
     )
     gym = build_config(CARTPOLE, ["env.id=evil.module:Env-v0"])
     with pytest.raises(ConfigError, match="env.id: .*would import module 'evil.module'"):
-        _eval_config(gym, [])
-    assert _eval_config(gym, ["env.id=CartPole-v1"]).env.id == "CartPole-v1"
+        eval_config(gym, [])
+    assert eval_config(gym, ["env.id=CartPole-v1"]).env.id == "CartPole-v1"
 
 
 def test_a_failed_checkpoint_copy_keeps_the_previous_one(
@@ -472,7 +474,7 @@ def test_a_failed_checkpoint_copy_keeps_the_previous_one(
 def test_a_replace_cut_between_its_renames_is_undone_on_resume(tmp_path: Path) -> None:
     """Killed between moving the old checkpoint_last aside and renaming the new one in:
     the old (whole) copy comes back, the unfinished new one and temp files go."""
-    from rlft_ray.run.rundir import remove_temp_files
+    from rlft_ray.run.lock import remove_temp_files
 
     (tmp_path / ".checkpoint_last.old-1234abcd").mkdir()
     (tmp_path / ".checkpoint_last.old-1234abcd" / "state.json").write_text("{}")
@@ -487,7 +489,7 @@ def test_resume_without_checkpoint_last(tmp_path: Path) -> None:
     """Killed while the first checkpoint was being saved (rows ran past it): start again
     at 0. With checkpoint_best there, checkpoint_last was removed: refuse."""
     from rlft_ray.run.driver import RunError, prepare_run_dir
-    from rlft_ray.run.rundir import METRICS_FILE
+    from rlft_ray.run.metrics import METRICS_FILE
 
     cfg = build_config(CARTPOLE, ["checkpoint_every=5"])
     (tmp_path / "config.yaml").write_text("algo: ppo\n")
@@ -503,8 +505,8 @@ def test_resume_without_checkpoint_last(tmp_path: Path) -> None:
 def test_resuming_an_init_from_run_keeps_its_reference(tmp_path: Path) -> None:
     """The KL reference of an ``init_from`` run is the ``init_from`` policy, also after a
     resume (not ``lm.model``); optimizer, RNG and counters come from the checkpoint."""
-    from rlft_ray.learners.checkpoint import Counters, save_checkpoint
     from rlft_ray.learners.base import LearnerContext
+    from rlft_ray.learners.checkpoint import Counters, save_checkpoint
     from rlft_ray.run.loop import restore
 
     cfg = build_config(CARTPOLE, [f"init_from={tmp_path / 'start'}"])

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from rlft_ray.run.attempts import Attempts, Interrupt, _DeferSignals
 from rlft_ray.config import build_config
-from rlft_ray.run.driver import RunError, run_training
 from rlft_ray.learners.ppo import PPOLearner
-from rlft_ray.run.resources import embedded_here, init_ray, shutdown_ray
 from rlft_ray.rollout.shared_weights import PREFIX, SharedWeights
-from rlft_ray.run.rundir import read_metrics
+from rlft_ray.run.attempts import Attempts, Interrupt, _DeferSignals
+from rlft_ray.run.driver import RunError, run_training
+from rlft_ray.run.metrics import read_metrics
+from rlft_ray.run.ray_session import embedded_here, init_ray, shutdown_ray
 
 CARTPOLE = Path(__file__).resolve().parent.parent / "examples" / "cartpole_ppo.yaml"
 # 10 iterations of 512 env steps, a checkpoint every 5, a row per iteration
@@ -166,7 +166,8 @@ def test_a_signal_during_a_run_directory_write_stops_the_run_after_it() -> None:
 
 
 def test_the_progress_bar_reads_only_new_whole_rows(tmp_path: Path) -> None:
-    from rlft_ray.run.rundir import METRICS_FILE, ProgressBar
+    from rlft_ray.run.metrics import METRICS_FILE
+    from rlft_ray.run.progress import ProgressBar
 
     metrics = tmp_path / METRICS_FILE
     metrics.write_text(json.dumps({"counters/iteration": 1}) + "\n")  # a resumed run's row
@@ -191,8 +192,8 @@ def test_only_a_local_one_cpu_learner_without_tune_or_ray_data_runs_in_the_drive
 ) -> None:
     import pandas as pd
 
-    from rlft_ray.run import attempts
     from rlft_ray.learners.base import TaskProbe
+    from rlft_ray.run import attempts
 
     def in_driver(
         *overrides: str, embedded: bool = True, callbacks: tuple = (), rows: int = 10

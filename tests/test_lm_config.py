@@ -12,6 +12,8 @@ import pytest
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
 from rlft_ray.learners.lm_learner import probe_lm
+from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.prompts import (
     PromptDataError,
     ShardStream,
@@ -19,9 +21,7 @@ from rlft_ray.lm.prompts import (
     load_prompts,
     prompts_from_batch,
 )
-from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
-from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.run.resources import ResourceError, check_fits
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.algorithms import aggregate_loss, aggregate_loss_parts
 from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import LearnerContext
-from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import GenerationBatch, Prompt
 

@@ -14,13 +14,13 @@ import torch
 
 from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
-from rlft_ray.run.driver import run_training
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.group import RunnerGroup, make_remote_runners
-from rlft_ray.run.rundir import read_metrics
+from rlft_ray.run.driver import run_training
+from rlft_ray.run.metrics import read_metrics
 from rlft_ray.types import UNSYNCED_VERSION, Prompt
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

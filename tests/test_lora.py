@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlft_ray.learners.checkpoint import Counters, load_modules, read_state, save_checkpoint
-from rlft_ray.config import ConfigError, LMConfig, LoRAConfig, build_config
 from rlft_ray.apps.export import export_checkpoint
+from rlft_ray.config import ConfigError, LMConfig, LoRAConfig, build_config
+from rlft_ray.learners.checkpoint import Counters, load_modules, read_state, save_checkpoint
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.lora import LoRAReference, check_lora, linear_module_names
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward

@@ -12,8 +12,8 @@ import ray
 
 from rlft_ray.config import build_config
 from rlft_ray.run.driver import run_training
+from rlft_ray.run.metrics import read_metrics
 from rlft_ray.run.resources import ResourceError, check_fits
-from rlft_ray.run.rundir import read_metrics
 
 CARTPOLE = Path(__file__).resolve().parents[1] / "examples" / "cartpole_ppo.yaml"
 

@@ -22,10 +22,10 @@ from rlft_ray.learners.lm_learner import heldout_lm_metrics
 from rlft_ray.learners.online_dpo import best_worst_pairs
 from rlft_ray.learners.pairwise import PAIRS
 from rlft_ray.learners.reward_model import RewardModelLearner, pair_scores, pairwise_accuracy
-from rlft_ray.lm.prompts import PromptDataError
 from rlft_ray.lm.loading import load_model_and_tokenizer
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.lm.policy import PolicyWithValueHead, pair_logps, response_forward
+from rlft_ray.lm.prompts import PromptDataError
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rollout.reference import reference_hash
 from rlft_ray.rollout.scoring import RewardModelScorer

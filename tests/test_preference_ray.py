@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from rlft_ray.config import build_config
-from rlft_ray.run.driver import run_training
 from rlft_ray.learners.dpo import DPOLearner
 from rlft_ray.learners.pairwise import PAIRS
-from rlft_ray.run.rundir import read_metrics
+from rlft_ray.run.driver import run_training
+from rlft_ray.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import ray
 
-from rlft_ray.learners.checkpoint import CheckpointError
 from rlft_ray.cli import main
 from rlft_ray.config import build_config
+from rlft_ray.learners.checkpoint import CheckpointError
 from rlft_ray.run.driver import RunError, run_training
+from rlft_ray.run.metrics import read_metrics
 from rlft_ray.run.resources import ResourceError
-from rlft_ray.run.rundir import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CARTPOLE = EXAMPLES / "cartpole_ppo.yaml"

@@ -11,15 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlft_ray.learners import checkpoint as ckpt
+from rlft_ray.apps.sample import PARTS, run_sampling
 from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
-from rlft_ray.run.driver import RunError, run_training
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import LearnerContext, Spaces
 from rlft_ray.learners.ppo import PPOLearner
 from rlft_ray.rollout.env_runner import probe_spaces
-from rlft_ray.run.rundir import read_metrics
-from rlft_ray.apps.sample import PARTS, run_sampling
+from rlft_ray.run.driver import RunError, run_training
+from rlft_ray.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -124,7 +124,9 @@ def test_no_import_cycle_between_packages() -> None:
 def test_the_cycle_check_finds_a_cycle(monkeypatch) -> None:
     """The check above can fail: a lazy import from lm into rollout is reported."""
     real = _package_graph()
-    monkeypatch.setitem(globals(), "_package_graph", lambda: {**real, "rlft_ray.lm": {"rlft_ray.rollout"}})
+    monkeypatch.setitem(
+        globals(), "_package_graph", lambda: {**real, "rlft_ray.lm": {"rlft_ray.rollout"}}
+    )
     try:
         test_no_import_cycle_between_packages()
     except AssertionError as e:

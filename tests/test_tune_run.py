@@ -20,7 +20,7 @@ import yaml
 from rlft_ray.cli import main
 from rlft_ray.config import build_config
 from rlft_ray.run.driver import RunError, run_training
-from rlft_ray.run.rundir import read_metrics
+from rlft_ray.run.metrics import read_metrics
 from rlft_ray.tune import SpecError, run_search
 
 ROOT = Path(__file__).resolve().parents[1]

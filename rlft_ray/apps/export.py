@@ -9,6 +9,8 @@ Only data is read from the checkpoint: the model class is the transformers class
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,3 +145,12 @@ def _load_policy(policy: Path, lora: bool) -> tuple[Any, str]:
     except (OSError, ValueError) as exc:
         raise ConfigError("checkpoint", f"cannot load {policy}: {exc}") from exc
     return model, arch
+
+
+def command(args: argparse.Namespace) -> int:
+    from rlft_ray.apps.export import export_checkpoint
+    from rlft_ray.lm import quiet_transformers
+
+    quiet_transformers()
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out), indent=2))
+    return 0

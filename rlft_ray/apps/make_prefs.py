@@ -8,6 +8,7 @@ all score alike give no pair and are counted). Written as jsonl in TRL's fields.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-from rlft_ray.config import LMConfig
+from rlft_ray.apps import EXAMPLES
+from rlft_ray.config import ConfigError, LMConfig, build_config
 from rlft_ray.core.fileio import atomic_write_text
 from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.rollout.generation import GenerationActor
@@ -85,3 +87,30 @@ def _ranked_pairs(batch: Any, group: int, limit: int) -> list[dict[str, Any]]:
         }
         for hi, lo in pairs[:limit]
     ]
+
+
+def command(args: argparse.Namespace) -> int:
+    from rlft_ray.apps.make_prefs import label_pairs
+    from rlft_ray.lm import quiet_transformers
+    from rlft_ray.lm.loading import resolve_model_path
+
+    quiet_transformers()
+    cfg = build_config(
+        EXAMPLES / "arithmetic_grpo.yaml",
+        [f"lm.num_samples={args.samples}", f"lm.temperature={args.temperature}"],
+    )
+    model = resolve_model_path(str(args.model), "--from")
+    for split in ("train", "test"):
+        prompts = args.out / f"arith_{split}.jsonl"
+        if not prompts.is_file():
+            raise ConfigError(
+                "make-arith-prefs", f"{prompts} not found (rlft-ray make-arith-data {args.out})"
+            )
+        out = args.out / f"{args.name}_{split}.jsonl"
+        info = label_pairs(
+            model, prompts, out, cfg.lm, seed=args.seed, pairs_per_prompt=args.pairs_per_prompt
+        )
+        print(
+            f"wrote {info['pairs']} pairs from {info['prompts']} prompts to {out} ({info['flat_prompts']} prompts had no reward spread)"
+        )
+    return 0

@@ -17,6 +17,7 @@ with a checkable answer are plentiful (RL samples from thousands). Steps:
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from rlft_ray.apps import EXAMPLES
+from rlft_ray.config import build_config
+from rlft_ray.run.startup import default_output_dir, start_early
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,11 @@ def run_lm_quickstart(
     import torch
 
     from envs.arithmetic import write_splits
-    from rlft_ray.run.driver import RunError, run_training
     from rlft_ray.core.fileio import atomic_write_json
+    from rlft_ray.core.torch_utils import seed_everything
     from rlft_ray.lm import quiet_transformers
     from rlft_ray.rollout.evaluate import evaluate_model
-    from rlft_ray.core.torch_utils import seed_everything
+    from rlft_ray.run.driver import RunError, run_training
 
     quiet_transformers()
     s = settings or QuickstartSettings()
@@ -219,3 +222,27 @@ def format_table(summary: dict[str, Any]) -> str:
         f"({summary['iterations']} iterations), total {summary['wall_s']:.0f} s"
     )
     return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    output_dir = args.output_dir or default_output_dir("quickstart")
+    if args.task == "lm":
+        start_early(args.own_process)  # Ray boots on the core SFT leaves free
+
+        settings = QuickstartSettings(seed=args.seed, sft_steps=args.sft_steps, algo=args.algo)
+        summary = run_lm_quickstart(output_dir, args.overrides, settings)
+        print(
+            f"\nrun directory: {output_dir}  (summary.json, metrics.jsonl, reward_curve.png, checkpoint_best/)"
+            f"\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --dataset {output_dir}/data/arith_test.jsonl"
+        )
+        return 0 if summary.get("error") is None else 1
+    cfg = build_config(EXAMPLES / "cartpole_ppo.yaml", ["stop_return=475", *args.overrides])
+    start_early(args.own_process, cfg=cfg)
+    from rlft_ray.run.driver import run_training
+
+    summary = run_training(cfg, output_dir, progress=True)
+    print(json.dumps(summary, indent=2))
+    print(
+        f"\nrun directory: {output_dir}\nevaluate with: rlft-ray eval {output_dir}/checkpoint_best --episodes 20"
+    )
+    return 0

@@ -19,6 +19,8 @@ only the rest and never duplicates a row.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import time
 import uuid
@@ -31,13 +33,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from rlft_ray.config import ConfigError, RunConfig, save_config, to_dict
+from rlft_ray.config import ConfigError, RunConfig, build_config, save_config, to_dict
 from rlft_ray.core.fileio import atomic_write, atomic_write_json, atomic_write_text
+from rlft_ray.core.torch_utils import torch_threads
 from rlft_ray.learners.lm_rank import PROMPTS
 from rlft_ray.learners.rsft import RSFTLearner
-from rlft_ray.run.resources import check_fits, init_ray
 from rlft_ray.rollout.sampling import SAMPLE_COLUMNS, BatchSampler
-from rlft_ray.core.torch_utils import torch_threads
+from rlft_ray.run.ray_session import init_ray
+from rlft_ray.run.resources import check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -258,3 +261,20 @@ def _finish(
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` atomically (never half a file)."""
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def command(args: argparse.Namespace) -> int:
+    from rlft_ray.apps.sample import run_sampling
+
+    cfg = build_config(args.config, args.overrides)
+    summary = run_sampling(
+        cfg,
+        args.output_dir,
+        resume=args.resume,
+        fmt=args.format,
+        prompts_per_batch=args.prompts_per_batch,
+        progress=not args.no_progress,
+        address=args.address,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0

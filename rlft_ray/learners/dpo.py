@@ -22,12 +22,12 @@ import torch
 from rlft_ray.algorithms import dpo_losses
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
-from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns, heldout_tables
+from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
-from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.lm.pairs import pair_batch, pair_tensors, rows_of
 from rlft_ray.lm.policy import pair_logps
+from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.types import PairBatch
 
 

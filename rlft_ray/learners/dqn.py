@@ -11,11 +11,11 @@ from torch import nn
 
 from rlft_ray.algorithms import dqn_loss, dqn_targets, linear_schedule, polyak_update
 from rlft_ray.config import RunConfig
+from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import check_finite, wrap_ddp
 from rlft_ray.learners.nets import QNetwork
 from rlft_ray.types import RolloutBatch
-from rlft_ray.core.torch_utils import fused_optimizer
 
 
 class ReplayBuffer:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import (
     Learner,
     LearnerContext,
@@ -33,7 +34,6 @@ from rlft_ray.learners.ddp import check_finite, global_sum, wrap_ddp
 from rlft_ray.learners.nets import ActorCritic
 from rlft_ray.rollout.episodes import EpisodeCollector
 from rlft_ray.types import EpisodeBatch
-from rlft_ray.core.torch_utils import fused_optimizer
 
 
 class FilteredBCLearner(Learner):

@@ -15,8 +15,8 @@ from rlft_ray.algorithms.lm import group_advantages, kl_penalty, masked_sum, ppo
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import all_reduce_mean
-from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.lm_learner import LMLearnerHooks
+from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.core.torch_utils import torch_threads
 from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
 from rlft_ray.learners.lm_rank import HELDOUT, PROMPTS, LMRank
-from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import check_lora
+from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import Prompt
-from rlft_ray.core.torch_utils import torch_threads
 
 
 def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:

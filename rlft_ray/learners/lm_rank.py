@@ -23,6 +23,7 @@ from torch import nn
 
 from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, lr_factor, masked_mean, masked_sum
 from rlft_ray.config import LMTrainHP, RunConfig
+from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.ddp import (
     LearnerContext,
     all_reduce_mean,
@@ -30,7 +31,6 @@ from rlft_ray.learners.ddp import (
     global_sum,
     wrap_ddp,
 )
-from rlft_ray.lm.prompts import PromptStream, prompts_from_batch
 from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import LoRAReference, adapter_state, adapter_tensors, apply_lora
 from rlft_ray.lm.policy import (
@@ -39,8 +39,8 @@ from rlft_ray.lm.policy import (
     make_value_head,
     response_forward,
 )
+from rlft_ray.lm.prompts import PromptStream, prompts_from_batch
 from rlft_ray.types import GenerationBatch
-from rlft_ray.core.torch_utils import fused_optimizer
 
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"

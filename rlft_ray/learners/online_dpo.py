@@ -19,8 +19,8 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.dpo import preference_loss, reference_logps
-from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.lm_learner import LMLearnerHooks
+from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.pairwise import pair_steps
 from rlft_ray.lm.pairs import pair_tensors
 from rlft_ray.types import GenerationBatch, PairBatch

@@ -13,11 +13,11 @@ from rlft_ray.algorithms import (
     ppo_value_loss,
 )
 from rlft_ray.config import RunConfig
+from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, to_tensor
 from rlft_ray.learners.ddp import all_reduce_mean, check_finite, global_mean_std, wrap_ddp
 from rlft_ray.learners.nets import ActorCritic
 from rlft_ray.types import RolloutBatch
-from rlft_ray.core.torch_utils import fused_optimizer
 
 
 class PPOLearner(Learner):

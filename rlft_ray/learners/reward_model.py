@@ -24,15 +24,15 @@ from torch import nn
 from rlft_ray.algorithms import bradley_terry_losses, lr_factor, sequence_logps
 from rlft_ray.algorithms.lm import sequence_logprobs
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import wrap_ddp
 from rlft_ray.learners.lm_rank import disable_dropout
 from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
-from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.lm.policy import position_ids
+from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.types import PairBatch
-from rlft_ray.core.torch_utils import fused_optimizer
 
 #: Name of the held-out pair table every rank receives (``LearnerContext.tables``).
 HELDOUT_PAIRS = "heldout_pairs"

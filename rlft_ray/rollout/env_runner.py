@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from rlft_ray.config import EnvConfig
+from rlft_ray.core.torch_utils import hold_threads
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
 from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
-from rlft_ray.core.torch_utils import hold_threads
 
 #: Longest evaluation episode of an env that sets no ``max_episode_steps``.
 MAX_EVAL_EPISODE_STEPS = 100_000

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
+from rlft_ray.core.torch_utils import hold_threads
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
@@ -35,7 +36,6 @@ from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
-from rlft_ray.core.torch_utils import hold_threads
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

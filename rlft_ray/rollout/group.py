@@ -13,9 +13,9 @@ import torch
 from ray.actor import ActorHandle
 
 from rlft_ray.core.errors import DeterministicError
+from rlft_ray.core.torch_utils import weights_to_wire
 from rlft_ray.rollout.shared_weights import SharedWeights
 from rlft_ray.types import UNSYNCED_VERSION
-from rlft_ray.core.torch_utils import weights_to_wire
 
 logger = logging.getLogger(__name__)
 

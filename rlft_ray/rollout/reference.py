@@ -21,8 +21,8 @@ import torch
 
 from rlft_ray.config import LMConfig
 from rlft_ray.core.fileio import atomic_write
-from rlft_ray.lm.lora import adapter_base, is_adapter_dir
 from rlft_ray.core.torch_utils import hold_threads
+from rlft_ray.lm.lora import adapter_base, is_adapter_dir
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlft_ray.core.torch_utils import hold_threads
 from rlft_ray.rewards import RewardError
 from rlft_ray.types import pad_sequences
-from rlft_ray.core.torch_utils import hold_threads
 
 
 def reward_model_dir(path: str | Path) -> Path:

@@ -21,14 +21,16 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.core.errors import DeterministicError
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.run.loop import LOOP_CFG, train_loop_per_worker
-from rlft_ray.run.resources import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
 from rlft_ray.rollout.shared_weights import SharedWeights
-from rlft_ray.run.rundir import RunDirCallback, remove_temp_files, truncate_metrics
+from rlft_ray.run.callback import RunDirCallback
+from rlft_ray.run.lock import remove_temp_files
+from rlft_ray.run.loop import LOOP_CFG, train_loop_per_worker
+from rlft_ray.run.metrics import truncate_metrics
+from rlft_ray.run.ray_session import NO_DASHBOARD_ENV, embedded_here, learner_in_driver_wanted
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,12 @@ from typing import Any
 import ray
 import ray.train
 
+from rlft_ray.config import ConfigError, RunConfig, save_config
+from rlft_ray.core.torch_utils import process_state_kept, torch_threads
 from rlft_ray.learners import checkpoint as ckpt
+from rlft_ray.learners.base import Learner, TaskProbe
+from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.run.attempts import (
     Attempts,
     Interrupt,
@@ -28,23 +33,14 @@ from rlft_ray.run.attempts import (
     RunSignals,
     failure_cause,
 )
-from rlft_ray.config import ConfigError, RunConfig, save_config
-from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.learners.registry import get_learner_cls
-from rlft_ray.run.resources import check_fits, init_ray, scorer_gpus
-from rlft_ray.rollout.group import make_remote_runners
-from rlft_ray.run.rundir import (
-    ProgressBar,
-    RunDirLock,
-    StartupMarks,
-    plot_curve,
-    read_metrics,
-    remove_temp_files,
-    truncate_metrics,
-    write_summary,
-)
+from rlft_ray.run.lock import RunDirLock, remove_temp_files
+from rlft_ray.run.metrics import read_metrics, truncate_metrics, write_summary
+from rlft_ray.run.plots import plot_curve
+from rlft_ray.run.progress import ProgressBar
+from rlft_ray.run.ray_session import init_ray
+from rlft_ray.run.resources import check_fits, scorer_gpus
+from rlft_ray.run.startup import StartupMarks
 from rlft_ray.run.tracking import TrackerFeed, check_tracking
-from rlft_ray.core.torch_utils import process_state_kept, torch_threads
 
 logger = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import get_device
 
-from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.config import RunConfig
+from rlft_ray.core.torch_utils import seed_everything, torch_threads
+from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
-from rlft_ray.lm.prompts import TableShard
 from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.lm.prompts import TableShard
 from rlft_ray.rollout.group import PendingSample, RunnerGroup
-from rlft_ray.run.rundir import ROWS_KEY
-from rlft_ray.core.torch_utils import seed_everything, torch_threads
+from rlft_ray.run.metrics import ROWS_KEY
 
 #: The key of ``train_loop_config`` whose value references the loop's inputs.
 LOOP_CFG = "loop_cfg"

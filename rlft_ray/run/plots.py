@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from rlft_ray.core.fileio import atomic_write
+from rlft_ray.run.metrics import read_metrics
 
 #: One line: ``(label or None, x values, y values)``.
 Curve = tuple[str | None, Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
@@ -47,3 +48,15 @@ def plot_curves(
     finally:
         plt.close(fig)
     return path
+
+
+def plot_curve(
+    output_dir: Path,
+    y_key: str = "rollout/episode_return_mean",
+    x_key: str = "counters/env_steps",
+    name: str = "return_curve.png",
+) -> Path | None:
+    """PNG of ``y_key`` against ``x_key`` from ``metrics.jsonl``; None if there is nothing to plot."""
+    rows = [r for r in read_metrics(output_dir) if y_key in r and x_key in r]
+    curve = (None, [r[x_key] for r in rows], [r[y_key] for r in rows])
+    return plot_curves(output_dir / name, [curve], x_key, y_key, output_dir.name)

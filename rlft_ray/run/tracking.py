@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from rlft_ray.config import ConfigError, RunConfig, TrackingConfig, flat_dict, to_dict
 from rlft_ray.core.fileio import atomic_write_json
-from rlft_ray.run.rundir import MetricsTail, read_metrics
+from rlft_ray.run.metrics import MetricsTail, read_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import yaml
 
 from rlft_ray.config import ConfigError, RunConfig, from_dict
 from rlft_ray.core.fileio import atomic_write_text
-from rlft_ray.run.resources import init_ray, rollout_bundle, runs_that_fit
+from rlft_ray.run.ray_session import init_ray
+from rlft_ray.run.resources import rollout_bundle, runs_that_fit
 from rlft_ray.run.tracking import check_tracking
 from rlft_ray.tune.results import best_of, collect_rows, count_exploits, write_results
 from rlft_ray.tune.spec import Dimension, SpecError, TuneSpec, load_spec

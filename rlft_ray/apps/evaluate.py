@@ -1,0 +1,69 @@
+"""``rlft-ray eval``: score a checkpoint (or a bare model directory) on held-out prompts or episodes.
+
+A checkpoint may come from anyone, so its config never makes ``eval`` import or run code
+(:data:`UNTRUSTED_KEYS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rlft_ray.config import ConfigError, RunConfig, build_config, to_dict
+
+
+def command(args: argparse.Namespace) -> int:
+    from rlft_ray.learners.base import EvalOptions
+    from rlft_ray.learners.checkpoint import load_config_from_checkpoint
+    from rlft_ray.learners.registry import get_learner_cls
+
+    if args.episodes < 1:
+        raise ConfigError("--episodes", "must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", "must be >= 1")
+    opts = EvalOptions(
+        episodes=args.episodes,
+        seed=args.seed,
+        stochastic=args.stochastic,
+        dataset=args.dataset,
+        limit=args.limit,
+    )
+    if is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
+        from rlft_ray.learners.lm_learner import evaluate_lm
+
+        cfg = build_config(overrides=["algo=grpo", *args.overrides])
+        result = evaluate_lm(args.checkpoint, cfg, opts)
+    else:
+        cfg = eval_config(load_config_from_checkpoint(args.checkpoint), args.overrides)
+        result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+#: Keys of a checkpoint's config that would import or run code. ``eval`` never takes them
+#: from a checkpoint (it may come from anyone): the built-in defaults apply unless the
+#: command line sets them.
+UNTRUSTED_KEYS = ("lm.trust_remote_code", "lm.reward_fn", "lm.eval_fn")
+
+
+def eval_config(saved: RunConfig, overrides: list[str]) -> RunConfig:
+    """The checkpoint's config without its code-running keys, plus the command line's
+    overrides. An env id naming a module (``pkg.mod:Env-v0``) would import it: refused
+    unless the command line names the env itself."""
+    plain = to_dict(saved)
+    for key in UNTRUSTED_KEYS:
+        section, name = key.split(".")
+        plain.get(section, {}).pop(name, None)
+    env_id = str(plain.get("env", {}).get("id", ""))
+    if ":" in env_id and not any(o.startswith("env.id=") for o in overrides):
+        raise ConfigError(
+            "env.id",
+            f"the checkpoint's env {env_id!r} would import module {env_id.split(':')[0]!r}; "
+            f"eval runs no code a checkpoint names: pass env.id={env_id} to allow it",
+        )
+    return build_config(base=plain, overrides=overrides)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "state.json").is_file()
