@@ -159,7 +159,7 @@ def memory_run(model: Path, mode: str, batch_file: Path) -> dict[str, float]:
 
 def quickstart_run() -> dict[str, float]:
     out = Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "q"
-    wall = run_cli("quickstart", "--output-dir", str(out), *LORA, "grpo.lr=2e-3")
+    wall = run_cli("quickstart", "--output-dir", str(out), *LORA, "grpo.optim.lr=2e-3")
     s = json.loads((out / "summary.json").read_text())
     return {
         "accuracy_before": round(s["accuracy_before"], 3),

@@ -34,7 +34,7 @@ def make_batch(model_dir: Path, n_prompts: int = 4, seed: int = 0) -> Generation
 
 def make_learner(algo: str, model_dir: Path, *overrides: str, rank: int = 0, world: int = 1):
     cfg = build_config(
-        overrides=[f"algo={algo}", f"lm.model={model_dir}", f"{algo}.lr=1e-3", *overrides]
+        overrides=[f"algo={algo}", f"lm.model={model_dir}", f"{algo}.optim.lr=1e-3", *overrides]
     )
     return get_learner_cls(algo)(cfg, None, LearnerContext(rank, world))
 

@@ -51,7 +51,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
         ("grpo.kl_in=both", "grpo.kl_in", "must be one of"),
         ("grpo.loss_agg=sum", "grpo.loss_agg", "must be one of"),
         ("grpo.micro_batch_size=0", "grpo.micro_batch_size", ">= 1"),
-        ("grpo.warmup_fraction=1.0", "grpo.warmup_fraction", r"\[0, 1\)"),
+        ("grpo.optim.warmup_fraction=1.0", "grpo.optim.warmup_fraction", r"\[0, 1\)"),
         ("lm_ppo.gae_lambda=1.5", "lm_ppo.gae_lambda", r"\[0, 1\]"),
         ("lm_ppo.value_clip=0", "lm_ppo.value_clip", "> 0 or null"),
         ("lm.temperature=0", "lm.temperature", "> 0"),
@@ -73,8 +73,8 @@ def test_bad_lm_values_name_the_key(override: str, key: str, message: str) -> No
 
 
 def test_examples_and_aliases() -> None:
-    cfg = build_config(EXAMPLES / "arithmetic_grpo.yaml", ["model=some/dir", "grpo.lr=3e-4"])
-    assert cfg.algo == "grpo" and cfg.lm.model == "some/dir" and cfg.grpo.lr == 3e-4
+    cfg = build_config(EXAMPLES / "arithmetic_grpo.yaml", ["model=some/dir", "grpo.optim.lr=3e-4"])
+    assert cfg.algo == "grpo" and cfg.lm.model == "some/dir" and cfg.grpo.optim.lr == 3e-4
     assert cfg.algo_config is cfg.grpo and cfg.total_iterations == 500
     ppo = build_config(EXAMPLES / "arithmetic_ppo.yaml")
     assert ppo.algo == "lm_ppo" and ppo.algo_config.vf_coef == 0.1

@@ -106,12 +106,12 @@ def test_kl_only_reported_runs_the_reference_every_track_kl_every(
 
 def test_lr_schedule(model_dir: Path) -> None:
     core = make_learner(
-        "grpo", model_dir, "grpo.lr_schedule=cosine", "grpo.warmup_fraction=0.1"
+        "grpo", model_dir, "grpo.optim.lr_schedule=cosine", "grpo.optim.warmup_fraction=0.1"
     ).core
-    assert core.set_lr(0.05) == pytest.approx(0.5e-3)
-    assert core.set_lr(0.1) == pytest.approx(1e-3)
-    assert core.set_lr(0.55) == pytest.approx(0.5e-3)
-    assert core.set_lr(1.0) == pytest.approx(0.0, abs=1e-12)
+    assert core.engine.set_lr(0.05) == pytest.approx(0.5e-3)
+    assert core.engine.set_lr(0.1) == pytest.approx(1e-3)
+    assert core.engine.set_lr(0.55) == pytest.approx(0.5e-3)
+    assert core.engine.set_lr(1.0) == pytest.approx(0.0, abs=1e-12)
     assert core.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 

@@ -115,7 +115,7 @@ def test_grpo_reward_rises_then_resumes(model_dir: Path, tmp_path: Path) -> None
         "lm.max_new_tokens=4",
         "lm.num_samples=4",
         "lm.prompts_per_iteration=8",
-        "grpo.lr=3e-3",
+        "grpo.optim.lr=3e-3",
         "grpo.kl_coef=0.01",
         "grpo.micro_batch_size=16",  # 2 micro-batches per step
         "checkpoint_every=12",
@@ -174,7 +174,7 @@ def test_lora_run_with_two_learners_resumes_seeds_and_exports(
         "lm.prompts_per_iteration=8",
         "lm.lora.r=8",
         "lm.lora.alpha=16",
-        "grpo.lr=1e-2",
+        "grpo.optim.lr=1e-2",
         "grpo.kl_coef=0.01",
         "resources.num_learners=2",
         "resources.cpus_per_learner=0.5",

@@ -199,7 +199,7 @@ def test_dpo_learns_the_preferences_and_reports_trl_metrics(
         pairs_file,
         "algo=dpo",
         "dpo.precompute_ref=false",  # with LoRA the reference is the policy, adapters off
-        "dpo.lr=5e-2" if lora else "dpo.lr=3e-3",
+        "dpo.optim.lr=5e-2" if lora else "dpo.optim.lr=3e-3",
         "dpo.batch_size=8",
         "dpo.micro_batch_size=4",
         *(["lm.lora.r=4", "lm.lora.alpha=8"] if lora else []),
@@ -360,7 +360,7 @@ def test_reward_model_learns_and_serves_the_same_scores(
         model_dir,
         pairs_file,
         "algo=reward_model",
-        "reward_model.lr=3e-3",
+        "reward_model.optim.lr=3e-3",
         "reward_model.batch_size=8",
     )
     tok = learner.tokenizer

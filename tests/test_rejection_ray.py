@@ -42,7 +42,7 @@ def _rsft(model_dir: Path, *overrides: str):
             "lm.prompts_per_iteration=16",
             "rsft.min_reward=null",
             "rsft.top_k=1",
-            "rsft.lr=3e-3",
+            "rsft.optim.lr=3e-3",
             "rsft.num_epochs=2",
             "checkpoint_every=5",
             "eval_every=3",

@@ -115,7 +115,9 @@ def test_target_acceptance_estimates_log_m_on_warm_up_and_counts_clipping() -> N
 def test_update_fits_accepted_completions_and_skips_empty_rounds(model_dir: Path) -> None:
     batch = make_batch(model_dir, n_prompts=4)
     keep = batch.rewards > 0
-    learner = _learner(model_dir, "rsft.lr=3e-3", "rsft.num_epochs=2", "rsft.max_empty_rounds=2")
+    learner = _learner(
+        model_dir, "rsft.optim.lr=3e-3", "rsft.num_epochs=2", "rsft.max_empty_rounds=2"
+    )
     sub = selected(batch, keep)
     core = learner.core
 
@@ -156,13 +158,13 @@ def test_reset_to_base_trains_each_round_from_the_start(model_dir: Path) -> None
     b2 = make_batch(model_dir, n_prompts=3, seed=2)
     keep1, keep2 = np.ones(len(b1), dtype=bool), b2.rewards > 0
     torch.manual_seed(0)
-    resetting = _learner(model_dir, "rsft.reset_to_base=true", "rsft.lr=3e-3")
+    resetting = _learner(model_dir, "rsft.reset_to_base=true", "rsft.optim.lr=3e-3")
     resetting.update(selected(b1, keep1), 0.0)
     after_first = {k: v.clone() for k, v in resetting.policy_state().items()}
     shuffles = resetting.core.torch_rng.get_state()
     resetting.update(selected(b2, keep2), 0.0)
     resetting_state = resetting.policy_state()
-    fresh = _learner(model_dir, "rsft.lr=3e-3")
+    fresh = _learner(model_dir, "rsft.optim.lr=3e-3")
     fresh.core.torch_rng.set_state(shuffles)  # the same minibatch order as the second round
     fresh.update(selected(b2, keep2), 0.0)
     assert any(not torch.equal(after_first[k], resetting_state[k]) for k in after_first)

@@ -145,7 +145,7 @@ def test_schema_imports_no_implementation() -> None:
 def test_importing_the_schema_loads_no_torch_gym_ray_or_learner() -> None:
     code = (
         "import sys, rlft_ray.config as c\n"
-        "c.build_config(overrides=['algo=grpo', 'grpo.lr=3e-4'])\n"
+        "c.build_config(overrides=['algo=grpo', 'grpo.optim.lr=3e-4'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gymnasium', 'ray')"
         " or m.startswith(('rlft_ray.learners', 'rlft_ray.learners.registry')))\n"
         "print(','.join(bad))\n"

@@ -57,7 +57,7 @@ def test_feed_logs_every_row_to_mlflow_and_wandb_and_resumes_the_same_runs(
     run.mkdir()
     cfg = build_config(
         overrides=[
-            "grpo.lr=0.003",
+            "grpo.optim.lr=0.003",
             f"tracking.mlflow_uri={uri}",
             "tracking.wandb_project=rlft-test",
         ]
@@ -72,7 +72,7 @@ def test_feed_logs_every_row_to_mlflow_and_wandb_and_resumes_the_same_runs(
     ids = json.loads((run / IDS_FILE).read_text())
     client, mlrun = _mlflow_run(uri, ids["mlflow"])
     assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == "run"
-    assert mlrun.data.params["grpo.lr"] == "0.003"
+    assert mlrun.data.params["grpo.optim.lr"] == "0.003"
     history = client.get_metric_history(ids["mlflow"], "loss/policy")
     assert sorted((m.step, m.value) for m in history) == [(i, 1.0 / i) for i in range(3, 8)]
     assert "note" not in mlrun.data.metrics  # strings are not metrics
@@ -81,7 +81,7 @@ def test_feed_logs_every_row_to_mlflow_and_wandb_and_resumes_the_same_runs(
         (run / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb")
     )
     data = wandb_file.read_bytes()
-    assert b"loss/policy" in data and b"grpo.lr" in data  # offline: on disk, for `wandb sync`
+    assert b"loss/policy" in data and b"grpo.optim.lr" in data  # offline: on disk, for `wandb sync`
 
     _append(run, _rows(8, 9))  # --resume: the same MLflow run goes on
     TrackerFeed(run, cfg, interval=0.1).close("interrupted")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from rlft_ray.config.errors import require
+from rlft_ray.config.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -172,65 +173,20 @@ class LMConfig:
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "k2", "k3"]
-LRSchedule = Literal["constant", "linear", "cosine"]
 
 
-class LMOptimizerHP(Protocol):
-    """The optimizer fields of every LM learner section: AdamW and its schedule.
-
-    The shared LM learner core reads an algorithm section through these protocols, so
-    each section stays its own frozen dataclass with its own paper defaults.
-    """
-
-    lr: float
-    lr_schedule: LRSchedule
-    warmup_fraction: float
-    weight_decay: float
-    max_grad_norm: float
+def check_steps(num_epochs: int, num_minibatches: int, micro_batch_size: int) -> None:
+    """Range checks of the step-engine fields a section sets (epochs, minibatches, micro-batches)."""
+    require(num_epochs >= 1, "num_epochs", "must be >= 1")
+    require(num_minibatches >= 1, "num_minibatches", "must be >= 1")
+    require(micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
 
 
-class LMTrainHP(LMOptimizerHP, Protocol):
-    """The token-loss optimisation fields of ``grpo``, ``lm_ppo`` and ``rsft``: epochs,
-    minibatches, micro-batches and the loss aggregation, on top of the optimizer's."""
-
-    num_epochs: int
-    num_minibatches: int
-    micro_batch_size: int
-    loss_agg: LossAgg
-
-
-class LMOptimHP(LMTrainHP, Protocol):
-    """The 13 fields the policy-gradient LM sections (``grpo``, ``lm_ppo``) share: the
-    :class:`LMTrainHP` fields plus the KL penalty and the PPO clip range."""
-
-    kl_coef: float
-    kl_estimator: KLEstimator
-    clip_low: float
-    clip_high: float | None
-
-
-def check_optimizer(cfg: LMOptimizerHP) -> None:
-    """Range checks of the :class:`LMOptimizerHP` fields (the same in every section)."""
-    require(cfg.lr > 0, "lr", f"must be > 0 (got {cfg.lr})")
-    require(0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
-    require(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    require(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-
-
-def check_lm_train(cfg: LMTrainHP) -> None:
-    """Range checks of the :class:`LMTrainHP` fields (the same in every section)."""
-    check_optimizer(cfg)
-    require(cfg.num_epochs >= 1, "num_epochs", "must be >= 1")
-    require(cfg.num_minibatches >= 1, "num_minibatches", "must be >= 1")
-    require(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-
-
-def check_lm_optim(cfg: LMOptimHP) -> None:
-    """Range checks of the :class:`LMOptimHP` fields."""
-    check_lm_train(cfg)
-    require(cfg.clip_low > 0, "clip_low", f"must be > 0 (got {cfg.clip_low})")
-    require(cfg.clip_high is None or cfg.clip_high > 0, "clip_high", "must be > 0 or null")
-    require(cfg.kl_coef >= 0, "kl_coef", f"must be >= 0 (got {cfg.kl_coef})")
+def check_clip_and_kl(clip_low: float, clip_high: float | None, kl_coef: float) -> None:
+    """Range checks of the PPO clip range and the KL coefficient (``grpo``, ``lm_ppo``)."""
+    require(clip_low > 0, "clip_low", f"must be > 0 (got {clip_low})")
+    require(clip_high is None or clip_high > 0, "clip_high", "must be > 0 or null")
+    require(kl_coef >= 0, "kl_coef", f"must be >= 0 (got {kl_coef})")
 
 
 @dataclass(frozen=True)
@@ -254,16 +210,11 @@ class GRPOConfig:
         micro_batch_size: Sequences per forward/backward; gradients accumulate over a
             minibatch's micro-batches (and average over DDP ranks) before each step.
         loss_agg: ``token-mean``, ``seq-mean-token-mean`` or ``seq-mean-token-sum``.
-        lr_schedule: ``constant``, ``linear`` or ``cosine`` decay over the run, after a
-            linear warmup over ``warmup_fraction`` of it.
+        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
     """
 
     estimator: Literal["grpo", "rloo", "reinforce"] = "grpo"
     std_normalize: bool = True
-    lr: float = 1e-6
-    lr_schedule: LRSchedule = "constant"
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.0
     kl_coef: float = 0.04
     kl_estimator: KLEstimator = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
@@ -273,10 +224,11 @@ class GRPOConfig:
     num_minibatches: int = 1
     micro_batch_size: int = 8
     loss_agg: LossAgg = "seq-mean-token-mean"
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self) -> None:
-        check_lm_optim(self)
+        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
+        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef)
 
 
 @dataclass(frozen=True)
@@ -296,10 +248,6 @@ class LMPPOConfig:
         (Optimizer, clipping, micro-batching and KL fields as in :class:`GRPOConfig`.)
     """
 
-    lr: float = 1e-6
-    lr_schedule: LRSchedule = "constant"
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.0
     gamma: float = 1.0
     gae_lambda: float = 0.95
     vf_coef: float = 0.1
@@ -314,10 +262,11 @@ class LMPPOConfig:
     num_minibatches: int = 1
     micro_batch_size: int = 8
     loss_agg: LossAgg = "token-mean"
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self) -> None:
-        check_lm_optim(self)
+        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
+        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef)
         require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
         require(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
         require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
@@ -364,7 +313,7 @@ class RSFTConfig:
             et al. 2023) instead of continuing from the last round's.
         max_empty_rounds: Stop with an error after this many rounds in a row accept
             nothing (0: never stop; an empty round only skips its update).
-        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
         num_epochs: Passes over each round's accepted completions.
         num_minibatches: Optimizer steps per pass. micro_batch_size: Sequences per
             forward/backward. loss_agg: Token aggregation of the cross-entropy.
@@ -384,18 +333,14 @@ class RSFTConfig:
     weighting: Literal["none", "reward"] = "none"
     reset_to_base: bool = False
     max_empty_rounds: int = 3
-    lr: float = 3e-4
-    lr_schedule: LRSchedule = "constant"
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.0
     num_epochs: int = 2
     num_minibatches: int = 4
     micro_batch_size: int = 32
     loss_agg: LossAgg = "token-mean"
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
     def __post_init__(self) -> None:
-        check_lm_train(self)
+        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
         require(0 < self.quantile <= 1, "quantile", f"must be in (0, 1] (got {self.quantile})")
@@ -414,8 +359,8 @@ class RSFTConfig:
         )
         require(
             not self.reset_to_base
-            or (self.lr_schedule == "constant" and self.warmup_fraction == 0),
-            "lr_schedule",
+            or (self.optim.lr_schedule == "constant" and self.optim.warmup_fraction == 0),
+            "optim.lr_schedule",
             "with rsft.reset_to_base every round trains from the base anew: a schedule over "
             "the whole run would leave the last rounds at a learning rate near 0; use "
             "lr_schedule=constant and warmup_fraction=0",

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from rlft_ray.config.errors import ConfigError
+from rlft_ray.config.optim import OPTIM_KEYS
 from rlft_ray.config.run import RunConfig
 from rlft_ray.core.fileio import atomic_write_text
 
@@ -29,8 +30,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (converted where lossless)."""
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (converted where lossless).
+    A mapping for a dataclass field replaces only the keys it names in ``default`` (the
+    field's default: a section's own ``optim`` defaults stay where a run file sets ``lr``)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -58,7 +61,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=key)
+        return from_dict(tp, value, prefix=key, base=default)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -107,13 +110,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported annotation {tp!r}")  # pragma: no cover - schema bug
 
 
-def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
     """Build the frozen dataclass ``cls`` from a nested mapping, checking every key.
 
     Args:
         cls: A config dataclass (e.g. :class:`RunConfig`).
         data: Nested mapping of field values; missing fields take defaults.
         prefix: Dotted path of ``cls`` inside the run config, for error messages.
+        base: An instance of ``cls`` whose values the missing fields take (default: the
+            class's defaults).
 
     Returns:
         The constructed dataclass instance.
@@ -123,21 +128,37 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             out-of-range value; the message names the full dotted key.
     """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
-            raise ConfigError(dotted, f"unknown key{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        if key not in fields:
+            raise ConfigError(dotted, _unknown_key_reason(str(key), list(fields), prefix))
+        kwargs[key] = _coerce(value, hints[key], dotted, _field_default(fields[key], base))
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as exc:
         if prefix and not exc.key.startswith(prefix + "."):
             raise ConfigError(f"{prefix}.{exc.key}", exc.reason) from None
         raise
+
+
+def _field_default(f: dataclasses.Field, base: Any) -> Any:
+    """The value a field holds when a run file does not set it: ``base``'s, else its default."""
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _unknown_key_reason(key: str, names: list[str], prefix: str) -> str:
+    """Why ``key`` is refused: it moved into the section's ``optim``, or the nearest name."""
+    here = prefix + "." if prefix else ""
+    if key in OPTIM_KEYS and "optim" in names:
+        return f"moved to {here}optim.{key}"
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f"unknown key; did you mean '{here}{near[0]}'?" if near else "unknown key"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -158,7 +179,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flat_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys (``{"grpo": {"lr": 1}}`` -> ``{"grpo.lr": 1}``): the
+    """A nested mapping as dotted keys (``{"grpo": {"lr": 1}}`` -> ``{"grpo.optim.lr": 1}``): the
     config as the parameters of an experiment tracker."""
     out: dict[str, Any] = {}
     for key, value in data.items():

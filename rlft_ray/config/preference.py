@@ -6,11 +6,11 @@ The pair data itself (``lm.pairs``, ``lm.eval_pairs``, lengths, overflow) lives 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rlft_ray.config.errors import require
-from rlft_ray.config.lm import LRSchedule, check_optimizer
+from rlft_ray.config.optim import OptimConfig
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
 
@@ -49,7 +49,7 @@ class DPOConfig:
             data are unchanged), so the learner holds one model; false computes them on
             the fly with a frozen reference copy.
         shuffle: Reshuffle the pairs every epoch.
-        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
     """
 
     loss: PreferenceLoss = "sigmoid"
@@ -61,14 +61,11 @@ class DPOConfig:
     micro_batch_size: int = 16
     precompute_ref: bool = True
     shuffle: bool = True
-    lr: float = 5e-4
-    lr_schedule: LRSchedule = "linear"
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.1)
+    )
 
     def __post_init__(self) -> None:
-        check_optimizer(self)
         check_preference_loss(self.loss, self.beta, self.label_smoothing, self.sft_coef)
         require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -89,7 +86,7 @@ class OnlineDPOConfig:
             (null: the starting policy stays the reference).
         num_epochs: Passes over each round's pairs. num_minibatches: Optimizer steps per
             pass. micro_batch_size: Pairs per forward/backward.
-        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
     """
 
     loss: PreferenceLoss = "sigmoid"
@@ -100,14 +97,9 @@ class OnlineDPOConfig:
     num_epochs: int = 1
     num_minibatches: int = 1
     micro_batch_size: int = 16
-    lr: float = 5e-4
-    lr_schedule: LRSchedule = "constant"
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
 
     def __post_init__(self) -> None:
-        check_optimizer(self)
         check_preference_loss(self.loss, self.beta, self.label_smoothing, self.sft_coef)
         require(
             self.ref_refresh_every is None or self.ref_refresh_every >= 1,
@@ -141,7 +133,7 @@ class RewardModelConfig:
         batch_size: Pairs per optimizer step, over all ranks.
         micro_batch_size: Pairs per forward/backward.
         shuffle: Reshuffle the pairs every epoch.
-        lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
+        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
     """
 
     margin: float = 0.0
@@ -150,14 +142,11 @@ class RewardModelConfig:
     batch_size: int = 32
     micro_batch_size: int = 16
     shuffle: bool = True
-    lr: float = 1e-3
-    lr_schedule: LRSchedule = "linear"
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, lr_schedule="linear", warmup_fraction=0.05)
+    )
 
     def __post_init__(self) -> None:
-        check_optimizer(self)
         require(self.margin >= 0, "margin", "must be >= 0")
         require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
         require(self.num_epochs >= 1, "num_epochs", "must be >= 1")

@@ -22,9 +22,10 @@ import torch
 from rlft_ray.algorithms import dpo_losses
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.engine import Steps
 from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns, heldout_tables
 from rlft_ray.learners.lm_rank import LMRank
-from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
+from rlft_ray.learners.pairwise import PAIRS, pair_update, probe_pairs
 from rlft_ray.lm.pairs import pair_batch, pair_tensors, rows_of
 from rlft_ray.lm.policy import pair_logps
 from rlft_ray.lm.prompts import ShardStream
@@ -158,7 +159,6 @@ class DPOLearner(LMLearnerHooks, Learner):
 
     def update(self, batch: PairBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
-        lr = core.set_lr(progress)
         t = pair_tensors(batch, self.ctx.device)
         if "ref_chosen" not in t:
             t.update(reference_logps(core.reference, t, hp.micro_batch_size))
@@ -168,22 +168,9 @@ class DPOLearner(LMLearnerHooks, Learner):
                 core.net, sub, weight, hp.loss, hp.beta, hp.label_smoothing, hp.sft_coef
             )
 
-        metrics = pair_steps(
-            self.ctx,
-            core.net,
-            list(core.policy.parameters()),
-            core.optimizer,
-            t,
-            loss,
-            pad_id=int(core.tokenizer.pad_token_id),
-            num_epochs=1,
-            num_minibatches=1,
-            micro_batch_size=hp.micro_batch_size,
-            max_grad_norm=hp.max_grad_norm,
-            generator=core.torch_rng,
-        )
-        metrics["optim/lr"] = lr
-        return metrics
+        steps = Steps(micro_batch_size=hp.micro_batch_size, unit="pairs")  # one step per batch
+        pad_id = int(core.tokenizer.pad_token_id)
+        return pair_update(core.engine, t, loss, pad_id=pad_id, steps=steps, progress=progress)
 
 
 def reference_model(cfg: RunConfig) -> str:

@@ -1,36 +1,27 @@
-"""A rank's LM, frozen reference, optimizer and micro-batched optimisation (shared by LM learners).
+"""A rank's LM, frozen reference and step engine (shared by every LM learner).
 
-:class:`LMRank` runs the optimisation every LM learner shares: each optimizer step
-accumulates gradients over micro-batches (without DDP all-reduce until the last one)
-and normalises each micro-batch loss by the *global* minibatch denominator, so 2 DDP
-ranks or 4 micro-batches give the same gradient as one rank with the whole batch.
+:class:`LMRank` loads the policy (and LoRA adapters, a value head, a frozen reference),
+turns a batch into tensors, runs the no-gradient scoring pass (reference log-probs, old
+values), and hands token objectives to the one :class:`~rlft_ray.learners.engine.StepEngine`
+(:meth:`LMRank.optimize`); the pair learners use :attr:`LMRank.engine` directly.
 The learner supplies only its per-token objective (:data:`TokenLoss`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, lr_factor, masked_mean, masked_sum
-from rlft_ray.config import LMTrainHP, RunConfig
-from rlft_ray.core.torch_utils import fused_optimizer
-from rlft_ray.learners.ddp import (
-    LearnerContext,
-    all_reduce_mean,
-    check_finite,
-    global_sum,
-    wrap_ddp,
-)
+from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, masked_mean, masked_sum
+from rlft_ray.config import RunConfig
+from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, wrap_ddp
+from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
 from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import LoRAReference, adapter_state, adapter_tensors, apply_lora
 from rlft_ray.lm.policy import (
@@ -60,8 +51,8 @@ class LMRank:
     Args:
         cfg: The run config (``cfg.lm``: model, tokenizer, sampling temperature, prompts).
         ctx: This rank's context (rank, world size, device, prompt shard).
-        hp: The algorithm section (``cfg.grpo`` / ``cfg.lm_ppo`` / ``cfg.rsft``): optimizer,
-            schedule, epochs, minibatches, micro-batch size, loss aggregation.
+        hp: The algorithm section (``cfg.grpo``, ``cfg.dpo``, ...): its ``optim``, and for
+            token objectives its epochs, minibatches, micro-batch size and loss aggregation.
         keep_start: Keep a frozen copy of the starting weights (``reference``): the KL
             reference, and what RSFT's ``reset_to_base`` resets to.
         value_head: Add a scalar value head (PPO).
@@ -75,7 +66,7 @@ class LMRank:
         self,
         cfg: RunConfig,
         ctx: LearnerContext,
-        hp: LMTrainHP,
+        hp: Any,
         keep_start: bool,
         value_head: bool = False,
         value_head_init_std: float = 0.0,
@@ -114,22 +105,21 @@ class LMRank:
             self.reference.to(ctx.device)
         self.lora_start = adapter_state(self.model) if self.lora else {}
         self.score_passes = 0  # the cadence of a KL that is only reported (track_kl_every)
-        self.optimizer = self.new_optimizer()
+        self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
+        self.engine = StepEngine(ctx, self.net, self.trainable(), hp.optim, self.torch_rng)
         self.prompts = PromptStream(
             ctx.datasets.get(PROMPTS),
             lm.prompts_per_iteration // ctx.world_size,
             cfg.seed,  # shared: one global order over the ranks (TableShard)
             lm.shuffle,
         )
-        self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
         heldout = ctx.tables.get(HELDOUT)
         self.heldout = prompts_from_batch(heldout) if heldout is not None else []
 
-    def new_optimizer(self) -> torch.optim.Optimizer:
-        """A fresh AdamW over the policy (and value head) parameters."""
-        return fused_optimizer(
-            torch.optim.AdamW, self.trainable(), lr=self.hp.lr, weight_decay=self.hp.weight_decay
-        )
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The engine's AdamW over :meth:`trainable` (the learner checkpoints its state)."""
+        return self.engine.optimizer
 
     def trainable(self) -> list[nn.Parameter]:
         """What the optimizer steps: every parameter, or with LoRA the adapters (and value head)."""
@@ -193,7 +183,7 @@ class LMRank:
                     param.copy_(start[name])
         else:
             self.model.load_state_dict(self.reference.lm.state_dict())
-        self.optimizer = self.new_optimizer()
+        self.engine.reset_optimizer()
 
     # -- batches -------------------------------------------------------------------------
     def tensors(self, batch: GenerationBatch) -> dict[str, torch.Tensor]:
@@ -280,105 +270,42 @@ class LMRank:
         return kl, {"kl/mean": mean, "kl/seq_mean": seq, "kl/k3_mean": k3_mean}
 
     # -- optimisation --------------------------------------------------------------------
-    def set_lr(self, progress: float) -> float:
-        """Learning rate after warmup and decay at ``progress`` in [0, 1]; applied to the optimizer."""
-        lr = self.hp.lr * lr_factor(progress, self.hp.lr_schedule, self.hp.warmup_fraction)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def optimize(
         self, t: dict[str, torch.Tensor], token_loss: TokenLoss, progress: float
     ) -> dict[str, float]:
-        """``num_epochs`` passes of ``num_minibatches`` optimizer steps over the batch.
+        """The section's epochs x minibatches of optimizer steps on a token objective.
 
-        Each step accumulates ``token_loss`` over micro-batches of ``micro_batch_size``
-        rows; every micro-batch's loss is its aggregation numerator divided by the
-        minibatch's global denominator (times the world size, which DDP's gradient
-        averaging divides back out). Ranks may hold different numbers of rows (RSFT keeps
-        what each actor accepted): a minibatch empty on every rank is skipped by all, and
-        a rank with no rows in a minibatch others have runs one zero-weight micro-batch,
-        so every rank takes the same optimizer steps and DDP's all-reduce always meets.
+        A micro-batch's loss numerator is ``token_loss`` aggregated by ``loss_agg``; the
+        minibatch denominator is its tokens under the same aggregation, over all ranks.
+        A rank without rows of a minibatch runs a zero-weight padding row.
 
         Returns:
-            ``loss/*`` (token means of the objective's statistics, grad norm),
-            ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
+            ``loss/*`` (token means of the objective's statistics and the entropy, grad
+            norm), ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
         hp = self.hp
-        lr = self.set_lr(progress)
-        sums: dict[str, float] = {}
-        tokens = 0.0
-        norms: list[float] = []
-        accum = 0
-        start = time.perf_counter()
-        for _epoch in range(hp.num_epochs):
-            perm = torch.randperm(t["mask"].shape[0], generator=self.torch_rng)
-            # a minibatch's rows in batch order: a group's completions stay together in its
-            # micro-batches and share one prompt pass (the step's gradient is the same sum)
-            splits = [
-                mb.sort().values.to(self.ctx.device)
-                for mb in torch.tensor_split(perm, hp.num_minibatches)
-            ]
-            counts = [float(len(mb)) for mb in splits]
-            sizes = global_sum(torch.tensor(counts, device=self.ctx.device), self.ctx)
-            for mb, size in zip(splits, sizes.tolist()):
-                if size == 0:
-                    continue  # empty on every rank: no step anywhere
-                micro = self._micro_slices(mb) if len(mb) else [None]
-                accum = max(accum, len(micro))
-                _, den = aggregate_loss_parts(t["mask"][mb].float(), t["mask"][mb], hp.loss_agg)
-                den = global_sum(den, self.ctx).clamp_min(1e-8)
-                for k, idx in enumerate(micro):
-                    tokens += self._accumulate(t, idx, den, token_loss, sums, k == len(micro) - 1)
-                grad_norm = nn.utils.clip_grad_norm_(self.trainable(), hp.max_grad_norm)
-                check_finite("loss/grad_norm", grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                norms.append(float(grad_norm))
-        elapsed = time.perf_counter() - start
-        local = torch.tensor([tokens, *sums.values()], dtype=torch.float64)
-        total = global_sum(local.to(self.ctx.device), self.ctx).cpu()
-        metrics = {
-            f"loss/{k}": float(v / max(float(total[0]), 1.0)) for k, v in zip(sums, total[1:])
-        }
-        metrics.update(
-            {
-                "loss/grad_norm": float(np.mean(norms)) if norms else 0.0,
-                "optim/lr": lr,
-                "optim/steps": float(len(norms)),
-                "optim/grad_accum_steps": float(accum),
-                "perf/learner_tokens_per_s": float(total[0]) / max(elapsed, 1e-9),
-            }
-        )
-        return metrics
+        pad_row = _padding_row(t, self.tokenizer.pad_token_id)
+        stand_in = torch.zeros(1, dtype=torch.long, device=self.ctx.device)
 
-    def _accumulate(
-        self,
-        t: dict[str, torch.Tensor],
-        idx: torch.Tensor | None,
-        den: torch.Tensor,
-        token_loss: TokenLoss,
-        sums: dict[str, float],
-        last: bool,
-    ) -> float:
-        """Forward/backward of one micro-batch (``None``: a zero-weight stand-in row); adds its
-        token statistics to ``sums`` and returns its real token count."""
-        world = self.ctx.world_size
-        rows = _padding_row(t, self.tokenizer.pad_token_id) if idx is None else t
-        idx = torch.zeros(1, dtype=torch.long, device=self.ctx.device) if idx is None else idx
-        sync = contextlib.nullcontext() if last or world == 1 else self.net.no_sync()
-        with sync:
+        def denominator(rows: torch.Tensor) -> torch.Tensor:
+            mask = t["mask"][rows]
+            return aggregate_loss_parts(mask.float(), mask, hp.loss_agg)[1]
+
+        def micro_loss(idx: torch.Tensor | None) -> MicroOut:
+            rows, idx = (t, idx) if idx is not None else (pad_row, stand_in)
             out = self.forward(self.net, rows, idx)
             sub = _trim_like(rows, idx, out.logprobs.shape[1])
             loss_mat, stats = token_loss(out, sub)
-            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], self.hp.loss_agg)
-            loss = num * world / den
-            check_finite("loss/total", loss)
-            loss.backward()
-        mask = sub["mask"]
-        for key, val in {**stats, "entropy": out.entropy}.items():
-            sums[key] = sums.get(key, 0.0) + float(masked_sum(val.detach(), mask))
-        return float(mask.sum())
+            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg)
+            mask = sub["mask"]
+            sums = {
+                f"loss/{key}": float(masked_sum(val.detach(), mask))
+                for key, val in {**stats, "entropy": out.entropy}.items()
+            }
+            return MicroOut(num, float(mask.sum()), sums)
+
+        steps = Steps(hp.num_epochs, hp.num_minibatches, hp.micro_batch_size, keep_order=True)
+        return self.engine.run(t["mask"].shape[0], micro_loss, denominator, steps, progress)
 
     def reward_metrics(self, t: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
         """``reward/*`` and ``rollout/*`` statistics over all ranks' completions."""

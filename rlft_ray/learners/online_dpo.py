@@ -19,9 +19,10 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.dpo import preference_loss, reference_logps
+from rlft_ray.learners.engine import Steps
 from rlft_ray.learners.lm_learner import LMLearnerHooks
 from rlft_ray.learners.lm_rank import LMRank
-from rlft_ray.learners.pairwise import pair_steps
+from rlft_ray.learners.pairwise import pair_update
 from rlft_ray.lm.pairs import pair_tensors
 from rlft_ray.types import GenerationBatch, PairBatch
 
@@ -69,7 +70,7 @@ class OnlineDPOLearner(LMLearnerHooks, Learner):
         done = batch.policy_version  # rounds finished before this one (continues on --resume)
         if hp.ref_refresh_every and done and done % hp.ref_refresh_every == 0:
             core.reset_reference()  # the policy so far becomes the reference
-        lr = core.set_lr(progress)
+        lr = core.engine.set_lr(progress)
         pairs = best_worst_pairs(batch)
         r = torch.as_tensor(batch.rewards, dtype=torch.float64)
         local = torch.tensor(
@@ -94,20 +95,9 @@ class OnlineDPOLearner(LMLearnerHooks, Learner):
                 core.net, sub, weight, hp.loss, hp.beta, hp.label_smoothing, hp.sft_coef
             )
 
+        steps = Steps(hp.num_epochs, hp.num_minibatches, hp.micro_batch_size, unit="pairs")
+        pad_id = batch.pad_token_id
         metrics.update(
-            pair_steps(
-                self.ctx,
-                core.net,
-                list(core.policy.parameters()),
-                core.optimizer,
-                t,
-                loss,
-                pad_id=batch.pad_token_id,
-                num_epochs=hp.num_epochs,
-                num_minibatches=hp.num_minibatches,
-                micro_batch_size=hp.micro_batch_size,
-                max_grad_norm=hp.max_grad_norm,
-                generator=core.torch_rng,
-            )
+            pair_update(core.engine, t, loss, pad_id=pad_id, steps=steps, progress=progress)
         )
         return metrics

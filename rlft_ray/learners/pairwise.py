@@ -1,29 +1,25 @@
-"""What every pair learner shares: pair tensors, the chosen+rejected forward, and steps.
+"""What every pair learner shares: the pair objective's step through the engine, and the probe.
 
 DPO, online DPO and the reward model learn from pairs. Each rank may hold a different
-number of pairs (online DPO skips prompts whose samples all score alike), so
-:func:`pair_steps` counts every minibatch over all ranks, skips one that is empty
-everywhere, and lets a rank without pairs run one zero-weight padding pair: every rank
-takes the same optimizer steps and DDP's all-reduce always meets. Each micro-batch's
-loss is its pairs' summed loss over the minibatch's global pair count (times the world
-size, which DDP's averaging divides back out), so micro-batching and DDP give the
+number of pairs (online DPO skips prompts whose samples all score alike); the step
+engine (:mod:`rlft_ray.learners.engine`) counts every minibatch over all ranks, and
+:func:`pair_update` gives it a pair objective: each micro-batch's loss is its pairs'
+summed loss over the minibatch's global pair count, so micro-batching and DDP give the
 gradient of one big batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import TaskProbe
-from rlft_ray.learners.ddp import LearnerContext, check_finite, global_sum
+from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
 from rlft_ray.learners.lm_learner import absolute_paths, check_model, lm_spaces
 from rlft_ray.lm.pairs import load_pairs, padding_pair, rows_of
 
@@ -37,69 +33,38 @@ PairLoss = Callable[
 ]
 
 
-def pair_steps(
-    ctx: LearnerContext,
-    net: nn.Module,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
+def pair_update(
+    engine: StepEngine,
     t: dict[str, torch.Tensor],
     pair_loss: PairLoss,
     *,
     pad_id: int,
-    num_epochs: int,
-    num_minibatches: int,
-    micro_batch_size: int,
-    max_grad_norm: float,
-    generator: torch.Generator,
+    steps: Steps,
+    progress: float,
 ) -> dict[str, float]:
-    """``num_epochs`` passes of ``num_minibatches`` optimizer steps over this rank's pairs.
+    """The engine's steps over this rank's pairs ``t``: a micro-batch's loss is its pairs'
+    summed loss, a minibatch's denominator its pair count over every rank; a rank without
+    pairs of a minibatch runs one zero-weight padding pair.
 
     Returns:
-        The per-pair statistics averaged over every rank's pairs, plus ``loss/grad_norm``,
-        ``optim/steps`` and ``optim/grad_accum_steps``.
+        The per-pair statistics averaged over every rank's pairs, plus the engine's
+        ``loss/grad_norm``, ``optim/*`` and ``perf/learner_pairs_per_s``.
     """
-    sums: dict[str, float] = {}
-    pairs, norms, accum = 0.0, [], 0
-    for _epoch in range(num_epochs):
-        perm = torch.randperm(t["prompt_ids"].shape[0], generator=generator)
-        splits = [mb.to(ctx.device) for mb in torch.tensor_split(perm, num_minibatches)]
-        counts = torch.tensor([float(len(mb)) for mb in splits], device=ctx.device)
-        for mb, size in zip(splits, global_sum(counts, ctx).tolist()):
-            if size == 0:
-                continue  # empty on every rank: no step anywhere
-            micro = list(torch.split(mb, micro_batch_size)) if len(mb) else [None]
-            accum = max(accum, len(micro))
-            for k, idx in enumerate(micro):
-                last = k == len(micro) - 1
-                sync = contextlib.nullcontext() if last or ctx.world_size == 1 else net.no_sync()
-                with sync:
-                    if idx is None:
-                        sub, weight = padding_pair(t, pad_id), torch.zeros(1, device=ctx.device)
-                    else:
-                        sub, weight = rows_of(t, idx), torch.ones(len(idx), device=ctx.device)
-                    loss_sum, stats = pair_loss(sub, weight)
-                    loss = loss_sum * ctx.world_size / size
-                    check_finite("loss/total", loss)
-                    loss.backward()
-                pairs += float(weight.sum())
-                for key, val in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float((val.detach().float() * weight).sum())
-            norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-            check_finite("loss/grad_norm", norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            norms.append(float(norm))
-    local = torch.tensor([pairs, *sums.values()], dtype=torch.float64, device=ctx.device)
-    total = global_sum(local, ctx).cpu().tolist()
-    metrics = {k: v / max(total[0], 1.0) for k, v in zip(sums, total[1:])}
-    metrics.update(
-        {
-            "loss/grad_norm": sum(norms) / max(len(norms), 1),
-            "optim/steps": float(len(norms)),
-            "optim/grad_accum_steps": float(accum),
-        }
-    )
-    return metrics
+    device = engine.ctx.device
+
+    def denominator(rows: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(len(rows)), device=device)
+
+    def micro_loss(idx: torch.Tensor | None) -> MicroOut:
+        if idx is None:
+            sub, weight = padding_pair(t, pad_id), torch.zeros(1, device=device)
+        else:
+            sub, weight = rows_of(t, idx), torch.ones(len(idx), device=device)
+        loss_sum, stats = pair_loss(sub, weight)
+        sums = {key: float((val.detach().float() * weight).sum()) for key, val in stats.items()}
+        return MicroOut(loss_sum, float(weight.sum()), sums)
+
+    return engine.run(t["prompt_ids"].shape[0], micro_loss, denominator, steps, progress)
 
 
 def probe_pairs(

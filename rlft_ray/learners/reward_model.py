@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import bradley_terry_losses, lr_factor, sequence_logps
+from rlft_ray.algorithms import bradley_terry_losses, sequence_logps
 from rlft_ray.algorithms.lm import sequence_logprobs
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import wrap_ddp
+from rlft_ray.learners.engine import StepEngine, Steps
 from rlft_ray.learners.lm_rank import disable_dropout
-from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
+from rlft_ray.learners.pairwise import PAIRS, pair_update, probe_pairs
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.lm.policy import position_ids
 from rlft_ray.lm.prompts import ShardStream
@@ -173,16 +173,15 @@ class RewardModelLearner(Learner):
                 trained = ScorerWithLMHead(self.model, self.lm_head)
         self.net = wrap_ddp(trained, ctx)
         self.params = list(trained.parameters())
-        self.optimizer = fused_optimizer(
-            torch.optim.AdamW, self.params, lr=self.hp.lr, weight_decay=self.hp.weight_decay
-        )
+        self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
+        self.engine = StepEngine(ctx, self.net, self.params, self.hp.optim, self.torch_rng)
+        self.optimizer = self.engine.optimizer
         self.pairs = ShardStream(
             ctx.datasets.get(PAIRS),
             self.hp.batch_size // ctx.world_size,
             cfg.seed,  # shared: one global order over the ranks (TableShard)
             self.hp.shuffle,
         )
-        self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
         self.heldout = ctx.tables.get(HELDOUT_PAIRS)
 
     @property
@@ -278,9 +277,6 @@ class RewardModelLearner(Learner):
 
     def update(self, batch: PairBatch, progress: float) -> dict[str, float]:
         hp = self.hp
-        lr = hp.lr * lr_factor(progress, hp.lr_schedule, hp.warmup_fraction)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
         def loss(sub: dict[str, torch.Tensor], weight: torch.Tensor) -> Any:
             chosen, rejected, hidden = pair_forward(self.net, sub, hidden=self.lm_head is not None)
@@ -299,22 +295,10 @@ class RewardModelLearner(Learner):
                 stats["loss/sft"] = nll.detach()
             return total, stats
 
-        metrics = pair_steps(
-            self.ctx,
-            self.net,
-            self.params,
-            self.optimizer,
-            pair_tensors(batch, self.ctx.device),
-            loss,
-            pad_id=int(self.tokenizer.pad_token_id),
-            num_epochs=1,
-            num_minibatches=1,
-            micro_batch_size=hp.micro_batch_size,
-            max_grad_norm=hp.max_grad_norm,
-            generator=self.torch_rng,
-        )
-        metrics["optim/lr"] = lr
-        return metrics
+        t = pair_tensors(batch, self.ctx.device)
+        steps = Steps(micro_batch_size=hp.micro_batch_size, unit="pairs")  # one step per batch
+        pad_id = int(self.tokenizer.pad_token_id)
+        return pair_update(self.engine, t, loss, pad_id=pad_id, steps=steps, progress=progress)
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ def check_tracking(tracking: TrackingConfig) -> TrackingConfig:
 
 
 def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys (``grpo.lr``), the trackers' parameters."""
+    """The resolved config as dotted keys (``grpo.optim.lr``), the trackers' parameters."""
     return flat_dict(to_dict(cfg))
 
 

@@ -1,0 +1,192 @@
+"""The one step engine of every LM learner: token losses (GRPO, PPO, RSFT) and pair losses
+(DPO, online DPO, reward models) alike.
+
+:class:`StepEngine` owns the optimizer (AdamW from the section's ``optim``), the learning
+rate schedule, and the loop of ``num_epochs`` passes of ``num_minibatches`` optimizer
+steps, each accumulating gradients over micro-batches. A learner supplies two functions:
+
+- ``denominator(rows)``: this rank's share of a minibatch's loss denominator (its tokens
+  under the section's loss aggregation, or its pairs); the engine sums it over ranks;
+- ``micro_loss(rows)``: one micro-batch's loss numerator, its real unit count (tokens or
+  pairs) and its summed statistics; ``rows`` is ``None`` for a zero-weight stand-in.
+
+Each micro-batch's loss is its numerator over the minibatch's *global* denominator, times
+the world size (which DDP's gradient averaging divides back out), so 2 DDP ranks or 4
+micro-batches give the gradient of one rank with the whole minibatch. Ranks may hold
+different numbers of rows (RSFT keeps what each actor accepted, online DPO skips flat
+groups): a minibatch empty on every rank is skipped by all, and a rank with no rows of a
+minibatch others have runs one zero-weight micro-batch, so every rank takes the same
+optimizer steps and DDP's all-reduce always meets. DDP synchronises gradients only on
+the last micro-batch (``no_sync`` before it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rlft_ray.algorithms import lr_factor
+from rlft_ray.config.optim import OptimConfig
+from rlft_ray.core.torch_utils import fused_optimizer
+from rlft_ray.learners.ddp import LearnerContext, check_finite, global_sum
+
+
+@dataclass
+class MicroOut:
+    """What one micro-batch contributes.
+
+    Attributes:
+        loss: Scalar loss numerator (the micro-batch's share of the minibatch's aggregated
+            loss before division by the global denominator); carries the graph.
+        count: Real units (tokens or pairs) in the micro-batch; 0 for a stand-in.
+        stats: Metric name -> sum of a per-unit statistic over the real units.
+    """
+
+    loss: torch.Tensor
+    count: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+#: Rows of a micro-batch (``None``: a zero-weight stand-in) -> its contribution.
+MicroLoss = Callable[[torch.Tensor | None], MicroOut]
+#: Rows of a minibatch on this rank -> this rank's share of its loss denominator (scalar).
+Denominator = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """How one update walks its batch.
+
+    Attributes:
+        num_epochs: Passes over the batch.
+        num_minibatches: Optimizer steps per pass.
+        micro_batch_size: Rows per forward/backward.
+        keep_order: Keep each minibatch's rows in batch order (a GRPO group's completions
+            then share micro-batches, and one prompt pass; the gradient is the same sum).
+        unit: What the rows' counts are, for ``perf/learner_<unit>_per_s``.
+    """
+
+    num_epochs: int = 1
+    num_minibatches: int = 1
+    micro_batch_size: int = 8
+    keep_order: bool = False
+    unit: str = "tokens"
+
+
+class StepEngine:
+    """A rank's optimizer, schedule and micro-batched optimisation.
+
+    Args:
+        ctx: This rank's context (world size, device) for the global sums.
+        net: The module the micro-batch losses run through (DDP-wrapped with several ranks:
+            its ``no_sync`` skips the all-reduce of all but the last micro-batch).
+        params: The parameters the optimizer steps (with LoRA: the adapters).
+        optim: AdamW and its schedule.
+        generator: Seeds the minibatch permutation.
+    """
+
+    def __init__(
+        self,
+        ctx: LearnerContext,
+        net: nn.Module,
+        params: list[nn.Parameter],
+        optim: OptimConfig,
+        generator: torch.Generator,
+    ) -> None:
+        self.ctx, self.net, self.params, self.optim = ctx, net, params, optim
+        self.generator = generator
+        self.optimizer = self.new_optimizer()
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh AdamW over :attr:`params` (fused where the device has the kernel)."""
+        return fused_optimizer(
+            torch.optim.AdamW,
+            self.params,
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=self.optim.betas,
+        )
+
+    def reset_optimizer(self) -> torch.optim.Optimizer:
+        """Start over with a fresh optimizer (RSFT's ``reset_to_base``); returns it."""
+        self.optimizer = self.new_optimizer()
+        return self.optimizer
+
+    def set_lr(self, progress: float) -> float:
+        """The learning rate after warmup and decay at ``progress`` in [0, 1], applied."""
+        o = self.optim
+        lr = o.lr * lr_factor(progress, o.lr_schedule, o.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def run(
+        self,
+        num_rows: int,
+        micro_loss: MicroLoss,
+        denominator: Denominator,
+        steps: Steps,
+        progress: float,
+    ) -> dict[str, float]:
+        """``steps.num_epochs`` passes of ``steps.num_minibatches`` optimizer steps.
+
+        Returns:
+            Every statistic of ``micro_loss`` averaged over all ranks' units,
+            ``loss/grad_norm`` (mean over the steps), ``optim/lr``, ``optim/steps``,
+            ``optim/grad_accum_steps`` and ``perf/learner_<unit>_per_s``.
+        """
+        ctx = self.ctx
+        lr = self.set_lr(progress)
+        sums: dict[str, float] = {}
+        units, norms, accum = 0.0, [], 0
+        start = time.perf_counter()
+        for _epoch in range(steps.num_epochs):
+            perm = torch.randperm(num_rows, generator=self.generator)
+            splits = torch.tensor_split(perm, steps.num_minibatches)
+            if steps.keep_order:
+                splits = tuple(mb.sort().values for mb in splits)
+            splits = [mb.to(ctx.device) for mb in splits]
+            counts = torch.tensor([float(len(mb)) for mb in splits], device=ctx.device)
+            for mb, size in zip(splits, global_sum(counts, ctx).tolist()):
+                if size == 0:
+                    continue  # empty on every rank: no step anywhere
+                micro = list(torch.split(mb, steps.micro_batch_size)) if len(mb) else [None]
+                accum = max(accum, len(micro))
+                den = global_sum(denominator(mb), ctx).clamp_min(1e-8)
+                for k, rows in enumerate(micro):
+                    last = k == len(micro) - 1
+                    sync = contextlib.nullcontext()
+                    if not last and ctx.world_size > 1:
+                        sync = self.net.no_sync()
+                    with sync:
+                        out = micro_loss(rows)
+                        loss = out.loss * ctx.world_size / den
+                        check_finite("loss/total", loss)
+                        loss.backward()
+                    units += out.count
+                    for key, value in out.stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                norm = nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
+                check_finite("loss/grad_norm", norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                norms.append(float(norm))
+        elapsed = time.perf_counter() - start
+        local = torch.tensor([units, *sums.values()], dtype=torch.float64, device=ctx.device)
+        total = global_sum(local, ctx).cpu().tolist()
+        metrics = {key: value / max(total[0], 1.0) for key, value in zip(sums, total[1:])}
+        metrics.update(
+            {
+                "loss/grad_norm": sum(norms) / max(len(norms), 1),
+                "optim/lr": lr,
+                "optim/steps": float(len(norms)),
+                "optim/grad_accum_steps": float(accum),
+                f"perf/learner_{steps.unit}_per_s": total[0] / max(elapsed, 1e-9),
+            }
+        )
+        return metrics
