@@ -8,21 +8,44 @@ import pytest
 import torch
 
 from rlft_ray.algorithms.lm import (
-    aggregate_loss,
+    aggregate_loss_parts,
     group_advantages,
-    kl_loss,
     kl_penalty,
     masked_gae,
     masked_mean,
     masked_sum,
     masked_whiten,
-    ppo_token_policy_loss,
-    ppo_token_value_loss,
-    sequence_logprobs,
+    ppo_token_policy_losses,
+    ppo_token_value_losses,
+    selective_log_softmax,
     token_rewards,
 )
 
 NAN = float("nan")
+
+
+# The per-token losses reduced the way the learners reduce them: the token objective of
+# GRPO / PPO (ppo_token_policy_losses, + kl_coef * kl_penalty in the loss, value losses
+# as PPO's) aggregated by aggregate_loss_parts in the step engine, statistics as
+# masked token means.
+def aggregate_loss(loss_mat, mask, mode):
+    num, den = aggregate_loss_parts(loss_mat, mask, mode)
+    return num / den.clamp_min(1e-8)
+
+
+def ppo_token_policy_loss(
+    logprobs, old_logprobs, advantages, mask, clip_low, clip_high=None, agg="token-mean"
+):
+    losses, stats = ppo_token_policy_losses(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    return aggregate_loss(losses, mask, agg), {k: masked_mean(v, mask) for k, v in stats.items()}
+
+
+def ppo_token_value_loss(values, old_values, returns, mask, clip_coef):
+    return masked_mean(ppo_token_value_losses(values, old_values, returns, clip_coef), mask)
+
+
+def kl_loss(logprobs, ref_logprobs, mask, kind="k3", agg="token-mean"):
+    return aggregate_loss(kl_penalty(logprobs, ref_logprobs, kind), mask, agg)
 
 
 @pytest.fixture(autouse=True)
@@ -336,23 +359,23 @@ def test_value_loss_clipped_and_unclipped():
 # ---------------------------------------------------------------- log-probs
 
 
-def test_sequence_logprobs_by_hand_and_bf16():
+def test_selective_log_softmax_by_hand_and_bf16():
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
     tokens = torch.tensor([[2, 1]])
     lse = 3.0 + math.log(1.0 + math.exp(-1.0) + math.exp(-2.0))  # 3.4076059644
-    out = sequence_logprobs(logits, tokens)
+    out = selective_log_softmax(logits, tokens)
     assert out.dtype == torch.float32 and out.shape == (1, 2)
     close(out, [[3.0 - lse, -math.log(3.0)]])
 
     logits = torch.randn(2, 5, 11, requires_grad=True)
     tokens = torch.randint(0, 11, (2, 5))
-    out = sequence_logprobs(logits, tokens)
+    out = selective_log_softmax(logits, tokens)
     ref = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     close(out, ref.detach())
     out.sum().backward()
     assert logits.grad is not None
 
     low = logits.detach().bfloat16()
-    out16 = sequence_logprobs(low, tokens)
+    out16 = selective_log_softmax(low, tokens)
     assert out16.dtype == torch.float32
-    close(out16, sequence_logprobs(low.float(), tokens))
+    close(out16, selective_log_softmax(low.float(), tokens))

@@ -193,3 +193,13 @@ def test_no_file_over_500_lines_no_function_over_80() -> None:
             if length > 80:
                 too_long.append(f"{name}.{node.name}: {length} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def test_the_readme_algorithm_table_is_the_spec_table() -> None:
+    from rlft_ray.config.algorithms import SPECS, markdown_table
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    start, end = "<!-- algorithms:start -->\n", "<!-- algorithms:end -->"
+    table = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert table == markdown_table()
+    assert len(table.splitlines()) == 2 + len(SPECS)

@@ -8,18 +8,14 @@ from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
 from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, polyak_update
 from rlft_ray.algorithms.lm import (
     group_advantages,
-    kl_loss,
     kl_penalty,
     masked_gae,
-    ppo_token_policy_loss,
     ppo_token_policy_losses,
-    ppo_token_value_loss,
     ppo_token_value_losses,
-    sequence_logprobs,
+    selective_log_softmax,
     token_rewards,
 )
 from rlft_ray.algorithms.masked import (
-    aggregate_loss,
     aggregate_loss_parts,
     masked_mean,
     masked_sum,
@@ -30,7 +26,6 @@ from rlft_ray.algorithms.preference import bradley_terry_losses, dpo_losses, seq
 from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
 __all__ = [
-    "aggregate_loss",
     "aggregate_loss_parts",
     "bradley_terry_losses",
     "compute_gae",
@@ -38,7 +33,6 @@ __all__ = [
     "dqn_loss",
     "dqn_targets",
     "group_advantages",
-    "kl_loss",
     "kl_penalty",
     "linear_schedule",
     "lr_factor",
@@ -49,12 +43,10 @@ __all__ = [
     "normalize_advantages",
     "polyak_update",
     "ppo_policy_loss",
-    "ppo_token_policy_loss",
     "ppo_token_policy_losses",
-    "ppo_token_value_loss",
     "ppo_token_value_losses",
     "ppo_value_loss",
-    "sequence_logprobs",
+    "selective_log_softmax",
     "sequence_logps",
     "token_rewards",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from rlft_ray.algorithms.masked import (
-    aggregate_loss,
     aggregate_loss_parts,
     masked_mean,
     masked_sum,
@@ -24,20 +23,16 @@ from rlft_ray.algorithms.masked import (
 )
 
 __all__ = [
-    "aggregate_loss",
     "aggregate_loss_parts",
     "group_advantages",
-    "kl_loss",
     "kl_penalty",
     "masked_gae",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
-    "ppo_token_policy_loss",
     "ppo_token_policy_losses",
-    "ppo_token_value_loss",
     "ppo_token_value_losses",
-    "sequence_logprobs",
+    "selective_log_softmax",
     "token_rewards",
 ]
 _KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
@@ -228,49 +223,6 @@ def masked_gae(
     return advantages, returns
 
 
-def ppo_token_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float | None = None,
-    agg: str = "token-mean",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token PPO clipped surrogate (Schulman et al. 2017), as a loss to minimise.
-
-    With rho_t = exp(log pi(y_t) - log pi_old(y_t))::
-
-        l_t = max( -A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high) )
-        L   = aggregate_loss(l, mask, agg)
-
-    ``clip_high`` defaults to ``clip_low`` (symmetric PPO); a larger value is
-    DAPO's "clip-higher" (Yu et al. 2025). Sequence-level advantages ``[B]``
-    (GRPO/RLOO) are broadcast over the tokens of each row.
-
-    Args:
-        logprobs: ``[B, L]`` log-probs under the current policy (with grad).
-        old_logprobs: ``[B, L]`` log-probs under the sampling policy.
-        advantages: ``[B]`` or ``[B, L]`` advantages.
-        mask: ``[B, L]`` bool or {0, 1}.
-        clip_low: eps_low, lower clip range.
-        clip_high: eps_high, upper clip range (None: ``clip_low``).
-        agg: Loss aggregation mode, see ``aggregate_loss``.
-
-    Returns:
-        ``(loss, stats)`` where ``stats`` holds detached, masked token means:
-        ``approx_kl`` (k3 estimator (rho - 1) - log rho, Schulman 2020) and
-        ``clip_frac`` (fraction of tokens with rho outside
-        [1 - eps_low, 1 + eps_high]).
-    """
-    loss_mat, stats = ppo_token_policy_losses(
-        logprobs, old_logprobs, advantages, clip_low, clip_high
-    )
-    with torch.no_grad():
-        stats = {key: masked_mean(value, mask) for key, value in stats.items()}
-    return aggregate_loss(loss_mat, mask, agg), stats
-
-
 def ppo_token_policy_losses(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -278,10 +230,16 @@ def ppo_token_policy_losses(
     clip_low: float,
     clip_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token PPO clipped-surrogate losses, before aggregation.
+    """Per-token PPO clipped surrogate (Schulman et al. 2017) as losses to minimise, before
+    aggregation (the step engine aggregates them with ``loss_agg``).
 
-    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high))`` with
-    ``rho_t = exp(logprobs - old_logprobs)``; see :func:`ppo_token_policy_loss`.
+    With rho_t = exp(log pi(y_t) - log pi_old(y_t))::
+
+        l_t = max( -A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high) )
+
+    ``clip_high`` defaults to ``clip_low`` (symmetric PPO); a larger value is DAPO's
+    "clip-higher" (Yu et al. 2025). Sequence-level advantages ``[B]`` (GRPO/RLOO) are
+    broadcast over the tokens of each row.
 
     Args:
         logprobs: ``[B, L]`` log-probs under the current policy (with grad).
@@ -307,44 +265,17 @@ def ppo_token_policy_losses(
     return torch.max(pg_loss1, pg_loss2), stats
 
 
-def ppo_token_value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_coef: float | None,
-) -> torch.Tensor:
-    """Per-token value loss, optionally clipped around the sampling-time values.
-
-    Unclipped: ``0.5 * token-mean((V - R)^2)``. Clipped, with
-    V_clip = V_old + clip(V - V_old, -eps, eps) (PPO2; Ziegler et al. 2019)::
-
-        0.5 * token-mean( max( (V - R)^2, (V_clip - R)^2 ) )
-
-    where token-mean is ``masked_mean`` over all real tokens of the batch.
-
-    Args:
-        values: ``[B, L]`` current value predictions.
-        old_values: ``[B, L]`` value predictions at sampling time.
-        returns: ``[B, L]`` return targets (e.g. from ``masked_gae``).
-        mask: ``[B, L]`` bool or {0, 1}.
-        clip_coef: eps, or None for the unclipped loss.
-
-    Returns:
-        Scalar loss.
-    """
-    return masked_mean(ppo_token_value_losses(values, old_values, returns, clip_coef), mask)
-
-
 def ppo_token_value_losses(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
     clip_coef: float | None,
 ) -> torch.Tensor:
-    """Per-token value losses ``0.5 * max((V - R)^2, (V_clip - R)^2)`` before aggregation.
+    """Per-token value losses, optionally clipped around the sampling-time values, before
+    aggregation.
 
-    See :func:`ppo_token_value_loss`; without ``clip_coef`` it is ``0.5 * (V - R)^2``.
+    Unclipped: ``0.5 * (V - R)^2``. Clipped, with V_clip = V_old + clip(V - V_old, -eps, eps)
+    (PPO2; Ziegler et al. 2019): ``0.5 * max((V - R)^2, (V_clip - R)^2)``.
 
     Returns:
         ``[B, L]`` losses (padding is not masked here).
@@ -357,34 +288,8 @@ def ppo_token_value_losses(
     return 0.5 * torch.max(unclipped, clipped)
 
 
-def kl_loss(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "k3",
-    agg: str = "token-mean",
-) -> torch.Tensor:
-    """KL(pi || pi_ref) regulariser added to the loss (GRPO, Shao et al. 2024).
-
-    ``L_KL = aggregate_loss(kl_penalty(logprobs, ref_logprobs, kind), mask, agg)``;
-    GRPO uses the k3 estimator ``pi_ref/pi - log(pi_ref/pi) - 1`` and a weight beta
-    applied by the caller.
-
-    Args:
-        logprobs: ``[B, L]`` log-probs under the current policy (with grad).
-        ref_logprobs: ``[B, L]`` log-probs under the frozen reference policy.
-        mask: ``[B, L]`` bool or {0, 1}.
-        kind: KL estimator, see ``kl_penalty``.
-        agg: Aggregation mode, see ``aggregate_loss``.
-
-    Returns:
-        Scalar loss.
-    """
-    return aggregate_loss(kl_penalty(logprobs, ref_logprobs, kind), mask, agg)
-
-
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the given tokens under the logits, in float32.
+def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities ``[B, T]`` of the given tokens under the logits, in float32.
 
     ``out[b, t] = log_softmax(logits[b, t])[tokens[b, t]]
     = logits[b, t, tokens[b, t]] - logsumexp(logits[b, t])``.

@@ -7,6 +7,8 @@ never leaks into a result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -62,52 +64,69 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Standardise ``x`` with statistics taken over the masked positions only.
 
-    With n = sum(m), mu = masked_mean(x), and the unbiased (Bessel-corrected)
-    masked variance ``var = sum(m * (x - mu)^2) / max(n - 1, 1)``::
+    With n = sum(m), mu = sum(m x) / n, and the unbiased (Bessel-corrected) masked
+    variance ``var = (sum(m x^2) - n mu^2) / max(n - 1, 1)``::
 
         shift_mean=True:   x' = (x - mu) / sqrt(var + eps)
         shift_mean=False:  x' = (x - mu) / sqrt(var + eps) + mu   (scale only)
 
     This is the whitening used for PPO advantages in RLHF (Ziegler et al. 2019,
     "Fine-Tuning Language Models from Human Preferences"; TRL's ``masked_whiten``).
-    Padded positions of the output are set to 0.
+    Padded positions of the output are set to 0. The moments are float64 sums, so a
+    ``reduce`` that sums them over DDP ranks gives statistics over every rank's tokens.
 
     Args:
         x: ``[B, L]`` values (e.g. token advantages).
         mask: ``[B, L]`` bool or {0, 1}.
         shift_mean: Subtract the mean (True) or only rescale (False).
         eps: Added to the variance before the square root.
+        reduce: Applied to the ``[3]`` moments ``(sum m x, sum m x^2, n)`` before use
+            (e.g. an all-reduce sum); None: this tensor's positions only.
 
     Returns:
         ``[B, L]`` tensor of ``x``'s dtype.
     """
     w = _as_weights(mask, x)
-    mean = masked_mean(x, mask)
-    n = w.sum()
-    var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp_min(1.0)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    xz = zero_padding(x, mask)  # padding may hold NaN / inf
+    moments = torch.stack([(xz * w).sum(), (xz * xz * w).sum(), w.sum()]).double()
+    if reduce is not None:
+        moments = reduce(moments)
+    total, sq, n = moments.unbind()
+    mean = total / n.clamp_min(1.0)
+    var = (sq - n * mean * mean).clamp_min(0.0) / (n - 1.0).clamp_min(1.0)
+    whitened = (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)
     if not shift_mean:
-        whitened = whitened + mean
+        whitened = whitened + mean.to(x.dtype)
     return whitened.masked_fill(mask == 0, 0)
 
 
 def aggregate_loss_parts(
     loss_mat: torch.Tensor, mask: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Numerator and denominator of :func:`aggregate_loss`, so they can be summed over shards.
+    """Numerator and denominator of a per-token loss reduced to a scalar, kept apart so they
+    can be summed over shards.
 
-    ``aggregate_loss(l, m, mode) == num / den`` (with ``den`` clamped to 1e-8 for
-    ``token-mean``). Splitting a batch into micro-batches (or DDP ranks) and computing
-    ``sum(num_k) / sum(den_k)`` gives exactly the full-batch loss, which is how the
-    learners keep gradient accumulation and DDP equal to one big batch::
+    The loss is ``num / den``; with m the mask, |y_i| = sum_t m_it and B the rows::
 
         "token-mean":          num = sum_{i,t} l_it m_it,            den = sum_{i,t} m_it
+                               (every token weighs the same; DAPO, Yu et al. 2025)
         "seq-mean-token-mean": num = sum_i sum_t l_it m_it / |y_i|,  den = B
+                               (GRPO, Shao et al. 2024, "DeepSeekMath")
         "seq-mean-token-sum":  num = sum_i sum_t l_it m_it,          den = B
+                               (no length normalisation; Dr. GRPO, Liu et al. 2025)
+
+    A row with no real tokens contributes 0 to the sequence modes but still counts in B.
+    Splitting a batch into micro-batches (or DDP ranks) and computing
+    ``sum(num_k) / sum(den_k)`` gives exactly the full-batch loss, which is how the step
+    engine keeps gradient accumulation and DDP equal to one big batch.
 
     Args:
         loss_mat: ``[B, L]`` per-token losses.
@@ -128,33 +147,3 @@ def aggregate_loss_parts(
     if mode == "seq-mean-token-sum":
         return masked_sum(loss_mat, mask, dim=-1).sum(), rows
     raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")
-
-
-def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a per-token loss matrix to a scalar.
-
-    With m the mask, |y_i| = sum_t m_it and B the number of rows::
-
-        "token-mean":          sum_{i,t} l_it m_it / sum_{i,t} m_it
-                               (every token weighs the same; DAPO, Yu et al. 2025)
-        "seq-mean-token-mean": (1/B) sum_i [ sum_t l_it m_it / |y_i| ]
-                               (GRPO, Shao et al. 2024, "DeepSeekMath")
-        "seq-mean-token-sum":  (1/B) sum_i sum_t l_it m_it
-                               (no length normalisation; Dr. GRPO, Liu et al. 2025)
-
-    A row with no real tokens contributes 0 to the sequence modes but still counts
-    in B.
-
-    Args:
-        loss_mat: ``[B, L]`` per-token losses.
-        mask: ``[B, L]`` bool or {0, 1}.
-        mode: One of the three modes above.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: Unknown ``mode``.
-    """
-    num, den = aggregate_loss_parts(loss_mat, mask, mode)
-    return num / den.clamp_min(1e-8)

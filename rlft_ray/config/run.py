@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rlft_ray.config.algorithms import ALGORITHMS, SPECS
 from rlft_ray.config.errors import require
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
 
-#: The algorithm names ``algo:`` accepts. Each is also the name of the section holding
-#: its hyperparameters; ``rlft_ray.learners.registry`` maps each to its learner class (a test
-#: keeps the two in step), so the schema never imports an implementation.
-Algorithm = Literal[
-    "dpo", "dqn", "filtered_bc", "grpo", "lm_ppo", "online_dpo", "ppo", "reward_model", "rsft"
-]
-ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
-#: Algorithms whose loss corrects for samples a version behind (PPO / GRPO ratio against
-#: the recorded log-probs; DQN learns off-policy anyway): what ``async_rollouts`` allows.
-ASYNC_ALGORITHMS: tuple[str, ...] = ("dqn", "grpo", "lm_ppo", "ppo")
+#: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
+#: each). Each is also the name of the section holding its hyperparameters.
+Algorithm = Literal[ALGORITHMS]  # type: ignore[valid-type]
+#: What ``async_rollouts`` allows: algorithms whose loss corrects for a version's lag.
+ASYNC_ALGORITHMS: tuple[str, ...] = tuple(s.name for s in SPECS if s.async_ok)
 
 
 @dataclass(frozen=True)
@@ -153,22 +148,14 @@ class ResourcesConfig:
             "must be >= 0 or null",
         )
 
-    @property
-    def total_cpus(self) -> float:
-        """CPUs the run needs: rollout actors plus learner workers."""
-        return (
-            self.num_rollout_actors * self.cpus_per_rollout_actor
-            + self.num_learners * self.cpus_per_learner
-        )
-
 
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run: algorithm, environment, resources and run-level knobs.
 
     Attributes:
-        algo: Which algorithm trains (one of :data:`ALGORITHMS`; the registry maps each
-            name to its learner class).
+        algo: Which algorithm trains (one of :data:`ALGORITHMS`; its
+            :class:`~rlft_ray.config.algorithms.AlgorithmSpec` names its learner).
         env: Environment section.
         ppo: PPO hyperparameters (used when ``algo == "ppo"``).
         dqn: DQN hyperparameters (used when ``algo == "dqn"``).

@@ -2,7 +2,7 @@
 
 A learner owns the trainable modules and optimizer on one Ray Train rank and
 knows three things the loop does not: which rollout actor feeds it
-(``sampler_cls`` / :meth:`Learner.sampler_kwargs`), how to turn a batch into an
+(:meth:`Learner.sampler` / :meth:`Learner.sampler_kwargs`), how to turn a batch into an
 update (:meth:`Learner.update`), and which weights the actors need
 (:meth:`Learner.policy_state`). Nothing here imports Ray, so unit tests can
 drive a learner directly.
@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from rlft_ray.config import RunConfig
-from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError
+from rlft_ray.config.algorithms import algorithm_spec
+from rlft_ray.core.torch_utils import fused_optimizer
+from rlft_ray.learners.ddp import LearnerContext, NonFiniteLossError, check_finite, wrap_ddp
 from rlft_ray.learners.nets import space_signature
-from rlft_ray.rollout.env_runner import EnvRunner
 
 __all__ = [
     "EvalOptions",
@@ -97,6 +98,14 @@ class EvalOptions:
 HELDOUT_SEED = 1_000_000
 
 
+class CurvePlot(NamedTuple):
+    """A run's learning curve: ``y`` against ``x`` from ``metrics.jsonl``, into ``file``."""
+
+    y: str
+    x: str
+    file: str
+
+
 class Learner(ABC):
     """Algorithm-specific half of the loop (PPO, DQN, ...).
 
@@ -106,19 +115,13 @@ class Learner(ABC):
         ctx: Rank, world size and device.
     """
 
-    #: Plain class the driver wraps with ``ray.remote`` for rollouts (None: no actors).
-    sampler_cls: ClassVar[type | None] = EnvRunner
-    #: Learns from its own data shard (:meth:`next_batch`) instead of the actors' samples.
-    offline: ClassVar[bool] = False
     #: Its actors score samples with the run's reward (``lm.reward_model`` then needs scorers).
     scores_samples: ClassVar[bool] = False
     #: Metric that ranks checkpoints (higher is better).
     score_metric: ClassVar[str] = "rollout/episode_return_mean"
-    #: ``(y, x, file name)`` of the learning-curve PNG written into the run directory.
-    curve: ClassVar[tuple[str, str, str]] = (
-        "rollout/episode_return_mean",
-        "counters/env_steps",
-        "return_curve.png",
+    #: The learning-curve PNG written into the run directory.
+    curve: ClassVar[CurvePlot] = CurvePlot(
+        y="rollout/episode_return_mean", x="counters/env_steps", file="return_curve.png"
     )
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
@@ -126,6 +129,25 @@ class Learner(ABC):
         self.spaces = spaces
         self.ctx = ctx
         self.optimizer: torch.optim.Optimizer
+
+    def build_policy(
+        self, spaces: Spaces, lr: float, eps: float = 1e-8
+    ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+        """A gym learner's network (:meth:`make_policy`), its DDP wrapper and its Adam."""
+        policy = self.make_policy(self.cfg, spaces)
+        model = wrap_ddp(policy, self.ctx)
+        optimizer = fused_optimizer(torch.optim.Adam, policy.parameters(), lr=lr, eps=eps)
+        return policy, model, optimizer
+
+    def gradient_step(self, loss: torch.Tensor, params: Any, max_grad_norm: float) -> torch.Tensor:
+        """A gym learner's optimizer step on ``loss``: backward, clip to ``max_grad_norm``
+        (refusing a non-finite norm), step. Returns the norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+        check_finite("loss/grad_norm", grad_norm)
+        self.optimizer.step()
+        return grad_norm
 
     # -- before Ray -----------------------------------------------------------------------
     @classmethod
@@ -147,8 +169,16 @@ class Learner(ABC):
 
     @classmethod
     def sampler(cls, cfg: RunConfig) -> type | None:
-        """The rollout actor class this run starts (``sampler_cls``; None: no actors)."""
-        return cls.sampler_cls
+        """The plain rollout actor class this run starts (None: no actors), as the
+        algorithm's spec names it (:mod:`rlft_ray.config.algorithms`)."""
+        from rlft_ray.learners.registry import rollout_actor_cls
+
+        return rollout_actor_cls(cfg)
+
+    @property
+    def offline(self) -> bool:
+        """Learns from its own data shard (:meth:`next_batch`) instead of the actors' samples."""
+        return algorithm_spec(self.cfg.algo).offline
 
     @classmethod
     def prepare_uses_actors(cls, cfg: RunConfig) -> bool:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlft_ray.algorithms import masked_whiten
 from rlft_ray.core.errors import DeterministicError
 
 
@@ -89,12 +90,7 @@ def global_masked_whiten(
     Returns:
         ``[B, L]``, 0 on padding.
     """
-    w = mask.float()
-    local = torch.stack([(x * w).sum(), (x * x * w).sum(), w.sum()]).double()
-    total, sq, n = global_sum(local, ctx).tolist()
-    mean = total / max(n, 1.0)
-    var = max(sq - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
-    return ((x - mean) / math.sqrt(var + eps)).masked_fill(mask == 0, 0.0)
+    return masked_whiten(x, mask, eps=eps, reduce=lambda moments: global_sum(moments, ctx))
 
 
 def check_finite(name: str, value: torch.Tensor | float) -> None:

@@ -21,14 +21,13 @@ import torch
 
 from rlft_ray.algorithms import dpo_losses
 from rlft_ray.config import RunConfig
-from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.base import CurvePlot, Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.engine import Steps
 from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns, heldout_tables
 from rlft_ray.learners.lm_rank import LMRank
-from rlft_ray.learners.pairwise import PAIRS, pair_update, probe_pairs
+from rlft_ray.learners.pairwise import PAIRS, pair_stream, pair_update, probe_pairs
 from rlft_ray.lm.pairs import pair_batch, pair_tensors, rows_of
 from rlft_ray.lm.policy import pair_logps
-from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.types import PairBatch
 
 
@@ -89,10 +88,9 @@ def reference_logps(
 class DPOLearner(LMLearnerHooks, Learner):
     """DPO on one rank's pairs; DDP across ranks."""
 
-    offline: ClassVar[bool] = True
     scores_samples: ClassVar[bool] = False
     score_metric: ClassVar[str] = "rewards/accuracies"
-    curve: ClassVar[tuple[str, str, str]] = ("loss/dpo", "counters/iteration", "loss_curve.png")
+    curve: ClassVar[CurvePlot] = CurvePlot("loss/dpo", "counters/iteration", "loss_curve.png")
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
@@ -102,12 +100,7 @@ class DPOLearner(LMLearnerHooks, Learner):
             cfg, ctx, self.hp, keep_start=not self.hp.precompute_ref, temperature=1.0
         )
         self.optimizer = self.core.optimizer
-        self.pairs = ShardStream(
-            ctx.datasets.get(PAIRS),
-            self.hp.batch_size // ctx.world_size,
-            cfg.seed,  # shared: one global order over the ranks (TableShard)
-            self.hp.shuffle,
-        )
+        self.pairs = pair_stream(ctx, self.hp, cfg.seed)
 
     # -- class-level hooks ---------------------------------------------------------------
     @classmethod
@@ -116,12 +109,6 @@ class DPOLearner(LMLearnerHooks, Learner):
         return probe_pairs(
             cfg, cfg.dpo.batch_size, cfg.dpo.num_epochs, lambda tok: heldout_tables(cfg, tok)
         )
-
-    @classmethod
-    def sampler(cls, cfg: RunConfig) -> type | None:
-        """Generation actors only to score the held-out prompts (``eval_every``): offline
-        DPO samples nothing, and without them the learner has the cores to itself."""
-        return cls.sampler_cls if cfg.eval_every is not None else None
 
     @classmethod
     def prepare_uses_actors(cls, cfg: RunConfig) -> bool:

@@ -11,9 +11,8 @@ from torch import nn
 
 from rlft_ray.algorithms import dqn_loss, dqn_targets, linear_schedule, polyak_update
 from rlft_ray.config import RunConfig
-from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
-from rlft_ray.learners.ddp import check_finite, wrap_ddp
+from rlft_ray.learners.ddp import check_finite
 from rlft_ray.learners.nets import QNetwork
 from rlft_ray.types import RolloutBatch
 
@@ -108,10 +107,8 @@ class DQNLearner(Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.dqn
-        self.q = self.make_policy(cfg, spaces)
-        self.model = wrap_ddp(self.q, ctx)
+        self.q, self.model, self.optimizer = self.build_policy(spaces, self.hp.lr)
         self.target = copy.deepcopy(self.q).requires_grad_(False)
-        self.optimizer = fused_optimizer(torch.optim.Adam, self.q.parameters(), lr=self.hp.lr)
         self.replay = ReplayBuffer(
             max(1, self.hp.buffer_size // ctx.world_size),
             spaces.observation.shape,
@@ -172,11 +169,7 @@ class DQNLearner(Learner):
             q_taken = self.model(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
             loss = dqn_loss(q_taken, targets)
             check_finite("loss/td", loss)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), hp.max_grad_norm)
-            check_finite("loss/grad_norm", grad_norm)
-            self.optimizer.step()
+            grad_norm = self.gradient_step(loss, self.q.parameters(), hp.max_grad_norm)
             self.grad_steps += 1
             if self.grad_steps % hp.target_update_interval == 0:
                 polyak_update(self.target, self.q, hp.tau)

@@ -14,14 +14,13 @@ the policy towards its own best episodes: a cross-entropy-method style improveme
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import (
     Learner,
     LearnerContext,
@@ -30,25 +29,18 @@ from rlft_ray.learners.base import (
     policy_from_spaces,
     to_tensor,
 )
-from rlft_ray.learners.ddp import check_finite, global_sum, wrap_ddp
+from rlft_ray.learners.ddp import check_finite, global_sum
 from rlft_ray.learners.nets import ActorCritic
-from rlft_ray.rollout.episodes import EpisodeCollector
 from rlft_ray.types import EpisodeBatch
 
 
 class FilteredBCLearner(Learner):
     """Behaviour cloning of each iteration's kept episodes; DDP across ranks."""
 
-    sampler_cls: ClassVar[type] = EpisodeCollector
-
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.filtered_bc
-        self.policy = self.make_policy(cfg, spaces)
-        self.model = wrap_ddp(self.policy, ctx)
-        self.optimizer = fused_optimizer(
-            torch.optim.Adam, self.policy.parameters(), lr=self.hp.lr, eps=1e-5
-        )
+        self.policy, self.model, self.optimizer = self.build_policy(spaces, self.hp.lr, eps=1e-5)
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
 
     @classmethod
@@ -135,11 +127,7 @@ class FilteredBCLearner(Learner):
         # values join with weight 0: DDP needs every parameter in the graph (the critic too)
         loss = (nll_sum - self.hp.ent_coef * ent_sum) * world / global_size + 0.0 * values.sum()
         check_finite("loss/bc_nll", loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.policy.parameters(), self.hp.max_grad_norm)
-        check_finite("loss/grad_norm", norm)
-        self.optimizer.step()
+        norm = self.gradient_step(loss, self.policy.parameters(), self.hp.max_grad_norm)
         n = max(float(weight.sum()), 1.0)
         return float(nll_sum.detach()) / n, float(ent_sum.detach()) / n, float(norm)
 

@@ -50,13 +50,13 @@ class GRPOLearner(LMLearnerHooks, Learner):
 
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
-        t = core.tensors(batch)
-        t.update(core.score_pass(t, kl_in_objective=hp.kl_coef > 0))
-        kl, metrics = core.kl_metrics(t, hp.kl_estimator)
-        scores = t["rewards"].float()
+        tensors = core.tensors(batch)
+        tensors.update(core.score_pass(tensors, kl_in_objective=hp.kl_coef > 0))
+        kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
+        scores = tensors["rewards"].float()
         if hp.kl_in == "reward" and kl is not None and hp.kl_coef > 0:
-            scores = scores - hp.kl_coef * masked_sum(kl, t["mask"], dim=-1)
-        t["advantages"] = self.advantages(scores, batch.group_size)
+            scores = scores - hp.kl_coef * masked_sum(kl, tensors["mask"], dim=-1)
+        tensors["advantages"] = self.advantages(scores, batch.group_size)
         kl_in_loss = hp.kl_in == "loss" and hp.kl_coef > 0
 
         def token_loss(
@@ -72,7 +72,9 @@ class GRPOLearner(LMLearnerHooks, Learner):
                 loss = loss + hp.kl_coef * kl_tok
             return loss, stats
 
-        metrics.update(core.optimize(t, token_loss, progress))
-        metrics.update(core.reward_metrics(t, batch.group_size))
-        metrics["adv/abs_mean"] = float(all_reduce_mean(t["advantages"].abs().mean(), self.ctx))
+        metrics.update(core.optimize(tensors, token_loss, progress))
+        metrics.update(core.reward_metrics(tensors, batch.group_size))
+        metrics["adv/abs_mean"] = float(
+            all_reduce_mean(tensors["advantages"].abs().mean(), self.ctx)
+        )
         return metrics

@@ -21,13 +21,12 @@ from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.core.torch_utils import torch_threads
-from rlft_ray.learners.base import EvalOptions, Spaces, TaskProbe
+from rlft_ray.learners.base import CurvePlot, EvalOptions, Spaces, TaskProbe
 from rlft_ray.learners.lm_rank import HELDOUT, PROMPTS, LMRank
 from rlft_ray.lm.loading import load_tokenizer, resolve_model_path
 from rlft_ray.lm.lora import check_lora
 from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.rewards import compute_rewards, load_reward_fn
-from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.types import Prompt
 
 
@@ -281,14 +280,9 @@ class LMLearnerHooks:
     (an :class:`LMRank`). Each learner adds its ``__init__`` and ``update``.
     """
 
-    sampler_cls: ClassVar[type | None] = GenerationActor
     scores_samples: ClassVar[bool] = True
     score_metric: ClassVar[str] = "reward/mean"
-    curve: ClassVar[tuple[str, str, str]] = (
-        "reward/mean",
-        "counters/iteration",
-        "reward_curve.png",
-    )
+    curve: ClassVar[CurvePlot] = CurvePlot("reward/mean", "counters/iteration", "reward_curve.png")
     core: LMRank
 
     # -- class-level hooks ---------------------------------------------------------------

@@ -44,16 +44,18 @@ class LMPPOLearner(LMLearnerHooks, Learner):
     # -- learning ------------------------------------------------------------------------------
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
-        t = core.tensors(batch)
-        t.update(core.score_pass(t, values=True, kl_in_objective=hp.kl_coef > 0))
-        kl, metrics = core.kl_metrics(t, hp.kl_estimator)
-        rewards = token_rewards(t["rewards"], kl if hp.kl_coef > 0 else None, t["mask"], hp.kl_coef)
+        tensors = core.tensors(batch)
+        tensors.update(core.score_pass(tensors, values=True, kl_in_objective=hp.kl_coef > 0))
+        kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
+        rewards = token_rewards(
+            tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
+        )
         advantages, returns = masked_gae(
-            rewards, t["old_values"], t["mask"], hp.gamma, hp.gae_lambda
+            rewards, tensors["old_values"], tensors["mask"], hp.gamma, hp.gae_lambda
         )
         if hp.whiten_advantages:
-            advantages = global_masked_whiten(advantages, t["mask"], self.ctx)
-        t["advantages"], t["returns"] = advantages, returns
+            advantages = global_masked_whiten(advantages, tensors["mask"], self.ctx)
+        tensors["advantages"], tensors["returns"] = advantages, returns
 
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
@@ -67,12 +69,14 @@ class LMPPOLearner(LMLearnerHooks, Learner):
             stats.update(policy=pg.detach(), value=vf.detach())
             return pg + hp.vf_coef * vf, stats
 
-        metrics.update(core.optimize(t, token_loss, progress))
-        metrics.update(core.reward_metrics(t, batch.group_size))
-        mask = t["mask"]
-        resid = masked_mean((returns - t["old_values"]) ** 2, mask)
+        metrics.update(core.optimize(tensors, token_loss, progress))
+        metrics.update(core.reward_metrics(tensors, batch.group_size))
+        mask = tensors["mask"]
+        resid = masked_mean((returns - tensors["old_values"]) ** 2, mask)
         var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         ev = torch.where(var > 0, 1.0 - resid / var.clamp_min(1e-12), torch.zeros_like(var))
-        stats = all_reduce_mean(torch.stack([ev, masked_mean(t["old_values"], mask)]), self.ctx)
+        stats = all_reduce_mean(
+            torch.stack([ev, masked_mean(tensors["old_values"], mask)]), self.ctx
+        )
         metrics["value/explained_variance"], metrics["value/mean"] = stats.tolist()
         return metrics

@@ -204,7 +204,7 @@ class LMRank:
     def forward(
         self,
         module: nn.Module,
-        t: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
         idx: torch.Tensor,
         entropy: bool = True,
     ) -> ResponseOutput:
@@ -212,7 +212,9 @@ class LMRank:
 
         Completions of one prompt share its pass unless the module must return values.
         """
-        sub = _trim({k: t[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")})
+        sub = _trim(
+            {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")}
+        )
         return response_forward(
             module,
             sub["prompt_ids"],
@@ -226,7 +228,7 @@ class LMRank:
 
     @torch.no_grad()
     def score_pass(
-        self, t: dict[str, torch.Tensor], values: bool = False, kl_in_objective: bool = True
+        self, tensors: dict[str, torch.Tensor], values: bool = False, kl_in_objective: bool = True
     ) -> dict[str, torch.Tensor]:
         """Reference log-probs (``ref_logprobs``) and, for PPO, ``old_values`` of the batch.
 
@@ -239,31 +241,33 @@ class LMRank:
         due = kl_in_objective or self.score_passes % self.cfg.lm.track_kl_every == 0
         self.score_passes += 1
         reference = self.reference if due else None
-        rows = torch.arange(t["mask"].shape[0], device=self.ctx.device)
+        rows = torch.arange(tensors["mask"].shape[0], device=self.ctx.device)
         out: dict[str, list[torch.Tensor]] = {"ref_logprobs": [], "old_values": []}
-        width = t["mask"].shape[1]
+        width = tensors["mask"].shape[1]
         for idx in self._micro_slices(rows):
             if reference is not None:
-                ref = self.forward(reference, t, idx, entropy=False)
+                ref = self.forward(reference, tensors, idx, entropy=False)
                 out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
             if values:
-                old = self.forward(self.policy, t, idx, entropy=False)
+                old = self.forward(self.policy, tensors, idx, entropy=False)
                 out["old_values"].append(_pad_to(old.values, width))
         return {k: torch.cat(v) for k, v in out.items() if v}
 
     def kl_metrics(
-        self, t: dict[str, torch.Tensor], kind: str
+        self, tensors: dict[str, torch.Tensor], kind: str
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Per-token KL(sampling policy || reference) ``[B, L]`` and its ``kl/*`` metrics."""
-        if "ref_logprobs" not in t:
+        if "ref_logprobs" not in tensors:
             return None, {}
-        kl = kl_penalty(t["old_logprobs"], t["ref_logprobs"], kind).masked_fill(t["mask"] == 0, 0.0)
-        k3 = kl_penalty(t["old_logprobs"], t["ref_logprobs"], "k3")
+        kl = kl_penalty(tensors["old_logprobs"], tensors["ref_logprobs"], kind).masked_fill(
+            tensors["mask"] == 0, 0.0
+        )
+        k3 = kl_penalty(tensors["old_logprobs"], tensors["ref_logprobs"], "k3")
         stats = torch.stack(
             [
-                masked_mean(kl, t["mask"]),
-                masked_sum(kl, t["mask"], dim=-1).mean(),
-                masked_mean(k3, t["mask"]),
+                masked_mean(kl, tensors["mask"]),
+                masked_sum(kl, tensors["mask"], dim=-1).mean(),
+                masked_mean(k3, tensors["mask"]),
             ]
         )
         mean, seq, k3_mean = all_reduce_mean(stats, self.ctx).tolist()
@@ -271,7 +275,7 @@ class LMRank:
 
     # -- optimisation --------------------------------------------------------------------
     def optimize(
-        self, t: dict[str, torch.Tensor], token_loss: TokenLoss, progress: float
+        self, tensors: dict[str, torch.Tensor], token_loss: TokenLoss, progress: float
     ) -> dict[str, float]:
         """The section's epochs x minibatches of optimizer steps on a token objective.
 
@@ -284,15 +288,15 @@ class LMRank:
             norm), ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
         hp = self.hp
-        pad_row = _padding_row(t, self.tokenizer.pad_token_id)
+        pad_row = _padding_row(tensors, self.tokenizer.pad_token_id)
         stand_in = torch.zeros(1, dtype=torch.long, device=self.ctx.device)
 
         def denominator(rows: torch.Tensor) -> torch.Tensor:
-            mask = t["mask"][rows]
+            mask = tensors["mask"][rows]
             return aggregate_loss_parts(mask.float(), mask, hp.loss_agg)[1]
 
         def micro_loss(idx: torch.Tensor | None) -> MicroOut:
-            rows, idx = (t, idx) if idx is not None else (pad_row, stand_in)
+            rows, idx = (tensors, idx) if idx is not None else (pad_row, stand_in)
             out = self.forward(self.net, rows, idx)
             sub = _trim_like(rows, idx, out.logprobs.shape[1])
             loss_mat, stats = token_loss(out, sub)
@@ -305,21 +309,21 @@ class LMRank:
             return MicroOut(num, float(mask.sum()), sums)
 
         steps = Steps(hp.num_epochs, hp.num_minibatches, hp.micro_batch_size, keep_order=True)
-        return self.engine.run(t["mask"].shape[0], micro_loss, denominator, steps, progress)
+        return self.engine.run(tensors["mask"].shape[0], micro_loss, denominator, steps, progress)
 
-    def reward_metrics(self, t: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
+    def reward_metrics(self, tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
         """``reward/*`` and ``rollout/*`` statistics over all ranks' completions."""
-        r = t["rewards"].float()
+        r = tensors["rewards"].float()
         grouped = r.view(-1, group_size)
         flat_groups = (grouped.max(-1).values == grouped.min(-1).values).float().mean()
-        lengths = t["mask"].float().sum(-1)
+        lengths = tensors["mask"].float().sum(-1)
         stats = torch.stack(
             [
                 r.mean(),
                 (r * r).mean(),
                 flat_groups,
                 lengths.mean(),
-                (lengths >= t["mask"].shape[1]).float().mean(),
+                (lengths >= tensors["mask"].shape[1]).float().mean(),
             ]
         )
         mean, sq, flat, length, clipped = all_reduce_mean(stats, self.ctx).tolist()
@@ -352,11 +356,11 @@ def _trim(sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _trim_like(
-    t: dict[str, torch.Tensor], idx: torch.Tensor, width: int
+    tensors: dict[str, torch.Tensor], idx: torch.Tensor, width: int
 ) -> dict[str, torch.Tensor]:
     """Rows ``idx`` of every ``[B, L]`` / ``[B]`` tensor in ``t``, cut to ``width`` tokens."""
     out = {}
-    for key, val in t.items():
+    for key, val in tensors.items():
         if key in ("prompt_ids", "prompt_mask"):
             continue
         v = val[idx]
@@ -364,11 +368,11 @@ def _trim_like(
     return out
 
 
-def _padding_row(t: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+def _padding_row(tensors: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
     """One row shaped like ``t``'s rows with no real response token (its loss weighs 0):
     what a rank with no rows of a minibatch runs so that DDP's all-reduce still meets."""
     row = {}
-    for key, val in t.items():
+    for key, val in tensors.items():
         shape = (1, max(1, val.shape[1])) if val.dim() == 2 else (1,)
         row[key] = torch.zeros(shape, dtype=val.dtype, device=val.device)
     row["prompt_ids"] = row["prompt_ids"].fill_(pad_id)

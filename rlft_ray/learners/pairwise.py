@@ -19,9 +19,11 @@ import torch
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import TaskProbe
+from rlft_ray.learners.ddp import LearnerContext
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
 from rlft_ray.learners.lm_learner import absolute_paths, check_model, lm_spaces
 from rlft_ray.lm.pairs import load_pairs, padding_pair, rows_of
+from rlft_ray.lm.prompts import ShardStream
 
 #: Name of the pair dataset handed to Ray Train (``LearnerContext.datasets``).
 PAIRS = "pairs"
@@ -65,6 +67,13 @@ def pair_update(
         return MicroOut(loss_sum, float(weight.sum()), sums)
 
     return engine.run(t["prompt_ids"].shape[0], micro_loss, denominator, steps, progress)
+
+
+def pair_stream(ctx: LearnerContext, hp: Any, seed: int) -> ShardStream:
+    """This rank's share of ``hp.batch_size`` pairs per batch from its shard of ``lm.pairs``,
+    in one global order over the ranks (the shared ``seed``), reshuffled each epoch with
+    ``hp.shuffle``."""
+    return ShardStream(ctx.datasets.get(PAIRS), hp.batch_size // ctx.world_size, seed, hp.shuffle)
 
 
 def probe_pairs(

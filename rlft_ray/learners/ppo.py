@@ -13,9 +13,8 @@ from rlft_ray.algorithms import (
     ppo_value_loss,
 )
 from rlft_ray.config import RunConfig
-from rlft_ray.core.torch_utils import fused_optimizer
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, to_tensor
-from rlft_ray.learners.ddp import all_reduce_mean, check_finite, global_mean_std, wrap_ddp
+from rlft_ray.learners.ddp import all_reduce_mean, check_finite, global_mean_std
 from rlft_ray.learners.nets import ActorCritic
 from rlft_ray.types import RolloutBatch
 
@@ -26,11 +25,7 @@ class PPOLearner(Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.ppo
-        self.policy = self.make_policy(cfg, spaces)
-        self.model = wrap_ddp(self.policy, ctx)
-        self.optimizer = fused_optimizer(
-            torch.optim.Adam, self.policy.parameters(), lr=self.hp.lr, eps=1e-5
-        )
+        self.policy, self.model, self.optimizer = self.build_policy(spaces, self.hp.lr, eps=1e-5)
 
     @classmethod
     def make_policy(cls, cfg: RunConfig, spaces: Spaces) -> nn.Module:
@@ -89,11 +84,7 @@ class PPOLearner(Learner):
                 loss = pg_loss - hp.ent_coef * ent + hp.vf_coef * v_loss
                 check_finite("loss/total", loss)
 
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                check_finite("loss/grad_norm", grad_norm)
-                self.optimizer.step()
+                grad_norm = self.gradient_step(loss, self.policy.parameters(), hp.max_grad_norm)
 
                 epoch_kl += stats["approx_kl"]
                 for key, val in (

@@ -22,16 +22,22 @@ import torch
 from torch import nn
 
 from rlft_ray.algorithms import bradley_terry_losses, sequence_logps
-from rlft_ray.algorithms.lm import sequence_logprobs
+from rlft_ray.algorithms.lm import selective_log_softmax
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.base import (
+    CurvePlot,
+    EvalOptions,
+    Learner,
+    LearnerContext,
+    Spaces,
+    TaskProbe,
+)
 from rlft_ray.learners.ddp import wrap_ddp
 from rlft_ray.learners.engine import StepEngine, Steps
 from rlft_ray.learners.lm_rank import disable_dropout
-from rlft_ray.learners.pairwise import PAIRS, pair_update, probe_pairs
+from rlft_ray.learners.pairwise import pair_stream, pair_update, probe_pairs
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
 from rlft_ray.lm.policy import position_ids
-from rlft_ray.lm.prompts import ShardStream
 from rlft_ray.types import PairBatch
 
 #: Name of the held-out pair table every rank receives (``LearnerContext.tables``).
@@ -92,7 +98,7 @@ def chosen_nll(
     mask = sub["chosen_mask"]
     logits = lm_head(hidden[:, p - 1 : -1])
     tokens = sub["chosen_ids"].masked_fill(mask == 0, 0)  # an added <pad> may be past the head
-    return -sequence_logps(sequence_logprobs(logits, tokens), mask, average=True)
+    return -sequence_logps(selective_log_softmax(logits, tokens), mask, average=True)
 
 
 class TiedLMHead(nn.Module):
@@ -148,10 +154,8 @@ def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> nn.Module:
 class RewardModelLearner(Learner):
     """Bradley-Terry training of a scalar-head LM on one rank's pairs; DDP across ranks."""
 
-    sampler_cls: ClassVar[type | None] = None  # no rollout actors: it learns from pairs
-    offline: ClassVar[bool] = True
     score_metric: ClassVar[str] = "rewards/accuracies"
-    curve: ClassVar[tuple[str, str, str]] = ("loss/rm", "counters/iteration", "loss_curve.png")
+    curve: ClassVar[CurvePlot] = CurvePlot("loss/rm", "counters/iteration", "loss_curve.png")
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         from rlft_ray.lm.loading import load_tokenizer
@@ -176,12 +180,7 @@ class RewardModelLearner(Learner):
         self.torch_rng = torch.Generator().manual_seed(cfg.seed + 104_729 * ctx.rank)
         self.engine = StepEngine(ctx, self.net, self.params, self.hp.optim, self.torch_rng)
         self.optimizer = self.engine.optimizer
-        self.pairs = ShardStream(
-            ctx.datasets.get(PAIRS),
-            self.hp.batch_size // ctx.world_size,
-            cfg.seed,  # shared: one global order over the ranks (TableShard)
-            self.hp.shuffle,
-        )
+        self.pairs = pair_stream(ctx, self.hp, cfg.seed)
         self.heldout = ctx.tables.get(HELDOUT_PAIRS)
 
     @property

@@ -93,8 +93,8 @@ class RSFTLearner(LMLearnerHooks, Learner):
         if hp.reset_to_base:
             core.reset_to_start()
             self.optimizer = core.optimizer
-        t = core.tensors(batch)
-        t["weights"] = self.sample_weights(t["rewards"])
+        tensors = core.tensors(batch)
+        tensors["weights"] = self.sample_weights(tensors["rewards"])
 
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
@@ -102,7 +102,7 @@ class RSFTLearner(LMLearnerHooks, Learner):
             nll = -out.logprobs
             return nll * sub["weights"].unsqueeze(-1), {"nll": nll.detach()}
 
-        metrics.update(core.optimize(t, token_loss, progress))
+        metrics.update(core.optimize(tensors, token_loss, progress))
         return metrics
 
     def sample_weights(self, rewards: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlft_ray.algorithms.lm import sequence_logprobs
+from rlft_ray.algorithms.lm import selective_log_softmax
 from rlft_ray.algorithms.preference import sequence_logps
 
 
@@ -211,7 +211,7 @@ def response_forward(
         with autocast_for(input_ids.device):
             logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len)
     logits = logits.float() / temperature
-    logprobs = sequence_logprobs(logits, response_ids)
+    logprobs = selective_log_softmax(logits, response_ids)
     if entropy:
         with torch.no_grad():
             log_p = torch.log_softmax(logits, dim=-1)
@@ -247,7 +247,7 @@ def pair_logps(
     index = torch.arange(ids.shape[0] // 2, device=ids.device).repeat_interleave(2)
     with autocast_for(ids.device):
         logits, _ = net(sub["prompt_ids"], sub["prompt_mask"], 0, completions=(ids, mask, index))
-    logprobs = sequence_logprobs(logits.float(), ids)
+    logprobs = selective_log_softmax(logits.float(), ids)
     logps = sequence_logps(logprobs, mask, average=average)
     nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
     return logps[0::2], logps[1::2], nll
