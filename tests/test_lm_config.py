@@ -11,7 +11,7 @@ import pytest
 
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
-from rlft_ray.learners.lm_hooks import probe_lm
+from rlft_ray.learners.lm_hooks import check_reward_fns, evaluate_lm, probe_lm
 from rlft_ray.lm.data import (
     PromptDataError,
     ShardStream,
@@ -247,6 +247,7 @@ def test_probe_reads_and_counts_prompts(model_dir: Path, tmp_path: Path) -> None
         (["lm.prompts_per_iteration=64"], "lm.prompts_per_iteration", "only 40 usable prompts"),
         (["lm.max_new_tokens=60"], "lm.max_new_tokens", "exceeds the model's 64 positions"),
         (["lm.reward_fn=envs.arithmetic:no_such_fn"], "lm.reward_fn", "no attribute"),
+        (["lm.eval_fn=rlft_ray.rewards:boxd"], "lm.eval_fn", "did you mean 'boxed'"),
         (["lm.reward_fn=no_such_pkg.mod:fn"], "lm.reward_fn", "cannot import"),
         (["lm.eval_prompts=missing.jsonl"], "lm.eval_prompts", "not found"),
         (["grpo.estimator=rloo", "lm.num_samples=1"], "lm.num_samples", "rloo needs at least 2"),
@@ -258,6 +259,26 @@ def test_probe_errors_name_the_key(
     cfg = _cfg(model_dir, tmp_path, *overrides)
     with pytest.raises(ConfigError, match=message) as info:
         get_learner_cls(cfg.algo).probe(cfg)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("key", ["lm.reward_fn", "lm.eval_fn"])
+def test_a_reward_function_that_does_not_exist_fails_before_ray(key: str, tmp_path: Path) -> None:
+    """The pre-flight check (run by every LM learner's probe before Ray starts) names the key
+    and the closest built-in; no model or prompt file is needed to get there."""
+    import ray
+
+    cfg = build_config(overrides=[f"{key}=rlft_ray.rewards:final_numbr"])
+    with pytest.raises(ConfigError) as info:
+        check_reward_fns(cfg)
+    assert info.value.key == key and str(info.value).startswith(f"{key}: ")
+    assert "has no attribute 'final_numbr'" in str(info.value)
+    assert "did you mean 'final_number'" in str(info.value)
+    assert not ray.is_initialized()
+    check_reward_fns(build_config(overrides=[f"{key}=rlft_ray.rewards:final_number"]))
+    # rlft-ray eval checks it before it loads the model (there is none here)
+    with pytest.raises(ConfigError) as info:
+        evaluate_lm(tmp_path / "no-model", cfg, EvalOptions(dataset=str(tmp_path / "p.jsonl")))
     assert info.value.key == key
 
 
