@@ -64,7 +64,12 @@ class LMConfig:
             learner trains fp32 master weights under bf16 autocast either way.
         chat_template: Render each prompt as a user message with the tokenizer's chat
             template (plus the generation prompt) instead of using it verbatim.
-        system_prompt: Optional system message when ``chat_template`` is on.
+        system_prompt: The system message when the chat template is used (``chat_template``
+            on, or conversational prompts). ``null``: the template's default (templates such
+            as SmolLM2's or Qwen2.5's write "You are a helpful AI assistant ..." when a
+            conversation has none); a text: that system message; ``""``: no system message,
+            the template's default one cut out of the rendered prompt. A conversation that
+            starts with a system message keeps its own.
         prompts: Training prompts, a ``.jsonl``/``.json`` or ``.parquet`` file with a
             ``prompt`` column and optional ``answer``/``ground_truth`` and metadata columns.
         eval_prompts: Held-out prompts for ``rlft-ray eval`` and the quickstart.

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from rlft_ray.config import ConfigError, LMConfig
+from rlft_ray.lm.chat import render_chat
 from rlft_ray.types import Prompt
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -156,11 +157,15 @@ def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame
 
 
 def render_prompt(
-    value: Any, tokenizer: Any, chat_template: bool, system_prompt: str | None
+    value: Any,
+    tokenizer: Any,
+    chat_template: bool,
+    system_prompt: str | None,
 ) -> str:
     """The prompt as the model sees it: a string verbatim (or as one user turn through the
     chat template), a conversation (a list of ``{"role", "content"}`` messages) always
-    through the tokenizer's chat template.
+    through the tokenizer's chat template (:func:`~rlft_ray.lm.chat.render_chat`, which
+    applies ``lm.system_prompt``).
 
     Raises:
         ConfigError: A conversation or ``lm.chat_template`` without a tokenizer template,
@@ -188,9 +193,7 @@ def render_prompt(
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
     else:
         messages = [{"role": "user", "content": str(value)}]
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, system_prompt)
 
 
 def encode_prompt(text: str, tokenizer: Any, chat_template: bool) -> list[int]:
