@@ -60,6 +60,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
         ("lm.track_kl_every=0", "lm.track_kl_every", ">= 1"),
         ("lm.prompt_overflow=wrap", "lm.prompt_overflow", "must be one of"),
         ("lm.reward_fn=exact_match", "lm.reward_fn", "package.module:function"),
+        ("lm.prompt_template=Reply with a number.", "lm.prompt_template", r"\{prompt\} exactly"),
         ("lm.dtype=int8", "lm.dtype", "float32"),
         ("lm.temprature=0.7", "lm.temprature", "did you mean 'lm.temperature'"),
         ("total_iterations=0", "total_iterations", ">= 1"),
@@ -234,6 +235,23 @@ def test_probe_reads_and_counts_prompts(model_dir: Path, tmp_path: Path) -> None
     assert len(probe.datasets["prompts"]) == 40
     assert probe.spaces.action.n == len(build_tokenizer())
     assert Path(probe.cfg.lm.model).is_absolute() and Path(probe.cfg.lm.prompts).is_absolute()
+
+
+def test_probe_with_a_built_in_verifier_and_a_prompt_template(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The pre-flight reward call scores the first prompt's answer with the built-in, and
+    the prompts the learners get are wrapped by lm.prompt_template."""
+    cfg = _cfg(
+        model_dir,
+        tmp_path,
+        "lm.reward_fn=rlft_ray.rewards:final_number",
+        "lm.eval_fn=rlft_ray.rewards:exact_match",
+        "lm.prompt_template=Q: {prompt} A:",
+    )
+    probe = probe_lm(cfg)
+    first = prompts_from_batch(probe.datasets["prompts"].head(2))
+    assert [p.text for p in first] == ["Q: 0+1= A:", "Q: 1+1= A:"]
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,16 @@
 """Prompts as the model sees them: ``lm.system_prompt`` (null, a text, or "" for none at all,
-the chat template's default system message cut out)."""
+the chat template's default system message cut out) and ``lm.prompt_template``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from rlft_ray.config import ConfigError
+from rlft_ray.config import ConfigError, build_config
 from rlft_ray.lm.chat import find_default_system_block, render_chat
-from rlft_ray.lm.data import render_prompt
+from rlft_ray.lm.data import load_prompts, prompts_from_batch, render_prompt
 from rlft_ray.lm.tiny import CHAT_TEMPLATE, build_tokenizer
 
 # SmolLM2-Instruct's template: a default system message when the first one is not "system".
@@ -175,3 +178,87 @@ def test_a_default_block_whose_end_is_unclear_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot be found") as info:
         render_prompt("1+1=", tok, True, "")
     assert info.value.key == "lm.system_prompt"
+
+
+# --------------------------------------------------------------------------- prompt_template
+
+
+@pytest.mark.parametrize(
+    ("template", "chat", "system_prompt", "expected"),
+    [
+        ("{prompt} Reply with only the number.", False, None, "1+1= Reply with only the number."),
+        ("Q: {prompt}\nA:", False, None, "Q: 1+1=\nA:"),
+        ("Solve {{x}} = {prompt}", False, None, "Solve {x} = 1+1="),  # doubled braces
+        (
+            "{prompt} Reply with only the number.",
+            True,
+            "",
+            "<|im_start|>user\n1+1= Reply with only the number.<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            "{prompt} Reply with only the number.",
+            True,
+            None,
+            SMOL_SYSTEM + "<|im_start|>user\n1+1= Reply with only the number.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
+        (None, True, "", SMOL_USER),
+    ],
+)
+def test_prompt_template(
+    template: str | None, chat: bool, system_prompt: str | None, expected: str
+) -> None:
+    tok = _tokenizer(SMOL)
+    assert render_prompt("1+1=", tok, chat, system_prompt, template) == expected
+
+
+def test_prompt_template_leaves_the_prompt_unparsed_and_conversations_alone() -> None:
+    tok = _tokenizer(SMOL)
+    assert render_prompt("f({x}) = ?", tok, False, None, "[{prompt}]") == "[f({x}) = ?]"
+    assert render_prompt(_user(), tok, False, "", "{prompt} Reply.") == SMOL_USER
+
+
+def test_prompt_options_reach_every_loaded_prompt(tmp_path: Path) -> None:
+    """load_prompts (training and held-out prompts, rlft-ray sample and eval) renders with both
+    options, and the token ids are those of the rendered text."""
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": _user("2+2="), "answer": "4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = _tokenizer(TINY_DEFAULT)
+    lm = build_config(
+        overrides=[
+            "lm.chat_template=true",
+            "lm.system_prompt=''",
+            "lm.prompt_template={prompt} Reply with only the number.",
+        ]
+    ).lm
+    assert lm.system_prompt == "" and lm.prompt_template == "{prompt} Reply with only the number."
+    prompts = prompts_from_batch(load_prompts(path, tok, lm)[0])
+    assert [p.text for p in prompts] == [
+        "user: 1+1= Reply with only the number.\nassistant: ",
+        "user: 2+2=\nassistant: ",
+    ]
+    assert all(tok.decode(p.ids) == p.text for p in prompts)
+    default = build_config(overrides=["lm.chat_template=true"]).lm
+    assert prompts_from_batch(load_prompts(path, tok, default)[0])[0].text == (
+        "system: You are a helpful AI assistant.\nuser: 1+1=\nassistant: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("Reply with only the number.", r"must contain \{prompt\} exactly once \(found 0\)"),
+        ("{prompt} and again {prompt}", r"exactly once \(found 2\)"),
+        ("{prompt} in {braces}", r"only the placeholder \{prompt\}, not \{braces\}"),
+        ("{} {prompt}", r"only the placeholder \{prompt\}, not \{\}"),
+        ("{prompt} }", r"Single '\}' encountered.*write a literal brace as \{\{ or \}\}"),
+        ("{ {prompt}", r"not a valid template"),
+        ("{prompt!r}", "without a conversion or format spec"),
+        ("{prompt:>20}", "without a conversion or format spec"),
+    ],
+)
+def test_a_bad_prompt_template_names_the_key(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:  # quoted: YAML reads {a} as a map
+        build_config(overrides=[f"lm.prompt_template='{value}'"])
+    assert info.value.key == "lm.prompt_template"

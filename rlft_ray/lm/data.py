@@ -161,11 +161,13 @@ def render_prompt(
     tokenizer: Any,
     chat_template: bool,
     system_prompt: str | None,
+    prompt_template: str | None = None,
 ) -> str:
     """The prompt as the model sees it: a string verbatim (or as one user turn through the
     chat template), a conversation (a list of ``{"role", "content"}`` messages) always
     through the tokenizer's chat template (:func:`~rlft_ray.lm.chat.render_chat`, which
-    applies ``lm.system_prompt``).
+    applies ``lm.system_prompt``). A string is first put in ``prompt_template``'s
+    ``{prompt}`` (``lm.prompt_template``); a conversation is left as it is.
 
     Raises:
         ConfigError: A conversation or ``lm.chat_template`` without a tokenizer template,
@@ -174,6 +176,8 @@ def render_prompt(
     if isinstance(value, np.ndarray):  # a list column read back from parquet
         value = value.tolist()
     conversation = isinstance(value, list)
+    if not conversation and prompt_template is not None:
+        value = prompt_template.format(prompt=str(value))
     if not conversation and not chat_template:
         return str(value)
     if getattr(tokenizer, "chat_template", None) is None:
@@ -305,7 +309,7 @@ def prepare_prompts(
 def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int]]:
     """A prompt's text as the model sees it and its ids (a chat template adds its own
     special tokens, so templated text is encoded without them)."""
-    text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt)
+    text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt, lm.prompt_template)
     templated = lm.chat_template or isinstance(value, (list, np.ndarray))
     return text, encode_prompt(text, tokenizer, templated)
 
