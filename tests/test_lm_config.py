@@ -11,7 +11,7 @@ import pytest
 
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.base import EvalOptions
-from rlft_ray.learners.lm_learner import probe_lm
+from rlft_ray.learners.lm_learner import check_reward_fns, evaluate_lm, probe_lm
 from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.lm.loading import load_tokenizer
 from rlft_ray.lm.prompts import (
@@ -60,6 +60,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
         ("lm.track_kl_every=0", "lm.track_kl_every", ">= 1"),
         ("lm.prompt_overflow=wrap", "lm.prompt_overflow", "must be one of"),
         ("lm.reward_fn=exact_match", "lm.reward_fn", "package.module:function"),
+        ("lm.prompt_template=Reply with a number.", "lm.prompt_template", r"\{prompt\} exactly"),
         ("lm.dtype=int8", "lm.dtype", "float32"),
         ("lm.temprature=0.7", "lm.temprature", "did you mean 'lm.temperature'"),
         ("total_iterations=0", "total_iterations", ">= 1"),
@@ -236,6 +237,23 @@ def test_probe_reads_and_counts_prompts(model_dir: Path, tmp_path: Path) -> None
     assert Path(probe.cfg.lm.model).is_absolute() and Path(probe.cfg.lm.prompts).is_absolute()
 
 
+def test_probe_with_a_built_in_verifier_and_a_prompt_template(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The pre-flight reward call scores the first prompt's answer with the built-in, and
+    the prompts the learners get are wrapped by lm.prompt_template."""
+    cfg = _cfg(
+        model_dir,
+        tmp_path,
+        "lm.reward_fn=rlft_ray.rewards:final_number",
+        "lm.eval_fn=rlft_ray.rewards:exact_match",
+        "lm.prompt_template=Q: {prompt} A:",
+    )
+    probe = probe_lm(cfg)
+    first = prompts_from_batch(probe.datasets["prompts"].head(2))
+    assert [p.text for p in first] == ["Q: 0+1= A:", "Q: 1+1= A:"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "message"),
     [
@@ -247,6 +265,7 @@ def test_probe_reads_and_counts_prompts(model_dir: Path, tmp_path: Path) -> None
         (["lm.prompts_per_iteration=64"], "lm.prompts_per_iteration", "only 40 usable prompts"),
         (["lm.max_new_tokens=60"], "lm.max_new_tokens", "exceeds the model's 64 positions"),
         (["lm.reward_fn=envs.arithmetic:no_such_fn"], "lm.reward_fn", "no attribute"),
+        (["lm.eval_fn=rlft_ray.rewards:boxd"], "lm.eval_fn", "did you mean 'boxed'"),
         (["lm.reward_fn=no_such_pkg.mod:fn"], "lm.reward_fn", "cannot import"),
         (["lm.eval_prompts=missing.jsonl"], "lm.eval_prompts", "not found"),
         (["grpo.estimator=rloo", "lm.num_samples=1"], "lm.num_samples", "rloo needs at least 2"),
@@ -258,6 +277,26 @@ def test_probe_errors_name_the_key(
     cfg = _cfg(model_dir, tmp_path, *overrides)
     with pytest.raises(ConfigError, match=message) as info:
         get_learner_cls(cfg.algo).probe(cfg)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("key", ["lm.reward_fn", "lm.eval_fn"])
+def test_a_reward_function_that_does_not_exist_fails_before_ray(key: str, tmp_path: Path) -> None:
+    """The pre-flight check (run by every LM learner's probe before Ray starts) names the key
+    and the closest built-in; no model or prompt file is needed to get there."""
+    import ray
+
+    cfg = build_config(overrides=[f"{key}=rlft_ray.rewards:final_numbr"])
+    with pytest.raises(ConfigError) as info:
+        check_reward_fns(cfg)
+    assert info.value.key == key and str(info.value).startswith(f"{key}: ")
+    assert "has no attribute 'final_numbr'" in str(info.value)
+    assert "did you mean 'final_number'" in str(info.value)
+    assert not ray.is_initialized()
+    check_reward_fns(build_config(overrides=[f"{key}=rlft_ray.rewards:final_number"]))
+    # rlft-ray eval checks it before it loads the model (there is none here)
+    with pytest.raises(ConfigError) as info:
+        evaluate_lm(tmp_path / "no-model", cfg, EvalOptions(dataset=str(tmp_path / "p.jsonl")))
     assert info.value.key == key
 
 

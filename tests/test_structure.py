@@ -86,8 +86,8 @@ def test_every_package_has_a_layer() -> None:
     units = {_unit(name) for name, _ in _modules()}
     assert units == set(LAYERS), units ^ set(LAYERS)
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    # the package root holds the entry points and the user-facing rewards, nothing else
-    assert top == ["__init__.py", "__main__.py", "cli.py", "rewards.py"], top
+    # the package root holds the entry points, nothing else
+    assert top == ["__init__.py", "__main__.py", "cli.py"], top
 
 
 def test_layers_import_only_downward() -> None:

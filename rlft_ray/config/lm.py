@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +52,34 @@ class LoRAConfig:
         return self.r > 0
 
 
+def prompt_template_problem(template: str) -> str | None:
+    """What is wrong with an ``lm.prompt_template``, or None when it is usable.
+
+    Usable: ``str.format`` syntax with exactly one placeholder, ``{prompt}`` (no conversion
+    or format spec), every other brace doubled (``{{``, ``}}``).
+    """
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as exc:  # a lone brace
+        return f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+    others = sorted({f"{{{name}}}" for name, _, _ in fields if name != "prompt"})
+    if others:
+        return (
+            f"may hold only the placeholder {{prompt}}, not {', '.join(others)}; "
+            "write a literal brace as {{ or }}"
+        )
+    if len(fields) != 1:
+        return f"must contain {{prompt}} exactly once (found {len(fields)})"
+    _, spec, conversion = fields[0]
+    if spec or conversion:
+        return "takes {prompt} as it is, without a conversion or format spec"
+    return None
+
+
 @dataclass(frozen=True)
 class LMConfig:
     """A causal language model, its prompts, reward and sampling (for the LM algorithms).
@@ -65,7 +94,17 @@ class LMConfig:
             learner trains fp32 master weights under bf16 autocast either way.
         chat_template: Render each prompt as a user message with the tokenizer's chat
             template (plus the generation prompt) instead of using it verbatim.
-        system_prompt: Optional system message when ``chat_template`` is on.
+        system_prompt: The system message of prompt-file prompts rendered with the chat
+            template (``chat_template`` on, or conversational prompts). ``null``: the
+            template's default (templates such as SmolLM2's or Qwen2.5's write "You are a
+            helpful AI assistant ..." when a conversation has none); a text: that system
+            message; ``""``: no system message, the template's default one cut out of the
+            rendered prompt. A conversation that starts with a system message keeps its own.
+        prompt_template: Wraps every plain-string prompt of a prompt file (training,
+            held-out, ``rlft-ray eval`` / ``sample``), before the chat template, by putting
+            it in the one ``{prompt}`` placeholder (e.g. ``"{prompt} Reply with only the
+            number."``); write other braces as ``{{`` and ``}}``. Conversational prompts and
+            preference pairs are left as they are. ``null``: prompts as written.
         prompts: Training prompts, a ``.jsonl``/``.json`` or ``.parquet`` file with a
             ``prompt`` column and optional ``answer``/``ground_truth`` and metadata columns.
         eval_prompts: Held-out prompts for ``rlft-ray eval`` and the quickstart.
@@ -112,6 +151,7 @@ class LMConfig:
     dtype: str = "float32"
     chat_template: bool = False
     system_prompt: str | None = None
+    prompt_template: str | None = None
     prompts: str | None = None
     eval_prompts: str | None = None
     prompt_key: str = "prompt"
@@ -145,6 +185,9 @@ class LMConfig:
             "must be float32, bfloat16, float16 or auto",
         )
         require(bool(self.prompt_key), "prompt_key", "must name a column")
+        if self.prompt_template is not None:
+            problem = prompt_template_problem(self.prompt_template)
+            require(problem is None, "prompt_template", f"{problem} (got {self.prompt_template!r})")
         require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
         require(
             ":" in self.reward_fn,

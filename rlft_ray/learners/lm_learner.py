@@ -119,13 +119,23 @@ def check_reward_fns(cfg: RunConfig) -> None:
     Raises:
         ConfigError: Naming the key whose function or model cannot be used.
     """
+    check_reward_specs(cfg)
+    if cfg.lm.reward_model is not None:
+        check_reward_model(cfg.lm.reward_model)
+
+
+def check_reward_specs(cfg: RunConfig) -> None:
+    """``lm.reward_fn`` and ``lm.eval_fn`` name functions that import (no model is loaded).
+
+    Raises:
+        ConfigError: Naming the key whose spec is malformed, whose module does not import
+            or whose function does not exist (with the closest names the module has).
+    """
     for key, spec in (("lm.reward_fn", cfg.lm.reward_fn), ("lm.eval_fn", cfg.lm.eval_fn)):
         try:
             load_reward_fn(spec)
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
-    if cfg.lm.reward_model is not None:
-        check_reward_model(cfg.lm.reward_model)
 
 
 def check_reward_call(cfg: RunConfig, prompt: Prompt) -> None:
@@ -249,6 +259,7 @@ def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str
     dataset = opts.dataset or cfg.lm.eval_prompts
     if not dataset:
         raise ConfigError("--dataset", "name a prompt file (the run config has no lm.eval_prompts)")
+    check_reward_specs(cfg)  # before the model loads and generates
     policy_dir = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
     result = evaluate_model(policy_dir, dataset, cfg.lm, limit=opts.limit, seed=opts.seed)
     return {"checkpoint": str(checkpoint), **result}

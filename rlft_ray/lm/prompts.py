@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from rlft_ray.config import ConfigError, LMConfig
+from rlft_ray.lm.chat import render_chat
 from rlft_ray.types import Prompt
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -156,11 +157,17 @@ def read_prompt_table(path: str | Path, key: str = "lm.prompts") -> pd.DataFrame
 
 
 def render_prompt(
-    value: Any, tokenizer: Any, chat_template: bool, system_prompt: str | None
+    value: Any,
+    tokenizer: Any,
+    chat_template: bool,
+    system_prompt: str | None,
+    prompt_template: str | None = None,
 ) -> str:
     """The prompt as the model sees it: a string verbatim (or as one user turn through the
     chat template), a conversation (a list of ``{"role", "content"}`` messages) always
-    through the tokenizer's chat template.
+    through the tokenizer's chat template (:func:`~rlft_ray.lm.chat.render_chat`, which
+    applies ``lm.system_prompt``). A string is first put in ``prompt_template``'s
+    ``{prompt}`` (``lm.prompt_template``); a conversation is left as it is.
 
     Raises:
         ConfigError: A conversation or ``lm.chat_template`` without a tokenizer template,
@@ -169,6 +176,8 @@ def render_prompt(
     if isinstance(value, np.ndarray):  # a list column read back from parquet
         value = value.tolist()
     conversation = isinstance(value, list)
+    if not conversation and prompt_template is not None:
+        value = prompt_template.format(prompt=str(value))
     if not conversation and not chat_template:
         return str(value)
     if getattr(tokenizer, "chat_template", None) is None:
@@ -188,9 +197,7 @@ def render_prompt(
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
     else:
         messages = [{"role": "user", "content": str(value)}]
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, system_prompt)
 
 
 def encode_prompt(text: str, tokenizer: Any, chat_template: bool) -> list[int]:
@@ -302,7 +309,7 @@ def prepare_prompts(
 def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int]]:
     """A prompt's text as the model sees it and its ids (a chat template adds its own
     special tokens, so templated text is encoded without them)."""
-    text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt)
+    text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt, lm.prompt_template)
     templated = lm.chat_template or isinstance(value, (list, np.ndarray))
     return text, encode_prompt(text, tokenizer, templated)
 

@@ -1,14 +1,15 @@
-"""Loading and safely calling user reward functions.
+"""Loading and safely calling reward functions.
 
 A reward function has the signature
 ``fn(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]`` and is
-named in configs as ``"package.module:function"`` (e.g. ``"envs.arithmetic:exact_match"``).
+named in configs as ``"package.module:function"`` (e.g. ``"rlft_ray.rewards:final_number"``).
 :func:`compute_rewards` turns every way such a function can misbehave into a :class:`RewardError`
 that names the function and, where possible, the offending sample. Pure Python (no Ray).
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import math
@@ -71,11 +72,21 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
         except AttributeError as e:
             raise ValueError(
                 f"reward module {module_name!r} has no attribute {attr_path!r} "
-                f"(missing {part!r}; spec {spec!r})"
+                f"(missing {part!r}; spec {spec!r}){_suggest(obj, part)}"
             ) from e
     if not callable(obj):
         raise ValueError(f"reward spec {spec!r} names a {type(obj).__name__}, not a callable")
     return obj
+
+
+def _suggest(obj: Any, missing: str) -> str:
+    """``"; did you mean 'x'?"`` naming the public callables of ``obj`` closest to ``missing``."""
+    names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+    close = [repr(n) for n in difflib.get_close_matches(missing, names, n=3)]
+    if not close:
+        return ""
+    listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f"; did you mean {listed}?"
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:
