@@ -27,7 +27,7 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from rlft_ray.apps.evaluate import eval_config
+from rlft_ray.apps.evaluate import eval_config, eval_fn_source
 from rlft_ray.cli import main
 from rlft_ray.config import ConfigError, build_config
 from rlft_ray.learners.checkpoint import (
@@ -442,6 +442,12 @@ def test_eval_runs_no_code_a_checkpoint_names() -> None:
     assert eval_config(crafted, ["lm.eval_fn=envs.arithmetic:numeric_match"]).lm.eval_fn == (
         "envs.arithmetic:numeric_match"
     )
+    # a reward this package ships runs no foreign code: the run's own is used, and said so
+    built_in = build_config(GRPO, ["lm.eval_fn=rlft_ray.rewards:final_number"])
+    assert eval_config(built_in, []).lm.eval_fn == "rlft_ray.rewards:final_number"
+    assert "(the run's)" in eval_fn_source(built_in, eval_config(built_in, []), [])
+    note = eval_fn_source(crafted, cfg, [])
+    assert "evil.module:run is not built in" in note and "pass lm.eval_fn=evil.module:run" in note
     gym = build_config(CARTPOLE, ["env.id=evil.module:Env-v0"])
     with pytest.raises(ConfigError, match="env.id: .*would import module 'evil.module'"):
         eval_config(gym, [])

@@ -189,6 +189,15 @@ class RunConfig:
             gym: ``eval_episodes`` greedy episodes on held-out seeds ->
             ``eval/return_mean``; also after the last iteration); null: none.
         eval_episodes: Episodes per gym held-out evaluation, split over the env runners.
+        best_metric: The metric that chooses ``checkpoint_best`` (higher is better). Null:
+            with ``eval_every`` the algorithm's held-out metric (``eval/accuracy`` for LM
+            policies, ``eval/return_mean`` for gym, ``eval/pairwise_accuracy`` for reward
+            models), measured on every evaluation, which is then also checkpointed; never
+            a learned reward. Without ``eval_every`` the training score (``reward/mean``,
+            ``rollout/episode_return_mean``, ...) averaged over the last ``best_window``
+            iterations, so one lucky batch does not choose it.
+        best_window: Iterations the training score is averaged over (``best_metric`` not
+            an ``eval/`` metric).
         async_rollouts: Overlap sampling with learning: the actors sample the next batch
             with the weights they hold while the learner updates on the last one (one
             policy version behind; ``rollout/policy_lag`` records it per batch). The
@@ -225,6 +234,8 @@ class RunConfig:
     report_interval_s: float = 1.0
     eval_every: int | None = None
     eval_episodes: int = 10
+    best_metric: str | None = None
+    best_window: int = 10
     async_rollouts: bool = False
     max_policy_lag: int = 1
 
@@ -252,6 +263,19 @@ class RunConfig:
             self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null"
         )
         require(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
+        require(self.best_window >= 1, "best_window", "must be >= 1")
+        require(
+            self.best_metric is None or bool(self.best_metric.strip()),
+            "best_metric",
+            "must name a metric (e.g. eval/accuracy) or be null",
+        )
+        require(
+            self.best_metric is None
+            or not self.best_metric.startswith("eval/")
+            or self.eval_every is not None,
+            "best_metric",
+            f"{self.best_metric} is measured only with eval_every set",
+        )
         require(
             not self.async_rollouts or self.algo in ASYNC_ALGORITHMS,
             "async_rollouts",

@@ -117,12 +117,22 @@ class Learner(ABC):
 
     #: Its actors score samples with the run's reward (``lm.reward_model`` then needs scorers).
     scores_samples: ClassVar[bool] = False
-    #: Metric that ranks checkpoints (higher is better).
+    #: The training score (higher is better): the progress bar's, and what ranks
+    #: checkpoints without a held-out evaluation.
     score_metric: ClassVar[str] = "rollout/episode_return_mean"
+    #: The held-out metric of :meth:`heldout_eval`: what ranks checkpoints with ``eval_every``.
+    eval_metric: ClassVar[str] = "eval/return_mean"
     #: The learning-curve PNG written into the run directory.
     curve: ClassVar[CurvePlot] = CurvePlot(
         y="rollout/episode_return_mean", x="counters/env_steps", file="return_curve.png"
     )
+
+    @classmethod
+    def best_metric(cls, cfg: RunConfig) -> str:
+        """The metric that chooses ``checkpoint_best`` (see ``RunConfig.best_metric``)."""
+        if cfg.best_metric is not None:
+            return cfg.best_metric
+        return cls.eval_metric if cfg.eval_every is not None else cls.score_metric
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         self.cfg = cfg

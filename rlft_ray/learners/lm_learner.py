@@ -293,6 +293,7 @@ class LMLearnerHooks:
 
     scores_samples: ClassVar[bool] = True
     score_metric: ClassVar[str] = "reward/mean"
+    eval_metric: ClassVar[str] = "eval/accuracy"
     curve: ClassVar[CurvePlot] = CurvePlot("reward/mean", "counters/iteration", "reward_curve.png")
     core: LMRank
 

@@ -155,6 +155,7 @@ class RewardModelLearner(Learner):
     """Bradley-Terry training of a scalar-head LM on one rank's pairs; DDP across ranks."""
 
     score_metric: ClassVar[str] = "rewards/accuracies"
+    eval_metric: ClassVar[str] = "eval/pairwise_accuracy"
     curve: ClassVar[CurvePlot] = CurvePlot("loss/rm", "counters/iteration", "loss_curve.png")
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:

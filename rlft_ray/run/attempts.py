@@ -268,8 +268,9 @@ class Attempts:
         resume_from = _stage_checkpoint(last, res.storage_path, attempt) if last.is_dir() else None
         run_dir = RunDirCallback(
             str(self.output_dir),
-            self.learner_cls.score_metric,
+            self.learner_cls.best_metric(cfg),
             tensorboard=config_yaml(cfg) if cfg.tracking.tensorboard else None,
+            window=cfg.best_window,
         )
         inputs = {
             "cfg": cfg,

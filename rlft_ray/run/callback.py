@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,30 @@ class RunDirCallback(UserCallback):
     TensorBoard copy) and keeps ``checkpoint_best`` / ``checkpoint_last`` up to date,
     atomically.
 
+    A checkpoint's score is the ``score_metric`` of its own iteration for a held-out
+    (``eval/``) metric, the loop checkpointing every evaluation; for a training metric it
+    is the mean over the last ``window`` iterations' values, so one lucky batch of a
+    noisy reward does not choose ``checkpoint_best``.
+
     Args:
         output_dir: The run directory.
         score_metric: Metric ranking checkpoints (higher is better).
         tensorboard: The config's YAML to log with TensorBoard scalars
             (``tracking.tensorboard``); None: no TensorBoard files.
+        window: Iterations a training metric is averaged over.
     """
 
-    def __init__(self, output_dir: str, score_metric: str, tensorboard: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        score_metric: str,
+        tensorboard: str | None = None,
+        window: int = 10,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.score_metric = score_metric
+        self.held_out = score_metric.startswith("eval/")
+        self.recent: deque[float] = deque(maxlen=1 if self.held_out else window)
         self.tensorboard = (
             TensorBoardLog(self.output_dir, tensorboard, score_metric) if tensorboard else None
         )
@@ -67,10 +82,15 @@ class RunDirCallback(UserCallback):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         if self.tensorboard is not None:
             self.tensorboard.write(rows)
+        for r in rows:
+            value = r.get(self.score_metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.recent.append(float(value))
         if checkpoint is None:
             return
         self._materialize(checkpoint, "checkpoint_last")
-        score = row.get(self.score_metric)
+        measured = self.score_metric in row if self.held_out else bool(self.recent)
+        score = sum(self.recent) / len(self.recent) if measured else None
         if score is not None and score > self._best_score():
             dest = self._materialize(checkpoint, "checkpoint_best")
             atomic_write_json(
@@ -79,6 +99,7 @@ class RunDirCallback(UserCallback):
                     "metric": self.score_metric,
                     "value": score,
                     "iteration": row.get("counters/iteration"),
+                    "averaged_over": len(self.recent),
                 },
             )
 

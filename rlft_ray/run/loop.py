@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "perf/actor_restarts": float(runners.restarts),
             }
         )
-        reporter.add(metrics, learner, counters, last=last)
+        reporter.add(metrics, learner, counters, last=last, evaluated=eval_due)
 
 
 def _loop_inputs(inputs: Any) -> dict[str, Any]:
@@ -293,10 +293,18 @@ class _Reporter:
         self.last_report = time.monotonic()
 
     def add(
-        self, metrics: dict[str, float], learner: Learner, counters: ckpt.Counters, last: bool
+        self,
+        metrics: dict[str, float],
+        learner: Learner,
+        counters: ckpt.Counters,
+        last: bool,
+        evaluated: bool = False,
     ) -> None:
         self.rows.append(metrics)
         checkpoint_due = last or counters.iteration % self.cfg.checkpoint_every == 0
+        # a held-out evaluation that ranks checkpoints gets one: checkpoint_best is the
+        # evaluated policy itself
+        checkpoint_due |= evaluated and type(learner).best_metric(self.cfg).startswith("eval/")
         # every rank must call report equally often: rank 0's clock decides
         due = checkpoint_due or time.monotonic() - self.last_report >= self.cfg.report_interval_s
         if not rank0_decides(due, self.ctx):

@@ -90,6 +90,10 @@ def write_summary(
         if (output_dir / "checkpoint_last").exists()
         else None,
     }
+    score = output_dir / "checkpoint_best" / "score.json"
+    if score.is_file():  # which metric chose checkpoint_best, its value and iteration
+        with contextlib.suppress(ValueError, OSError):
+            summary["checkpoint_best_score"] = json.loads(score.read_text())
     summary.update(extra or {})
     atomic_write_json(output_dir / "summary.json", summary)
     return summary
