@@ -9,6 +9,7 @@ import torch
 
 from rlft_ray.algorithms.lm import (
     aggregate_loss_parts,
+    chunked_token_logps,
     group_advantages,
     kl_penalty,
     masked_gae,
@@ -379,3 +380,33 @@ def test_selective_log_softmax_by_hand_and_bf16():
     out16 = selective_log_softmax(low, tokens)
     assert out16.dtype == torch.float32
     close(out16, selective_log_softmax(low.float(), tokens))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_token_logps_equals_the_full_log_softmax_with_its_gradients(chunk):
+    """Chunks of the output head give the full log-softmax's log-probs, entropies and
+    gradients (hidden states and head weights), whatever the chunk size."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    logits = (hidden @ weight.T + bias) / 0.7
+    full_logp = torch.log_softmax(logits, -1)
+    want = full_logp.gather(-1, tokens[..., None])[..., 0]
+    want_ent = -(full_logp.exp() * full_logp).sum(-1)
+    (want * torch.arange(10.0).view(2, 5)).sum().backward()
+    want_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    got, ent = chunked_token_logps(hidden, weight, bias, tokens, 0.7, chunk, entropy=True)
+    close(got, want.detach(), atol=1e-5)
+    close(ent, want_ent.detach(), atol=1e-5)
+    assert not ent.requires_grad
+    (got * torch.arange(10.0).view(2, 5)).sum().backward()
+    close(hidden.grad, want_grads[0], atol=1e-5)
+    close(weight.grad, want_grads[1], atol=1e-5)
+    # without entropy: zeros, and no gradient needed: no checkpointing either
+    with torch.no_grad():
+        got, ent = chunked_token_logps(hidden, weight, None, tokens, 1.0, chunk)
+    close(got, torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens[..., None])[..., 0])
+    assert float(ent.abs().sum()) == 0.0

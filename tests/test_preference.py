@@ -166,13 +166,13 @@ def test_shared_prompt_forward_equals_separate_ones(
     mask = torch.stack([t["chosen_mask"], t["rejected_mask"]], 1).flatten(0, 1)
     with torch.no_grad():
         index = torch.arange(len(t["prompt_ids"])).repeat_interleave(2)
-        shared = net._shared_prompt_logits(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
-        joint = net._joint_logits(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
+        shared = net._shared_prompt_hidden(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
+        joint = net._joint_hidden(t["prompt_ids"], t["prompt_mask"], ids, mask, index)
     real = mask.bool()
     torch.testing.assert_close(shared[real], joint[real], atol=1e-5, rtol=1e-5)
     # one-token completions are predicted by the prompt alone (no completion pass)
     with torch.no_grad():
-        one = net._shared_prompt_logits(
+        one = net._shared_prompt_hidden(
             t["prompt_ids"], t["prompt_mask"], ids[:, :1], mask[:, :1], index
         )
         alone = response_forward(
@@ -183,6 +183,7 @@ def test_shared_prompt_forward_equals_separate_ones(
             mask[:, :1],
         ).logprobs
     assert one.shape[:2] == (ids.shape[0], 1)
+    one = model.get_output_embeddings()(one)  # the prompt's last position's logits
     torch.testing.assert_close(
         torch.log_softmax(one, -1).gather(-1, ids[:, :1, None])[..., 0], alone, atol=1e-5, rtol=1e-5
     )

@@ -24,6 +24,7 @@ from rlft_ray.algorithms.masked import (
 
 __all__ = [
     "aggregate_loss_parts",
+    "chunked_token_logps",
     "group_advantages",
     "kl_penalty",
     "masked_gae",
@@ -314,3 +315,81 @@ def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
         row = row_logits.float()
         rows.append(row.gather(-1, row_index).squeeze(-1) - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
+
+
+def _chunk_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :func:`chunked_token_logps`: ``[n]`` log-probs and ``[n]`` entropies."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # [n, V]
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logps, torch.zeros_like(lse).detach()
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        ent = lse - (probs * logits).sum(-1)
+    return logps, ent
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``tokens`` under the output head, never holding ``[B, T, V]`` logits.
+
+    With logits z = (h W^T + b) / T over a vocabulary of V::
+
+        log p(y_t) = z_t[y_t] - logsumexp(z_t)        H_t = logsumexp(z_t) - sum_v p_tv z_tv
+
+    computed ``chunk_tokens`` positions at a time in float32. Under autograd each chunk
+    runs as an activation checkpoint (``torch.utils.checkpoint``): its ``[n, V]`` logits
+    are recomputed in the backward pass instead of stored, so the peak extra memory is
+    one chunk's logits, not the batch's (for a 49k vocabulary, 32 x 80 tokens would be
+    0.5 GB of float32 logits and as much again for their log-softmax). The same idea as
+    TRL's ``selective_log_softmax`` and Liger's fused linear cross-entropy.
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states (the final norm applied).
+        weight: ``[V, H]`` output head (tied embeddings included). bias: ``[V]`` or None.
+        tokens: ``[B, T]`` the token each position predicts.
+        temperature: Logits are divided by it (the sampling policy's log-probs).
+        chunk_tokens: Positions per chunk.
+        entropy: Also return the (detached) entropies; zeros otherwise.
+
+    Returns:
+        ``(logps [B, T] float32, entropy [B, T] float32)``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    batch, length, size = hidden.shape
+    flat_h, flat_t = hidden.reshape(-1, size), tokens.reshape(-1)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, ents = [], []
+    for start in range(0, flat_h.shape[0], chunk_tokens):
+        args = (
+            flat_h[start : start + chunk_tokens],
+            weight,
+            bias,
+            flat_t[start : start + chunk_tokens],
+        )
+        if grad:
+            lp, ent = checkpoint(_chunk_logps, *args, temperature, entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logps(*args, temperature, entropy)
+        logps.append(lp)
+        ents.append(ent.detach())
+    if not logps:
+        empty = hidden.new_zeros((batch, length), dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps).view(batch, length), torch.cat(ents).view(batch, length)

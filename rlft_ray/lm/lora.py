@@ -268,14 +268,18 @@ class LoRAReference(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        logits_to_keep: int,
+        targets: torch.Tensor,
+        temperature: float = 1.0,
+        entropy: bool = False,
         completions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """The policy's logits under the reference (no value head; ``completions`` as in
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The log-probs of ``targets`` under the reference (no value head; arguments as in
         :meth:`~rlft_ray.lm.policy.PolicyWithValueHead.forward`)."""
         with torch.no_grad(), self.active():
-            logits, _ = self._policy[0](input_ids, attention_mask, logits_to_keep, completions)
-        return logits, None
+            logps, ent, _ = self._policy[0](
+                input_ids, attention_mask, targets, temperature, entropy, completions
+            )
+        return logps, ent, None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

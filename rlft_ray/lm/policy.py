@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlft_ray.algorithms.lm import selective_log_softmax
+from rlft_ray.algorithms.lm import chunked_token_logps, selective_log_softmax
 from rlft_ray.algorithms.preference import sequence_logps
 
 
@@ -23,56 +23,103 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+#: Positions whose logits exist at once in the learners' log-prob passes (``lm.logit_chunk_tokens``).
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def backbone_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (final norm included) and the output head of a causal LM (through
+    a ``peft`` wrapper: its adapters live inside the same modules)."""
+    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+
+
+def _scales_logits(lm: nn.Module) -> bool:
+    """Whether the model transforms its head's output (Gemma's soft-capping, Cohere's
+    scale): the log-probs then come from its own logits, not the head applied here."""
+    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    text = hf.config.get_text_config()
+    return any(
+        getattr(text, k, None) not in (None, 1.0)
+        for k in ("final_logit_softcapping", "logit_scale")
+    )
+
+
 class PolicyWithValueHead(nn.Module):
     """A Hugging Face causal LM plus an optional scalar value head on its last hidden state.
 
-    One module so that DDP sees every trainable parameter in a single forward call.
+    One module so that DDP sees every trainable parameter in a single forward call. Its
+    forward returns the log-probs of given tokens, not logits: the output head runs over
+    ``chunk_tokens`` positions at a time (:func:`~rlft_ray.algorithms.lm.chunked_token_logps`),
+    so a micro-batch never holds ``[B, T, V]`` float32 logits.
 
     Args:
         lm: A ``PreTrainedModel`` with a causal LM head.
         value_head: ``nn.Linear(hidden_size, 1)`` for PPO, or None.
+        chunk_tokens: Positions per chunk of the output head.
     """
 
-    def __init__(self, lm: nn.Module, value_head: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        value_head: nn.Module | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.value_head = value_head
+        self.chunk_tokens = chunk_tokens
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        logits_to_keep: int,
+        targets: torch.Tensor,
+        temperature: float = 1.0,
+        entropy: bool = False,
         completions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the last ``logits_to_keep`` positions and values of every position.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of ``targets`` (``[B, K]``: the tokens the last K positions predict).
 
         With ``completions`` (``ids [N, L]``, ``mask [N, L]``: right-padded completions,
         and ``prompt_index [N]``: the row of ``input_ids`` each one continues), the
         prompts run once and every completion attends to its prompt's cached keys and
-        values: the logits predicting each completion token, ``[N, L, V]``, and no values
-        (see :func:`pair_logps` and :func:`response_forward`).
+        values; ``targets`` are then the completions' ids (see :func:`pair_logps` and
+        :func:`response_forward`), and there are no values.
 
         Returns:
-            ``(logits [B, logits_to_keep, V], values [B, T] or None)``.
+            ``(logps [B, K], entropy [B, K] (zeros unless asked), values [B, T] or None)``.
         """
+        values = None
         if completions is not None:
-            return self._shared_prompt_logits(input_ids, attention_mask, *completions), None
-        out = self.lm(
+            hidden = self._shared_prompt_hidden(input_ids, attention_mask, *completions)
+        else:
+            hidden_all = self._hidden(input_ids, attention_mask)
+            if self.value_head is not None:
+                weight = self.value_head.weight
+                values = self.value_head(hidden_all.to(weight.dtype)).squeeze(-1)
+            hidden = hidden_all[:, -targets.shape[1] :]
+        if _scales_logits(self.lm):  # the model's own logits (rare: soft-capped heads)
+            logits = self.lm.get_output_embeddings()(hidden)
+            return *_logits_logps(self.lm, hidden, logits, targets, temperature, entropy), values
+        _, head = backbone_and_head(self.lm)
+        logps, ent = chunked_token_logps(
+            hidden, head.weight, head.bias, targets, temperature, self.chunk_tokens, entropy
+        )
+        return logps, ent, values
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` last hidden states (final norm applied) of one plain pass."""
+        backbone, _ = backbone_and_head(self.lm)
+        out = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
-            logits_to_keep=logits_to_keep,
-            output_hidden_states=self.value_head is not None,
             use_cache=False,
         )
-        values = None
-        if self.value_head is not None:
-            hidden = out.hidden_states[-1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return out.logits, values
+        return out.last_hidden_state
 
-    def _shared_prompt_logits(
+    def _shared_prompt_hidden(
         self,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
@@ -80,42 +127,42 @@ class PolicyWithValueHead(nn.Module):
         completion_mask: torch.Tensor,
         prompt_index: torch.Tensor,
     ) -> torch.Tensor:
-        """``[N, L, V]`` logits predicting each completion token, each prompt run once.
+        """``[N, L, H]`` hidden states predicting each completion token, each prompt run once.
 
         The prompt's keys and values (with their gradients) are gathered for each of its
         completions, and the first completion token is predicted from the prompt's last
         position, exactly as in one forward over prompt + completion.
         """
+        backbone, _ = backbone_and_head(self.lm)
         prompt_mask = prompt_mask.long()
-        first = self.lm(
+        first = backbone(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             position_ids=position_ids(prompt_mask),
-            logits_to_keep=1,
             use_cache=True,
         )
-        first_logits = first.logits[prompt_index]
+        first_hidden = first.last_hidden_state[:, -1:][prompt_index]
         if completion_ids.shape[1] == 1:  # one-token completions: the prompt predicts them
-            return first_logits
+            return first_hidden
         cache = first.past_key_values
         if not hasattr(cache, "batch_select_indices"):  # a model without a shareable cache
-            return self._joint_logits(
+            return self._joint_hidden(
                 prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
             )
         cache.batch_select_indices(prompt_index)
         # the last completion column predicts nothing and no kept position attends to it
         completion_ids, completion_mask = completion_ids[:, :-1], completion_mask[:, :-1]
         lengths = prompt_mask.sum(-1, keepdim=True)[prompt_index]
-        rest = self.lm(
+        rest = backbone(
             input_ids=completion_ids,
             attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask.long()], 1),
             position_ids=lengths + torch.arange(completion_ids.shape[1], device=lengths.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        return torch.cat([first_logits, rest.logits], 1)
+        return torch.cat([first_hidden, rest.last_hidden_state], 1)
 
-    def _joint_logits(
+    def _joint_hidden(
         self,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
@@ -123,14 +170,36 @@ class PolicyWithValueHead(nn.Module):
         completion_mask: torch.Tensor,
         prompt_index: torch.Tensor,
     ) -> torch.Tensor:
-        """The same logits as :meth:`_shared_prompt_logits`, from the plain forward over
-        each completion's prompt + the completion but its last column."""
-        logits, _ = self.forward(
-            torch.cat([prompt_ids[prompt_index], completion_ids[:, :-1]], 1),
-            torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1].long()], 1),
-            logits_to_keep=completion_ids.shape[1],
-        )
-        return logits
+        """The same hidden states as :meth:`_shared_prompt_hidden`, from the plain forward
+        over each completion's prompt + the completion but its last column."""
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids[:, :-1]], 1)
+        mask = torch.cat([prompt_mask[prompt_index], completion_mask[:, :-1].long()], 1)
+        return self._hidden(ids, mask)[:, -completion_ids.shape[1] :]
+
+
+def _logits_logps(
+    lm: nn.Module,
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (and entropies) from a model's own full logits (soft-capped heads)."""
+    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    text = hf.config.get_text_config()
+    if getattr(text, "logit_scale", None) not in (None, 1.0):
+        logits = logits * text.logit_scale
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.float() / temperature
+    logps = selective_log_softmax(logits, targets)
+    if not entropy:
+        return logps, torch.zeros_like(logps)
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits, dim=-1)
+        return logps, -(log_p.exp() * log_p).sum(-1)
 
 
 def make_value_head(hidden_size: int, init_std: float) -> nn.Linear:
@@ -194,7 +263,6 @@ def response_forward(
         entropies, each ``[B, L]``.
     """
     p_len, r_len = prompt_ids.shape[1], response_ids.shape[1]
-    values = None
     if share_prompts:
         # rows with the same prompt (ids and padding) share one prompt pass
         key = torch.cat([prompt_ids, prompt_mask.long()], 1)
@@ -203,24 +271,25 @@ def response_forward(
     if share_prompts:
         completions = (response_ids, response_mask, index)
         with autocast_for(prompt_ids.device):
-            logits, _ = policy(unique[:, :p_len], unique[:, p_len:], 0, completions=completions)
+            logprobs, entropies, values = policy(
+                unique[:, :p_len],
+                unique[:, p_len:],
+                response_ids,
+                temperature,
+                entropy,
+                completions=completions,
+            )
     else:
         # the last completion token predicts nothing and no kept position attends to it: cut
         input_ids = torch.cat([prompt_ids, response_ids[:, :-1]], dim=1)
         attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1).long()
         with autocast_for(input_ids.device):
-            logits, values = policy(input_ids, attention_mask, logits_to_keep=r_len)
-    logits = logits.float() / temperature
-    logprobs = selective_log_softmax(logits, response_ids)
-    if entropy:
-        with torch.no_grad():
-            log_p = torch.log_softmax(logits, dim=-1)
-            entropies = -(log_p.exp() * log_p).sum(-1)
-    else:
-        entropies = torch.zeros_like(logprobs).detach()
+            logprobs, entropies, values = policy(
+                input_ids, attention_mask, response_ids, temperature, entropy
+            )
     if values is not None:
         values = values[:, p_len - 1 : p_len + r_len - 1].float()
-    return ResponseOutput(logprobs=logprobs, values=values, entropy=entropies)
+    return ResponseOutput(logprobs=logprobs.float(), values=values, entropy=entropies.detach())
 
 
 def pair_logps(
@@ -246,8 +315,9 @@ def pair_logps(
     mask = torch.stack([sub["chosen_mask"], sub["rejected_mask"]], 1).flatten(0, 1)
     index = torch.arange(ids.shape[0] // 2, device=ids.device).repeat_interleave(2)
     with autocast_for(ids.device):
-        logits, _ = net(sub["prompt_ids"], sub["prompt_mask"], 0, completions=(ids, mask, index))
-    logprobs = selective_log_softmax(logits.float(), ids)
+        logprobs, _, _ = net(
+            sub["prompt_ids"], sub["prompt_mask"], ids, completions=(ids, mask, index)
+        )
     logps = sequence_logps(logprobs, mask, average=average)
     nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
     return logps[0::2], logps[1::2], nll
