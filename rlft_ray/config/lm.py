@@ -141,6 +141,16 @@ class LMConfig:
         reward_model: A Bradley-Terry reward model (an ``algo: reward_model`` checkpoint or
             a ``save_pretrained`` sequence-classification directory) that scores completions
             instead of ``reward_fn``, served by ``resources.num_scorer_actors`` actors.
+        logit_chunk_tokens: Positions whose vocabulary logits a learner's pass holds at once
+            (the output head runs chunk by chunk and is recomputed in the backward pass):
+            bounds the memory of real vocabularies (49k tokens x 4 bytes per position).
+        gradient_checkpointing: Recompute each decoder layer's activations in the backward
+            pass instead of storing them (less memory, about a third more compute); the
+            completions of a prompt then no longer share its pass.
+        micro_batch_tokens: Most tokens (rows x padded prompt + completion length) in one
+            learner micro-batch, on top of the section's ``micro_batch_size``: a batch of
+            long completions splits into more micro-batches instead of running out of
+            memory; the gradient is the same. Null: rows only.
         lora: Train low-rank adapters instead of the full model (:class:`LoRAConfig`;
             ``lm.lora.r=16`` turns it on).
     """
@@ -175,6 +185,9 @@ class LMConfig:
     pair_overflow: Literal["drop", "truncate", "error"] = "drop"
     drop_invalid_pairs: bool = False
     reward_model: str | None = None
+    logit_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False
+    micro_batch_tokens: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
@@ -207,6 +220,12 @@ class LMConfig:
         require(self.track_kl_every >= 1, "track_kl_every", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
         require(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
+        require(self.logit_chunk_tokens >= 1, "logit_chunk_tokens", "must be >= 1")
+        require(
+            self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
+            "micro_batch_tokens",
+            "must be >= 1 or null",
+        )
         require(
             self.reward_model is None or bool(self.reward_model.strip()),
             "reward_model",

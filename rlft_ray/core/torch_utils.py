@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,3 +92,27 @@ def fused_optimizer(
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return cls(params, **kwargs)
+
+
+def distinct_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the entries that share storage with an earlier one: tied weights
+    (an LM head that is the input embedding) are published and loaded once, not twice."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (``getrusage``; 0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS

@@ -69,6 +69,8 @@ class Steps:
         keep_order: Keep each minibatch's rows in batch order (a GRPO group's completions
             then share micro-batches, and one prompt pass; the gradient is the same sum).
         unit: What the rows' counts are, for ``perf/learner_<unit>_per_s``.
+        micro_batch_tokens: Most tokens in one micro-batch (rows x the longest row's
+            tokens, as padded); None: ``micro_batch_size`` rows alone decide.
     """
 
     num_epochs: int = 1
@@ -76,6 +78,29 @@ class Steps:
     micro_batch_size: int = 8
     keep_order: bool = False
     unit: str = "tokens"
+    micro_batch_tokens: int | None = None
+
+
+def micro_batches(
+    rows: torch.Tensor, steps: Steps, row_tokens: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Consecutive micro-batches of ``rows``: at most ``micro_batch_size`` rows each and,
+    with ``micro_batch_tokens`` and ``row_tokens`` (tokens of every row of the batch), at
+    most that many padded tokens (a single longer row still forms its own micro-batch)."""
+    if steps.micro_batch_tokens is None or row_tokens is None:
+        return list(torch.split(rows, steps.micro_batch_size))
+    sizes = row_tokens[rows].tolist()
+    out, start, longest = [], 0, 0
+    for i, size in enumerate(sizes):
+        longest_with = max(longest, size)
+        full = i - start >= steps.micro_batch_size
+        if i > start and (full or longest_with * (i - start + 1) > steps.micro_batch_tokens):
+            out.append(rows[start:i])
+            start, longest_with = i, size
+        longest = longest_with
+    if len(sizes) > start:
+        out.append(rows[start:])
+    return out
 
 
 class StepEngine:
@@ -132,8 +157,11 @@ class StepEngine:
         denominator: Denominator,
         steps: Steps,
         progress: float,
+        row_tokens: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """``steps.num_epochs`` passes of ``steps.num_minibatches`` optimizer steps.
+
+        ``row_tokens`` (``[num_rows]``) bounds micro-batches by ``steps.micro_batch_tokens``.
 
         Returns:
             Every statistic of ``micro_loss`` averaged over all ranks' units,
@@ -155,7 +183,7 @@ class StepEngine:
             for mb, size in zip(splits, global_sum(counts, ctx).tolist()):
                 if size == 0:
                     continue  # empty on every rank: no step anywhere
-                micro = list(torch.split(mb, steps.micro_batch_size)) if len(mb) else [None]
+                micro = micro_batches(mb, steps, row_tokens) if len(mb) else [None]
                 accum = max(accum, len(micro))
                 den = global_sum(denominator(mb), ctx).clamp_min(1e-8)
                 for k, rows in enumerate(micro):

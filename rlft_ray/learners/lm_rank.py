@@ -20,9 +20,14 @@ from torch import nn
 
 from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, masked_mean, masked_sum
 from rlft_ray.config import RunConfig
+from rlft_ray.core.torch_utils import distinct_tensors
 from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, wrap_ddp
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
-from rlft_ray.lm.loading import load_model_and_tokenizer, resolve_model_path
+from rlft_ray.lm.loading import (
+    enable_gradient_checkpointing,
+    load_model_and_tokenizer,
+    resolve_model_path,
+)
 from rlft_ray.lm.lora import LoRAReference, adapter_state, adapter_tensors, apply_lora
 from rlft_ray.lm.policy import (
     PolicyWithValueHead,
@@ -92,16 +97,21 @@ class LMRank:
         self.lora = lm.lora.enabled
         if self.lora:  # only the adapters train; the base weights stay as loaded
             self.model = apply_lora(self.model, lm.lora, base_path=resolve_model_path(lm.model))
+        if lm.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.value_head = make_value_head(hidden, value_head_init_std) if value_head else None
-        self.policy = PolicyWithValueHead(self.model, self.value_head)
+        self.policy = PolicyWithValueHead(self.model, self.value_head, lm.logit_chunk_tokens)
+        # a bf16 run computes in bf16 over float32 master weights, as its actors sample
+        self.policy.compute_dtype = torch.bfloat16 if lm.dtype == "bfloat16" else None
         self.net = wrap_ddp(self.policy, ctx)
         self.reference: nn.Module | None = None
         if keep_start and self.lora:
             self.reference = LoRAReference(self.policy)  # adapters off: no second model
         elif keep_start:
             self.reference = PolicyWithValueHead(
-                copy.deepcopy(self.model).requires_grad_(False).eval()
+                copy.deepcopy(self.model).requires_grad_(False).eval(), None, lm.logit_chunk_tokens
             )
+            self.reference.compute_dtype = self.policy.compute_dtype
             self.reference.to(ctx.device)
         self.lora_start = adapter_state(self.model) if self.lora else {}
         self.score_passes = 0  # the cadence of a KL that is only reported (track_kl_every)
@@ -137,7 +147,15 @@ class LMRank:
         only the adapter tensors (the actors hold the same base model)."""
         if self.lora:
             return adapter_state(self.model)
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = distinct_tensors(self.model.state_dict())  # tied weights once
+        return {k: v.detach().to("cpu", self.publish_dtype(v)).clone() for k, v in state.items()}
+
+    def publish_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        """The dtype the actors sample in (``lm.dtype``) for floating weights: a bf16 run
+        publishes half the bytes; the learner keeps its float32 master weights."""
+        if tensor.is_floating_point() and self.cfg.lm.dtype in ("bfloat16", "float16"):
+            return getattr(torch, self.cfg.lm.dtype)
+        return tensor.dtype
 
     def modules(self) -> dict[str, nn.Module]:
         """``policy`` (saved with ``save_pretrained``), for PPO ``value_head``, and the
@@ -223,7 +241,9 @@ class LMRank:
             sub["mask"],
             self.temperature,
             entropy=entropy,
-            share_prompts=self.value_head is None or module is self.reference,
+            # a checkpointed layer would append to a shared cache again when recomputed
+            share_prompts=(self.value_head is None or module is self.reference)
+            and not self.cfg.lm.gradient_checkpointing,
         )
 
     @torch.no_grad()
@@ -308,8 +328,16 @@ class LMRank:
             }
             return MicroOut(num, float(mask.sum()), sums)
 
-        steps = Steps(hp.num_epochs, hp.num_minibatches, hp.micro_batch_size, keep_order=True)
-        return self.engine.run(tensors["mask"].shape[0], micro_loss, denominator, steps, progress)
+        steps = Steps(
+            hp.num_epochs,
+            hp.num_minibatches,
+            hp.micro_batch_size,
+            keep_order=True,
+            micro_batch_tokens=self.cfg.lm.micro_batch_tokens,
+        )
+        row_tokens = tensors["prompt_mask"].sum(-1) + tensors["mask"].sum(-1)
+        rows = tensors["mask"].shape[0]
+        return self.engine.run(rows, micro_loss, denominator, steps, progress, row_tokens)
 
     def reward_metrics(self, tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
         """``reward/*`` and ``rollout/*`` statistics over all ranks' completions."""

@@ -233,3 +233,28 @@ def load_model_and_tokenizer(
     if generation_config is not None and (pad_changed or generation_config.pad_token_id is None):
         generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (``lm.gradient_checkpointing``).
+
+    Transformers checkpoints a layer only while that layer is in training mode; the
+    learners keep their models in eval mode (dropout off: their log-probs must match the
+    sampler's), so only the checkpointed layers themselves are flagged as training, and
+    the modules inside them (attention dropout included) stay in eval mode.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.25
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in hf.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"lm.gradient_checkpointing: {type(hf).__name__} has no checkpointable layers"
+        )
+    for layer in layers:
+        layer.training = True  # this module only, not its children

@@ -69,6 +69,7 @@ class PolicyWithValueHead(nn.Module):
         self.lm = lm
         self.value_head = value_head
         self.chunk_tokens = chunk_tokens
+        self.compute_dtype: torch.dtype | None = None  # CPU autocast dtype (None: float32)
 
     def forward(
         self,
@@ -90,6 +91,20 @@ class PolicyWithValueHead(nn.Module):
         Returns:
             ``(logps [B, K], entropy [B, K] (zeros unless asked), values [B, T] or None)``.
         """
+        with autocast_for(input_ids.device, self.compute_dtype):
+            return self._logps(
+                input_ids, attention_mask, targets, temperature, entropy, completions
+            )
+
+    def _logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        entropy: bool,
+        completions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         values = None
         if completions is not None:
             hidden = self._shared_prompt_hidden(input_ids, attention_mask, *completions)
@@ -228,10 +243,16 @@ class ResponseOutput:
     entropy: torch.Tensor
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU."""
+def autocast_for(
+    device: torch.device, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager:
+    """Mixed precision for the learners' passes: bf16 autocast on CUDA; on the CPU
+    ``dtype``'s autocast when given (a bf16 run computes as its actors sample, over float32
+    master weights), else none."""
     if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda", dtype=dtype or torch.bfloat16)
+    if dtype is not None and dtype != torch.float32:
+        return torch.autocast(device_type="cpu", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -270,23 +291,21 @@ def response_forward(
         share_prompts = unique.shape[0] < key.shape[0]  # no repeats: one plain pass is cheaper
     if share_prompts:
         completions = (response_ids, response_mask, index)
-        with autocast_for(prompt_ids.device):
-            logprobs, entropies, values = policy(
-                unique[:, :p_len],
-                unique[:, p_len:],
-                response_ids,
-                temperature,
-                entropy,
-                completions=completions,
-            )
+        logprobs, entropies, values = policy(
+            unique[:, :p_len],
+            unique[:, p_len:],
+            response_ids,
+            temperature,
+            entropy,
+            completions=completions,
+        )
     else:
         # the last completion token predicts nothing and no kept position attends to it: cut
         input_ids = torch.cat([prompt_ids, response_ids[:, :-1]], dim=1)
         attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1).long()
-        with autocast_for(input_ids.device):
-            logprobs, entropies, values = policy(
-                input_ids, attention_mask, response_ids, temperature, entropy
-            )
+        logprobs, entropies, values = policy(
+            input_ids, attention_mask, response_ids, temperature, entropy
+        )
     if values is not None:
         values = values[:, p_len - 1 : p_len + r_len - 1].float()
     return ResponseOutput(logprobs=logprobs.float(), values=values, entropy=entropies.detach())
@@ -314,10 +333,7 @@ def pair_logps(
     ids = torch.stack([sub["chosen_ids"], sub["rejected_ids"]], 1).flatten(0, 1)
     mask = torch.stack([sub["chosen_mask"], sub["rejected_mask"]], 1).flatten(0, 1)
     index = torch.arange(ids.shape[0] // 2, device=ids.device).repeat_interleave(2)
-    with autocast_for(ids.device):
-        logprobs, _, _ = net(
-            sub["prompt_ids"], sub["prompt_mask"], ids, completions=(ids, mask, index)
-        )
+    logprobs, _, _ = net(sub["prompt_ids"], sub["prompt_mask"], ids, completions=(ids, mask, index))
     logps = sequence_logps(logprobs, mask, average=average)
     nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
     return logps[0::2], logps[1::2], nll

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
-from rlft_ray.core.torch_utils import hold_threads
+from rlft_ray.core.torch_utils import distinct_tensors, hold_threads, peak_rss_mb
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
@@ -97,11 +97,15 @@ class GenerationActor:
         # the rounding piles up sync after sync, so those keep the adapters unmerged (exact)
         self.merge_lora = self.lora and next(self.model.parameters()).dtype == torch.float32
         self.merged = False
+        self._aliases: set[str] = set()  # names of tied tensors (published or not)
         if self.lora:  # the learner publishes only adapters
             self.model = apply_lora(self.model, lm.lora).eval()
             self._tensors = adapter_tensors(self.model)
         else:
-            self._tensors = self.model.state_dict(keep_vars=True)
+            # tied weights once: loading the embedding updates the head that shares it
+            full = self.model.state_dict(keep_vars=True)
+            self._tensors = distinct_tensors(full)
+            self._aliases = full.keys() - self._tensors.keys()
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -136,6 +140,7 @@ class GenerationActor:
             KeyError: The published weights do not name exactly this model's tensors.
         """
         weights = received_weights(weights)
+        weights = {k: v for k, v in weights.items() if k not in self._aliases}
         if weights.keys() != self._tensors.keys():
             missing, extra = (
                 sorted(self._tensors.keys() - weights.keys()),
@@ -349,7 +354,9 @@ class GenerationActor:
         """generate -> score -> select: one iteration's completions for these prompts."""
         batch = self.generate(prompts)
         batch.rewards = self.score(batch)
-        return self.select(batch)
+        batch = self.select(batch)
+        batch.peak_rss_mb = (peak_rss_mb(),)
+        return batch
 
     def heldout_scores(self, prompts: Sequence[Prompt]) -> tuple[int, dict[str, np.ndarray]]:
         """The policy version held and scores of greedy completions (held-out evaluation

@@ -20,7 +20,7 @@ import ray
 import ray.train
 
 from rlft_ray.config import ConfigError, RunConfig, save_config
-from rlft_ray.core.torch_utils import process_state_kept, torch_threads
+from rlft_ray.core.torch_utils import peak_rss_mb, process_state_kept, torch_threads
 from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.learners.registry import get_learner_cls
@@ -189,10 +189,27 @@ def _write_outputs(
     status = "interrupted" if isinstance(error, Interrupt) else "failed" if error else "completed"
     extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": failure_cause(error)}
     extra.update({"learner_restarts": fit.restarts, **probe.info, "startup": startup})
+    extra["peak_rss_mb"] = peak_memory(read_metrics(output_dir), learner_in_driver=fit.in_driver)
     summary = write_summary(output_dir, time.perf_counter() - started, extra)
     y_key, x_key, png = learner_cls.curve
     plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
     return summary
+
+
+def peak_memory(rows: list[dict[str, Any]], learner_in_driver: bool) -> dict[str, float]:
+    """Peak resident memory per process over the run, MB: the driver, each learner rank's
+    ``perf/peak_rss_mb/*`` rows (rank 0's: the learner in the driver is the driver), each
+    actor's, and their sum (processes, not shared pages)."""
+    peaks: dict[str, float] = {"driver": round(peak_rss_mb(), 1)}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("perf/peak_rss_mb/"):
+                name = key.rsplit("/", 1)[1]
+                peaks[name] = round(max(peaks.get(name, 0.0), float(value)), 1)
+    if learner_in_driver:  # one process: count it once
+        peaks.pop("learner", None)
+    peaks["total"] = round(sum(peaks.values()), 1)
+    return peaks
 
 
 def _raise_for(error: BaseException | None, summary: dict[str, Any], output_dir: Path) -> None:

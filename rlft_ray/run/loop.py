@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ray.train.torch import get_device
 
 from rlft_ray.config import RunConfig
-from rlft_ray.core.torch_utils import seed_everything, torch_threads
+from rlft_ray.core.torch_utils import peak_rss_mb, seed_everything, torch_threads
 from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
@@ -393,6 +393,10 @@ def _rollout_metrics(
         "time/wall_s": counters.wall_s,
         "time/unix": time.time(),  # wall clock: start-up breakdown, time-to-accuracy curves
     }
+    # memory per process: this learner rank, and each rollout actor that sampled the batch
+    out["perf/peak_rss_mb/learner"] = peak_rss_mb()
+    for i, mb in enumerate(getattr(batch, "peak_rss_mb", ())):
+        out[f"perf/peak_rss_mb/actor{i}"] = mb
     if counters.recent_returns:
         out["rollout/episode_return_mean"] = float(counters.return_mean())
     if counters.recent_successes:

@@ -65,6 +65,7 @@ class GenerationBatch:
         group_size: Completions per prompt.
         pad_token_id: Id used for padding.
         generate_s: Seconds the actors spent in ``generate`` (summed over actors).
+        peak_rss_mb: Peak resident memory of each actor process that sampled the batch, MB.
         selection: What rejection sampling did (None: every sample was kept); the rows
             above are then the accepted samples only.
     """
@@ -83,6 +84,7 @@ class GenerationBatch:
     group_size: int
     pad_token_id: int
     generate_s: float = 0.0
+    peak_rss_mb: tuple[float, ...] = ()
     selection: SelectionStats | None = None
 
     def __len__(self) -> int:
@@ -178,6 +180,7 @@ class GenerationBatch:
             group_size=batches[0].group_size,
             pad_token_id=pad,
             generate_s=sum(b.generate_s for b in batches),
+            peak_rss_mb=tuple(m for b in batches for m in b.peak_rss_mb),
             selection=_concat_selections(batches),
         )
 
