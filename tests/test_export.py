@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,9 @@ GRPO = Path(__file__).resolve().parents[1] / "examples" / "arithmetic_grpo.yaml"
 
 
 def test_export_writes_a_plain_model_directory(model_dir: Path, tmp_path: Path) -> None:
-    """`rlft-ray export`: weights equal, tokenizer and the run's sampling settings there,
-    no training state; a gym checkpoint and a non-empty target are refused."""
+    """`rlft-ray export`: weights equal, tokenizer and the model's own generation config
+    there (not the run's sampling caps), normal permissions, no training state; a gym
+    checkpoint and a non-empty target are refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from rlft_ray.config import save_config
@@ -38,8 +40,19 @@ def test_export_writes_a_plain_model_directory(model_dir: Path, tmp_path: Path) 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("1+1=")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)("1+1=")["input_ids"]
     gen = GenerationConfig.from_pretrained(out)
-    assert (gen.temperature, gen.max_new_tokens, gen.do_sample) == (0.7, 9, True)
-    assert "iteration 12" in (out / "README.md").read_text()
+    own = GenerationConfig.from_pretrained(model_dir)
+    assert (gen.temperature, gen.max_new_tokens, gen.do_sample) == (
+        own.temperature,
+        own.max_new_tokens,
+        own.do_sample,
+    )
+    assert gen.max_new_tokens != 9  # the run's cap does not travel
+    readme = (out / "README.md").read_text()
+    assert "iteration 12" in readme and "max_new_tokens=9" in readme and "temperature=0.7" in readme
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert main(["export", str(ckpt), str(out)]) == 2  # not empty
     gym = tmp_path / "gym"
     gym.mkdir()

@@ -1,8 +1,11 @@
 """``rlft-ray export CKPT OUT``: an LM checkpoint as a plain ``save_pretrained`` directory.
 
 The result loads with ``from_pretrained`` (or an inference server that reads Hugging Face
-directories): the policy's weights, its tokenizer and a generation config with the run's
-sampling settings, without the learner's extras (value head, optimizer, RNG, counters).
+directories): the policy's weights, its tokenizer and the model's own generation config
+(the base model's ``generation_config.json``, not the run's sampling caps: a training run's
+``max_new_tokens: 16`` would cut every downstream answer short), without the learner's
+extras (value head, optimizer, RNG, counters). The run's sampling settings are in the
+README it writes. Files get the usual permissions (0644 / 0755 under the umask).
 Only data is read from the checkpoint: the model class is the transformers class its
 ``config.json`` names, never remote code, and ``config.yaml`` is read as YAML.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +37,8 @@ from transformers import {auto}, AutoTokenizer
 model = {auto}.from_pretrained("{out}")
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 ```
+
+`generation_config.json` is the base model's own. The run sampled with {sampling}.
 """
 
 
@@ -67,7 +73,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
         raise ConfigError("out", f"{dest} is not empty; choose a new directory")
     model, arch = _load_policy(policy, lora)
     run, state = _read_yaml(src / "config.yaml"), _read_yaml(src / "state.json")
-    generation = _sampling_config(model, run.get("lm") or {})
+    lm = run.get("lm") or {}
+    sampling = _run_sampling(lm)
+    model.generation_config = _own_generation_config(model, lm.get("model"), policy)
+    generation = {
+        k: v
+        for k, v in model.generation_config.to_diff_dict().items()
+        if k != "transformers_version"
+    }
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -87,8 +100,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
                 iteration=(state.get("counters") or {}).get("iteration", "?"),
                 auto=auto,
                 out=dest,
+                sampling=", ".join(f"{k}={v}" for k, v in sampling.items()),
             ),
         )
+        _usual_permissions(tmp)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         tmp.rename(dest)
@@ -100,6 +115,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
         "architecture": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "generation": generation,
+        "trained_with": sampling,
         "lora_merged": lora,
     }
 
@@ -109,17 +125,37 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _sampling_config(model: Any, lm: dict[str, Any]) -> dict[str, Any]:
-    """Give ``model`` a generation config with the run's sampling settings (and the
-    checkpoint's special tokens, nothing else); returns those settings."""
-    generation = {
-        "do_sample": True,
+def _run_sampling(lm: dict[str, Any]) -> dict[str, Any]:
+    """The run's sampling settings (for the README, not the generation config)."""
+    return {
         "temperature": float(lm.get("temperature", 1.0)),
         "top_p": float(lm.get("top_p", 1.0)),
         "max_new_tokens": int(lm.get("max_new_tokens", 64)),
     }
-    model.generation_config = neutral_generation_config(model.generation_config, **generation)
-    return generation
+
+
+def _own_generation_config(model: Any, base: str | None, policy: Path) -> Any:
+    """The base model's own ``GenerationConfig`` (``lm.model``'s, read offline), else the
+    policy directory's, else one with only the model's special tokens."""
+    from transformers import GenerationConfig
+
+    for source in (base, policy):
+        if not source:
+            continue
+        try:
+            return GenerationConfig.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    return neutral_generation_config(model.generation_config)
+
+
+def _usual_permissions(root: Path) -> None:
+    """0755 directories and 0644 files under the umask (``mkdtemp`` made the folder 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _load_policy(policy: Path, lora: bool) -> tuple[Any, str]:

@@ -103,7 +103,7 @@ def _run_training(
     track: bool,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    marks = StartupMarks()
+    marks = StartupMarks(say=progress)
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
     # 1. Everything about the input that can be wrong, checked before Ray.

@@ -146,6 +146,8 @@ def _init_ray(address: str | None, dashboard: bool, preload: str | None = None) 
                 os.environ.setdefault(key, value)
     else:
         check_reachable(target)
+    if target == "local":  # our own instance: its token auth is no news to the user
+        logging.getLogger(_AUTH_LOGGER).addFilter(_no_local_auth_notice)
     with _lean_local_head() if target == "local" and not dashboard else contextlib.nullcontext():
         ray.init(address=target, **kwargs)
     _STARTED_HERE[0] = target == "local"
@@ -269,6 +271,17 @@ def _kill_autoscaler_monitor() -> None:
             info.process.wait(timeout=5)
     except Exception as exc:  # an optimisation only
         logging.getLogger(__name__).debug("autoscaler monitor not stopped early: %r", exc)
+
+
+#: The logger of Ray's notice that a new local instance uses (or does not use) token auth.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _no_local_auth_notice(record: logging.LogRecord) -> bool:
+    """Drop Ray's "Token authentication is enabled/disabled for this Ray cluster" notice,
+    printed on every start of the embedded instance a local run owns (the instance runs
+    with Ray's default either way; ``RAY_AUTH_MODE`` still chooses)."""
+    return not record.getMessage().startswith("Token authentication is")
 
 
 def _no_sigterm_warning(record: logging.LogRecord) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,27 @@ class StartupMarks:
     learner, restore, first weight sync) ... the last iteration's end -> training returned.
     The driver puts :meth:`breakdown` into ``summary.json`` as ``startup``."""
 
-    def __init__(self) -> None:
+    #: What the command prints as each phase ends (start-up can take a minute on a real model).
+    SAY = {
+        "checks": "checked the config, model, tokenizer, data and reward",
+        "ray_init": "Ray is up",
+        "actors": "rollout actors started; the learner loads next",
+    }
+
+    def __init__(self, say: bool = False) -> None:
+        self.say = say
         age = process_age_s() if _COUNT_FROM_PROCESS_START[0] else None
         now = time.time()
         self.process_start = now - age if age is not None else None
         self.points: list[tuple[str, float]] = [("imports", now)]
 
     def mark(self, name: str) -> None:
-        """The phase ``name`` ends now."""
-        self.points.append((name, time.time()))
+        """The phase ``name`` ends now (and the command says so, with its seconds)."""
+        now = time.time()
+        if self.say and name in self.SAY:
+            took = now - self.points[-1][1]
+            print(f"rlft-ray: {self.SAY[name]} ({took:.1f} s)", file=sys.stderr, flush=True)
+        self.points.append((name, now))
 
     def breakdown(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Seconds per phase; ``to_first_iteration_s`` from process start (or from the
