@@ -378,3 +378,25 @@ def test_in_memory_shards_give_ddp_ranks_one_global_batch() -> None:
     assert [list(resumed.next_rows()["i"]) for _ in range(2)] == [
         list(s.next_rows()["i"]) for _ in range(2)
     ]
+
+
+def test_a_learning_rate_far_above_the_usual_for_the_model_size_warns(caplog) -> None:
+    from rlft_ray.learners.lm_learner import parameter_count, warn_unusual_lr
+
+    class Cfg:  # SmolLM2-135M's sizes
+        hidden_size, num_hidden_layers, vocab_size = 576, 30, 49152
+
+    assert parameter_count(Cfg()) == 49152 * 576 + 12 * 30 * 576 * 576  # ~147M
+    full = build_config(overrides=["algo=grpo", "grpo.optim.lr=5e-4"])
+    with caplog.at_level("WARNING"):
+        warn_unusual_lr(full, parameter_count(Cfg()))
+    assert "grpo.optim.lr=0.0005 is far above" in caplog.text and "1e-6 to 1e-5" in caplog.text
+    caplog.clear()
+    for cfg, params in (
+        (build_config(overrides=["algo=grpo", "grpo.optim.lr=1e-5"]), 147e6),  # usual
+        (full, 200_000),  # a tiny model: its own rules
+        (build_config(overrides=["algo=grpo", "grpo.optim.lr=1e-4", "lm.lora.r=16"]), 147e6),
+    ):
+        with caplog.at_level("WARNING"):
+            warn_unusual_lr(cfg, int(params))
+    assert caplog.text == ""

@@ -9,6 +9,7 @@ the learner's :class:`~rlft_ray.learners.lm_rank.LMRank`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from pathlib import Path
@@ -28,6 +29,8 @@ from rlft_ray.lm.lora import check_lora
 from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.types import Prompt
+
+logger = logging.getLogger(__name__)
 
 
 def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
@@ -61,6 +64,14 @@ def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
             f"algo={cfg.algo} needs a prompt file (.jsonl or .parquet with a 'prompt' column)",
         )
     table, stats = load_prompts(lm.prompts, tok, lm)
+    if stats.overlong_dropped or stats.truncated:
+        logger.warning(
+            "lm.max_prompt_tokens=%d: %s (lm.prompt_overflow=%s)",
+            lm.max_prompt_tokens,
+            stats.describe(),
+            lm.prompt_overflow,
+        )
+    warn_unusual_lr(cfg, info.get("parameters"))
     check_reward_call(cfg, prompts_from_batch(table.head(1))[0])
     if training and stats.kept < lm.prompts_per_iteration:
         raise ConfigError(
@@ -106,10 +117,50 @@ def check_model(cfg: RunConfig, new_tokens: int, new_key: str) -> tuple[Any, dic
             f"exceeds the model's {max_pos} positions",
         )
     check_lora(lm.lora, model_cfg, cfg.init_from, resolve_model_path(lm.model))
-    info: dict[str, Any] = {"env": None, "model": lm.model}
+    info: dict[str, Any] = {
+        "env": None,
+        "model": lm.model,
+        "parameters": parameter_count(model_cfg),
+    }
     if pad_note:
         info["tokenizer_pad"] = pad_note
     return tok, info
+
+
+def parameter_count(model_cfg: Any) -> int | None:
+    """About how many parameters a decoder of this config has (embeddings + 12 H^2 per
+    layer), from the config alone (no weights loaded); None where the fields are missing."""
+    text = model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    vocab = getattr(text, "vocab_size", None)
+    if not (hidden and layers and vocab):
+        return None
+    return int(vocab * hidden + 12 * layers * hidden * hidden)
+
+
+#: Learning rates above these are far beyond what fine-tuning papers use for a model of
+#: 50M+ parameters (full: 1e-6 to 1e-5, e.g. DeepSeekMath's 1e-6, InstructGPT's 9.65e-6;
+#: LoRA: about 1e-4, Hu et al. 2021): a step or two can wreck a pretrained model.
+LR_WARN_FULL, LR_WARN_LORA, LR_WARN_MIN_PARAMS = 1e-4, 1e-3, 50_000_000
+
+
+def warn_unusual_lr(cfg: RunConfig, parameters: int | None) -> None:
+    """Warn before Ray starts when the section's learning rate is far above the usual."""
+    optim = getattr(cfg.algo_config, "optim", None)
+    if optim is None or parameters is None or parameters < LR_WARN_MIN_PARAMS:
+        return
+    bound = LR_WARN_LORA if cfg.lm.lora.enabled else LR_WARN_FULL
+    if optim.lr > bound:
+        usual = "about 1e-4 with LoRA" if cfg.lm.lora.enabled else "1e-6 to 1e-5"
+        logger.warning(
+            "%s.optim.lr=%g is far above what fine-tuning uses for a model of %.0fM parameters "
+            "(%s); the first updates may destroy what the model knows",
+            cfg.algo,
+            optim.lr,
+            parameters / 1e6,
+            usual,
+        )
 
 
 def check_reward_fns(cfg: RunConfig) -> None:

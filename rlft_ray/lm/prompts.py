@@ -51,6 +51,7 @@ class PromptStats:
         overlong_dropped: Prompts over ``lm.max_prompt_tokens`` dropped.
         truncated: Prompts over the limit that were truncated instead.
         max_tokens: Longest kept prompt, in tokens.
+        longest_overlong: Longest prompt over the limit, in tokens (0: none was).
     """
 
     source: str
@@ -60,6 +61,7 @@ class PromptStats:
     overlong_dropped: int = 0
     truncated: int = 0
     max_tokens: int = 0
+    longest_overlong: int = 0
 
     def as_dict(self, prefix: str = "data/") -> dict[str, Any]:
         """Flat ``data/...`` entries for ``summary.json``."""
@@ -75,6 +77,8 @@ class PromptStats:
         ):
             if n:
                 parts.append(f"{n} {name}")
+        if self.longest_overlong:
+            parts.append(f"the longest has {self.longest_overlong} tokens")
         return ", ".join(parts)
 
 
@@ -270,11 +274,12 @@ def prepare_prompts(
     _check_answers([r for _, r in used], [n for n, _ in used], source, key)
     out: list[dict[str, Any]] = []
     overlong: list[int] = []
-    truncated = dropped_long = 0
+    truncated = dropped_long = longest = 0
     for n, record in used:
         text, ids = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
         if len(ids) > lm.max_prompt_tokens:
             overlong.append(n)
+            longest = max(longest, len(ids))
             if lm.prompt_overflow == "drop":
                 dropped_long += 1
                 continue
@@ -300,9 +305,13 @@ def prepare_prompts(
         overlong_dropped=dropped_long,
         truncated=truncated,
         max_tokens=max((len(r["prompt_ids"]) for r in out), default=0),
+        longest_overlong=longest,
     )
     if not out:
-        raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()})")
+        hint = (
+            "; raise lm.max_prompt_tokens (a chat template adds its own tokens)" if longest else ""
+        )
+        raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()}){hint}")
     return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
 
 
