@@ -2,8 +2,10 @@
 
 :func:`resolve_model_path` fails fast (naming the config key) on a missing local path
 or a hub id with no reachable hub, instead of letting ``from_pretrained`` retry for a
-minute; :func:`load_tokenizer` and :func:`load_model_and_tokenizer` give every
-tokenizer a pad token the same way (:func:`ensure_pad_token`).
+minute, and turns a ``.gguf`` file into its cached converted directory
+(:func:`rlft_ray.lm.gguf.resolve_gguf`); :func:`load_tokenizer` and
+:func:`load_model_and_tokenizer` give every tokenizer a pad token the same way
+(:func:`ensure_pad_token`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 
 from rlft_ray.config import ConfigError, RunConfig
+from rlft_ray.lm.gguf import is_gguf_path, resolve_gguf
 from rlft_ray.lm.lora import is_adapter_dir, load_merged
 from rlft_ray.lm.tiny import PAD_TOKEN
 
@@ -59,12 +62,18 @@ def hub_available(repo_id: str) -> bool:
         return False
 
 
-def resolve_model_path(name: str | None, key: str = "lm.model", required_by: str = "") -> str:
-    """A local model/tokenizer directory (``~`` expanded) or a reachable hub id.
+def resolve_model_path(
+    name: str | None,
+    key: str = "lm.model",
+    required_by: str = "",
+    dtype: str | torch.dtype | None = None,
+) -> str:
+    """A local model/tokenizer directory (``~`` expanded) or a reachable hub id; a ``.gguf``
+    file becomes its converted directory, dequantized to ``dtype`` (``None``: float32).
 
     Raises:
-        ConfigError: Unset, a missing local path, or a hub id with no hub to fetch it
-            from; the message names ``key``.
+        ConfigError: Unset, a missing local path, a hub id with no hub to fetch it from,
+            or a ``.gguf`` file that cannot be converted; the message names ``key``.
     """
     if not name:
         raise ConfigError(
@@ -73,6 +82,8 @@ def resolve_model_path(name: str | None, key: str = "lm.model", required_by: str
             "(build a tiny one with `rlft-ray make-tiny-model out/tiny-gpt2`)",
         )
     expanded = os.path.expanduser(name)
+    if is_gguf_path(name):
+        return resolve_gguf(expanded, dtype, key)
     if os.path.exists(expanded):
         return expanded
     hint = (
@@ -111,8 +122,12 @@ def load_tokenizer(cfg: RunConfig) -> tuple[Any, str | None]:
     Raises:
         ConfigError: ``lm.model`` / ``lm.tokenizer`` missing or not loadable.
     """
-    model = resolve_model_path(cfg.lm.model, required_by=f"algo={cfg.algo}")
-    name = resolve_model_path(cfg.lm.tokenizer, "lm.tokenizer") if cfg.lm.tokenizer else model
+    model = resolve_model_path(cfg.lm.model, required_by=f"algo={cfg.algo}", dtype=cfg.lm.dtype)
+    name = (
+        resolve_model_path(cfg.lm.tokenizer, "lm.tokenizer", dtype=cfg.lm.dtype)
+        if cfg.lm.tokenizer
+        else model
+    )
     try:
         from transformers import AutoTokenizer  # here: the driver's checks need no models
 
@@ -186,11 +201,14 @@ def load_model_and_tokenizer(
 
     Args:
         path_or_id: Local checkpoint directory or a Hugging Face hub id; a LoRA
-            checkpoint's adapter directory loads its base model with the adapters merged.
+            checkpoint's adapter directory loads its base model with the adapters merged;
+            a ``.gguf`` file loads its directory converted to ``dtype``
+            (:func:`resolve_model_path`).
         trust_remote_code: Forwarded to ``from_pretrained`` (custom modelling code).
         dtype: Model dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` keeps the transformers default.
-        tokenizer_path: Load the tokenizer from here instead of ``path_or_id``.
+        tokenizer_path: Load the tokenizer from here instead of ``path_or_id`` (a ``.gguf``
+            file too).
 
     Returns:
         ``(model, tokenizer)``.
@@ -198,8 +216,13 @@ def load_model_and_tokenizer(
     Raises:
         FileNotFoundError: ``path_or_id`` looks like a local path but does not exist.
         ValueError: ``dtype`` is not a recognised dtype.
+        ConfigError: A ``.gguf`` file that cannot be converted.
     """
     name = os.fspath(path_or_id)
+    if is_gguf_path(name):
+        name = resolve_model_path(name, dtype=dtype)
+    if tokenizer_path is not None and is_gguf_path(tokenizer_path):
+        tokenizer_path = resolve_model_path(os.fspath(tokenizer_path), "lm.tokenizer", dtype=dtype)
     if (isinstance(path_or_id, os.PathLike) or looks_local(name)) and not os.path.exists(
         os.path.expanduser(name)
     ):
