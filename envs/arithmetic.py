@@ -136,8 +136,10 @@ def write_splits(
     kind: str = "add",
     seed: int = 0,
     max_operand: int | None = None,
+    chat: bool = False,
 ) -> tuple[Path, Path]:
-    """Write disjoint train/test splits as ``arith_train.jsonl`` and ``arith_test.jsonl``.
+    """Write disjoint train/test splits as ``arith_train.jsonl`` and ``arith_test.jsonl``
+    (``chat``: ``chat_arith_*.jsonl``, the same problems as questions, :func:`as_question`).
 
     Problems are drawn until ``n_train + n_test`` distinct prompts are found, then split, so no
     prompt appears twice in a split or in both splits.
@@ -149,6 +151,7 @@ def write_splits(
         kind: Problem kind (see :func:`make_problems`).
         seed: Seed for generation; same arguments give identical files.
         max_operand: Operand bound (see :func:`make_problems`).
+        chat: Write the problems as questions for instruct models.
 
     Returns:
         ``(train_path, test_path)``.
@@ -182,10 +185,20 @@ def write_splits(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_path, test_path = out / "arith_train.jsonl", out / "arith_test.jsonl"
+    stem = "chat_arith" if chat else "arith"
+    if chat:
+        train, test = [as_question(p) for p in train], [as_question(p) for p in test]
+    train_path, test_path = out / f"{stem}_train.jsonl", out / f"{stem}_test.jsonl"
     _write_jsonl(train_path, train)
     _write_jsonl(test_path, test)
     return train_path, test_path
+
+
+def as_question(problem: Problem) -> Problem:
+    """The problem as an instruct model's user message: ``"49+97="`` -> ``"What is 49 + 97?"``
+    (the answer unchanged; score chat answers with ``rlft_ray.rewards:final_number``)."""
+    expr = re.sub(r"\s*([+\-*])\s*", r" \1 ", problem["prompt"].rstrip("= ")).strip()
+    return {**problem, "prompt": f"What is {expr}?"}
 
 
 # --------------------------------------------------------------------------------- rewards

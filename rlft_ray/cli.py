@@ -190,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--train", type=int, default=2000)
     d.add_argument("--test", type=int, default=200)
     d.add_argument("--kind", choices=("add", "mul", "multi", "mixed"), default="add")
+    d.add_argument(
+        "--chat",
+        action="store_true",
+        help="questions for instruct models (chat_arith_*.jsonl: 'What is 49 + 97?')",
+    )
     d.add_argument("--max-operand", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     pr = sub.add_parser(

