@@ -298,7 +298,8 @@ def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
     return {
         "lm": cfg.lm,
         "seed": cfg.seed + 10_007 * (index + 1),
-        "num_threads": torch_threads(cfg.resources.cpus_per_rollout_actor),
+        "num_threads": cfg.resources.threads_per_rollout_actor
+        or torch_threads(cfg.resources.cpus_per_rollout_actor),
         "device": "cuda" if gpus > 0 else "cpu",
     }
 

@@ -48,7 +48,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(torch_threads(cfg.resources.cpus_per_learner))
+    res = cfg.resources
+    torch.set_num_threads(res.threads_per_learner or torch_threads(res.cpus_per_learner))
     seed_everything(cfg.seed + 7919 * rank)
 
     ctx = _learner_context(loop_cfg, rank, world)
