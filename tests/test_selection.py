@@ -149,3 +149,13 @@ def test_tilted_acceptance_samples_the_tilted_target() -> None:
     keep = accept_mask(tilted_log_acceptance(r[c], beta, reward_max=1.0), gen)
     _, p_value = chi_square_test(torch.bincount(c[keep], minlength=6).double(), target)
     assert p_value > 0.01, p_value
+
+
+@pytest.mark.parametrize(("fraction", "n", "kept"), [(0.14, 50, 7), (0.28, 25, 7), (0.07, 100, 7)])
+def test_quantile_count_is_exact_for_decimal_fractions(fraction: float, n: int, kept: int) -> None:
+    # fraction * n is 7.000000000000001 in floating point; ceil of the exact 7 is 7
+    r = torch.arange(n, dtype=torch.float64)
+    mask = quantile_mask(r, fraction, generator=_gen())
+    assert int(mask.sum()) == kept
+    assert mask[-kept:].all()  # the highest rewards
+    assert int(quantile_mask(r, 0.141, generator=_gen()).sum()) == math.ceil(0.141 * n)

@@ -11,7 +11,7 @@ is compared with ``log u``, ``u ~ U(0, 1)``; no raw density ratio is ever expone
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
@@ -92,7 +92,8 @@ def quantile_mask(
         keep_i = [ rank(r_i) < ceil(q * n) ]     n = B (batch) or group_size (per group)
 
     A count, not a reward cut-off: exactly ``ceil(q * n)`` samples per batch or group are
-    kept, ties at the boundary broken at random (seeded).
+    kept, ties at the boundary broken at random (seeded). The count is computed exactly on
+    the decimal q was written as (see :func:`quantile_count`), not in floating point.
 
     Args:
         rewards: ``[B]`` rewards.
@@ -111,7 +112,30 @@ def quantile_mask(
     n = int(rewards.numel()) if group_size is None else group_size
     if n == 0:
         return torch.zeros(0, dtype=torch.bool)
-    return best_of_n_mask(rewards, n, max(1, math.ceil(fraction * n)), generator)
+    return best_of_n_mask(rewards, n, quantile_count(fraction, n), generator)
+
+
+def quantile_count(fraction: float, n: int) -> int:
+    """``max(1, ceil(q * n))`` in exact rational arithmetic on q's shortest decimal repr.
+
+    A configured q such as ``0.14`` is stored as the nearest binary float, slightly above
+    7/50, and ``0.14 * 50`` evaluates to ``7.000000000000001`` in floating point, whose
+    ceiling keeps 8 of 50 instead of 7. ``str(q)`` is the shortest decimal that rounds to
+    the same float (Python's repr guarantee), i.e. the decimal the user wrote for any q
+    with at most 15 significant digits; ``Fraction`` of it is that decimal exactly, so
+    ``ceil`` of ``Fraction(str(q)) * n`` is the intended count. No tolerance is needed,
+    and a q whose product is genuinely just above an integer (``0.141 * 50``) still
+    rounds up.
+
+    Args:
+        fraction: q in (0, 1].
+        n: Number of samples ranked.
+
+    Returns:
+        The number of samples to keep, at least 1.
+    """
+    exact = Fraction(str(fraction)) * n
+    return max(1, -(-exact.numerator // exact.denominator))
 
 
 def tilted_log_acceptance(rewards: torch.Tensor, beta: float, reward_max: float) -> torch.Tensor:
