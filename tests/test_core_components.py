@@ -327,3 +327,22 @@ def test_fused_optimizer_takes_the_same_steps_and_falls_back_without_a_kernel() 
 
     fallback = fused_optimizer(NoKernel, [torch.nn.Parameter(w0.clone())], lr=0.1)
     assert not fallback.param_groups[0]["fused"]
+
+
+def test_filtered_bc_refuses_an_episode_with_a_nan_return() -> None:
+    import envs  # noqa: F401  (registers rlft/NaNReward-v0)
+    from rlft_ray.rewards import RewardError
+
+    cfg, _spaces, cls = _setup(
+        [
+            "algo=filtered_bc",
+            "env.id=rlft/NaNReward-v0",
+            "env.kwargs={nan_after_steps: 3}",
+            "env.max_episode_steps=10",
+            "env.num_envs_per_runner=2",
+            "filtered_bc.episodes_per_actor=2",
+        ]
+    )
+    collector = cls.sampler_cls(**cls.sampler_kwargs(cfg, 0))
+    with pytest.raises(RewardError, match=r"episode \d+ of .* has return nan"):
+        collector.sample()

@@ -5,6 +5,11 @@ as in :class:`~rlft_ray.types.GenerationBatch`. Every rule returns a ``[B]`` boo
 random choices (tie breaks, acceptance draws) come from an explicit ``torch.Generator``
 so a seeded run selects the same samples.
 
+A NaN reward or log-probability has no rank (a descending sort would put it first, so
+best-of-N would keep it): every rule refuses one with a ``ValueError`` naming the sample
+(:func:`check_no_nan`). Rewards are validated finite where they are computed; this is the
+last line of defence for rules called directly.
+
 Statistical acceptance works in log space throughout: ``log a = min(0, log p - log q - log M)``
 is compared with ``log u``, ``u ~ U(0, 1)``; no raw density ratio is ever exponentiated.
 """
@@ -16,6 +21,25 @@ from fractions import Fraction
 import torch
 
 SELECTION_RULES = ("all", "best_of_n", "threshold", "quantile", "acceptance")
+
+
+def check_no_nan(values: torch.Tensor, what: str = "reward") -> None:
+    """Refuse NaN entries: they cannot be ranked or compared with a threshold.
+
+    Args:
+        values: ``[B]`` rewards or log-probabilities.
+        what: What the values are, for the message.
+
+    Raises:
+        ValueError: Some entry is NaN; the message names the first such sample.
+    """
+    nan = torch.isnan(values.reshape(-1))
+    if bool(nan.any()):
+        index = int(nan.nonzero()[0])
+        raise ValueError(
+            f"{what} of sample {index} is nan ({int(nan.sum())} of {nan.numel()} are nan): "
+            "a NaN cannot be ranked; the selection refuses it"
+        )
 
 
 def _rank_within_groups(
@@ -56,8 +80,9 @@ def best_of_n_mask(
         ``[B]`` bool mask with ``min(k, N)`` True per group.
 
     Raises:
-        ValueError: ``k < 1`` or ``B`` not a multiple of ``group_size``.
+        ValueError: ``k < 1``, ``B`` not a multiple of ``group_size``, or a NaN reward.
     """
+    check_no_nan(rewards)
     if k < 1:
         raise ValueError(f"best-of-n needs k >= 1, got {k}")
     if group_size < 1 or rewards.numel() % group_size:
@@ -76,7 +101,11 @@ def threshold_mask(rewards: torch.Tensor, tau: float) -> torch.Tensor:
 
     Returns:
         ``[B]`` bool mask.
+
+    Raises:
+        ValueError: A NaN reward.
     """
+    check_no_nan(rewards)
     return rewards >= tau
 
 
@@ -105,8 +134,9 @@ def quantile_mask(
         ``[B]`` bool mask.
 
     Raises:
-        ValueError: ``fraction`` outside (0, 1].
+        ValueError: ``fraction`` outside (0, 1], or a NaN reward.
     """
+    check_no_nan(rewards)
     if not 0 < fraction <= 1:
         raise ValueError(f"quantile fraction must be in (0, 1], got {fraction}")
     n = int(rewards.numel()) if group_size is None else group_size
@@ -164,10 +194,11 @@ def tilted_log_acceptance(rewards: torch.Tensor, beta: float, reward_max: float)
         ``[B]`` float64 log acceptance probabilities, <= 0.
 
     Raises:
-        ValueError: ``beta <= 0``.
+        ValueError: ``beta <= 0``, or a NaN reward.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    check_no_nan(rewards)
     return ((rewards.double() - reward_max) / beta).clamp(max=0.0)
 
 
@@ -190,7 +221,12 @@ def ratio_log_acceptance(
     Returns:
         ``(log_a, clipped)``: ``[B]`` float64 log acceptance probabilities (<= 0) and a
         ``[B]`` bool mask of samples whose ratio exceeded M.
+
+    Raises:
+        ValueError: A NaN log-probability (``-inf``, probability 0, is valid).
     """
+    check_no_nan(target_logp, "target log-prob")
+    check_no_nan(proposal_logp, "proposal log-prob")
     log_ratio = target_logp.double() - proposal_logp.double() - log_m
     return log_ratio.clamp(max=0.0), log_ratio > 0
 
@@ -206,7 +242,12 @@ def estimate_log_m(target_logp: torch.Tensor, proposal_logp: torch.Tensor) -> fl
 
     Returns:
         log M as a float.
+
+    Raises:
+        ValueError: A NaN log-probability.
     """
+    check_no_nan(target_logp, "target log-prob")
+    check_no_nan(proposal_logp, "proposal log-prob")
     return float((target_logp.double() - proposal_logp.double()).max())
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from rlft_ray.algorithms.selection import quantile_mask
 from rlft_ray.config import EnvConfig
+from rlft_ray.rewards import RewardError
 from rlft_ray.rollout.env_runner import EnvRunner
 from rlft_ray.types import EpisodeBatch, EpisodeStats, RolloutBatch, SelectionStats
 
@@ -79,6 +80,7 @@ class EpisodeCollector(EnvRunner):
             env_steps += segment.num_steps
             finished.extend(self._stitch(segment))
         returns = np.array([e.ret for e in finished], dtype=np.float32)
+        _check_finite_returns(returns, self.env_cfg.id)
         keep = quantile_mask(
             torch.as_tensor(returns, dtype=torch.float64), self.top_fraction, None, self.generator
         ).numpy()
@@ -139,6 +141,21 @@ class EpisodeCollector(EnvRunner):
             actions=np.concatenate([p.actions for p in parts]),
             ret=float(sum(p.rewards.sum() for p in parts)),
             success=None,
+        )
+
+
+def _check_finite_returns(returns: np.ndarray, env_id: str) -> None:
+    """Refuse an episode whose return is not finite: it cannot be ranked for selection.
+
+    Raises:
+        RewardError: Names the first such episode (in finishing order) and the env.
+    """
+    bad = np.flatnonzero(~np.isfinite(returns))
+    if len(bad):
+        i = int(bad[0])
+        raise RewardError(
+            f"episode {i} of {len(returns)} collected from {env_id} has return {returns[i]}: "
+            "filtered BC ranks episodes by return and cannot rank a non-finite one"
         )
 
 
