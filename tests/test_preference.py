@@ -557,3 +557,73 @@ def test_make_arith_prefs_writes_the_named_files(model_dir: Path, tmp_path: Path
         # a random model never answers right: every prompt is flat, so no pair is made
         assert path.read_text() == "" and f"({prompts} prompts had no reward spread)" in out
     assert not (tmp_path / "arith_prefs_train.jsonl").exists()
+
+
+def test_scoring_encodes_each_prompt_as_the_reward_model_was_trained(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer that adds BOS, a chat template that writes it and ``lm.chat_template``
+    off: a conversational prompt is templated (no special tokens added), a plain one gets
+    the tokenizer's BOS. The scorer must encode each the way the pair file was encoded."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import rlft_ray.rollout.scoring as scoring
+    from rlft_ray.lm.data import prepare_prompts, prompts_from_batch
+    from rlft_ray.lm.tiny import CHAT_TEMPLATE
+    from rlft_ray.rollout.generation import GenerationActor
+
+    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
+    shutil.copytree(model_dir, policy_dir)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)]
+    )
+    tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    tok.save_pretrained(policy_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    assert tok("1")["input_ids"][0] == bos  # the saved tokenizer adds BOS
+
+    conversation = [{"role": "user", "content": "1+2="}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": "3", "rejected": "4"}) + "\n"
+            for p in (conversation, "1+2=")
+        )
+    )
+    cfg = _cfg(
+        policy_dir,
+        pairs,
+        "lm.chat_template=false",
+        "lm.max_new_tokens=2",
+        "lm.max_prompt_tokens=32",
+    )
+    table, _ = load_pairs(pairs, tok, cfg.lm)
+    trained = [[*p, *c] for p, c in zip(table["prompt_ids"], table["chosen_ids"])]
+    assert trained[0][:2] == [bos, tok.convert_tokens_to_ids("u")]  # one BOS, the template's
+    assert trained[1][:2] == [bos, tok.convert_tokens_to_ids("1")]  # the tokenizer's BOS
+
+    prepared, _ = prepare_prompts(
+        pd.DataFrame({"prompt": [conversation, "1+2="]}), tok, cfg.lm, "test"
+    )
+    scorer = RewardModelScorer(str(rm_dir), add_special_tokens=not cfg.lm.chat_template)
+    actor = GenerationActor(cfg.lm, seed=0, scorers=[scorer])
+    batch = actor.generate(prompts_from_batch(prepared), greedy=True)
+    batch.completions = ["3", "3"]
+    seen: list[list[int]] = []
+
+    def spy(model, seqs, pad_id):
+        seen.extend(list(map(int, s)) for s in seqs)
+        return [0.0] * len(seqs)
+
+    monkeypatch.setattr(scoring, "score_sequences", spy)
+    actor.score(batch)
+    assert seen == trained

@@ -265,7 +265,7 @@ def prepare_prompts(
     overlong: list[int] = []
     truncated = dropped_long = 0
     for n, record in used:
-        text, ids = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
+        text, ids, templated = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
         if len(ids) > lm.max_prompt_tokens:
             overlong.append(n)
             if lm.prompt_overflow == "drop":
@@ -278,7 +278,8 @@ def prepare_prompts(
         meta = {str(k): _plain(v) for k, v in record.items() if k != lm.prompt_key}
         if meta.get("answer") is None and meta.get("ground_truth") is not None:
             meta["answer"] = meta["ground_truth"]
-        out.append({"prompt": text, "prompt_ids": ids, "metadata": json.dumps(meta, default=str)})
+        row = {"prompt": text, "prompt_ids": ids, "metadata": json.dumps(meta, default=str)}
+        out.append({**row, "templated": templated})
     if overlong and lm.prompt_overflow == "error":
         raise PromptDataError(
             key,
@@ -296,15 +297,15 @@ def prepare_prompts(
     )
     if not out:
         raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()})")
-    return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
+    return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata", "templated"]), stats
 
 
-def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int]]:
-    """A prompt's text as the model sees it and its ids (a chat template adds its own
-    special tokens, so templated text is encoded without them)."""
+def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int], bool]:
+    """A prompt's text as the model sees it, its ids and whether it was templated (a chat
+    template adds its own special tokens, so templated text is encoded without them)."""
     text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt)
     templated = lm.chat_template or isinstance(value, (list, np.ndarray))
-    return text, encode_prompt(text, tokenizer, templated)
+    return text, encode_prompt(text, tokenizer, templated), templated
 
 
 def _check_answers(records: list[dict], lines: list[int], source: str, key: str) -> None:
@@ -332,12 +333,18 @@ def load_prompts(
 
 
 def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
-    """Rows of a prepared table (a Ray Data numpy/pandas batch) as :class:`Prompt` objects."""
+    """Rows of a prepared table (a Ray Data numpy/pandas batch) as :class:`Prompt` objects
+    (a table without a ``templated`` column: none was templated)."""
     if isinstance(batch, pd.DataFrame):
         batch = {c: batch[c].to_numpy() for c in batch.columns}
+    templated = batch["templated"] if "templated" in batch else [False] * len(batch["prompt"])
     return [
-        Prompt(text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta))
-        for text, ids, meta in zip(batch["prompt"], batch["prompt_ids"], batch["metadata"])
+        Prompt(
+            text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta), templated=bool(t)
+        )
+        for text, ids, meta, t in zip(
+            batch["prompt"], batch["prompt_ids"], batch["metadata"], templated
+        )
     ]
 
 
