@@ -441,6 +441,50 @@ def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Pa
     assert np.array_equal(pairs.rejected_ids, batch.response_ids[[4, 10]])
 
 
+def test_online_dpo_refreshes_the_reference_every_k_updates(model_dir: Path) -> None:
+    """With asynchronous sampling the batches' policy versions run 0, 0, 1, 2, ...: the
+    refresh must follow the learner's own count of updates, not the batch's version."""
+    from rlft_ray.learners.lm_core import PROMPTS
+    from rlft_ray.learners.online_dpo import OnlineDPOLearner
+    from rlft_ray.lm.data import prepare_prompts
+
+    cfg = build_config(
+        overrides=["algo=online_dpo", f"lm.model={model_dir}", "online_dpo.ref_refresh_every=2"]
+    )
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table, _ = prepare_prompts(pd.DataFrame({"prompt": ["1+2=", "3+4="]}), tok, cfg.lm, "t")
+
+    def make_learner() -> OnlineDPOLearner:
+        ctx = LearnerContext(datasets={PROMPTS: FrameShard(table)})
+        return OnlineDPOLearner(cfg, None, ctx)
+
+    learner = make_learner()
+    refreshed: list[int] = []
+    updates = 0
+    reset = learner.core.reset_reference
+
+    def spy() -> None:
+        refreshed.append(updates)  # how many updates were done when the reference moved
+        reset()
+
+    learner.core.reset_reference = spy
+    batch = make_batch(model_dir, n_prompts=2)
+    for version in [0, 0, 1, 2, 3]:
+        batch.policy_version = version
+        metrics = learner.update(batch, 0.5)
+        assert metrics["optim/ref_refreshed"] == float(updates in (2, 4))
+        updates += 1
+    assert refreshed == [2, 4]
+    # the count is rank state: a resumed learner refreshes after 6 updates, not 2 after resume
+    state = learner.rank_state()
+    resumed = make_learner()
+    resumed.load_rank_state(state)
+    moves: list[int] = []
+    resumed.core.reset_reference = lambda: moves.append(1)
+    assert resumed.update(batch, 0.5)["optim/ref_refreshed"] == 0.0  # update 6 of the run
+    assert resumed.update(batch, 0.5)["optim/ref_refreshed"] == 1.0 and moves == [1]
+
+
 def test_reference_cache_key_follows_model_and_data(
     model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
