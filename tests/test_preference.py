@@ -431,6 +431,61 @@ def test_reward_model_sft_term_is_the_chosen_nll_through_the_lm_head(
         assert not torch.equal(head.detach(), causal.lm_head.weight)
 
 
+def test_reward_model_grm_regularizer_is_the_papers_loss(model_dir: Path, pairs_file: Path) -> None:
+    """regularizer=grm: (1 - a) BT + a (-log sigma(beta sum_t log pi(y_w))) through the LM
+    head (Yang et al. 2024), checked on the first step's gradient, computed by hand."""
+    from rlft_ray.learners.reward_model import pair_forward
+
+    alpha, beta = 0.25, 0.5
+    extra = [
+        "algo=reward_model",
+        "reward_model.regularizer=grm",
+        f"reward_model.grm_alpha={alpha}",
+        f"reward_model.grm_beta={beta}",
+        "reward_model.batch_size=8",
+        "reward_model.micro_batch_size=3",
+        "reward_model.max_grad_norm=1e9",
+    ]
+    torch.manual_seed(0)
+    learner = _learner(RewardModelLearner, model_dir, pairs_file, *extra)
+    batch = learner.next_batch(0)
+    t = pair_tensors(batch, torch.device("cpu"))
+    chosen, rejected, hidden = pair_forward(learner.model, t, hidden=True)
+    bt = -torch.nn.functional.logsigmoid(chosen - rejected)
+    p, mask = t["prompt_ids"].shape[1], t["chosen_mask"].float()
+    logp = torch.log_softmax(learner.lm_head(hidden[:, p - 1 : -1]), -1)
+    logp = logp.gather(-1, t["chosen_ids"].unsqueeze(-1)).squeeze(-1)
+    reg = -torch.nn.functional.logsigmoid(beta * (logp * mask).sum(-1))  # summed, not mean
+    loss = ((1 - alpha) * bt + alpha * reg).mean()
+    params = dict(learner.model.named_parameters())
+    expected = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    grads = first_step_grads(learner, batch)
+    for k, g in expected.items():
+        torch.testing.assert_close(grads[k], g, atol=1e-6, rtol=1e-4, msg=k)
+    torch.manual_seed(0)
+    metrics = _learner(RewardModelLearner, model_dir, pairs_file, *extra).update(batch, 0.5)
+    assert metrics["loss/grm_reg"] == pytest.approx(float(reg.mean()), rel=1e-4)
+    assert "loss/sft" not in metrics
+
+
+def test_reward_model_regularizer_config(model_dir: Path, pairs_file: Path) -> None:
+    from rlft_ray.config import ConfigError
+
+    def rm(*overrides: str):
+        return _cfg(model_dir, pairs_file, "algo=reward_model", *overrides).reward_model
+
+    assert rm().regularizer_used == "none"
+    assert rm("reward_model.sft_coef=0.5").regularizer_used == "sft"  # as before: the SFT term
+    grm = rm("reward_model.regularizer=grm")
+    assert (grm.regularizer_used, grm.grm_alpha, grm.grm_beta) == ("grm", 0.01, 0.1)
+    with pytest.raises(ConfigError, match="sft_coef"):
+        rm("reward_model.regularizer=grm", "reward_model.sft_coef=0.5")
+    with pytest.raises(ConfigError, match="sft_coef"):
+        rm("reward_model.regularizer=sft")
+    with pytest.raises(ConfigError, match="grm_alpha"):
+        rm("reward_model.regularizer=grm", "reward_model.grm_alpha=1.0")
+
+
 def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Path) -> None:
     batch = make_batch(model_dir, n_prompts=3)  # groups of 4, the first all 1.0
     batch.rewards[4:8] = [0.0, 0.5, 1.0, 0.5]

@@ -1,9 +1,12 @@
 """A Bradley-Terry reward model learned from preference pairs (``algo: reward_model``).
 
 ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
-scores prompt + completion at its last token; the loss is -log sigma(r_chosen - r_rejected
-- margin) (Ouyang et al. 2022), plus with ``reward_model.sft_coef`` the chosen completion's
-NLL through the LM head (GRM's hidden-state regularisation, Yang et al. 2024). Each
+scores prompt + completion at its last token; the loss is L_BT = -log sigma(r_chosen -
+r_rejected - margin) (Ouyang et al. 2022), with ``reward_model.regularizer`` a
+regulariser read from the scorer's hidden states through the LM head on the chosen
+completion: ``sft``, L_BT + ``sft_coef`` * mean token NLL (``loss/sft``); ``grm``, the GRM
+paper's (1 - alpha) L_BT + alpha (-log sigma(beta sum_t log pi)) (Yang et al. 2024;
+``loss/grm_reg``; :func:`~rlft_ray.algorithms.preference.grm_losses`). Each
 iteration is one optimizer step on
 ``reward_model.batch_size`` pairs over all ranks (DDP, micro-batched); ``eval_every``
 measures the pairwise accuracy on ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
@@ -21,7 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import bradley_terry_losses, lr_factor, sequence_logps
+from rlft_ray.algorithms import (
+    bradley_terry_losses,
+    grm_losses,
+    grm_sft_regularizer,
+    lr_factor,
+    sequence_logps,
+)
 from rlft_ray.algorithms.lm import sequence_logprobs
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
@@ -72,27 +81,36 @@ def pair_scores(
     return chosen, rejected
 
 
-def chosen_nll(
-    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor]
+def chosen_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor], average: bool
 ) -> torch.Tensor:
-    """Mean token NLL of each chosen completion, read from the scorer's hidden states.
+    """Log-probability of each chosen completion, read from the scorer's hidden states.
 
-    ``nll_i = -1/|y_i| sum_t log softmax(W h_{i, P+t-1})[y_{i,t}]``: the hidden state before
-    each completion token, through the LM head ``W`` (GRM, Yang et al. 2024).
+    ``log pi(y_i) = sum_t log softmax(W h_{i, P+t-1})[y_{i,t}]``: the hidden state before
+    each completion token, through the LM head ``W``; ``average`` divides by ``|y_i|``.
 
     Args:
         hidden: ``[b, P + L, H]`` last hidden states of prompt + chosen.
         lm_head: Maps ``[..., H]`` to ``[..., V]`` logits.
         sub: The pair tensors (``prompt_ids`` ``[b, P]``, ``chosen_ids`` / ``chosen_mask`` ``[b, L]``).
+        average: Mean over the completion's tokens instead of the sum.
 
     Returns:
-        ``[b]`` NLLs.
+        ``[b]`` log-probabilities.
     """
     p = sub["prompt_ids"].shape[1]
     mask = sub["chosen_mask"]
     logits = lm_head(hidden[:, p - 1 : -1])
     tokens = sub["chosen_ids"].masked_fill(mask == 0, 0)  # an added <pad> may be past the head
-    return -sequence_logps(sequence_logprobs(logits, tokens), mask, average=True)
+    return sequence_logps(sequence_logprobs(logits, tokens), mask, average=average)
+
+
+def chosen_nll(
+    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``[b]`` mean token NLL of each chosen completion (the ``sft`` regulariser): the
+    negated mean of :func:`chosen_logps`."""
+    return -chosen_logps(hidden, lm_head, sub, average=True)
 
 
 class TiedLMHead(nn.Module):
@@ -140,7 +158,8 @@ def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> nn.Module:
     head = causal.get_output_embeddings()
     if head is None:
         raise ConfigError(
-            "reward_model.sft_coef", f"{cfg.lm.model} has no LM head to read the hidden states"
+            "reward_model.regularizer",
+            f"{cfg.lm.model} has no LM head to read the hidden states",
         )
     return head.float()
 
@@ -165,9 +184,9 @@ class RewardModelLearner(Learner):
         self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
-        self.lm_head: nn.Module | None = None  # the SFT term's head (sft_coef > 0)
+        self.lm_head: nn.Module | None = None  # the regulariser's head (sft or grm)
         trained: nn.Module = self.model
-        if self.hp.sft_coef > 0:
+        if self.hp.regularizer_used != "none":
             self.lm_head = load_lm_head(cfg, self.model, len(self.tokenizer))
             if self.own_head:
                 trained = ScorerWithLMHead(self.model, self.lm_head)
@@ -294,9 +313,15 @@ class RewardModelLearner(Learner):
                 "rewards/margins": (chosen - rejected).detach(),
             }
             if hidden is not None and self.lm_head is not None:
-                nll = chosen_nll(hidden, self.lm_head, sub)
-                total = total + hp.sft_coef * (nll * weight).sum()
-                stats["loss/sft"] = nll.detach()
+                if hp.regularizer_used == "grm":  # (1 - a) L_BT + a L_reg, summed log pi
+                    logps = chosen_logps(hidden, self.lm_head, sub, average=False)
+                    reg = grm_sft_regularizer(logps, hp.grm_beta)
+                    total = (grm_losses(losses, reg, hp.grm_alpha) * weight).sum()
+                    stats["loss/grm_reg"] = reg.detach()
+                else:  # sft: L_BT + c * mean token NLL
+                    nll = chosen_nll(hidden, self.lm_head, sub)
+                    total = total + hp.sft_coef * (nll * weight).sum()
+                    stats["loss/sft"] = nll.detach()
             return total, stats
 
         metrics = pair_steps(
