@@ -346,3 +346,26 @@ def test_filtered_bc_refuses_an_episode_with_a_nan_return() -> None:
     collector = cls.sampler_cls(**cls.sampler_kwargs(cfg, 0))
     with pytest.raises(RewardError, match=r"episode \d+ of .* has return nan"):
         collector.sample()
+
+
+def test_filtered_bc_imitates_the_clipped_action_the_env_executed() -> None:
+    import envs  # noqa: F401  (registers rlft/Navigation-v0)
+
+    cfg, _spaces, cls = _setup(
+        [
+            "algo=filtered_bc",
+            "env.id=rlft/Navigation-v0",
+            "env.kwargs={action_type: continuous}",
+            "env.max_episode_steps=10",
+            "env.num_envs_per_runner=2",
+            "filtered_bc.episodes_per_actor=4",
+            "filtered_bc.top_fraction=1.0",
+        ]
+    )
+    collector = cls.sampler_cls(**cls.sampler_kwargs(cfg, 0))
+    with torch.no_grad():
+        collector.policy.log_std.fill_(1.0)  # std e: most Gaussian samples leave [-1, 1]
+    batch = collector.sample()
+    assert len(batch.actions) and batch.actions.dtype == np.float32
+    assert batch.actions.min() >= -1.0 and batch.actions.max() <= 1.0  # the Box bounds
+    assert (np.abs(batch.actions) == 1.0).mean() > 0.3  # many samples were clipped

@@ -4,11 +4,14 @@
 stitches its time-major segments into complete episodes (an episode still running
 when a call ends carries over to the next call), keeps the top fraction of the
 finished ones by return, and ships only their steps: the same selection stage as
-the generation actors' rejection sampling, on the gym side.
+the generation actors' rejection sampling, on the gym side. A continuous (``Box``)
+action is shipped as the env executed it, clipped to the bounds, not as the raw
+Gaussian sample: behaviour cloning imitates what was done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,7 +79,7 @@ class EpisodeCollector(EnvRunner):
         finished: list[_Episode] = []
         env_steps = 0
         while len(finished) < self.episodes_per_sample:
-            segment = super().sample(num_steps)
+            segment = self._executed(super().sample(num_steps))
             env_steps += segment.num_steps
             finished.extend(self._stitch(segment))
         returns = np.array([e.ret for e in finished], dtype=np.float32)
@@ -107,6 +110,16 @@ class EpisodeCollector(EnvRunner):
                 successes=[e.success for e in finished if e.success is not None],
             ),
         )
+
+    def _executed(self, seg: RolloutBatch) -> RolloutBatch:
+        """The segment with the actions the env executed: Gaussian samples clipped to the
+        ``Box`` bounds as :meth:`EnvRunner.sample` clipped them for the env (PPO keeps the
+        raw samples, whose log-probs it needs; imitation wants the executed action)."""
+        space = self.env.single_action_space
+        if not isinstance(space, gym.spaces.Box):
+            return seg
+        clipped = np.clip(seg.actions, space.low, space.high).astype(seg.actions.dtype)
+        return dataclasses.replace(seg, actions=clipped)
 
     def _stitch(self, seg: RolloutBatch) -> list[_Episode]:
         """Append the segment to each sub-env's running episode; return those that ended."""
