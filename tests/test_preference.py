@@ -486,6 +486,72 @@ def test_reward_model_regularizer_config(model_dir: Path, pairs_file: Path) -> N
         rm("reward_model.regularizer=grm", "reward_model.grm_alpha=1.0")
 
 
+@pytest.mark.parametrize(
+    ("pad_is_eos", "score_at", "reads"),
+    [
+        (False, None, "eos"),  # what Hugging Face pools: the rightmost non-pad token
+        (False, "last_content_token", "last_content_token"),
+        (True, None, "last_content_token"),  # pad == eos: HF pools the token before EOS
+        (True, "eos", "eos"),
+    ],
+)
+def test_reward_score_is_read_at_score_at_in_training_and_scoring(
+    model_dir: Path,
+    pairs_file: Path,
+    tmp_path: Path,
+    pad_is_eos: bool,
+    score_at: str | None,
+    reads: str,
+) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlft_ray.learners.reward_model import pair_forward
+
+    model = model_dir
+    if pad_is_eos:  # a tokenizer whose pad token is its EOS (ensure_pad_token's choice)
+        model = tmp_path / "pad_eos"
+        shutil.copytree(model_dir, model)
+        tok = AutoTokenizer.from_pretrained(model)
+        tok.pad_token = tok.eos_token
+        tok.save_pretrained(model)
+    extra = ["algo=reward_model"] + ([f"reward_model.score_at={score_at}"] if score_at else [])
+    torch.manual_seed(0)
+    learner = _learner(RewardModelLearner, model, pairs_file, *extra)
+    tok = learner.tokenizer
+    assert (tok.pad_token_id == tok.eos_token_id) is pad_is_eos
+    table = load_pairs(pairs_file, tok, learner.cfg.lm)[0].iloc[:4]
+    t = pair_tensors(pair_batch(table, tok.pad_token_id), torch.device("cpu"))
+    with torch.no_grad():
+        chosen, rejected, _ = pair_forward(learner.model, t)
+        # by hand: the scalar head on the last hidden state at the configured token
+        ids = torch.cat([t["prompt_ids"], t["chosen_ids"]], 1)
+        mask = torch.cat([t["prompt_mask"], t["chosen_mask"]], 1).long()
+        out = learner.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            output_hidden_states=True,
+        )
+        eos_at = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # every chosen ends with EOS
+        assert (ids[torch.arange(4), eos_at] == tok.eos_token_id).all()
+        at = eos_at - 1 if reads == "last_content_token" else eos_at
+        expected = learner.model.score(out.hidden_states[-1][torch.arange(4), at])[:, 0]
+    torch.testing.assert_close(chosen, expected)
+    if score_at is None:  # the default reads what the model read before score_at existed
+        torch.testing.assert_close(chosen, out.logits[:, 0])
+    # the saved model carries its read-out: the scorer reads the same position
+    learner.model.save_pretrained(tmp_path / "rm" / "policy")
+    learner.save_extras(tmp_path / "rm")
+    scorer = RewardModelScorer(str(tmp_path / "rm"))
+    rows = PAIRS_ROWS[:4]
+    got = scorer.score(
+        [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    )
+    assert got == pytest.approx([*chosen.tolist(), *rejected.tolist()], abs=1e-5)
+
+
 def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Path) -> None:
     batch = make_batch(model_dir, n_prompts=3)  # groups of 4, the first all 1.0
     batch.rewards[4:8] = [0.0, 0.5, 1.0, 0.5]

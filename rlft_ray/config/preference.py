@@ -14,6 +14,7 @@ from rlft_ray.config.lm import LRSchedule, check_optimizer
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
 RewardRegularizer = Literal["none", "sft", "grm"]
+ScoreAt = Literal["eos", "last_content_token"]
 
 
 def check_preference_loss(loss: str, beta: float, label_smoothing: float, sft_coef: float) -> None:
@@ -125,7 +126,8 @@ class RewardModelConfig:
     """A Bradley-Terry reward model trained on ``lm.pairs`` (Ouyang et al. 2022).
 
     The model is ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``,
-    one label) scoring the last token of prompt + completion; the loss is the
+    one label) reading the hidden state at one token of prompt + completion + EOS
+    (``score_at``); the loss is the
     Bradley-Terry L_BT = -log sigma(r_chosen - r_rejected - margin) with an optional
     regulariser of the scorer's hidden states, read through the model's LM head on the
     chosen completion (``regularizer``): ``sft``, L_BT + ``sft_coef`` * mean token NLL;
@@ -137,6 +139,12 @@ class RewardModelConfig:
 
     Attributes:
         margin: m in the loss (0: plain Bradley-Terry).
+        score_at: Where the score is read: ``eos`` (the EOS ending the completion) or
+            ``last_content_token`` (the token before it). null (default): what Hugging
+            Face's classifier pools, the rightmost token that is not padding: ``eos``,
+            but ``last_content_token`` when the pad token is the EOS (``ensure_pad_token``'s
+            choice for tokenizers without one). Saved in the model's ``config.json``, so
+            the scorer (``lm.reward_model``) reads the same position.
         regularizer: ``none`` (plain Bradley-Terry), ``sft`` (the SFT term: ``sft_coef``
             times the chosen completions' mean token NLL, added to L_BT) or ``grm`` (the
             GRM paper's SFT regulariser, ``grm_alpha`` and ``grm_beta``). Both read the
@@ -155,6 +163,7 @@ class RewardModelConfig:
     """
 
     margin: float = 0.0
+    score_at: ScoreAt | None = None
     regularizer: RewardRegularizer | None = None
     sft_coef: float = 0.0
     grm_alpha: float = 0.01

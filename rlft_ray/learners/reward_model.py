@@ -1,7 +1,10 @@
 """A Bradley-Terry reward model learned from preference pairs (``algo: reward_model``).
 
 ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
-scores prompt + completion at its last token; the loss is L_BT = -log sigma(r_chosen -
+scores prompt + completion + EOS at one token, ``reward_model.score_at``: the EOS, or the
+last content token before it (default: what the classifier pools, the rightmost
+non-padding token: the EOS, but the token before it when pad == eos); the position is
+saved in the model's ``config.json`` and the scorer reads the same one. The loss is L_BT = -log sigma(r_chosen -
 r_rejected - margin) (Ouyang et al. 2022), with ``reward_model.regularizer`` a
 regulariser read from the scorer's hidden states through the LM head on the chosen
 completion: ``sft``, L_BT + ``sft_coef`` * mean token NLL (``loss/sft``); ``grm``, the GRM
@@ -39,7 +42,13 @@ from rlft_ray.learners.lm_core import disable_dropout
 from rlft_ray.learners.pairwise import PAIRS, pair_steps, probe_pairs
 from rlft_ray.lm.data import ShardStream
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
-from rlft_ray.lm.policy import position_ids
+from rlft_ray.lm.policy import (
+    SCORE_AT_KEY,
+    SCORE_EOS_KEY,
+    needs_hidden_states,
+    position_ids,
+    score_reads_at,
+)
 from rlft_ray.types import PairBatch
 from rlft_ray.utils import fused_optimizer
 
@@ -54,7 +63,8 @@ def pair_forward(
     ``hidden`` the ``[b, P + L, H]`` last hidden states of prompt + chosen (the SFT term).
 
     The prompt is left-padded and the completions right-padded, so positions count from
-    each row's first real token and the model scores its last non-padding token.
+    each row's first real token; the score is read where ``reward_model.score_at`` says
+    (:func:`~rlft_ray.lm.policy.score_reads_at`), as the scorer reads it.
     """
     ids = torch.cat(
         [sub["prompt_ids"].repeat(2, 1), torch.cat([sub["chosen_ids"], sub["rejected_ids"]])], 1
@@ -66,10 +76,10 @@ def pair_forward(
         input_ids=ids,
         attention_mask=mask,
         position_ids=position_ids(mask),
-        output_hidden_states=hidden,
+        output_hidden_states=hidden or needs_hidden_states(model),
     )
     b = sub["prompt_ids"].shape[0]
-    scores = out.logits[:, 0].float()
+    scores = score_reads_at(model, ids, mask, out)
     return scores[:b], scores[b:], out.hidden_states[-1][:b] if hidden else None
 
 
@@ -182,6 +192,12 @@ class RewardModelLearner(Learner):
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(self.tokenizer))  # an added <pad>
         self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
+        # where the score is read, saved in config.json so the scorer reads it there too
+        eos = int(self.tokenizer.eos_token_id)
+        pad_is_eos = int(self.tokenizer.pad_token_id) == eos
+        score_at = self.hp.score_at or ("last_content_token" if pad_is_eos else "eos")
+        setattr(self.model.config, SCORE_AT_KEY, score_at)
+        setattr(self.model.config, SCORE_EOS_KEY, eos)
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
         self.lm_head: nn.Module | None = None  # the regulariser's head (sft or grm)

@@ -116,17 +116,23 @@ class RewardModelScorer:
 def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int) -> list[float]:
     """Scores of token sequences under a one-label sequence-classification model.
 
-    Sequences are right-padded, so the model's last non-padding token is each one's end.
+    Sequences are right-padded; the score is read where the model was trained to read it
+    (``reward_model.score_at``: :func:`~rlft_ray.lm.policy.score_reads_at`).
     """
+    from rlft_ray.lm.policy import needs_hidden_states, score_reads_at
+
     if not seqs:
         return []
     device = next(model.parameters()).device
     ids, mask = pad_sequences(seqs, pad_id, "right")
-    logits = model(
-        input_ids=torch.as_tensor(ids, device=device),
-        attention_mask=torch.as_tensor(mask, device=device).long(),
-    ).logits
-    return logits[:, 0].float().cpu().tolist()
+    input_ids = torch.as_tensor(ids, device=device)
+    attention_mask = torch.as_tensor(mask, device=device).long()
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=needs_hidden_states(model),
+    )
+    return score_reads_at(model, input_ids, attention_mask, out).cpu().tolist()
 
 
 class ScorerClient:
