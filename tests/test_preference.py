@@ -606,6 +606,32 @@ def test_online_dpo_refreshes_the_reference_every_k_updates(model_dir: Path) -> 
     assert resumed.update(batch, 0.5)["optim/ref_refreshed"] == 1.0 and moves == [1]
 
 
+def test_precomputed_reference_runs_in_the_learners_compute_precision(
+    model_dir: Path, pairs_file: Path
+) -> None:
+    """A GPU learner computes log pi under bf16 autocast: the precomputed reference must
+    too (else at step 0, policy == reference, the implicit rewards are fp32-vs-bf16 noise,
+    not 0). CPU learners (no autocast) keep fp32; the cache key tells the two apart."""
+    from rlft_ray.lm.policy import PolicyWithValueHead
+    from rlft_ray.rollout.reference import ReferenceScorer
+
+    lm = _cfg(model_dir, pairs_file).lm
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table = load_pairs(pairs_file, tok, lm)[0].iloc[:8]
+    t = pair_tensors(pair_batch(table, tok.pad_token_id), torch.device("cpu"))
+    net = PolicyWithValueHead(load_model_and_tokenizer(model_dir)[0].float().eval())
+    with torch.no_grad():
+        fp32 = pair_logps(net, t)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = pair_logps(net, t)[0]
+    assert not torch.allclose(fp32, bf16, atol=1e-4)  # the precisions do differ
+    plain = ReferenceScorer(str(model_dir), lm)(table)
+    half = ReferenceScorer(str(model_dir), lm, bf16=True)(table)
+    np.testing.assert_allclose(plain["ref_chosen"], fp32.numpy(), atol=1e-5)
+    np.testing.assert_allclose(half["ref_chosen"], bf16.numpy(), atol=1e-5)
+    assert reference_hash(str(model_dir), lm, bf16=True) != reference_hash(str(model_dir), lm)
+
+
 def test_reference_cache_key_follows_model_and_data(
     model_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:

@@ -49,7 +49,8 @@ class DPOConfig:
         precompute_ref: Compute the reference log-probs once before training (a Ray Data
             pass over actors, cached next to the pair file and reused while model and
             data are unchanged), so the learner holds one model; false computes them on
-            the fly with a frozen reference copy.
+            the fly with a frozen reference copy. Computed in the learner's precision
+            (bf16 autocast with ``resources.use_gpu``, else fp32).
         shuffle: Reshuffle the pairs every epoch.
         lr, lr_schedule, warmup_fraction, weight_decay, max_grad_norm: AdamW and its schedule.
     """
