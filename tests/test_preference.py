@@ -735,18 +735,48 @@ def test_ranked_pairs_put_best_against_worst_first_and_skip_duplicates() -> None
     assert _ranked_pairs(flat, 0, limit=8) == []
 
 
-def test_make_arith_prefs_writes_the_named_files(model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_make_arith_prefs_writes_the_named_files(
+    model_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import envs.arithmetic
     from rlft_ray.cli import main
+
+    from lm_helpers import spread_reward
 
     assert main(["make-arith-data", str(tmp_path), "--train", "12", "--test", "4"]) == 0
     argv = ["make-arith-prefs", str(tmp_path), "--from", str(model_dir), "--samples", "4"]
+    # a random model never answers right: with the verifier every prompt is flat, no pair
+    assert main([*argv, "--name", "flat"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "flat_train.jsonl").read_text() == ""
+    assert "(12 prompts had no reward spread)" in out
+    # a reward with a spread over its samples (in place of the verifier): pairs are written
+    monkeypatch.setattr(envs.arithmetic, "exact_match", spread_reward)
     assert main([*argv, "--pairs-per-prompt", "3", "--name", "rm_prefs"]) == 0
     out = capsys.readouterr().out
-    for split, prompts in (("train", 12), ("test", 4)):
+    for split, n_prompts in (("train", 12), ("test", 4)):
         path = tmp_path / f"rm_prefs_{split}.jsonl"
-        assert path.is_file() and f"from {prompts} prompts to {path}" in out
-        # a random model never answers right: every prompt is flat, so no pair is made
-        assert path.read_text() == "" and f"({prompts} prompts had no reward spread)" in out
+        pairs = [json.loads(line) for line in path.read_text().splitlines()]
+        assert f"wrote {len(pairs)} pairs from {n_prompts} prompts to {path}" in out
+        prompts = [json.loads(x)["prompt"] for x in (tmp_path / f"arith_{split}.jsonl").open()]
+        assert 0 < len(pairs) <= 3 * n_prompts
+        for p in pairs:
+            assert set(p) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+            assert p["prompt"] in prompts and p["chosen"] != p["rejected"]
+            assert p["chosen"].strip() and p["rejected"].strip()
+            # the scores are the reward's, and the chosen one scored higher
+            assert [p["score_chosen"], p["score_rejected"]] == spread_reward(
+                [p["prompt"]] * 2, [p["chosen"], p["rejected"]], [{}, {}]
+            )
+            assert p["score_chosen"] > p["score_rejected"]
+        # at most 3 per prompt, the best against the worst first
+        by_prompt: dict[str, list[dict]] = {}
+        for p in pairs:
+            by_prompt.setdefault(p["prompt"], []).append(p)
+        for group in by_prompt.values():
+            assert len(group) <= 3
+            assert group[0]["score_chosen"] == max(g["score_chosen"] for g in group)
+            assert group[0]["score_rejected"] == min(g["score_rejected"] for g in group)
     assert not (tmp_path / "arith_prefs_train.jsonl").exists()
 
 
