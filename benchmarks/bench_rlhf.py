@@ -6,9 +6,11 @@ folder holding its prompts (``--data``, with ``arith_train.jsonl`` / ``arith_tes
 1. ``rlft-ray make-arith-prefs`` labels the base's own samples with the verifier (the
    stand-in for human feedback): ``rm_prefs_{train,test}.jsonl``, held-out pairs from
    prompts training never sees.
-2. ``examples/arithmetic_rm.yaml`` per seed, with its GRM term (``sft_coef`` 0.5) and
-   without it (plain Bradley-Terry): held-out pairwise accuracy of the last checkpoint.
-3. ``examples/arithmetic_grpo.yaml`` with ``lm.reward_model`` (the GRM reward model of the
+2. ``examples/arithmetic_rm.yaml`` per seed, with its SFT regulariser (``sft_coef`` 0.5:
+   the mean-NLL term, in the spirit of GRM but not the paper's ``regularizer: grm``) and
+   without it (plain Bradley-Terry): held-out pairwise accuracy of the last checkpoint
+   (``rm_accuracy_median_grm`` in the summary names the regularised model).
+3. ``examples/arithmetic_grpo.yaml`` with ``lm.reward_model`` (the regularised reward model of the
    same seed): the policy never sees the verifier; its held-out exact-match is measured by
    the verifier (``rlft-ray eval``) on the base and on the last checkpoint, plus the
    curve of ``eval/accuracy`` and ``eval/reward_model_auc`` every 25 iterations.

@@ -32,6 +32,11 @@ def make_batch(model_dir: Path, n_prompts: int = 4, seed: int = 0) -> Generation
     return batch
 
 
+def spread_reward(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
+    """A reward with a spread over a random model's completions: the text's code points mod 5."""
+    return [float(sum(map(ord, c)) % 5) for c in completions]
+
+
 def make_learner(algo: str, model_dir: Path, *overrides: str, rank: int = 0, world: int = 1):
     cfg = build_config(
         overrides=[f"algo={algo}", f"lm.model={model_dir}", f"{algo}.optim.lr=1e-3", *overrides]

@@ -327,3 +327,98 @@ def test_fused_optimizer_takes_the_same_steps_and_falls_back_without_a_kernel() 
 
     fallback = fused_optimizer(NoKernel, [torch.nn.Parameter(w0.clone())], lr=0.1)
     assert not fallback.param_groups[0]["fused"]
+
+
+def test_filtered_bc_refuses_an_episode_with_a_nan_return() -> None:
+    import envs  # noqa: F401  (registers rlft/NaNReward-v0)
+    from rlft_ray.rewards import RewardError
+
+    cfg, _spaces, cls = _setup(
+        [
+            "algo=filtered_bc",
+            "env.id=rlft/NaNReward-v0",
+            "env.kwargs={nan_after_steps: 3}",
+            "env.max_episode_steps=10",
+            "env.num_envs_per_runner=2",
+            "filtered_bc.episodes_per_actor=2",
+        ]
+    )
+    collector = cls.sampler(cfg)(**cls.sampler_kwargs(cfg, 0))
+    with pytest.raises(RewardError, match=r"episode \d+ of .* has return nan"):
+        collector.sample()
+
+
+def test_filtered_bc_imitates_the_clipped_action_the_env_executed() -> None:
+    import envs  # noqa: F401  (registers rlft/Navigation-v0)
+
+    cfg, _spaces, cls = _setup(
+        [
+            "algo=filtered_bc",
+            "env.id=rlft/Navigation-v0",
+            "env.kwargs={action_type: continuous}",
+            "env.max_episode_steps=10",
+            "env.num_envs_per_runner=2",
+            "filtered_bc.episodes_per_actor=4",
+            "filtered_bc.top_fraction=1.0",
+        ]
+    )
+    collector = cls.sampler(cfg)(**cls.sampler_kwargs(cfg, 0))
+    with torch.no_grad():
+        collector.policy.log_std.fill_(1.0)  # std e: most Gaussian samples leave [-1, 1]
+    batch = collector.sample()
+    assert len(batch.actions) and batch.actions.dtype == np.float32
+    assert batch.actions.min() >= -1.0 and batch.actions.max() <= 1.0  # the Box bounds
+    assert (np.abs(batch.actions) == 1.0).mean() > 0.3  # many samples were clipped
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        ["env.id=CartPole-v1", "env.max_episode_steps=20"],
+        [
+            "env.id=rlft/Navigation-v0",
+            "env.kwargs={action_type: continuous}",
+            "env.max_episode_steps=10",
+        ],
+    ],
+    ids=["discrete", "continuous"],
+)
+def test_filtered_bc_update_imitates_the_kept_episodes(env: list[str]) -> None:
+    """One update moves the policy towards the kept (highest-return) episodes' actions:
+    their NLL under the policy drops; continuous actions are the executed, clipped ones."""
+    import envs  # noqa: F401  (registers rlft/Navigation-v0)
+
+    cfg, spaces, cls = _setup(
+        [
+            "algo=filtered_bc",
+            *env,
+            "env.num_envs_per_runner=4",
+            "filtered_bc.episodes_per_actor=16",
+            "filtered_bc.top_fraction=0.25",
+            "filtered_bc.lr=3e-3",
+            "seed=0",
+        ]
+    )
+    torch.manual_seed(0)
+    learner = cls(cfg, spaces, LearnerContext())
+    collector = cls.sampler(cfg)(**cls.sampler_kwargs(cfg, 0))
+    collector.set_weights(learner.policy_state(), 0)
+    batch = collector.sample()
+    accepted = batch.selection.accepted
+    assert 0 < accepted.sum() < len(accepted) and len(batch) > 0
+    obs = torch.as_tensor(batch.obs, dtype=torch.float32)
+    actions = torch.as_tensor(batch.actions)
+    if not learner.policy.discrete:  # the executed (clipped) actions are imitated
+        assert actions.abs().max() <= 1.0
+
+    def nll() -> float:
+        with torch.no_grad():
+            params, _ = learner.policy(obs)
+            return float(-learner.policy.log_prob_entropy(params, actions)[0].mean())
+
+    before = nll()
+    metrics = learner.update(batch, 0.0)
+    after = nll()
+    assert metrics["rollout/accepted_steps"] == len(batch) and metrics["optim/steps"] == 16
+    assert after < before - 0.02, (before, after)
+    assert metrics["rollout/return_mean_accepted"] > metrics["rollout/return_mean_all"]

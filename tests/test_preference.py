@@ -432,6 +432,127 @@ def test_reward_model_sft_term_is_the_chosen_nll_through_the_lm_head(
         assert not torch.equal(head.detach(), causal.lm_head.weight)
 
 
+def test_reward_model_grm_regularizer_is_the_papers_loss(model_dir: Path, pairs_file: Path) -> None:
+    """regularizer=grm: (1 - a) BT + a (-log sigma(beta sum_t log pi(y_w))) through the LM
+    head (Yang et al. 2024), checked on the first step's gradient, computed by hand."""
+    from rlft_ray.learners.reward_model import pair_forward
+
+    alpha, beta = 0.25, 0.5
+    extra = [
+        "algo=reward_model",
+        "reward_model.regularizer=grm",
+        f"reward_model.grm_alpha={alpha}",
+        f"reward_model.grm_beta={beta}",
+        "reward_model.batch_size=8",
+        "reward_model.micro_batch_size=3",
+        "reward_model.optim.max_grad_norm=1e9",
+    ]
+    torch.manual_seed(0)
+    learner = _learner(RewardModelLearner, model_dir, pairs_file, *extra)
+    batch = learner.next_batch(0)
+    t = pair_tensors(batch, torch.device("cpu"))
+    chosen, rejected, hidden = pair_forward(learner.model, t, hidden=True)
+    bt = -torch.nn.functional.logsigmoid(chosen - rejected)
+    p, mask = t["prompt_ids"].shape[1], t["chosen_mask"].float()
+    logp = torch.log_softmax(learner.lm_head(hidden[:, p - 1 : -1]), -1)
+    logp = logp.gather(-1, t["chosen_ids"].unsqueeze(-1)).squeeze(-1)
+    reg = -torch.nn.functional.logsigmoid(beta * (logp * mask).sum(-1))  # summed, not mean
+    loss = ((1 - alpha) * bt + alpha * reg).mean()
+    params = dict(learner.model.named_parameters())
+    expected = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    grads = first_step_grads(learner, batch)
+    for k, g in expected.items():
+        torch.testing.assert_close(grads[k], g, atol=1e-6, rtol=1e-4, msg=k)
+    torch.manual_seed(0)
+    metrics = _learner(RewardModelLearner, model_dir, pairs_file, *extra).update(batch, 0.5)
+    assert metrics["loss/grm_reg"] == pytest.approx(float(reg.mean()), rel=1e-4)
+    assert "loss/sft" not in metrics
+
+
+def test_reward_model_regularizer_config(model_dir: Path, pairs_file: Path) -> None:
+    from rlft_ray.config import ConfigError
+
+    def rm(*overrides: str):
+        return _cfg(model_dir, pairs_file, "algo=reward_model", *overrides).reward_model
+
+    assert rm().regularizer_used == "none"
+    assert rm("reward_model.sft_coef=0.5").regularizer_used == "sft"  # as before: the SFT term
+    grm = rm("reward_model.regularizer=grm")
+    assert (grm.regularizer_used, grm.grm_alpha, grm.grm_beta) == ("grm", 0.01, 0.1)
+    with pytest.raises(ConfigError, match="sft_coef"):
+        rm("reward_model.regularizer=grm", "reward_model.sft_coef=0.5")
+    with pytest.raises(ConfigError, match="sft_coef"):
+        rm("reward_model.regularizer=sft")
+    with pytest.raises(ConfigError, match="grm_alpha"):
+        rm("reward_model.regularizer=grm", "reward_model.grm_alpha=1.0")
+
+
+@pytest.mark.parametrize(
+    ("pad_is_eos", "score_at", "reads"),
+    [
+        (False, None, "eos"),  # what Hugging Face pools: the rightmost non-pad token
+        (False, "last_content_token", "last_content_token"),
+        (True, None, "last_content_token"),  # pad == eos: HF pools the token before EOS
+        (True, "eos", "eos"),
+    ],
+)
+def test_reward_score_is_read_at_score_at_in_training_and_scoring(
+    model_dir: Path,
+    pairs_file: Path,
+    tmp_path: Path,
+    pad_is_eos: bool,
+    score_at: str | None,
+    reads: str,
+) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlft_ray.learners.reward_model import pair_forward
+
+    model = model_dir
+    if pad_is_eos:  # a tokenizer whose pad token is its EOS (ensure_pad_token's choice)
+        model = tmp_path / "pad_eos"
+        shutil.copytree(model_dir, model)
+        tok = AutoTokenizer.from_pretrained(model)
+        tok.pad_token = tok.eos_token
+        tok.save_pretrained(model)
+    extra = ["algo=reward_model"] + ([f"reward_model.score_at={score_at}"] if score_at else [])
+    torch.manual_seed(0)
+    learner = _learner(RewardModelLearner, model, pairs_file, *extra)
+    tok = learner.tokenizer
+    assert (tok.pad_token_id == tok.eos_token_id) is pad_is_eos
+    table = load_pairs(pairs_file, tok, learner.cfg.lm)[0].iloc[:4]
+    t = pair_tensors(pair_batch(table, tok.pad_token_id), torch.device("cpu"))
+    with torch.no_grad():
+        chosen, rejected, _ = pair_forward(learner.model, t)
+        # by hand: the scalar head on the last hidden state at the configured token
+        ids = torch.cat([t["prompt_ids"], t["chosen_ids"]], 1)
+        mask = torch.cat([t["prompt_mask"], t["chosen_mask"]], 1).long()
+        out = learner.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            output_hidden_states=True,
+        )
+        eos_at = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # every chosen ends with EOS
+        assert (ids[torch.arange(4), eos_at] == tok.eos_token_id).all()
+        at = eos_at - 1 if reads == "last_content_token" else eos_at
+        expected = learner.model.score(out.hidden_states[-1][torch.arange(4), at])[:, 0]
+    torch.testing.assert_close(chosen, expected)
+    if score_at is None:  # the default reads what the model read before score_at existed
+        torch.testing.assert_close(chosen, out.logits[:, 0])
+    # the saved model carries its read-out: the scorer reads the same position
+    learner.model.save_pretrained(tmp_path / "rm" / "policy")
+    learner.save_extras(tmp_path / "rm")
+    scorer = RewardModelScorer(str(tmp_path / "rm"))
+    rows = PAIRS_ROWS[:4]
+    got = scorer.score(
+        [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    )
+    assert got == pytest.approx([*chosen.tolist(), *rejected.tolist()], abs=1e-5)
+
+
 def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Path) -> None:
     batch = make_batch(model_dir, n_prompts=3)  # groups of 4, the first all 1.0
     batch.rewards[4:8] = [0.0, 0.5, 1.0, 0.5]
@@ -440,6 +561,76 @@ def test_online_dpo_pairs_the_best_and_worst_and_skips_flat_groups(model_dir: Pa
     assert len(pairs) == 2 and pairs.skipped_groups == 1
     assert np.array_equal(pairs.chosen_ids, batch.response_ids[[6, 11]])
     assert np.array_equal(pairs.rejected_ids, batch.response_ids[[4, 10]])
+
+
+def test_online_dpo_refreshes_the_reference_every_k_updates(model_dir: Path) -> None:
+    """With asynchronous sampling the batches' policy versions run 0, 0, 1, 2, ...: the
+    refresh must follow the learner's own count of updates, not the batch's version."""
+    from rlft_ray.learners.lm_rank import PROMPTS
+    from rlft_ray.learners.online_dpo import OnlineDPOLearner
+    from rlft_ray.lm.prompts import prepare_prompts
+
+    cfg = build_config(
+        overrides=["algo=online_dpo", f"lm.model={model_dir}", "online_dpo.ref_refresh_every=2"]
+    )
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table, _ = prepare_prompts(pd.DataFrame({"prompt": ["1+2=", "3+4="]}), tok, cfg.lm, "t")
+
+    def make_learner() -> OnlineDPOLearner:
+        ctx = LearnerContext(datasets={PROMPTS: FrameShard(table)})
+        return OnlineDPOLearner(cfg, None, ctx)
+
+    learner = make_learner()
+    refreshed: list[int] = []
+    updates = 0
+    reset = learner.core.reset_reference
+
+    def spy() -> None:
+        refreshed.append(updates)  # how many updates were done when the reference moved
+        reset()
+
+    learner.core.reset_reference = spy
+    batch = make_batch(model_dir, n_prompts=2)
+    for version in [0, 0, 1, 2, 3]:
+        batch.policy_version = version
+        metrics = learner.update(batch, 0.5)
+        assert metrics["optim/ref_refreshed"] == float(updates in (2, 4))
+        updates += 1
+    assert refreshed == [2, 4]
+    # the count is rank state: a resumed learner refreshes after 6 updates, not 2 after resume
+    state = learner.rank_state()
+    resumed = make_learner()
+    resumed.load_rank_state(state)
+    moves: list[int] = []
+    resumed.core.reset_reference = lambda: moves.append(1)
+    assert resumed.update(batch, 0.5)["optim/ref_refreshed"] == 0.0  # update 6 of the run
+    assert resumed.update(batch, 0.5)["optim/ref_refreshed"] == 1.0 and moves == [1]
+
+
+def test_precomputed_reference_runs_in_the_learners_compute_precision(
+    model_dir: Path, pairs_file: Path
+) -> None:
+    """A GPU learner computes log pi under bf16 autocast: the precomputed reference must
+    too (else at step 0, policy == reference, the implicit rewards are fp32-vs-bf16 noise,
+    not 0). CPU learners (no autocast) keep fp32; the cache key tells the two apart."""
+    from rlft_ray.lm.policy import PolicyWithValueHead
+    from rlft_ray.rollout.reference import ReferenceScorer
+
+    lm = _cfg(model_dir, pairs_file).lm
+    tok = load_model_and_tokenizer(model_dir)[1]
+    table = load_pairs(pairs_file, tok, lm)[0].iloc[:8]
+    t = pair_tensors(pair_batch(table, tok.pad_token_id), torch.device("cpu"))
+    net = PolicyWithValueHead(load_model_and_tokenizer(model_dir)[0].float().eval())
+    with torch.no_grad():
+        fp32 = pair_logps(net, t)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = pair_logps(net, t)[0]
+    assert not torch.allclose(fp32, bf16, atol=1e-4)  # the precisions do differ
+    plain = ReferenceScorer(str(model_dir), lm)(table)
+    half = ReferenceScorer(str(model_dir), lm, bf16=True)(table)
+    np.testing.assert_allclose(plain["ref_chosen"], fp32.numpy(), atol=1e-5)
+    np.testing.assert_allclose(half["ref_chosen"], bf16.numpy(), atol=1e-5)
+    assert reference_hash(str(model_dir), lm, bf16=True) != reference_hash(str(model_dir), lm)
 
 
 def test_reference_cache_key_follows_model_and_data(
@@ -545,16 +736,116 @@ def test_ranked_pairs_put_best_against_worst_first_and_skip_duplicates() -> None
     assert _ranked_pairs(flat, 0, limit=8) == []
 
 
-def test_make_arith_prefs_writes_the_named_files(model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_make_arith_prefs_writes_the_named_files(
+    model_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import envs.arithmetic
     from rlft_ray.cli import main
+
+    from lm_helpers import spread_reward
 
     assert main(["make-arith-data", str(tmp_path), "--train", "12", "--test", "4"]) == 0
     argv = ["make-arith-prefs", str(tmp_path), "--from", str(model_dir), "--samples", "4"]
+    # a random model never answers right: with the verifier every prompt is flat, no pair
+    assert main([*argv, "--name", "flat"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "flat_train.jsonl").read_text() == ""
+    assert "(12 prompts had no reward spread)" in out
+    # a reward with a spread over its samples (in place of the verifier): pairs are written
+    monkeypatch.setattr(envs.arithmetic, "exact_match", spread_reward)
     assert main([*argv, "--pairs-per-prompt", "3", "--name", "rm_prefs"]) == 0
     out = capsys.readouterr().out
-    for split, prompts in (("train", 12), ("test", 4)):
+    for split, n_prompts in (("train", 12), ("test", 4)):
         path = tmp_path / f"rm_prefs_{split}.jsonl"
-        assert path.is_file() and f"from {prompts} prompts to {path}" in out
-        # a random model never answers right: every prompt is flat, so no pair is made
-        assert path.read_text() == "" and f"({prompts} prompts had no reward spread)" in out
+        pairs = [json.loads(line) for line in path.read_text().splitlines()]
+        assert f"wrote {len(pairs)} pairs from {n_prompts} prompts to {path}" in out
+        prompts = [json.loads(x)["prompt"] for x in (tmp_path / f"arith_{split}.jsonl").open()]
+        assert 0 < len(pairs) <= 3 * n_prompts
+        for p in pairs:
+            assert set(p) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+            assert p["prompt"] in prompts and p["chosen"] != p["rejected"]
+            assert p["chosen"].strip() and p["rejected"].strip()
+            # the scores are the reward's, and the chosen one scored higher
+            assert [p["score_chosen"], p["score_rejected"]] == spread_reward(
+                [p["prompt"]] * 2, [p["chosen"], p["rejected"]], [{}, {}]
+            )
+            assert p["score_chosen"] > p["score_rejected"]
+        # at most 3 per prompt, the best against the worst first
+        by_prompt: dict[str, list[dict]] = {}
+        for p in pairs:
+            by_prompt.setdefault(p["prompt"], []).append(p)
+        for group in by_prompt.values():
+            assert len(group) <= 3
+            assert group[0]["score_chosen"] == max(g["score_chosen"] for g in group)
+            assert group[0]["score_rejected"] == min(g["score_rejected"] for g in group)
     assert not (tmp_path / "arith_prefs_train.jsonl").exists()
+
+
+def test_scoring_encodes_each_prompt_as_the_reward_model_was_trained(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer that adds BOS, a chat template that writes it and ``lm.chat_template``
+    off: a conversational prompt is templated (no special tokens added), a plain one gets
+    the tokenizer's BOS. The scorer must encode each the way the pair file was encoded."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import rlft_ray.rollout.scoring as scoring
+    from rlft_ray.lm.prompts import prepare_prompts, prompts_from_batch
+    from rlft_ray.lm.tiny import CHAT_TEMPLATE
+    from rlft_ray.rollout.generation import GenerationActor
+
+    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
+    shutil.copytree(model_dir, policy_dir)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)]
+    )
+    tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    tok.save_pretrained(policy_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    assert tok("1")["input_ids"][0] == bos  # the saved tokenizer adds BOS
+
+    conversation = [{"role": "user", "content": "1+2="}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": "3", "rejected": "4"}) + "\n"
+            for p in (conversation, "1+2=")
+        )
+    )
+    cfg = _cfg(
+        policy_dir,
+        pairs,
+        "lm.chat_template=false",
+        "lm.max_new_tokens=2",
+        "lm.max_prompt_tokens=32",
+    )
+    table, _ = load_pairs(pairs, tok, cfg.lm)
+    trained = [[*p, *c] for p, c in zip(table["prompt_ids"], table["chosen_ids"])]
+    assert trained[0][:2] == [bos, tok.convert_tokens_to_ids("u")]  # one BOS, the template's
+    assert trained[1][:2] == [bos, tok.convert_tokens_to_ids("1")]  # the tokenizer's BOS
+
+    prepared, _ = prepare_prompts(
+        pd.DataFrame({"prompt": [conversation, "1+2="]}), tok, cfg.lm, "test"
+    )
+    scorer = RewardModelScorer(str(rm_dir), add_special_tokens=not cfg.lm.chat_template)
+    actor = GenerationActor(cfg.lm, seed=0, scorers=[scorer])
+    batch = actor.generate(prompts_from_batch(prepared), greedy=True)
+    batch.completions = ["3", "3"]
+    seen: list[list[int]] = []
+
+    def spy(model, seqs, pad_id):
+        seen.extend(list(map(int, s)) for s in seqs)
+        return [0.0] * len(seqs)
+
+    monkeypatch.setattr(scoring, "score_sequences", spy)
+    actor.score(batch)
+    assert seen == trained

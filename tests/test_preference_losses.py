@@ -67,3 +67,21 @@ def test_sequence_logps_sum_and_mean_over_real_tokens() -> None:
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert sequence_logps(lp, mask).tolist() == pytest.approx([-3.0, -1.5])
     assert sequence_logps(lp, mask, average=True).tolist() == pytest.approx([-1.5, -0.5])
+
+
+def test_grm_regularizer_and_total_loss_by_hand() -> None:
+    from rlft_ray.algorithms.preference import grm_losses, grm_sft_regularizer
+
+    logps = torch.tensor([-10.0, -2.0])  # summed log pi(y_w | x)
+    reg = grm_sft_regularizer(logps, beta=0.1)
+    # -log sigma(-1) = log(1 + e) and -log sigma(-0.2) = log(1 + e^0.2)
+    assert reg.tolist() == pytest.approx([1.3132616875, 0.7981388693], rel=1e-6)
+    bt = torch.tensor([0.5, 1.0])
+    total = grm_losses(bt, reg, alpha=0.01)
+    assert total.tolist() == pytest.approx(
+        [0.99 * 0.5 + 0.01 * 1.3132616875, 0.99 * 1.0 + 0.01 * 0.7981388693], rel=1e-6
+    )
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        grm_sft_regularizer(logps, beta=0.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
+        grm_losses(bt, reg, alpha=1.0)

@@ -154,3 +154,6 @@ def test_online_dpo_ranks_the_actors_samples(model_dir: Path, tmp_path: Path) ->
         assert r["rollout/pairs"] + r["rollout/flat_group_frac"] * 8 == pytest.approx(8)
         if r["rollout/pairs"]:
             assert np.isfinite(r["loss/dpo"]) and "rewards/margins" in r
+    # the policy became the reference after exactly 3 and 6 updates: before iteration 4
+    # (iteration 7 is past the end), whatever version the batches were sampled with
+    assert [r["optim/ref_refreshed"] for r in rows] == [0, 0, 0, 1, 0, 0]

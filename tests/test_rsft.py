@@ -73,11 +73,38 @@ def test_actor_sends_only_accepted_samples_with_stats_of_all(model_dir: Path) ->
 
 
 def test_min_reward_and_threshold_drop_everything_below_the_bar(model_dir: Path) -> None:
-    lm = LMConfig(model=str(model_dir), num_samples=GROUP, max_new_tokens=3)
-    actor = GenerationActor(lm, seed=0, selection=RSFTConfig(select="all", min_reward=1.0))
-    batch = actor.sample(_prompts(actor, ["1+2="]))  # a random model never answers 42
-    assert len(batch) == 0 and batch.selection.num_generated == GROUP
-    assert batch.prompt_ids.shape[0] == 0 and batch.completions == []
+    rewards = np.array([0.2, 0.5, 0.9, 0.4, 1.0, 0.0])
+    below = [False, True, True, False, True, False]  # r >= 0.5
+    assert (
+        Selector(RSFTConfig(select="threshold", threshold=0.5), 0)(rewards, 3).keep.tolist()
+        == below
+    )
+    assert Selector(RSFTConfig(select="all", min_reward=0.5), 0)(rewards, 3).keep.tolist() == below
+    # min_reward applies after the rule: the best of each group of 3, if it reaches 0.95
+    best_floor = RSFTConfig(select="best_of_n", top_k=1, min_reward=0.95)
+    assert Selector(best_floor, 0)(rewards, 3).keep.tolist() == [False] * 4 + [True, False]
+    # on the actor: a reward with a spread, a threshold between its values
+    lm = LMConfig(
+        model=str(model_dir),
+        num_samples=GROUP,
+        max_new_tokens=3,
+        reward_fn="lm_helpers:spread_reward",
+    )
+    every = GenerationActor(lm, seed=0, selection=RSFTConfig(select="all"))
+    texts = ["1+2=", "12+30=", "5+37=", "40+40="]
+    r = every.sample(_prompts(every, texts)).selection.rewards
+    tau = float(np.sort(np.unique(r))[len(np.unique(r)) // 2])
+    assert r.min() < tau <= r.max()  # some samples below the bar, some at or above it
+    actor = GenerationActor(lm, seed=0, selection=RSFTConfig(select="threshold", threshold=tau))
+    batch = actor.sample(_prompts(actor, texts))
+    assert np.array_equal(batch.selection.rewards, r)  # the same seeded samples
+    assert batch.selection.accepted.tolist() == (r >= tau).tolist()
+    assert np.array_equal(batch.rewards, r[r >= tau]) and len(batch) == int((r >= tau).sum())
+    # nothing reaches the bar: an empty batch that still counts every generated sample
+    none = GenerationActor(lm, seed=0, selection=RSFTConfig(select="all", min_reward=5.0))
+    empty = none.sample(_prompts(none, ["1+2="]))
+    assert len(empty) == 0 and empty.selection.num_generated == GROUP
+    assert empty.prompt_ids.shape[0] == 0 and empty.completions == []
 
 
 def test_tilted_acceptance_bound_is_the_known_max_or_the_running_max() -> None:

@@ -149,3 +149,38 @@ def test_tilted_acceptance_samples_the_tilted_target() -> None:
     keep = accept_mask(tilted_log_acceptance(r[c], beta, reward_max=1.0), gen)
     _, p_value = chi_square_test(torch.bincount(c[keep], minlength=6).double(), target)
     assert p_value > 0.01, p_value
+
+
+@pytest.mark.parametrize(("fraction", "n", "kept"), [(0.14, 50, 7), (0.28, 25, 7), (0.07, 100, 7)])
+def test_quantile_count_is_exact_for_decimal_fractions(fraction: float, n: int, kept: int) -> None:
+    # fraction * n is 7.000000000000001 in floating point; ceil of the exact 7 is 7
+    r = torch.arange(n, dtype=torch.float64)
+    mask = quantile_mask(r, fraction, generator=_gen())
+    assert int(mask.sum()) == kept
+    assert mask[-kept:].all()  # the highest rewards
+    assert int(quantile_mask(r, 0.141, generator=_gen()).sum()) == math.ceil(0.141 * n)
+
+
+def test_every_selection_rule_refuses_nan_rewards_naming_the_sample() -> None:
+    # ranked first by a descending sort, a NaN reward would be kept as the best sample
+    r = torch.tensor([0.5, math.nan, 0.9, 0.1])
+    with pytest.raises(ValueError, match=r"reward of sample 1 is nan"):
+        best_of_n_mask(r, 4, 1, _gen())
+    with pytest.raises(ValueError, match=r"reward of sample 1 is nan"):
+        quantile_mask(r, 0.25, generator=_gen())
+    with pytest.raises(ValueError, match=r"reward of sample 1 is nan"):
+        quantile_mask(r, 0.5, group_size=2, generator=_gen())
+    with pytest.raises(ValueError, match=r"reward of sample 1 is nan"):
+        threshold_mask(r, 0.0)
+    with pytest.raises(ValueError, match=r"reward of sample 1 is nan"):
+        tilted_log_acceptance(r, beta=0.5, reward_max=1.0)
+    logq = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"target log-prob of sample 1 is nan"):
+        ratio_log_acceptance(r.log(), logq, 0.0)
+    with pytest.raises(ValueError, match=r"proposal log-prob of sample 1 is nan"):
+        ratio_log_acceptance(logq, r, 0.0)
+    with pytest.raises(ValueError, match=r"target log-prob of sample 1 is nan"):
+        estimate_log_m(r, logq)
+    # -inf log-probabilities (impossible under the target) are valid: never accepted
+    log_a, _ = ratio_log_acceptance(torch.tensor([-math.inf, 0.0]), torch.zeros(2), 0.0)
+    assert log_a.tolist() == [-math.inf, 0.0]

@@ -22,7 +22,13 @@ from rlft_ray.algorithms.masked import (
     masked_whiten,
 )
 from rlft_ray.algorithms.ppo import ppo_policy_loss, ppo_value_loss
-from rlft_ray.algorithms.preference import bradley_terry_losses, dpo_losses, sequence_logps
+from rlft_ray.algorithms.preference import (
+    bradley_terry_losses,
+    dpo_losses,
+    grm_losses,
+    grm_sft_regularizer,
+    sequence_logps,
+)
 from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
 __all__ = [
@@ -32,6 +38,8 @@ __all__ = [
     "dpo_losses",
     "dqn_loss",
     "dqn_targets",
+    "grm_losses",
+    "grm_sft_regularizer",
     "group_advantages",
     "kl_penalty",
     "linear_schedule",

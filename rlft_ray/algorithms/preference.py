@@ -1,4 +1,5 @@
-"""Preference losses: DPO (sigmoid), IPO, cDPO / label smoothing, hinge, and Bradley-Terry.
+"""Preference losses: DPO (sigmoid), IPO, cDPO / label smoothing, hinge, Bradley-Terry,
+and the reward model's regularisers (SFT NLL, GRM).
 
 Inputs are per-pair sequence log-probabilities: ``[B]`` tensors of log pi(y | x) summed
 over a completion's tokens (prompt tokens excluded), for the chosen y_w and the rejected
@@ -98,6 +99,55 @@ def bradley_terry_losses(
         ``[B]`` losses.
     """
     return -F.logsigmoid(reward_chosen - reward_rejected - margin)
+
+
+def grm_sft_regularizer(chosen_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """GRM's SFT regulariser of a reward model (Yang et al. 2024, "Regularizing Hidden
+    States Enables Learning Generalizable Reward Model for LLMs", the SFT form of L_reg)::
+
+        L_reg = -log sigma(beta * log pi(y_w | x)),   log pi(y_w | x) = sum_t log pi(y_w,t | x, y_w,<t)
+
+    ``log pi`` is read from the reward model's own last hidden states through the LM head
+    and *summed* over the chosen completion's tokens; the sigmoid keeps the term on the
+    scale of the Bradley-Terry loss. Combine with :func:`grm_losses`.
+
+    Args:
+        chosen_logps: ``[B]`` summed log pi(y_w | x) of the chosen completions.
+        beta: beta > 0 (the paper's 0.1).
+
+    Returns:
+        ``[B]`` regulariser values.
+
+    Raises:
+        ValueError: ``beta <= 0``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return -F.logsigmoid(beta * chosen_logps)
+
+
+def grm_losses(bt_losses: torch.Tensor, regularizer: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GRM's total reward-model loss (Yang et al. 2024)::
+
+        L = (1 - alpha) * L_BT + alpha * L_reg
+
+    a convex combination, unlike an added SFT term (``L_BT + c * NLL``): alpha (the paper's
+    0.01) also scales the Bradley-Terry loss down.
+
+    Args:
+        bt_losses: ``[B]`` Bradley-Terry losses (:func:`bradley_terry_losses`).
+        regularizer: ``[B]`` L_reg (:func:`grm_sft_regularizer`).
+        alpha: alpha in [0, 1).
+
+    Returns:
+        ``[B]`` losses.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1).
+    """
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    return (1 - alpha) * bt_losses + alpha * regularizer
 
 
 def sequence_logps(

@@ -5,17 +5,41 @@ as in :class:`~rlft_ray.types.GenerationBatch`. Every rule returns a ``[B]`` boo
 random choices (tie breaks, acceptance draws) come from an explicit ``torch.Generator``
 so a seeded run selects the same samples.
 
+A NaN reward or log-probability has no rank (a descending sort would put it first, so
+best-of-N would keep it): every rule refuses one with a ``ValueError`` naming the sample
+(:func:`check_no_nan`). Rewards are validated finite where they are computed; this is the
+last line of defence for rules called directly.
+
 Statistical acceptance works in log space throughout: ``log a = min(0, log p - log q - log M)``
 is compared with ``log u``, ``u ~ U(0, 1)``; no raw density ratio is ever exponentiated.
 """
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
 SELECTION_RULES = ("all", "best_of_n", "threshold", "quantile", "acceptance")
+
+
+def check_no_nan(values: torch.Tensor, what: str = "reward") -> None:
+    """Refuse NaN entries: they cannot be ranked or compared with a threshold.
+
+    Args:
+        values: ``[B]`` rewards or log-probabilities.
+        what: What the values are, for the message.
+
+    Raises:
+        ValueError: Some entry is NaN; the message names the first such sample.
+    """
+    nan = torch.isnan(values.reshape(-1))
+    if bool(nan.any()):
+        index = int(nan.nonzero()[0])
+        raise ValueError(
+            f"{what} of sample {index} is nan ({int(nan.sum())} of {nan.numel()} are nan): "
+            "a NaN cannot be ranked; the selection refuses it"
+        )
 
 
 def _rank_within_groups(
@@ -56,8 +80,9 @@ def best_of_n_mask(
         ``[B]`` bool mask with ``min(k, N)`` True per group.
 
     Raises:
-        ValueError: ``k < 1`` or ``B`` not a multiple of ``group_size``.
+        ValueError: ``k < 1``, ``B`` not a multiple of ``group_size``, or a NaN reward.
     """
+    check_no_nan(rewards)
     if k < 1:
         raise ValueError(f"best-of-n needs k >= 1, got {k}")
     if group_size < 1 or rewards.numel() % group_size:
@@ -76,7 +101,11 @@ def threshold_mask(rewards: torch.Tensor, tau: float) -> torch.Tensor:
 
     Returns:
         ``[B]`` bool mask.
+
+    Raises:
+        ValueError: A NaN reward.
     """
+    check_no_nan(rewards)
     return rewards >= tau
 
 
@@ -92,7 +121,8 @@ def quantile_mask(
         keep_i = [ rank(r_i) < ceil(q * n) ]     n = B (batch) or group_size (per group)
 
     A count, not a reward cut-off: exactly ``ceil(q * n)`` samples per batch or group are
-    kept, ties at the boundary broken at random (seeded).
+    kept, ties at the boundary broken at random (seeded). The count is computed exactly on
+    the decimal q was written as (see :func:`quantile_count`), not in floating point.
 
     Args:
         rewards: ``[B]`` rewards.
@@ -104,14 +134,38 @@ def quantile_mask(
         ``[B]`` bool mask.
 
     Raises:
-        ValueError: ``fraction`` outside (0, 1].
+        ValueError: ``fraction`` outside (0, 1], or a NaN reward.
     """
+    check_no_nan(rewards)
     if not 0 < fraction <= 1:
         raise ValueError(f"quantile fraction must be in (0, 1], got {fraction}")
     n = int(rewards.numel()) if group_size is None else group_size
     if n == 0:
         return torch.zeros(0, dtype=torch.bool)
-    return best_of_n_mask(rewards, n, max(1, math.ceil(fraction * n)), generator)
+    return best_of_n_mask(rewards, n, quantile_count(fraction, n), generator)
+
+
+def quantile_count(fraction: float, n: int) -> int:
+    """``max(1, ceil(q * n))`` in exact rational arithmetic on q's shortest decimal repr.
+
+    A configured q such as ``0.14`` is stored as the nearest binary float, slightly above
+    7/50, and ``0.14 * 50`` evaluates to ``7.000000000000001`` in floating point, whose
+    ceiling keeps 8 of 50 instead of 7. ``str(q)`` is the shortest decimal that rounds to
+    the same float (Python's repr guarantee), i.e. the decimal the user wrote for any q
+    with at most 15 significant digits; ``Fraction`` of it is that decimal exactly, so
+    ``ceil`` of ``Fraction(str(q)) * n`` is the intended count. No tolerance is needed,
+    and a q whose product is genuinely just above an integer (``0.141 * 50``) still
+    rounds up.
+
+    Args:
+        fraction: q in (0, 1].
+        n: Number of samples ranked.
+
+    Returns:
+        The number of samples to keep, at least 1.
+    """
+    exact = Fraction(str(fraction)) * n
+    return max(1, -(-exact.numerator // exact.denominator))
 
 
 def tilted_log_acceptance(rewards: torch.Tensor, beta: float, reward_max: float) -> torch.Tensor:
@@ -140,10 +194,11 @@ def tilted_log_acceptance(rewards: torch.Tensor, beta: float, reward_max: float)
         ``[B]`` float64 log acceptance probabilities, <= 0.
 
     Raises:
-        ValueError: ``beta <= 0``.
+        ValueError: ``beta <= 0``, or a NaN reward.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    check_no_nan(rewards)
     return ((rewards.double() - reward_max) / beta).clamp(max=0.0)
 
 
@@ -166,7 +221,12 @@ def ratio_log_acceptance(
     Returns:
         ``(log_a, clipped)``: ``[B]`` float64 log acceptance probabilities (<= 0) and a
         ``[B]`` bool mask of samples whose ratio exceeded M.
+
+    Raises:
+        ValueError: A NaN log-probability (``-inf``, probability 0, is valid).
     """
+    check_no_nan(target_logp, "target log-prob")
+    check_no_nan(proposal_logp, "proposal log-prob")
     log_ratio = target_logp.double() - proposal_logp.double() - log_m
     return log_ratio.clamp(max=0.0), log_ratio > 0
 
@@ -182,7 +242,12 @@ def estimate_log_m(target_logp: torch.Tensor, proposal_logp: torch.Tensor) -> fl
 
     Returns:
         log M as a float.
+
+    Raises:
+        ValueError: A NaN log-probability.
     """
+    check_no_nan(target_logp, "target log-prob")
+    check_no_nan(proposal_logp, "proposal log-prob")
     return float((target_logp.double() - proposal_logp.double()).max())
 
 

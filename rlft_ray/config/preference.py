@@ -13,6 +13,8 @@ from rlft_ray.config.errors import require
 from rlft_ray.config.optim import OptimConfig
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
+RewardRegularizer = Literal["none", "sft", "grm"]
+ScoreAt = Literal["eos", "last_content_token"]
 
 
 def check_preference_loss(loss: str, beta: float, label_smoothing: float, sft_coef: float) -> None:
@@ -47,7 +49,8 @@ class DPOConfig:
         precompute_ref: Compute the reference log-probs once before training (a Ray Data
             pass over actors, cached next to the pair file and reused while model and
             data are unchanged), so the learner holds one model; false computes them on
-            the fly with a frozen reference copy.
+            the fly with a frozen reference copy. Computed in the learner's precision
+            (bf16 autocast with ``resources.use_gpu``, else fp32).
         shuffle: Reshuffle the pairs every epoch.
         optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
     """
@@ -116,19 +119,35 @@ class RewardModelConfig:
     """A Bradley-Terry reward model trained on ``lm.pairs`` (Ouyang et al. 2022).
 
     The model is ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``,
-    one label) scoring the last token of prompt + completion; the loss is
-    -log sigma(r_chosen - r_rejected - margin), plus ``sft_coef`` times the chosen
-    completion's NLL through the model's LM head. Each iteration is one optimizer step on
+    one label) reading the hidden state at one token of prompt + completion + EOS
+    (``score_at``); the loss is the
+    Bradley-Terry L_BT = -log sigma(r_chosen - r_rejected - margin) with an optional
+    regulariser of the scorer's hidden states, read through the model's LM head on the
+    chosen completion (``regularizer``): ``sft``, L_BT + ``sft_coef`` * mean token NLL;
+    ``grm``, GRM's (1 - alpha) L_BT + alpha (-log sigma(beta sum_t log pi)) (Yang et al.
+    2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model for
+    LLMs"). Each iteration is one optimizer step on
     ``batch_size`` pairs over all ranks; ``eval_every`` measures the pairwise accuracy on
     ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
 
     Attributes:
         margin: m in the loss (0: plain Bradley-Terry).
-        sft_coef: Weight of the chosen completions' mean token NLL, read from the scorer's
-            last hidden states through the LM head (hidden-state regularisation: GRM,
-            Yang et al. 2024). It keeps the backbone a language model, so the score
-            generalises to completions the pairs did not show; 0 (default): plain
-            Bradley-Terry.
+        score_at: Where the score is read: ``eos`` (the EOS ending the completion) or
+            ``last_content_token`` (the token before it). null (default): what Hugging
+            Face's classifier pools, the rightmost token that is not padding: ``eos``,
+            but ``last_content_token`` when the pad token is the EOS (``ensure_pad_token``'s
+            choice for tokenizers without one). Saved in the model's ``config.json``, so
+            the scorer (``lm.reward_model``) reads the same position.
+        regularizer: ``none`` (plain Bradley-Terry), ``sft`` (the SFT term: ``sft_coef``
+            times the chosen completions' mean token NLL, added to L_BT) or ``grm`` (the
+            GRM paper's SFT regulariser, ``grm_alpha`` and ``grm_beta``). Both read the
+            scorer's last hidden states through the LM head and keep the backbone a
+            language model, so the score generalises to completions the pairs did not
+            show. null (default): ``sft`` when ``sft_coef > 0``, else ``none``.
+        sft_coef: Weight of the ``sft`` term (an SFT/NLL regulariser in the spirit of GRM,
+            not the paper's formulation); 0 with any other regulariser.
+        grm_alpha: alpha of ``grm``, in (0, 1): L = (1 - alpha) L_BT + alpha L_reg.
+        grm_beta: beta of ``grm`` (> 0): L_reg = -log sigma(beta * summed log pi(chosen)).
         num_epochs: Passes over the pairs (sets the run's iterations).
         batch_size: Pairs per optimizer step, over all ranks.
         micro_batch_size: Pairs per forward/backward.
@@ -137,7 +156,11 @@ class RewardModelConfig:
     """
 
     margin: float = 0.0
+    score_at: ScoreAt | None = None
+    regularizer: RewardRegularizer | None = None
     sft_coef: float = 0.0
+    grm_alpha: float = 0.01
+    grm_beta: float = 0.1
     num_epochs: int = 1
     batch_size: int = 32
     micro_batch_size: int = 16
@@ -149,6 +172,25 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         require(self.margin >= 0, "margin", "must be >= 0")
         require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
+        require(
+            self.regularizer != "sft" or self.sft_coef > 0,
+            "sft_coef",
+            "must be > 0 with regularizer=sft (it is the SFT term's weight)",
+        )
+        require(
+            self.regularizer not in ("none", "grm") or self.sft_coef == 0,
+            "sft_coef",
+            f"is the sft regularizer's weight; set it to 0 with regularizer={self.regularizer}",
+        )
+        require(0 < self.grm_alpha < 1, "grm_alpha", "must be in (0, 1)")
+        require(self.grm_beta > 0, "grm_beta", "must be > 0")
         require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+    @property
+    def regularizer_used(self) -> str:
+        """The regulariser in effect: ``regularizer``, or from ``sft_coef`` when it is null."""
+        if self.regularizer is not None:
+            return self.regularizer
+        return "sft" if self.sft_coef > 0 else "none"

@@ -129,6 +129,8 @@ class DPOLearner(LMLearnerHooks, Learner):
             actors=res.num_rollout_actors,
             cpus_per_actor=res.cpus_per_rollout_actor,
             fallback_dir=output_dir,
+            bf16=res.use_gpu,  # a GPU learner's log-probs are bf16-autocast: the reference's too
+            gpus_per_actor=res.gpus_per_rollout_actor if res.use_gpu else 0.0,
         )
         return dataclasses.replace(
             probe, datasets={**probe.datasets, PAIRS: table}, info={**probe.info, **info}

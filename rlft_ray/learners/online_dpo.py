@@ -5,7 +5,9 @@ them with the run's reward (``lm.reward_fn``, or ``lm.reward_model`` through the
 actors); the best and the worst completion of each prompt form a pair (prompts whose
 samples all score the same carry no preference: skipped and counted), and the learner
 takes DPO steps on the round's pairs against the reference (the starting policy, or
-the policy every ``online_dpo.ref_refresh_every`` rounds) before publishing the weights
+the policy every ``online_dpo.ref_refresh_every`` rounds: after exactly k, 2k, ... of
+this learner's updates, counted here and kept in the checkpoint, not read from the batch's
+policy version, which lags by a round with asynchronous sampling) before publishing the weights
 (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; Xiong et al.
 2024, "Iterative Preference Learning from Human Feedback").
 """
@@ -64,12 +66,23 @@ class OnlineDPOLearner(LMLearnerHooks, Learner):
         # a refreshed reference is part of the run's state: --resume must restore it
         self.core.save_reference = self.hp.ref_refresh_every is not None
         self.optimizer = self.core.optimizer
+        self.rounds_done = 0  # updates taken, for ref_refresh_every (rank state: --resume)
+
+    def rank_state(self) -> dict[str, np.ndarray]:
+        return {**super().rank_state(), "rounds_done": np.array(self.rounds_done)}
+
+    def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_rank_state(state)
+        if "rounds_done" in state:
+            self.rounds_done = int(state["rounds_done"])
 
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
-        done = batch.policy_version  # rounds finished before this one (continues on --resume)
-        if hp.ref_refresh_every and done and done % hp.ref_refresh_every == 0:
+        done = self.rounds_done  # rounds finished before this one (continues on --resume)
+        refresh = bool(hp.ref_refresh_every and done and done % hp.ref_refresh_every == 0)
+        if refresh:
             core.reset_reference()  # the policy so far becomes the reference
+        self.rounds_done += 1
         lr = core.engine.set_lr(progress)
         pairs = best_worst_pairs(batch)
         r = torch.as_tensor(batch.rewards, dtype=torch.float64)
@@ -84,6 +97,7 @@ class OnlineDPOLearner(LMLearnerHooks, Learner):
             "rollout/flat_group_frac": skipped / max(groups, 1.0),
             "reward/mean": r_sum / max(n, 1.0),
             "optim/lr": lr,
+            "optim/ref_refreshed": float(refresh),
         }
         if n_pairs == 0:  # every prompt's samples scored alike on every rank: nothing to rank
             return metrics

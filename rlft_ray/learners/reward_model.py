@@ -1,9 +1,15 @@
 """A Bradley-Terry reward model learned from preference pairs (``algo: reward_model``).
 
 ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``, one label)
-scores prompt + completion at its last token; the loss is -log sigma(r_chosen - r_rejected
-- margin) (Ouyang et al. 2022), plus with ``reward_model.sft_coef`` the chosen completion's
-NLL through the LM head (GRM's hidden-state regularisation, Yang et al. 2024). Each
+scores prompt + completion + EOS at one token, ``reward_model.score_at``: the EOS, or the
+last content token before it (default: what the classifier pools, the rightmost
+non-padding token: the EOS, but the token before it when pad == eos); the position is
+saved in the model's ``config.json`` and the scorer reads the same one. The loss is L_BT = -log sigma(r_chosen -
+r_rejected - margin) (Ouyang et al. 2022), with ``reward_model.regularizer`` a
+regulariser read from the scorer's hidden states through the LM head on the chosen
+completion: ``sft``, L_BT + ``sft_coef`` * mean token NLL (``loss/sft``); ``grm``, the GRM
+paper's (1 - alpha) L_BT + alpha (-log sigma(beta sum_t log pi)) (Yang et al. 2024;
+``loss/grm_reg``; :func:`~rlft_ray.algorithms.preference.grm_losses`). Each
 iteration is one optimizer step on
 ``reward_model.batch_size`` pairs over all ranks (DDP, micro-batched); ``eval_every``
 measures the pairwise accuracy on ``lm.eval_pairs`` (``eval/pairwise_accuracy``).
@@ -21,7 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import bradley_terry_losses, sequence_logps
+from rlft_ray.algorithms import (
+    bradley_terry_losses,
+    grm_losses,
+    grm_sft_regularizer,
+    sequence_logps,
+)
 from rlft_ray.algorithms.lm import selective_log_softmax
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import (
@@ -37,7 +48,13 @@ from rlft_ray.learners.engine import StepEngine, Steps
 from rlft_ray.learners.lm_rank import disable_dropout
 from rlft_ray.learners.pairwise import pair_stream, pair_update, probe_pairs
 from rlft_ray.lm.pairs import load_pairs, pair_batch, pair_tensors
-from rlft_ray.lm.policy import position_ids
+from rlft_ray.lm.policy import (
+    SCORE_AT_KEY,
+    SCORE_EOS_KEY,
+    needs_hidden_states,
+    position_ids,
+    score_reads_at,
+)
 from rlft_ray.types import PairBatch
 
 #: Name of the held-out pair table every rank receives (``LearnerContext.tables``).
@@ -51,7 +68,8 @@ def pair_forward(
     ``hidden`` the ``[b, P + L, H]`` last hidden states of prompt + chosen (the SFT term).
 
     The prompt is left-padded and the completions right-padded, so positions count from
-    each row's first real token and the model scores its last non-padding token.
+    each row's first real token; the score is read where ``reward_model.score_at`` says
+    (:func:`~rlft_ray.lm.policy.score_reads_at`), as the scorer reads it.
     """
     ids = torch.cat(
         [sub["prompt_ids"].repeat(2, 1), torch.cat([sub["chosen_ids"], sub["rejected_ids"]])], 1
@@ -63,10 +81,10 @@ def pair_forward(
         input_ids=ids,
         attention_mask=mask,
         position_ids=position_ids(mask),
-        output_hidden_states=hidden,
+        output_hidden_states=hidden or needs_hidden_states(model),
     )
     b = sub["prompt_ids"].shape[0]
-    scores = out.logits[:, 0].float()
+    scores = score_reads_at(model, ids, mask, out)
     return scores[:b], scores[b:], out.hidden_states[-1][:b] if hidden else None
 
 
@@ -78,27 +96,36 @@ def pair_scores(
     return chosen, rejected
 
 
-def chosen_nll(
-    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor]
+def chosen_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor], average: bool
 ) -> torch.Tensor:
-    """Mean token NLL of each chosen completion, read from the scorer's hidden states.
+    """Log-probability of each chosen completion, read from the scorer's hidden states.
 
-    ``nll_i = -1/|y_i| sum_t log softmax(W h_{i, P+t-1})[y_{i,t}]``: the hidden state before
-    each completion token, through the LM head ``W`` (GRM, Yang et al. 2024).
+    ``log pi(y_i) = sum_t log softmax(W h_{i, P+t-1})[y_{i,t}]``: the hidden state before
+    each completion token, through the LM head ``W``; ``average`` divides by ``|y_i|``.
 
     Args:
         hidden: ``[b, P + L, H]`` last hidden states of prompt + chosen.
         lm_head: Maps ``[..., H]`` to ``[..., V]`` logits.
         sub: The pair tensors (``prompt_ids`` ``[b, P]``, ``chosen_ids`` / ``chosen_mask`` ``[b, L]``).
+        average: Mean over the completion's tokens instead of the sum.
 
     Returns:
-        ``[b]`` NLLs.
+        ``[b]`` log-probabilities.
     """
     p = sub["prompt_ids"].shape[1]
     mask = sub["chosen_mask"]
     logits = lm_head(hidden[:, p - 1 : -1])
     tokens = sub["chosen_ids"].masked_fill(mask == 0, 0)  # an added <pad> may be past the head
-    return -sequence_logps(selective_log_softmax(logits, tokens), mask, average=True)
+    return sequence_logps(selective_log_softmax(logits, tokens), mask, average=average)
+
+
+def chosen_nll(
+    hidden: torch.Tensor, lm_head: nn.Module, sub: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``[b]`` mean token NLL of each chosen completion (the ``sft`` regulariser): the
+    negated mean of :func:`chosen_logps`."""
+    return -chosen_logps(hidden, lm_head, sub, average=True)
 
 
 class TiedLMHead(nn.Module):
@@ -146,7 +173,8 @@ def load_lm_head(cfg: RunConfig, scorer: nn.Module, vocab: int) -> nn.Module:
     head = causal.get_output_embeddings()
     if head is None:
         raise ConfigError(
-            "reward_model.sft_coef", f"{cfg.lm.model} has no LM head to read the hidden states"
+            "reward_model.regularizer",
+            f"{cfg.lm.model} has no LM head to read the hidden states",
         )
     return head.float()
 
@@ -168,11 +196,17 @@ class RewardModelLearner(Learner):
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(self.tokenizer))  # an added <pad>
         self.model.config.pad_token_id = int(self.tokenizer.pad_token_id)
+        # where the score is read, saved in config.json so the scorer reads it there too
+        eos = int(self.tokenizer.eos_token_id)
+        pad_is_eos = int(self.tokenizer.pad_token_id) == eos
+        score_at = self.hp.score_at or ("last_content_token" if pad_is_eos else "eos")
+        setattr(self.model.config, SCORE_AT_KEY, score_at)
+        setattr(self.model.config, SCORE_EOS_KEY, eos)
         self.model.float().eval()  # no dropout: DDP and micro-batches give one batch's gradient
         disable_dropout(self.model)
-        self.lm_head: nn.Module | None = None  # the SFT term's head (sft_coef > 0)
+        self.lm_head: nn.Module | None = None  # the regulariser's head (sft or grm)
         trained: nn.Module = self.model
-        if self.hp.sft_coef > 0:
+        if self.hp.regularizer_used != "none":
             self.lm_head = load_lm_head(cfg, self.model, len(self.tokenizer))
             if self.own_head:
                 trained = ScorerWithLMHead(self.model, self.lm_head)
@@ -290,9 +324,15 @@ class RewardModelLearner(Learner):
                 "rewards/margins": (chosen - rejected).detach(),
             }
             if hidden is not None and self.lm_head is not None:
-                nll = chosen_nll(hidden, self.lm_head, sub)
-                total = total + hp.sft_coef * (nll * weight).sum()
-                stats["loss/sft"] = nll.detach()
+                if hp.regularizer_used == "grm":  # (1 - a) L_BT + a L_reg, summed log pi
+                    logps = chosen_logps(hidden, self.lm_head, sub, average=False)
+                    reg = grm_sft_regularizer(logps, hp.grm_beta)
+                    total = (grm_losses(losses, reg, hp.grm_alpha) * weight).sum()
+                    stats["loss/grm_reg"] = reg.detach()
+                else:  # sft: L_BT + c * mean token NLL
+                    nll = chosen_nll(hidden, self.lm_head, sub)
+                    total = total + hp.sft_coef * (nll * weight).sum()
+                    stats["loss/sft"] = nll.detach()
             return total, stats
 
         t = pair_tensors(batch, self.ctx.device)

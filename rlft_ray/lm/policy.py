@@ -337,3 +337,58 @@ def pair_logps(
     logps = sequence_logps(logprobs, mask, average=average)
     nll = -sequence_logps(logprobs[0::2], mask[0::2], average=True)
     return logps[0::2], logps[1::2], nll
+
+
+#: Config attributes a reward model's ``config.json`` carries: where its score is read
+#: (``reward_model.score_at``) and the EOS id that position is defined by.
+SCORE_AT_KEY, SCORE_EOS_KEY = "rlft_score_at", "rlft_score_eos_id"
+
+
+def score_reads_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: object
+) -> torch.Tensor:
+    """``[B]`` float scores of a one-label sequence classifier, read where the reward model
+    was trained to read them (``reward_model.score_at``, kept in the model's config).
+
+    Hugging Face's classifiers pool the rightmost token that is not ``pad_token_id``: the
+    EOS ending each sequence, or the token before it when pad == eos. A model trained
+    with ``score_at`` records it in its config (:data:`SCORE_AT_KEY`): ``eos`` reads the
+    last real token (by ``attention_mask``: the EOS, or a truncated completion's last
+    token), ``last_content_token`` the token before a trailing EOS. Without the key (older
+    checkpoints), or where it names what Hugging Face pools anyway, the pooled logits are
+    returned unchanged.
+
+    Args:
+        model: The classifier (maybe DDP-wrapped, or a module with a ``scorer``).
+        input_ids: ``[B, T]`` ids. attention_mask: ``[B, T]``, 1 on real tokens.
+        out: The classifier's output for them, with ``hidden_states`` when
+            :func:`needs_hidden_states` says so.
+
+    Returns:
+        ``[B]`` float32 scores.
+    """
+    net = getattr(model, "module", model)
+    net = getattr(net, "scorer", net)
+    if not needs_hidden_states(net):
+        return out.logits[:, 0].float()  # type: ignore[attr-defined]
+    mask = attention_mask.long()
+    width = mask.shape[1]
+    last = width - 1 - mask.flip(-1).argmax(-1)  # the rightmost real token
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    if getattr(net.config, SCORE_AT_KEY) == "last_content_token":
+        eos = int(getattr(net.config, SCORE_EOS_KEY))
+        last = last - (input_ids[rows, last] == eos).long()
+    hidden = out.hidden_states[-1]  # type: ignore[attr-defined]  (after the final norm)
+    return net.score(hidden[rows, last])[:, 0].float()
+
+
+def needs_hidden_states(model: nn.Module) -> bool:
+    """Whether the score must be read from the hidden states: the model's configured
+    read-out (:data:`SCORE_AT_KEY`) is not the token Hugging Face pools."""
+    net = getattr(model, "module", model)
+    net = getattr(net, "scorer", net)
+    score_at = getattr(net.config, SCORE_AT_KEY, None)
+    if score_at is None:
+        return False
+    pad_is_eos = net.config.pad_token_id == getattr(net.config, SCORE_EOS_KEY)
+    return (score_at == "last_content_token") != pad_is_eos

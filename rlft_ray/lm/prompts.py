@@ -233,6 +233,17 @@ def _rows_list(rows: list[int]) -> str:
     return shown + (f" and {len(rows) - _SHOW_ROWS} more" if len(rows) > _SHOW_ROWS else "")
 
 
+def _check_table(table: pd.DataFrame, lm: LMConfig, source: str, key: str) -> None:
+    """A prompt table has rows and the prompt column."""
+    if len(table) == 0:
+        raise PromptDataError(key, f"{source} is empty: no prompts to read")
+    if lm.prompt_key not in table.columns:
+        cols = ", ".join(map(str, table.columns))
+        raise PromptDataError(
+            key, f"{source} has no {lm.prompt_key!r} column (columns: {cols}); set lm.prompt_key"
+        )
+
+
 def prepare_prompts(
     table: pd.DataFrame, tokenizer: Any, lm: LMConfig, source: str, key: str = "lm.prompts"
 ) -> tuple[pd.DataFrame, PromptStats]:
@@ -247,20 +258,15 @@ def prepare_prompts(
 
     Returns:
         ``(clean, stats)`` where ``clean`` has columns ``prompt`` (rendered text),
-        ``prompt_ids`` (list of ints) and ``metadata`` (JSON object string).
+        ``prompt_ids`` (list of ints), ``metadata`` (JSON object string) and ``templated``
+        (whether a chat template rendered it).
 
     Raises:
         PromptDataError: No prompt column, empty prompts (unless dropped), over-long
             prompts with ``prompt_overflow=error``, or nothing left to train on. Row
             numbers in messages are 1-based lines of the file.
     """
-    if len(table) == 0:
-        raise PromptDataError(key, f"{source} is empty: no prompts to read")
-    if lm.prompt_key not in table.columns:
-        cols = ", ".join(map(str, table.columns))
-        raise PromptDataError(
-            key, f"{source} has no {lm.prompt_key!r} column (columns: {cols}); set lm.prompt_key"
-        )
+    _check_table(table, lm, source, key)
     records = table.to_dict(orient="records")
     lines = table.attrs.get("lines") or list(range(1, len(records) + 1))
     empty = [lines[i] for i, r in enumerate(records) if _is_empty(r[lm.prompt_key])]
@@ -276,7 +282,7 @@ def prepare_prompts(
     overlong: list[int] = []
     truncated = dropped_long = longest = 0
     for n, record in used:
-        text, ids = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
+        text, ids, templated = _render_and_encode(record[lm.prompt_key], tokenizer, lm)
         if len(ids) > lm.max_prompt_tokens:
             overlong.append(n)
             longest = max(longest, len(ids))
@@ -290,7 +296,8 @@ def prepare_prompts(
         meta = {str(k): _plain(v) for k, v in record.items() if k != lm.prompt_key}
         if meta.get("answer") is None and meta.get("ground_truth") is not None:
             meta["answer"] = meta["ground_truth"]
-        out.append({"prompt": text, "prompt_ids": ids, "metadata": json.dumps(meta, default=str)})
+        row = {"prompt": text, "prompt_ids": ids, "metadata": json.dumps(meta, default=str)}
+        out.append({**row, "templated": templated})
     if overlong and lm.prompt_overflow == "error":
         raise PromptDataError(
             key,
@@ -312,15 +319,15 @@ def prepare_prompts(
             "; raise lm.max_prompt_tokens (a chat template adds its own tokens)" if longest else ""
         )
         raise PromptDataError(key, f"{source}: no prompts left to use ({stats.describe()}){hint}")
-    return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata"]), stats
+    return pd.DataFrame(out, columns=["prompt", "prompt_ids", "metadata", "templated"]), stats
 
 
-def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int]]:
-    """A prompt's text as the model sees it and its ids (a chat template adds its own
-    special tokens, so templated text is encoded without them)."""
+def _render_and_encode(value: Any, tokenizer: Any, lm: LMConfig) -> tuple[str, list[int], bool]:
+    """A prompt's text as the model sees it, its ids and whether it was templated (a chat
+    template adds its own special tokens, so templated text is encoded without them)."""
     text = render_prompt(value, tokenizer, lm.chat_template, lm.system_prompt, lm.prompt_template)
     templated = lm.chat_template or isinstance(value, (list, np.ndarray))
-    return text, encode_prompt(text, tokenizer, templated)
+    return text, encode_prompt(text, tokenizer, templated), templated
 
 
 def _check_answers(records: list[dict], lines: list[int], source: str, key: str) -> None:
@@ -348,12 +355,18 @@ def load_prompts(
 
 
 def prompts_from_batch(batch: Mapping[str, Any] | pd.DataFrame) -> list[Prompt]:
-    """Rows of a prepared table (a Ray Data numpy/pandas batch) as :class:`Prompt` objects."""
+    """Rows of a prepared table (a Ray Data numpy/pandas batch) as :class:`Prompt` objects
+    (a table without a ``templated`` column: none was templated)."""
     if isinstance(batch, pd.DataFrame):
         batch = {c: batch[c].to_numpy() for c in batch.columns}
+    templated = batch["templated"] if "templated" in batch else [False] * len(batch["prompt"])
     return [
-        Prompt(text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta))
-        for text, ids, meta in zip(batch["prompt"], batch["prompt_ids"], batch["metadata"])
+        Prompt(
+            text=str(text), ids=[int(t) for t in ids], metadata=json.loads(meta), templated=bool(t)
+        )
+        for text, ids, meta, t in zip(
+            batch["prompt"], batch["prompt_ids"], batch["metadata"], templated
+        )
     ]
 
 

@@ -4,11 +4,14 @@
 stitches its time-major segments into complete episodes (an episode still running
 when a call ends carries over to the next call), keeps the top fraction of the
 finished ones by return, and ships only their steps: the same selection stage as
-the generation actors' rejection sampling, on the gym side.
+the generation actors' rejection sampling, on the gym side. A continuous (``Box``)
+action is shipped as the env executed it, clipped to the bounds, not as the raw
+Gaussian sample: behaviour cloning imitates what was done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from rlft_ray.algorithms.selection import quantile_mask
 from rlft_ray.config import EnvConfig
+from rlft_ray.rewards import RewardError
 from rlft_ray.rollout.env_runner import EnvRunner
 from rlft_ray.types import EpisodeBatch, EpisodeStats, RolloutBatch, SelectionStats
 
@@ -75,10 +79,11 @@ class EpisodeCollector(EnvRunner):
         finished: list[_Episode] = []
         env_steps = 0
         while len(finished) < self.episodes_per_sample:
-            segment = super().sample(num_steps)
+            segment = self._executed(super().sample(num_steps))
             env_steps += segment.num_steps
             finished.extend(self._stitch(segment))
         returns = np.array([e.ret for e in finished], dtype=np.float32)
+        _check_finite_returns(returns, self.env_cfg.id)
         keep = quantile_mask(
             torch.as_tensor(returns, dtype=torch.float64), self.top_fraction, None, self.generator
         ).numpy()
@@ -105,6 +110,16 @@ class EpisodeCollector(EnvRunner):
                 successes=[e.success for e in finished if e.success is not None],
             ),
         )
+
+    def _executed(self, seg: RolloutBatch) -> RolloutBatch:
+        """The segment with the actions the env executed: Gaussian samples clipped to the
+        ``Box`` bounds as :meth:`EnvRunner.sample` clipped them for the env (PPO keeps the
+        raw samples, whose log-probs it needs; imitation wants the executed action)."""
+        space = self.env.single_action_space
+        if not isinstance(space, gym.spaces.Box):
+            return seg
+        clipped = np.clip(seg.actions, space.low, space.high).astype(seg.actions.dtype)
+        return dataclasses.replace(seg, actions=clipped)
 
     def _stitch(self, seg: RolloutBatch) -> list[_Episode]:
         """Append the segment to each sub-env's running episode; return those that ended."""
@@ -139,6 +154,21 @@ class EpisodeCollector(EnvRunner):
             actions=np.concatenate([p.actions for p in parts]),
             ret=float(sum(p.rewards.sum() for p in parts)),
             success=None,
+        )
+
+
+def _check_finite_returns(returns: np.ndarray, env_id: str) -> None:
+    """Refuse an episode whose return is not finite: it cannot be ranked for selection.
+
+    Raises:
+        RewardError: Names the first such episode (in finishing order) and the env.
+    """
+    bad = np.flatnonzero(~np.isfinite(returns))
+    if len(bad):
+        i = int(bad[0])
+        raise RewardError(
+            f"episode {i} of {len(returns)} collected from {env_id} has return {returns[i]}: "
+            "filtered BC ranks episodes by return and cannot rank a non-finite one"
         )
 
 

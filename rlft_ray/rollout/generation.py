@@ -275,6 +275,7 @@ class GenerationActor:
             policy_version=self.policy_version,
             group_size=n,
             pad_token_id=self.pad_id,
+            prompt_templated=np.repeat([p.templated for p in prompts], n).astype(bool),
         )
 
     def _empty(self, n: int) -> GenerationBatch:
@@ -304,7 +305,7 @@ class GenerationActor:
                 values or a non-finite value; the message names the sample.
         """
         if self.reward_model is not None:
-            return self.reward_model(batch.prompts, batch.completions)
+            return self.reward_model(batch.prompts, batch.completions, batch.prompt_templated)
         rewards = compute_rewards(self.reward_fn, batch.prompts, batch.completions, batch.metadata)
         return np.asarray(rewards, dtype=np.float32)
 
@@ -365,7 +366,9 @@ class GenerationActor:
         batch, accuracy = self.evaluate(prompts)
         scores = {"accuracy": accuracy}
         if self.reward_model is not None:
-            scores["reward_model"] = self.reward_model(batch.prompts, batch.completions)
+            scores["reward_model"] = self.reward_model(
+                batch.prompts, batch.completions, batch.prompt_templated
+            )
         return self.policy_version, scores
 
     def evaluate(

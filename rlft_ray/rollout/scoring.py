@@ -4,7 +4,10 @@
 ``resources.num_scorer_actors`` of them as Ray actors when ``lm.reward_model`` is set and
 hands their handles to the generation actors, which send each batch of completions to
 one of them instead of calling ``lm.reward_fn``. A completion is scored exactly as the
-reward model was trained: prompt tokens, then the completion's tokens and EOS.
+reward model was trained: prompt tokens, then the completion's tokens and EOS. A prompt
+is encoded as the pair files' prompts were (:mod:`rlft_ray.lm.pairs`): without special
+tokens when it came through the chat template (it wrote them; a conversational prompt
+always does), with the tokenizer's special tokens (a BOS) otherwise.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ class RewardModelScorer:
         device: ``"cpu"`` or ``"cuda"``.
         batch_size: Sequences per forward pass.
         add_special_tokens: Tokenize prompts with the tokenizer's special tokens, as the
-            pair files were when their prompts were plain strings (false for prompts the
-            chat template rendered: it wrote them already).
+            pair files were when their prompts were plain strings (false when every prompt
+            is rendered by the chat template, ``lm.chat_template``: it wrote them already).
+            A prompt flagged as templated in :meth:`score` never gets them.
     """
 
     def __init__(
@@ -74,17 +78,30 @@ class RewardModelScorer:
         )
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        """The reward model's scalar score of each completion of its prompt."""
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        templated: Sequence[bool] | None = None,
+    ) -> list[float]:
+        """The reward model's scalar score of each completion of its prompt.
+
+        Args:
+            prompts: Prompt texts as the policy saw them.
+            completions: Completion texts.
+            templated: Per prompt, whether its text came through the chat template
+                (:attr:`~rlft_ray.types.Prompt.templated`): encoded without special
+                tokens then. None: no prompt was (only ``add_special_tokens`` decides).
+        """
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        special = self.add_special_tokens
+        flags = [False] * len(prompts) if templated is None else [bool(t) for t in templated]
         seqs = [
             [
-                *tok(p, add_special_tokens=special)["input_ids"],
+                *tok(p, add_special_tokens=self.add_special_tokens and not t)["input_ids"],
                 *tok(c, add_special_tokens=False)["input_ids"],
                 eos,
             ]
-            for p, c in zip(prompts, completions)
+            for p, c, t in zip(prompts, completions, flags)
         ]
         if self.max_positions:  # the end is what is scored: keep the last tokens
             seqs = [s[-self.max_positions :] for s in seqs]
@@ -99,17 +116,23 @@ class RewardModelScorer:
 def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int) -> list[float]:
     """Scores of token sequences under a one-label sequence-classification model.
 
-    Sequences are right-padded, so the model's last non-padding token is each one's end.
+    Sequences are right-padded; the score is read where the model was trained to read it
+    (``reward_model.score_at``: :func:`~rlft_ray.lm.policy.score_reads_at`).
     """
+    from rlft_ray.lm.policy import needs_hidden_states, score_reads_at
+
     if not seqs:
         return []
     device = next(model.parameters()).device
     ids, mask = pad_sequences(seqs, pad_id, "right")
-    logits = model(
-        input_ids=torch.as_tensor(ids, device=device),
-        attention_mask=torch.as_tensor(mask, device=device).long(),
-    ).logits
-    return logits[:, 0].float().cpu().tolist()
+    input_ids = torch.as_tensor(ids, device=device)
+    attention_mask = torch.as_tensor(mask, device=device).long()
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=needs_hidden_states(model),
+    )
+    return score_reads_at(model, input_ids, attention_mask, out).cpu().tolist()
 
 
 class ScorerClient:
@@ -129,26 +152,36 @@ class ScorerClient:
         self._next = itertools.cycle(scorers[k:] + scorers[:k])
         self.timeout_s = timeout_s
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        """``[B]`` float32 rewards.
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        templated: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """``[B]`` float32 rewards (``templated``: see :meth:`RewardModelScorer.score`).
 
         Raises:
             RewardError: A score is NaN/inf, the count is wrong, or the scorer did not answer.
         """
         scorer = next(self._next)
+        # the flags travel only when given: a scorer written for two arguments still serves
+        args = (list(prompts), list(completions))
+        if templated is not None:
+            args = (*args, [bool(t) for t in templated])
         if hasattr(scorer.score, "remote"):
             import ray
 
             try:
                 scores = ray.get(
-                    scorer.score.remote(list(prompts), list(completions)), timeout=self.timeout_s
+                    scorer.score.remote(*args),
+                    timeout=self.timeout_s,
                 )
             except ray.exceptions.GetTimeoutError as exc:
                 raise RewardError(
                     f"reward model scorer gave no scores within {self.timeout_s:.0f} s"
                 ) from exc
         else:
-            scores = scorer.score(list(prompts), list(completions))
+            scores = scorer.score(*args)
         if len(scores) != len(prompts):
             raise RewardError(
                 f"reward model returned {len(scores)} scores for {len(prompts)} samples"

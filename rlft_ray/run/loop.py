@@ -104,19 +104,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (overlapped: over the whole iteration, the time a batch takes to come in)
         rate_s = (time.perf_counter() - t0) if learner.offline or overlap else (t1 - t0)
         metrics.update({f"perf/{k}_per_s": v / max(rate_s, 1e-9) for k, v in totals.items()})
-        metrics.update(
-            {
-                "perf/sample_s": t1 - t0,
-                "perf/update_s": t2 - t1,
-                "perf/weight_sync_s": sync_s,
-                "perf/weight_sync_mb": sum(v.numel() * v.element_size() for v in state.values())
-                / 1e6,
-                "perf/iteration_s": time.perf_counter() - t0,
-                "perf/weight_sync_frac": sync_s / max(time.perf_counter() - t0, 1e-9),
-                "perf/actor_restarts": float(runners.restarts),
-            }
-        )
+        metrics.update(_timing_metrics((t0, t1, t2), sync_s, state, runners.restarts))
         reporter.add(metrics, learner, counters, last=last, evaluated=eval_due)
+
+
+def _timing_metrics(
+    marks: tuple[float, float, float], sync_s: float, state: dict[str, Any], restarts: int
+) -> dict[str, float]:
+    """Where an iteration's seconds went: sampling (``t0`` -> ``t1``), the update (-> ``t2``),
+    the weight sync (and its bytes), the whole iteration; and actor restarts so far."""
+    t0, t1, t2 = marks
+    iteration_s = time.perf_counter() - t0
+    return {
+        "perf/sample_s": t1 - t0,
+        "perf/update_s": t2 - t1,
+        "perf/weight_sync_s": sync_s,
+        "perf/weight_sync_mb": sum(v.numel() * v.element_size() for v in state.values()) / 1e6,
+        "perf/iteration_s": iteration_s,
+        "perf/weight_sync_frac": sync_s / max(iteration_s, 1e-9),
+        "perf/actor_restarts": float(restarts),
+    }
 
 
 def _loop_inputs(inputs: Any) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class GenerationBatch:
         prompts: ``B`` prompt texts (repeated per completion).
         completions: ``B`` decoded completions (special tokens removed).
         metadata: ``B`` per-prompt metadata dicts (``answer``, ...), repeated per completion.
+        prompt_templated: ``[B]`` bool, whether each prompt text came through the chat
+            template (:attr:`Prompt.templated`); None: no prompt did.
         policy_version: Version of the weights that sampled the batch (oldest after concat).
         group_size: Completions per prompt.
         pad_token_id: Id used for padding.
@@ -86,6 +88,7 @@ class GenerationBatch:
     generate_s: float = 0.0
     peak_rss_mb: tuple[float, ...] = ()
     selection: SelectionStats | None = None
+    prompt_templated: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -141,6 +144,7 @@ class GenerationBatch:
             prompts=[self.prompts[i] for i in keep],
             completions=[self.completions[i] for i in keep],
             metadata=[self.metadata[i] for i in keep],
+            prompt_templated=None if self.prompt_templated is None else self.prompt_templated[idx],
         )
 
     @staticmethod
@@ -182,7 +186,20 @@ class GenerationBatch:
             generate_s=sum(b.generate_s for b in batches),
             peak_rss_mb=tuple(m for b in batches for m in b.peak_rss_mb),
             selection=_concat_selections(batches),
+            prompt_templated=_concat_templated(batches),
         )
+
+
+def _concat_templated(batches: Sequence[GenerationBatch]) -> np.ndarray | None:
+    """The batches' ``prompt_templated`` flags joined (None where no batch has any)."""
+    if all(b.prompt_templated is None for b in batches):
+        return None
+    return np.concatenate(
+        [
+            np.zeros(len(b), dtype=bool) if b.prompt_templated is None else b.prompt_templated
+            for b in batches
+        ]
+    )
 
 
 def _concat_selections(batches: Sequence[GenerationBatch]) -> SelectionStats | None:
@@ -285,8 +302,12 @@ class Prompt:
             configured); reward functions receive this text.
         ids: Its token ids (at most ``lm.max_prompt_tokens``).
         metadata: The data row's other columns (``answer``, ``ground_truth``, ...).
+        templated: Whether ``text`` came through the chat template (encoded without the
+            tokenizer's special tokens: the template wrote them), as conversational
+            prompts always do; a reward-model scorer encodes the text the same way.
     """
 
     text: str
     ids: list[int]
     metadata: dict = field(default_factory=dict)
+    templated: bool = False
