@@ -400,3 +400,20 @@ def test_a_learning_rate_far_above_the_usual_for_the_model_size_warns(caplog) ->
         with caplog.at_level("WARNING"):
             warn_unusual_lr(cfg, int(params))
     assert caplog.text == ""
+
+
+def test_threads_follow_the_config_or_the_cpus_held() -> None:
+    from rlft_ray.learners.lm_learner import lm_sampler_kwargs
+
+    held = build_config(overrides=["algo=grpo", "resources.cpus_per_rollout_actor=1.5"])
+    assert lm_sampler_kwargs(held, 0)["num_threads"] == 1  # floor of the CPUs held
+    turns = build_config(
+        overrides=[
+            "algo=grpo",
+            "resources.threads_per_rollout_actor=2",
+            "resources.threads_per_learner=2",
+        ]
+    )
+    assert lm_sampler_kwargs(turns, 0)["num_threads"] == 2
+    with pytest.raises(ConfigError, match="resources.threads_per_learner"):
+        build_config(overrides=["resources.threads_per_learner=0"])
