@@ -17,13 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlft_ray.rewards.verifiers import cut_at_eos
+
 KINDS: tuple[str, ...] = ("add", "mul", "multi", "mixed")
 _BASE_KINDS: tuple[str, ...] = ("add", "mul", "multi")
 # Default operand bound per kind: 2-digit addition, 1-digit x (1-or-2)-digit, single-digit chains.
 DEFAULT_MAX_OPERAND: dict[str, int] = {"add": 99, "mul": 99, "multi": 9}
-
-# Strings that end a completion when a tokenizer's EOS was decoded as text.
-EOS_MARKERS: tuple[str, ...] = ("<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 
 _NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _INTEGER_ONLY_RE = re.compile(r"[ \t]*-?\d+\s*")
@@ -213,18 +212,9 @@ def parse_number(text: str) -> float | None:
     return float(match.group()) if match else None
 
 
-def _cut_at_eos(text: str) -> str:
-    """Drop everything from the first EOS marker on."""
-    for marker in EOS_MARKERS:
-        idx = text.find(marker)
-        if idx != -1:
-            text = text[:idx]
-    return text
-
-
 def _first_answer(completion: str) -> str:
     """The completion cut at the first EOS marker and first newline, stripped."""
-    return _cut_at_eos(completion).split("\n", 1)[0].strip()
+    return cut_at_eos(completion).split("\n", 1)[0].strip()
 
 
 def _answers(completions: Sequence[str], metadata: Sequence[dict[str, Any]]) -> list[str]:
@@ -280,7 +270,7 @@ def numeric_match(
         target = parse_number(answer)
         if target is None:
             raise ValueError(f"metadata[{i}]['answer'] is not a number: {answer!r}")
-        got = parse_number(_cut_at_eos(completion))
+        got = parse_number(cut_at_eos(completion))
         rewards.append(float(got is not None and math.isclose(got, target, abs_tol=1e-9)))
     return rewards
 
@@ -303,7 +293,7 @@ def format_reward(
     """
     if len(completions) != len(metadata):
         raise ValueError(f"got {len(completions)} completions but {len(metadata)} metadata entries")
-    return [float(_INTEGER_ONLY_RE.fullmatch(_cut_at_eos(c)) is not None) for c in completions]
+    return [float(_INTEGER_ONLY_RE.fullmatch(cut_at_eos(c)) is not None) for c in completions]
 
 
 def exact_match_with_format(
@@ -355,6 +345,6 @@ def digit_fraction(
         raise ValueError(f"got {len(completions)} completions but {len(metadata)} metadata entries")
     out = []
     for completion in completions:
-        text = _cut_at_eos(completion)
+        text = cut_at_eos(completion)
         out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
     return out
