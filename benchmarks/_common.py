@@ -59,3 +59,31 @@ def base_data_seeds(description: str) -> argparse.Namespace:
     args = p.parse_args()
     args.data = args.data.resolve()
     return args
+
+
+def trl_grpo_config(out: str, seed: int, steps: int, **settings: Any) -> Any:
+    """TRL's ``GRPOConfig`` for a side-by-side run on the CPU: one update per batch, PPO clip
+    0.2, group-normalised advantages, sequence-mean-token-mean loss, a constant learning
+    rate, grad norm 1, full sampling (T 1, no top-k / top-p), no dropout, nothing saved;
+    ``settings`` gives the batch, lengths, beta and learning rate of the comparison."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=steps,
+        num_iterations=1,
+        use_cpu=True,
+        disable_dropout=True,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        **settings,
+    )

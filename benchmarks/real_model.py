@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, emit, train_cli
+from _common import ROOT, emit, train_cli, trl_grpo_config
 
 EXAMPLE = "examples/chat_grpo.yaml"
 TEST = ROOT / "data" / "chat_arith_test.jsonl"
@@ -103,7 +103,7 @@ def trl_run(model_dir: str, out: str, seed: int, iterations: int) -> None:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rlft_ray.rewards import final_number
 
@@ -117,29 +117,16 @@ def trl_run(model_dir: str, out: str, seed: int, iterations: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     data = load_dataset("json", data_files=str(TRAIN), split="train")
     data = data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    args = GRPOConfig(
-        output_dir=out,
+    args = trl_grpo_config(
+        out,
+        seed,
+        iterations,
         per_device_train_batch_size=64,  # answers per step: 8 prompts x 8
         num_generations=8,
         max_completion_length=32,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
         beta=0.04,
-        epsilon=0.2,
-        loss_type="grpo",
-        scale_rewards="group",
         learning_rate=1e-5,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        max_steps=iterations,
-        num_iterations=1,
-        use_cpu=True,
-        disable_dropout=True,
-        save_strategy="no",
         logging_steps=10,
-        report_to="none",
-        seed=seed,
     )
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer

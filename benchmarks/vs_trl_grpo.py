@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import ROOT, emit, train_cli
+from _common import ROOT, emit, train_cli, trl_grpo_config
 
 EVAL_EVERY, MARK_S = 25, 15.0
 
@@ -48,7 +48,7 @@ def trl_run(base: str, out: str, seed: int, steps: int, curves: bool) -> None:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from envs.arithmetic import exact_match
     from rlft_ray.config import build_config
@@ -66,29 +66,16 @@ def trl_run(base: str, out: str, seed: int, steps: int, curves: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     data = load_dataset("json", data_files=str(ROOT / "data" / "arith_train.jsonl"), split="train")
-    args = GRPOConfig(
-        output_dir=out,
+    args = trl_grpo_config(
+        out,
+        seed,
+        steps,
         per_device_train_batch_size=128,  # completions per step: 16 prompts x 8
         num_generations=8,
         max_completion_length=8,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
         beta=0.0,
-        epsilon=0.2,
-        loss_type="grpo",
-        scale_rewards="group",
         learning_rate=5e-4,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        max_steps=steps,
-        num_iterations=1,
-        use_cpu=True,
-        disable_dropout=True,
-        save_strategy="no",
         logging_steps=50,
-        report_to="none",
-        seed=seed,
     )
     lm = build_config(ROOT / "examples" / "arithmetic_grpo.yaml", [f"lm.model={base}"]).lm
     curve: list[tuple[float, int, float]] = []
