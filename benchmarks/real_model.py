@@ -9,14 +9,14 @@
    start to exit, iterations/s, tokens/s, peak RSS per process (``summary.json``), held-out
    accuracy at every evaluation and of ``checkpoint_best`` / the last.
 4. Side by side in the same run, TRL's ``GRPOTrainer`` (``pip install -e ".[bench]"``) on the
-   same model, prompts, reward, batch (8 prompts x 8 answers), sampling (T 1, 32 new tokens),
+   same model, prompts, reward, batch (8 prompts x 4 answers), sampling (T 1, 32 new tokens),
    KL (beta 0.04), learning rate (1e-5) and iterations, in a fresh process with both cores:
    command seconds, peak RSS, and held-out accuracy of its final model (our scorer).
 
 Every record is a JSON line; ``ratio_iterations_per_s`` is TRL's command seconds over ours
 (the same iterations), ``rss_ratio`` our total peak over TRL's.
 
-Usage: python benchmarks/real_model.py [--seeds 0] [--iterations 40] [--skip-trl] [--skip-lora]
+Usage: python benchmarks/real_model.py [--seeds 0] [--iterations 30] [--skip-trl] [--skip-lora]
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def trl_run(model_dir: str, out: str, seed: int, iterations: int) -> None:
         out,
         seed,
         iterations,
-        per_device_train_batch_size=64,  # answers per step: 8 prompts x 8
-        num_generations=8,
+        per_device_train_batch_size=32,  # answers per step: 8 prompts x 4
+        num_generations=4,
         max_completion_length=32,
         beta=0.04,
         learning_rate=1e-5,
@@ -171,7 +171,7 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-lora", action="store_true")
     args = p.parse_args()
