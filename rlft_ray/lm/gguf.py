@@ -145,9 +145,9 @@ def convert_gguf(file: Path, out: Path, dtype: str) -> None:
     """Dequantize the GGUF ``file`` to ``dtype`` and ``save_pretrained`` model (safetensors,
     config, generation config) and tokenizer (with its chat template) into ``out``.
 
-    Not atomic: :func:`resolve_gguf` calls it on a temp directory. The tokenizer loads
-    first: it parses the metadata, so an unsupported architecture fails before any tensor
-    is read.
+    Not atomic: :func:`resolve_gguf` calls it on a temp directory. An architecture
+    transformers cannot dequantize raises its ``ValueError`` while the metadata is parsed,
+    before any tensor is read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +157,6 @@ def convert_gguf(file: Path, out: Path, dtype: str) -> None:
         folder, gguf_file=name, dtype=getattr(torch, dtype), **_dequantize_kwargs()
     )
     _drop_quantization_marker(model)
-    model.config.name_or_path = str(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
