@@ -165,6 +165,53 @@ def trl(model_dir: str, seed: int, iterations: int, lm) -> dict:
     }
 
 
+def big_model(model_dir: str, iterations: int) -> dict:
+    """A 0.5B-parameter llama config with random weights and SmolLM2's vocabulary (hidden
+    1024, 24 layers, MLP 4096: Qwen2-0.5B's shape class) trained ``iterations`` GRPO steps
+    by the example with gradient checkpointing: does it complete, and in how much memory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(tempfile.mkdtemp(prefix="rlft_big_")) / "llama-0.5b"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    summary = train_cli(
+        EXAMPLE,
+        [
+            f"lm.model={out}",
+            f"total_iterations={iterations}",
+            "eval_every=null",
+            "lm.gradient_checkpointing=true",
+            "grpo.optim.lr=1e-6",
+        ],
+    )
+    return {
+        "who": "rlft_ray",
+        "variant": "0.5B random llama, gradient checkpointing",
+        "parameters": params,
+        "iterations": summary["iterations"],
+        "command_s": round(summary["command_wall_s"], 1),
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+        "met_under_16gb": (summary.get("peak_rss_mb") or {}).get("total", 1e9) <= 16 * 1024,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--trl-run":
         trl_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
@@ -174,8 +221,12 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-lora", action="store_true")
+    p.add_argument("--big", action="store_true", help="only the 0.5B memory check (5 iterations)")
     args = p.parse_args()
     gguf, model_dir = model_paths()
+    if args.big:
+        emit(big_model(model_dir, 5))
+        return
     lm = example_lm(model_dir)
     base = held_out_accuracy(model_dir, lm)
     emit({"who": "base", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)", "accuracy": base})
