@@ -167,6 +167,7 @@ class GenerationActor:
             self.eos_ids,
             self.pad_id,
             text_config,
+            tokenizer_path=tokenizer_path,
             seed=seed,
             num_threads=num_threads,
             device=device,

@@ -69,9 +69,11 @@ def set_engine_env(num_threads: int, device: str) -> None:
       also use; the engine instead runs ``num_threads`` torch threads, the CPUs the
       actor holds (set here, before the CPU worker freezes ``torch.set_num_threads``).
 
-    Values already in the environment are kept (a user's explicit binding wins).
+    vLLM logs warnings and errors only (``VLLM_LOGGING_LEVEL``). Values already in the
+    environment are kept (a user's explicit binding wins).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
@@ -135,6 +137,8 @@ class VLLMEngine:
         lm: The ``lm`` section: temperature, top_p, max_new_tokens, dtype,
             generation_batch_size, vllm_kv_cache_gb, trust_remote_code.
         model_path: Checkpoint directory (or hub id) vLLM loads its first weights from.
+        tokenizer_path: Its tokenizer (default: ``model_path``); vLLM only reads its
+            special tokens, prompts arrive as ids and the actor decodes.
         eos_ids: Token ids that end a completion (the EOS is kept in it).
         pad_id: Id written on padding.
         text_config: The model's (text) config: sizes the KV cache and bounds positions.
@@ -153,6 +157,7 @@ class VLLMEngine:
         eos_ids: Sequence[int],
         pad_id: int,
         text_config: Any,
+        tokenizer_path: str | None = None,
         seed: int = 0,
         num_threads: int = 1,
         device: str = "cpu",
@@ -170,7 +175,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.llm = vllm.LLM(
             model=model_path,
-            skip_tokenizer_init=True,  # prompts arrive as ids; the actor decodes
+            tokenizer=tokenizer_path or model_path,
             trust_remote_code=lm.trust_remote_code,
             dtype=lm.dtype,
             seed=seed,
