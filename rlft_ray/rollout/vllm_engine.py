@@ -21,6 +21,7 @@ vLLM is imported only when an engine is built; this module imports without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -97,6 +98,16 @@ def kv_cache_bytes(lm: LMConfig, text_config: Any, max_model_len: int) -> int:
     per_token = 2 * layers * kv_heads * head_dim * elem  # keys and values
     need = per_token * max_model_len * lm.generation_batch_size
     return max(need, int(MIN_KV_CACHE_GB * 2**30))
+
+
+class _QuietRotaryReload(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning of every in-place
+    reload: rotary embeddings hold no checkpoint weights (their cos / sin cache is
+    computed, and the reload puts it back), so the warning would only repeat on every
+    weight sync of every actor."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
 
 
 @dataclass
@@ -189,6 +200,11 @@ class VLLMEngine:
             disable_log_stats=True,
         )
         self._sampling_params = vllm.SamplingParams
+        # published weights travel in the engine's dtype (an fp32 learner, a bf16 engine)
+        self.weight_dtype = None if lm.dtype == "auto" else getattr(torch, lm.dtype)
+        reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if not any(isinstance(f, _QuietRotaryReload) for f in reload_logger.filters):
+            reload_logger.addFilter(_QuietRotaryReload())
 
     def _params(self, n: int, greedy: bool, max_tokens: int) -> Any:
         """SamplingParams of one prompt: the temperature-scaled policy (top-k off, no
@@ -257,12 +273,15 @@ class VLLMEngine:
         """Replace the engine's weights in place with a Hugging Face state dict; returns
         seconds.
 
-        With tied embeddings ``lm_head.weight`` is sent as well (the embedding's tensor
-        when the state dict lacks it). The prefix cache is dropped afterwards: cached
-        keys and values were computed with the old weights.
+        Tensors are cast to ``lm.dtype`` first. With tied embeddings ``lm_head.weight``
+        is sent as well (the embedding's tensor when the state dict lacks it). The prefix
+        cache is dropped afterwards: its keys and values came from the old weights.
         """
         start = time.perf_counter()
-        named = list(_checkpoint_tensors(weights, self.tie_embeddings))
+        named = [
+            (name, value if self.weight_dtype is None else value.to(self.weight_dtype))
+            for name, value in _checkpoint_tensors(weights, self.tie_embeddings)
+        ]
         self.llm.collective_rpc("rlft_load_weights", args=(named,))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
