@@ -208,3 +208,21 @@ def test_config_rejects_what_vllm_cannot_match() -> None:
     with pytest.raises(ConfigError, match="vllm_kv_cache_gb"):
         LMConfig(backend="vllm", vllm_kv_cache_gb=0)
     assert LMConfig(backend="hf", top_p=0.9).top_p == 0.9
+
+
+def test_bf16_engine_takes_fp32_weights(
+    llama_dir: Path, hf_model: PolicyWithValueHead, actor: GenerationActor
+) -> None:
+    """A bf16 engine loads an fp32 learner's weights (cast on the way); its log-probs
+    stay within bf16 rounding of the fp32 forward."""
+    actor.engine.close()  # one engine per process at a time: the module's goes (last test)
+    bf16 = GenerationActor(_lm(llama_dir, dtype="bfloat16"), seed=0, num_threads=2)
+    try:
+        state = {k: v.detach().clone() for k, v in hf_model.lm.state_dict().items()}
+        assert state["model.embed_tokens.weight"].dtype == torch.float32
+        assert bf16.set_weights(state, 11) == 11
+        batch = bf16.generate(_prompts(bf16))
+        assert batch.policy_version == 11
+        assert _gap(hf_model, batch) < 0.1
+    finally:
+        bf16.engine.close()

@@ -200,6 +200,7 @@ class VLLMEngine:
             disable_log_stats=True,
         )
         self._sampling_params = vllm.SamplingParams
+        self.closed = False
         # published weights travel in the engine's dtype (an fp32 learner, a bf16 engine)
         self.weight_dtype = None if lm.dtype == "auto" else getattr(torch, lm.dtype)
         reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -287,7 +288,10 @@ class VLLMEngine:
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Shut the engine down (frees its KV cache)."""
+        """Shut the engine down (frees its KV cache); later calls do nothing."""
+        if self.closed:
+            return
+        self.closed = True
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:
