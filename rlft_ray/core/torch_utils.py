@@ -94,18 +94,29 @@ def fused_optimizer(
         return cls(params, **kwargs)
 
 
-def distinct_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the entries that share storage with an earlier one: tied weights
-    (an LM head that is the input embedding) are published and loaded once, not twice."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Second names of tied tensors -> the first name of the same tensor: an LM head that
+    is the input embedding. The same storage (or, on the meta device, the same parameter
+    object of a ``keep_vars`` state dict) counts as one tensor."""
+    first: dict[object, str] = {}
+    aliases = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
+        if tensor.device.type == "meta":
+            key: object = id(tensor)
+        else:
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if tensor.numel() and key in first:
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return aliases
+
+
+def distinct_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second names of tied tensors (:func:`tied_aliases`): tied
+    weights are published and loaded once, not twice."""
+    aliases = tied_aliases(state)
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
 def peak_rss_mb() -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
-from rlft_ray.core.torch_utils import distinct_tensors, hold_threads, peak_rss_mb
+from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
@@ -39,6 +39,8 @@ from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
+
+    from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
 class GenerationActor:
@@ -79,47 +81,16 @@ class GenerationActor:
         path = model_path or lm.model
         if path is None:
             raise ValueError("lm.model is not set")
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            path,
-            trust_remote_code=lm.trust_remote_code,
-            dtype=lm.dtype,
-            tokenizer_path=None if model_path else lm.tokenizer,
-        )
-        self.model.to(self.device).eval()
-        # Sample from the run config alone: transformers fills every generation field left
-        # unset from the checkpoint's own generation_config.json (repetition_penalty, min_p,
-        # no_repeat_ngram_size, ...), which would sample from another distribution than the
-        # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
-        self.model.generation_config = neutral_generation_config(self.model.generation_config)
-        self.lora = lm.lora.enabled and model_path is None
-        # fp32 weights take the adapters merged in (sampling at the plain model's speed):
-        # merge / unmerge round-trips leave ~1e-7 relative error there, but in bf16 / fp16
-        # the rounding piles up sync after sync, so those keep the adapters unmerged (exact)
-        self.merge_lora = self.lora and next(self.model.parameters()).dtype == torch.float32
-        self.merged = False
-        self._aliases: set[str] = set()  # names of tied tensors (published or not)
-        if self.lora:  # the learner publishes only adapters
-            self.model = apply_lora(self.model, lm.lora).eval()
-            self._tensors = adapter_tensors(self.model)
+        tokenizer_path = None if model_path else lm.tokenizer
+        self.engine: VLLMEngine | None = None
+        self.lora = self.merge_lora = self.merged = False
+        if lm.backend == "vllm":
+            self._init_vllm(path, tokenizer_path, seed, num_threads, device)
         else:
-            # tied weights once: loading the embedding updates the head that shares it
-            full = self.model.state_dict(keep_vars=True)
-            self._tensors = distinct_tensors(full)
-            self._aliases = full.keys() - self._tensors.keys()
+            self._init_hf(path, tokenizer_path, model_path is None)
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = set(
-            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-        )
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos)
-        self.pad_id = int(self.tokenizer.pad_token_id)
-        self.max_positions = getattr(
-            self.model.config.get_text_config(), "max_position_embeddings", None
-        )
         self.selector = Selector(selection, seed) if selection is not None else None
         self.target: PolicyWithValueHead | None = None
         if self.selector is not None and self.selector.needs_target:
@@ -128,6 +99,96 @@ class GenerationActor:
             )
             self.target = PolicyWithValueHead(target.to(self.device).eval())
 
+    def _init_hf(self, path: str, tokenizer_path: str | None, from_run: bool) -> None:
+        """The transformers sampler: the model ``generate`` runs on, and its tensors
+        ``set_weights`` copies into (the adapters alone with LoRA)."""
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            path,
+            trust_remote_code=self.lm.trust_remote_code,
+            dtype=self.lm.dtype,
+            tokenizer_path=tokenizer_path,
+        )
+        self.model.to(self.device).eval()
+        # Sample from the run config alone: transformers fills every generation field left
+        # unset from the checkpoint's own generation_config.json (repetition_penalty, min_p,
+        # no_repeat_ngram_size, ...), which would sample from another distribution than the
+        # temperature-scaled one whose log-probs are recorded (and the learner recomputes).
+        self.model.generation_config = neutral_generation_config(self.model.generation_config)
+        self.lora = self.lm.lora.enabled and from_run
+        # fp32 weights take the adapters merged in (sampling at the plain model's speed):
+        # merge / unmerge round-trips leave ~1e-7 relative error there, but in bf16 / fp16
+        # the rounding piles up sync after sync, so those keep the adapters unmerged (exact)
+        self.merge_lora = self.lora and next(self.model.parameters()).dtype == torch.float32
+        self.merged = False
+        self._alias_of: dict[str, str] = {}  # a tied tensor's second name -> its first
+        if self.lora:  # the learner publishes only adapters
+            self.model = apply_lora(self.model, self.lm.lora).eval()
+            self._tensors = adapter_tensors(self.model)
+        else:
+            # tied weights once: loading the embedding updates the head that shares it
+            full = self.model.state_dict(keep_vars=True)
+            self._alias_of = tied_aliases(full)
+            self._tensors = {k: v for k, v in full.items() if k not in self._alias_of}
+        self._tensor_names = set(self._tensors)
+        self._set_special_ids(self.model.generation_config.eos_token_id)
+        self.max_positions = getattr(
+            self.model.config.get_text_config(), "max_position_embeddings", None
+        )
+
+    def _init_vllm(
+        self, path: str, tokenizer_path: str | None, seed: int, num_threads: int, device: str
+    ) -> None:
+        """The vLLM sampler (``lm.backend: vllm``): an in-process engine loads ``path``;
+        no transformers copy of the weights is kept (the tensor names ``set_weights``
+        checks come from the config, on the meta device)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        from rlft_ray.lm.loading import ensure_pad_token
+        from rlft_ray.rollout.vllm_engine import VLLMEngine
+
+        self.model = None
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path or path, trust_remote_code=self.lm.trust_remote_code
+        )
+        ensure_pad_token(self.tokenizer)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.lm.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=self.lm.trust_remote_code
+            )
+        full = skeleton.state_dict(keep_vars=True)
+        self._alias_of = tied_aliases(full)
+        self._tensor_names = set(full) - set(self._alias_of)
+        del skeleton, full
+        try:
+            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:  # no generation_config.json
+            gen_eos = config.eos_token_id
+        self._set_special_ids(gen_eos)
+        text_config = config.get_text_config()
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.engine = VLLMEngine(
+            self.lm,
+            path,
+            self.eos_ids,
+            self.pad_id,
+            text_config,
+            tokenizer_path=tokenizer_path,
+            seed=seed,
+            num_threads=num_threads,
+            device=device,
+        )
+
+    def _set_special_ids(self, gen_eos: int | list[int] | None) -> None:
+        """``eos_ids`` (the generation config's and the tokenizer's) and ``pad_id``."""
+        eos = set(
+            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        )
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+
     # -- weights ------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, Any] | SharedSlot, version: int) -> int:
         """Load published policy weights (tensors, numpy arrays or a shared-memory
@@ -135,20 +196,28 @@ class GenerationActor:
 
         Copies straight into the parameters (dtype and device converted on the way). With
         LoRA the weights are the adapters (merged into fp32 base weights after the copy).
+        With ``lm.backend: vllm`` the engine reloads them in place.
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
         """
         weights = received_weights(weights)
-        weights = {k: v for k, v in weights.items() if k not in self._aliases}
-        if weights.keys() != self._tensors.keys():
+        # tied weights travel once (the learner publishes the embedding, not the head)
+        weights = {k: v for k, v in weights.items() if k not in self._alias_of}
+        if weights.keys() != self._tensor_names:
             missing, extra = (
-                sorted(self._tensors.keys() - weights.keys()),
-                sorted(weights.keys() - self._tensors.keys()),
+                sorted(self._tensor_names - weights.keys()),
+                sorted(weights.keys() - self._tensor_names),
             )
             raise KeyError(
                 f"published weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
+        if self.engine is not None:  # vLLM repacks every tensor: the tied head is sent too
+            self.engine.load_weights(
+                {**weights, **{a: weights[s] for a, s in self._alias_of.items()}}
+            )
+            self.policy_version = version
+            return version
         with torch.no_grad():
             if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
@@ -210,13 +279,16 @@ class GenerationActor:
         """
         n = 1 if greedy else (num_samples or self.lm.num_samples)
         max_new = max_new_tokens or self.lm.max_new_tokens
-        config = self._generation_config(n, greedy, max_new)
         per_call = max(1, self.lm.generation_batch_size // n)
         start = time.perf_counter()
-        parts = [
-            self._generate_chunk(list(prompts[i : i + per_call]), n, config, greedy)
-            for i in range(0, len(prompts), per_call)
-        ]
+        if self.engine is not None:  # vLLM schedules the whole batch itself
+            parts = [self._engine_batch(list(prompts), n, greedy, max_new)] if prompts else []
+        else:
+            config = self._generation_config(n, greedy, max_new)
+            parts = [
+                self._generate_chunk(list(prompts[i : i + per_call]), n, config, greedy)
+                for i in range(0, len(prompts), per_call)
+            ]
         batch = GenerationBatch.concat(parts) if parts else self._empty(n)
         batch.generate_s = time.perf_counter() - start
         return batch
@@ -256,17 +328,47 @@ class GenerationActor:
                 torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
             )
             logprobs = logprobs.masked_fill(~mask, 0.0)
-        response_np = response.cpu().numpy()
-        mask_np = mask.cpu().numpy()
+        return self._batch(
+            prompts,
+            n,
+            prompt_ids,
+            prompt_mask,
+            response.cpu().numpy(),
+            mask.cpu().numpy(),
+            logprobs.cpu().numpy().astype(np.float32),
+        )
+
+    def _engine_batch(
+        self, prompts: list[Prompt], n: int, greedy: bool, max_new_tokens: int
+    ) -> GenerationBatch:
+        """One call of the vLLM engine over all of ``prompts``."""
+        out = self.engine.generate([p.ids for p in prompts], n, greedy, max_new_tokens)
+        prompt_ids, prompt_mask = pad_sequences([p.ids for p in prompts], self.pad_id, "left")
+        return self._batch(
+            prompts, n, prompt_ids, prompt_mask, out.response_ids, out.response_mask, out.logprobs
+        )
+
+    def _batch(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        prompt_ids: np.ndarray,
+        prompt_mask: np.ndarray,
+        response: np.ndarray,
+        mask: np.ndarray,
+        logprobs: np.ndarray,
+    ) -> GenerationBatch:
+        """A :class:`GenerationBatch` of ``n`` completions per prompt (prompt-major rows),
+        their text decoded; group ids start at 0."""
         completions = self.tokenizer.batch_decode(
-            [row[m].tolist() for row, m in zip(response_np, mask_np)], skip_special_tokens=True
+            [row[m].tolist() for row, m in zip(response, mask)], skip_special_tokens=True
         )
         return GenerationBatch(
             prompt_ids=np.repeat(prompt_ids, n, axis=0),
             prompt_mask=np.repeat(prompt_mask, n, axis=0),
-            response_ids=response_np.astype(np.int64),
-            response_mask=mask_np,
-            logprobs=logprobs.cpu().numpy().astype(np.float32),
+            response_ids=response.astype(np.int64),
+            response_mask=mask,
+            logprobs=logprobs,
             rewards=np.zeros(len(prompts) * n, dtype=np.float32),
             group_ids=np.repeat(np.arange(len(prompts)), n),
             prompts=[p.text for p in prompts for _ in range(n)],
