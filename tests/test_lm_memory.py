@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,45 @@ def test_a_bf16_run_publishes_bf16_and_computes_in_bf16(model_dir: Path) -> None
     ref = fp32.forward(fp32.net, fp32.tensors(batch), torch.arange(4))
     gap = (out.logprobs - ref.logprobs).abs().max()
     assert 0 < gap < 0.5  # bf16 arithmetic: close to, but not bit-equal with, float32
+
+
+def test_truncated_is_weights_hand_values() -> None:
+    from rlft_ray.algorithms.lm import truncated_is_weights
+
+    learner = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.0, -2.5, -0.1]])
+    got = truncated_is_weights(learner, sampler, cap=1.5)
+    # exp(0) = 1, exp(0.5) = 1.6487 -> capped at 1.5, exp(-0.4) = 0.6703
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.5, 0.670320046]]))
+
+
+def test_the_sampler_gap_is_measured_and_tis_corrects_it(model_dir: Path) -> None:
+    batch = make_batch(model_dir)
+    # the actor sampled with the learner's weights and kernels: no gap, TIS weights of 1
+    plain, plain_m = _after_one_update(model_dir, batch, "grpo.micro_batch_size=16")
+    same, same_m = _after_one_update(
+        model_dir, batch, "grpo.micro_batch_size=16", "grpo.tis_cap=2.0"
+    )
+    assert same_m["rollout/logprob_gap"] < 1e-5 and same_m["rollout/tis_mean"] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    for key, value in plain.items():
+        torch.testing.assert_close(same[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert "rollout/logprob_gap" not in plain_m  # HF sampler, no TIS: nothing recomputed
+    # a sampler whose log-probs are 0.3 lower on every token (another distribution)
+    shifted = make_batch(model_dir)
+    shifted.logprobs = np.where(shifted.response_mask, shifted.logprobs - 0.3, 0.0).astype(
+        np.float32
+    )
+    _, m = _after_one_update(model_dir, shifted, "grpo.micro_batch_size=16", "grpo.tis_cap=2.0")
+    assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+    assert m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
+    assert m["rollout/tis_mean"] == pytest.approx(float(np.exp(0.3)), abs=1e-3)
+    assert m["rollout/tis_clipped_frac"] == 0.0
+    _, capped = _after_one_update(
+        model_dir, shifted, "grpo.micro_batch_size=16", "grpo.tis_cap=1.2"
+    )
+    assert (
+        capped["rollout/tis_mean"] == pytest.approx(1.2)
+        and capped["rollout/tis_clipped_frac"] == 1.0
+    )

@@ -35,6 +35,7 @@ __all__ = [
     "ppo_token_value_losses",
     "selective_log_softmax",
     "token_rewards",
+    "truncated_is_weights",
 ]
 _KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
 _ADV_ESTIMATORS = ("grpo", "rloo", "reinforce")
@@ -393,3 +394,30 @@ def chunked_token_logps(
         empty = hidden.new_zeros((batch, length), dtype=torch.float32)
         return empty, empty
     return torch.cat(logps).view(batch, length), torch.cat(ents).view(batch, length)
+
+
+@torch.no_grad()
+def truncated_is_weights(
+    learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling between the learner's and the sampler's policy.
+
+    When the sampler (a vLLM engine, bf16 kernels) and the learner compute slightly
+    different distributions for the same weights, the tokens were drawn from
+    pi_sampler, not pi_learner. Each token's loss is weighted by::
+
+        w_t = min( pi_learner(y_t) / pi_sampler(y_t), C )
+
+    (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training"; verl's and OpenRLHF's ``tis_imp_ratio_cap``), and the PPO ratio is taken
+    against the learner's own log-probs of the sampling weights.
+
+    Args:
+        learner_logprobs: ``[B, L]`` log pi_learner of the sampled tokens (sampling weights).
+        sampler_logprobs: ``[B, L]`` log pi_sampler the actors recorded.
+        cap: C > 0.
+
+    Returns:
+        ``[B, L]`` detached weights in (0, C].
+    """
+    return (learner_logprobs - sampler_logprobs).exp().clamp(max=cap)

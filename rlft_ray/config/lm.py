@@ -272,8 +272,12 @@ def check_steps(num_epochs: int, num_minibatches: int, micro_batch_size: int) ->
     require(micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
 
 
-def check_clip_and_kl(clip_low: float, clip_high: float | None, kl_coef: float) -> None:
-    """Range checks of the PPO clip range and the KL coefficient (``grpo``, ``lm_ppo``)."""
+def check_clip_and_kl(
+    clip_low: float, clip_high: float | None, kl_coef: float, tis_cap: float | None = None
+) -> None:
+    """Range checks of the PPO clip range, the KL coefficient and the TIS cap (``grpo``,
+    ``lm_ppo``)."""
+    require(tis_cap is None or tis_cap > 0, "tis_cap", "must be > 0 or null")
     require(clip_low > 0, "clip_low", f"must be > 0 (got {clip_low})")
     require(clip_high is None or clip_high > 0, "clip_high", "must be > 0 or null")
     require(kl_coef >= 0, "kl_coef", f"must be >= 0 (got {kl_coef})")
@@ -296,6 +300,12 @@ class GRPOConfig:
         kl_in: Put the KL penalty in the ``loss`` (GRPO) or subtract it from the
             sequence ``reward`` before the advantages (RLOO paper).
         clip_low: PPO-clip epsilon (lower); ``clip_high`` the upper one (null: same).
+        tis_cap: Truncated importance sampling for a sampler that computes another
+            distribution than the learner (vLLM, bf16 kernels): the learner recomputes the
+            sampled tokens' log-probs under the sampling weights, takes the PPO ratio
+            against them, and weights each token by min(pi_learner / pi_sampler, tis_cap)
+            (2.0 is usual); null: off. ``rollout/logprob_gap`` reports the mismatch
+            whenever the learner recomputes (TIS on, or ``lm.backend: vllm``).
         num_epochs: Passes over each batch. num_minibatches: optimizer steps per pass.
         micro_batch_size: Sequences per forward/backward; gradients accumulate over a
             minibatch's micro-batches (and average over DDP ranks) before each step.
@@ -314,11 +324,12 @@ class GRPOConfig:
     num_minibatches: int = 1
     micro_batch_size: int = 8
     loss_agg: LossAgg = "seq-mean-token-mean"
+    tis_cap: float | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self) -> None:
         check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
-        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef)
+        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef, self.tis_cap)
 
 
 @dataclass(frozen=True)
@@ -335,7 +346,7 @@ class LMPPOConfig:
         vf_coef: Weight of the value loss. value_clip: Value clipping range (null: off).
         whiten_advantages: Standardise advantages over the batch's tokens.
         value_head_init_std: Std of the value head's initial weights.
-        (Optimizer, clipping, micro-batching and KL fields as in :class:`GRPOConfig`.)
+        (Optimizer, clipping, TIS, micro-batching and KL fields as in :class:`GRPOConfig`.)
     """
 
     gamma: float = 1.0
@@ -352,11 +363,12 @@ class LMPPOConfig:
     num_minibatches: int = 1
     micro_batch_size: int = 8
     loss_agg: LossAgg = "token-mean"
+    tis_cap: float | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
 
     def __post_init__(self) -> None:
         check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
-        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef)
+        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef, self.tis_cap)
         require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
         require(0 <= self.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]")
         require(self.vf_coef >= 0, "vf_coef", "must be >= 0")

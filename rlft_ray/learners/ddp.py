@@ -56,6 +56,14 @@ def global_sum(x: torch.Tensor, ctx: LearnerContext) -> torch.Tensor:
     return x
 
 
+def global_max(x: torch.Tensor, ctx: LearnerContext) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over ranks (``x`` itself for one rank)."""
+    if ctx.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def rank0_decides(flag: bool, ctx: LearnerContext) -> bool:
     """Rank 0's ``flag`` on every rank: for decisions read off a clock, where ranks that
     decided apart would hang in their next collective."""

@@ -51,8 +51,15 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         tensors = core.tensors(batch)
-        tensors.update(core.score_pass(tensors, kl_in_objective=hp.kl_coef > 0))
+        tensors.update(
+            core.score_pass(
+                tensors,
+                kl_in_objective=hp.kl_coef > 0,
+                learner_logprobs=core.recomputes_logprobs(hp.tis_cap),
+            )
+        )
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
+        metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
         scores = tensors["rewards"].float()
         if hp.kl_in == "reward" and kl is not None and hp.kl_coef > 0:
             scores = scores - hp.kl_coef * masked_sum(kl, tensors["mask"], dim=-1)
@@ -62,9 +69,12 @@ class GRPOLearner(LMLearnerHooks, Learner):
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            base = sub.get("ratio_logprobs", sub["old_logprobs"])  # TIS: the learner's
             loss, stats = ppo_token_policy_losses(
-                out.logprobs, sub["old_logprobs"], sub["advantages"], hp.clip_low, hp.clip_high
+                out.logprobs, base, sub["advantages"], hp.clip_low, hp.clip_high
             )
+            if "tis" in sub:  # the tokens came from the sampler's distribution
+                loss = loss * sub["tis"]
             stats["policy"] = loss.detach()
             if kl_in_loss:
                 kl_tok = kl_penalty(out.logprobs, sub["ref_logprobs"], hp.kl_estimator)

@@ -45,8 +45,16 @@ class LMPPOLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         tensors = core.tensors(batch)
-        tensors.update(core.score_pass(tensors, values=True, kl_in_objective=hp.kl_coef > 0))
+        tensors.update(
+            core.score_pass(
+                tensors,
+                values=True,
+                kl_in_objective=hp.kl_coef > 0,
+                learner_logprobs=core.recomputes_logprobs(hp.tis_cap),
+            )
+        )
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
+        metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
         rewards = token_rewards(
             tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
         )
@@ -60,9 +68,12 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            base = sub.get("ratio_logprobs", sub["old_logprobs"])  # TIS: the learner's
             pg, stats = ppo_token_policy_losses(
-                out.logprobs, sub["old_logprobs"], sub["advantages"], hp.clip_low, hp.clip_high
+                out.logprobs, base, sub["advantages"], hp.clip_low, hp.clip_high
             )
+            if "tis" in sub:  # the tokens came from the sampler's distribution
+                pg = pg * sub["tis"]
             vf = ppo_token_value_losses(
                 out.values, sub["old_values"], sub["returns"], hp.value_clip
             )

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, masked_mean, masked_sum
+from rlft_ray.algorithms.lm import truncated_is_weights
 from rlft_ray.config import RunConfig
 from rlft_ray.core.torch_utils import distinct_tensors
-from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, wrap_ddp
+from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, global_max, global_sum, wrap_ddp
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
 from rlft_ray.lm.loading import (
     enable_gradient_checkpointing,
@@ -248,9 +249,15 @@ class LMRank:
 
     @torch.no_grad()
     def score_pass(
-        self, tensors: dict[str, torch.Tensor], values: bool = False, kl_in_objective: bool = True
+        self,
+        tensors: dict[str, torch.Tensor],
+        values: bool = False,
+        kl_in_objective: bool = True,
+        learner_logprobs: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Reference log-probs (``ref_logprobs``) and, for PPO, ``old_values`` of the batch.
+        """Reference log-probs (``ref_logprobs``), for PPO ``old_values``, and with
+        ``learner_logprobs`` the policy's own log-probs of the sampled tokens before the
+        update (``learner_logprobs``: what the sampler's recorded ones should equal).
 
         Runs in micro-batches without gradients; results are padded back to ``[B, L]``.
         A KL the objective does not use (``kl_in_objective`` False: a coefficient of 0) is
@@ -262,16 +269,60 @@ class LMRank:
         self.score_passes += 1
         reference = self.reference if due else None
         rows = torch.arange(tensors["mask"].shape[0], device=self.ctx.device)
-        out: dict[str, list[torch.Tensor]] = {"ref_logprobs": [], "old_values": []}
+        out: dict[str, list[torch.Tensor]] = {
+            "ref_logprobs": [],
+            "old_values": [],
+            "learner_logprobs": [],
+        }
         width = tensors["mask"].shape[1]
         for idx in self._micro_slices(rows):
             if reference is not None:
                 ref = self.forward(reference, tensors, idx, entropy=False)
                 out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
-            if values:
+            if values or learner_logprobs:
                 old = self.forward(self.policy, tensors, idx, entropy=False)
-                out["old_values"].append(_pad_to(old.values, width))
+                if values:
+                    out["old_values"].append(_pad_to(old.values, width))
+                if learner_logprobs:
+                    out["learner_logprobs"].append(_pad_to(old.logprobs, width))
         return {k: torch.cat(v) for k, v in out.items() if v}
+
+    def recomputes_logprobs(self, tis_cap: float | None) -> bool:
+        """Whether the update recomputes the sampled tokens' log-probs on the learner: for
+        truncated importance sampling, and always behind a vLLM sampler (to report the gap)."""
+        return tis_cap is not None or self.cfg.lm.backend == "vllm"
+
+    def sampler_mismatch(
+        self, tensors: dict[str, torch.Tensor], tis_cap: float | None
+    ) -> dict[str, float]:
+        """``rollout/logprob_gap`` (mean and max |log p_learner - log p_sampler| over the
+        sampled tokens) and, with ``tis_cap``, the TIS weights (``tensors["tis"]``) and the
+        learner's log-probs as the base of the PPO ratio (``tensors["ratio_logprobs"]``)."""
+        if "learner_logprobs" not in tensors:
+            return {}
+        mask = tensors["mask"]
+        gap = (
+            (tensors["learner_logprobs"] - tensors["old_logprobs"]).abs().masked_fill(mask == 0, 0)
+        )
+        total = global_sum(torch.stack([gap.sum(), mask.float().sum()]).double(), self.ctx)
+        top = gap.max() if gap.numel() else gap.new_zeros(())
+        metrics = {
+            "rollout/logprob_gap": float(total[0] / total[1].clamp_min(1.0)),
+            "rollout/logprob_gap_max": float(global_max(top, self.ctx)),
+        }
+        if tis_cap is not None:
+            weights = truncated_is_weights(
+                tensors["learner_logprobs"], tensors["old_logprobs"], tis_cap
+            )
+            tensors["tis"] = weights
+            tensors["ratio_logprobs"] = tensors["learner_logprobs"]
+            clipped = ((weights >= tis_cap) & (mask != 0)).float().sum()
+            counts = global_sum(
+                torch.stack([masked_sum(weights, mask), clipped]).double(), self.ctx
+            )
+            metrics["rollout/tis_mean"] = float(counts[0] / total[1].clamp_min(1.0))
+            metrics["rollout/tis_clipped_frac"] = float(counts[1] / total[1].clamp_min(1.0))
+        return metrics
 
     def kl_metrics(
         self, tensors: dict[str, torch.Tensor], kind: str
