@@ -63,9 +63,13 @@ def test_ppo_return_rises_and_run_dir_is_complete(
     for name in ("checkpoint_best", "checkpoint_last"):
         assert (out / name / "policy.safetensors").is_file()
     best = json.loads((out / "checkpoint_best" / "score.json").read_text())
+    # with eval_every the held-out return chooses checkpoint_best (every evaluation is
+    # checkpointed), not the training episodes' return
+    assert best["metric"] == "eval/return_mean"
     assert best["value"] == pytest.approx(
-        max(r["rollout/episode_return_mean"] for r in rows if r["counters/iteration"] % 10 == 0)
+        max(r["eval/return_mean"] for r in rows if "eval/return_mean" in r)
     )
+    assert summary["checkpoint_best_score"]["metric"] == "eval/return_mean"
     for key in ("loss/policy", "perf/env_steps_per_s", "perf/weight_sync_s", "rollout/policy_lag"):
         assert key in rows[-1]
     # held-out greedy episodes on the env runners every 20 iterations (and after the last)
