@@ -354,6 +354,7 @@ def chunked_token_logps(
         log p(y_t) = z_t[y_t] - logsumexp(z_t)        H_t = logsumexp(z_t) - sum_v p_tv z_tv
 
     computed ``chunk_tokens`` positions at a time in float32. Under autograd each chunk
+    (unless the whole pass is one chunk of at most 4M logits, a tiny vocabulary's case)
     runs as an activation checkpoint (``torch.utils.checkpoint``): its ``[n, V]`` logits
     are recomputed in the backward pass instead of stored, so the peak extra memory is
     one chunk's logits, not the batch's (for a 49k vocabulary, 32 x 80 tokens would be
@@ -376,6 +377,9 @@ def chunked_token_logps(
     batch, length, size = hidden.shape
     flat_h, flat_t = hidden.reshape(-1, size), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # one small chunk (a tiny vocabulary): storing its logits costs less than recomputing them
+    one_small = flat_h.shape[0] <= chunk_tokens and flat_h.shape[0] * weight.shape[0] <= 1 << 22
+    grad = grad and not one_small
     logps, ents = [], []
     for start in range(0, flat_h.shape[0], chunk_tokens):
         args = (
@@ -384,7 +388,7 @@ def chunked_token_logps(
             bias,
             flat_t[start : start + chunk_tokens],
         )
-        if grad:
+        if grad:  # the chunk's logits are recomputed in backward instead of stored
             lp, ent = checkpoint(_chunk_logps, *args, temperature, entropy, use_reentrant=False)
         else:
             lp, ent = _chunk_logps(*args, temperature, entropy)
