@@ -23,7 +23,7 @@ from rlft_ray.algorithms.lm import truncated_is_weights
 from rlft_ray.config import RunConfig
 from rlft_ray.core.torch_utils import distinct_tensors
 from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, global_max, global_sum, wrap_ddp
-from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
+from rlft_ray.learners.engine import MicroOut, StepEngine, Steps, micro_batches
 from rlft_ray.lm.loading import (
     enable_gradient_checkpointing,
     load_model_and_tokenizer,
@@ -217,8 +217,16 @@ class LMRank:
             "rewards": torch.tensor(batch.rewards, device=dev),
         }
 
-    def _micro_slices(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(rows, self.hp.micro_batch_size))
+    def _steps(self) -> Steps:
+        """How the section's updates walk a batch (the score pass uses its micro-batches)."""
+        hp = self.hp
+        return Steps(
+            hp.num_epochs,
+            hp.num_minibatches,
+            hp.micro_batch_size,
+            keep_order=True,
+            micro_batch_tokens=self.cfg.lm.micro_batch_tokens,
+        )
 
     def forward(
         self,
@@ -275,7 +283,7 @@ class LMRank:
             "learner_logprobs": [],
         }
         width = tensors["mask"].shape[1]
-        for idx in self._micro_slices(rows):
+        for idx in micro_batches(rows, self._steps(), _row_tokens(tensors)):
             if reference is not None:
                 ref = self.forward(reference, tensors, idx, entropy=False)
                 out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
@@ -379,16 +387,10 @@ class LMRank:
             }
             return MicroOut(num, float(mask.sum()), sums)
 
-        steps = Steps(
-            hp.num_epochs,
-            hp.num_minibatches,
-            hp.micro_batch_size,
-            keep_order=True,
-            micro_batch_tokens=self.cfg.lm.micro_batch_tokens,
-        )
-        row_tokens = tensors["prompt_mask"].sum(-1) + tensors["mask"].sum(-1)
         rows = tensors["mask"].shape[0]
-        return self.engine.run(rows, micro_loss, denominator, steps, progress, row_tokens)
+        return self.engine.run(
+            rows, micro_loss, denominator, self._steps(), progress, _row_tokens(tensors)
+        )
 
     def reward_metrics(self, tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
         """``reward/*`` and ``rollout/*`` statistics over all ranks' completions."""
@@ -457,6 +459,11 @@ def _padding_row(tensors: dict[str, torch.Tensor], pad_id: int) -> dict[str, tor
     row["prompt_ids"] = row["prompt_ids"].fill_(pad_id)
     row["prompt_mask"][:, -1] = True  # one attended position keeps attention well defined
     return row
+
+
+def _row_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B]`` prompt + completion tokens of each row (what a micro-batch's budget counts)."""
+    return tensors["prompt_mask"].sum(-1) + tensors["mask"].sum(-1)
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

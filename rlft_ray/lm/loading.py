@@ -20,7 +20,7 @@ import torch
 
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.lm.gguf import is_gguf_path, resolve_gguf
-from rlft_ray.lm.lora import is_adapter_dir, load_merged
+from rlft_ray.lm.lora import is_adapter_dir, load_merged, unwrap_peft
 from rlft_ray.lm.tiny import PAD_TOKEN
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrap_peft(model)
     kwargs = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.25
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

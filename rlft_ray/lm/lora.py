@@ -39,6 +39,12 @@ ADAPTER_NAME = "default"
 LORA_MARK = ".lora_"
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft`` wrapper (its adapters live inside the same
+    modules), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def require_peft() -> Any:
     """The ``peft`` module, or a ConfigError naming ``lm.lora.r`` and the install command."""
     try:

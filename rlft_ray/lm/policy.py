@@ -16,6 +16,7 @@ from torch import nn
 
 from rlft_ray.algorithms.lm import chunked_token_logps, selective_log_softmax
 from rlft_ray.algorithms.preference import sequence_logps
+from rlft_ray.lm.lora import unwrap_peft
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -30,15 +31,14 @@ DEFAULT_CHUNK_TOKENS = 1024
 def backbone_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (final norm included) and the output head of a causal LM (through
     a ``peft`` wrapper: its adapters live inside the same modules)."""
-    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    hf = unwrap_peft(lm)
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
 def _scales_logits(lm: nn.Module) -> bool:
     """Whether the model transforms its head's output (Gemma's soft-capping, Cohere's
     scale): the log-probs then come from its own logits, not the head applied here."""
-    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    text = hf.config.get_text_config()
+    text = unwrap_peft(lm).config.get_text_config()
     return any(
         getattr(text, k, None) not in (None, 1.0)
         for k in ("final_logit_softcapping", "logit_scale")
@@ -70,6 +70,7 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = value_head
         self.chunk_tokens = chunk_tokens
         self.compute_dtype: torch.dtype | None = None  # CPU autocast dtype (None: float32)
+        self.scaled_head = _scales_logits(lm)  # decided once, not on every forward
 
     def forward(
         self,
@@ -114,10 +115,9 @@ class PolicyWithValueHead(nn.Module):
                 weight = self.value_head.weight
                 values = self.value_head(hidden_all.to(weight.dtype)).squeeze(-1)
             hidden = hidden_all[:, -targets.shape[1] :]
-        if _scales_logits(self.lm):  # the model's own logits (rare: soft-capped heads)
-            logits = self.lm.get_output_embeddings()(hidden)
-            return *_logits_logps(self.lm, hidden, logits, targets, temperature, entropy), values
         _, head = backbone_and_head(self.lm)
+        if self.scaled_head:  # the model's own logits (rare: soft-capped heads)
+            return *_logits_logps(self.lm, head(hidden), targets, temperature, entropy), values
         logps, ent = chunked_token_logps(
             hidden, head.weight, head.bias, targets, temperature, self.chunk_tokens, entropy
         )
@@ -194,15 +194,13 @@ class PolicyWithValueHead(nn.Module):
 
 def _logits_logps(
     lm: nn.Module,
-    hidden: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) from a model's own full logits (soft-capped heads)."""
-    hf = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    text = hf.config.get_text_config()
+    text = unwrap_peft(lm).config.get_text_config()
     if getattr(text, "logit_scale", None) not in (None, 1.0):
         logits = logits * text.logit_scale
     cap = getattr(text, "final_logit_softcapping", None)
