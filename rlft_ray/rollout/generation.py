@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlft_ray.config import LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
@@ -41,6 +42,41 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig
 
     from rlft_ray.rollout.vllm_engine import VLLMEngine
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log π(y_t) of each sampled token during ``generate``, one step at a time.
+
+    ``output_logits=True`` keeps every step's logits, ``[B, T, V]`` fp32 (0.8 GB for 128
+    samples of 32 tokens over a 49k vocabulary, twice that once stacked); this keeps one
+    step's log-softmax ``[B, V]`` and the gathered values ``[B]`` per step. transformers
+    runs custom processors before its temperature / top-p warpers, so ``scores`` are the
+    raw logits and the recorded log-probs are those of softmax(logits / T) — what the
+    learner computes.
+
+    Args:
+        temperature: The sampling temperature T.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.step_logps: torch.Tensor | None = None  # [B, V] of the last step
+        self.taken: list[torch.Tensor] = []  # [B] per finished step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.step_logps is not None:  # the token sampled at the previous step is in input_ids
+            self.taken.append(self.step_logps.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.step_logps = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``[B, L]`` of ``response`` ``[B, L]`` (the generated ids)."""
+        if self.step_logps is None or response.shape[1] == 0:
+            return torch.zeros(response.shape, dtype=torch.float32)
+        last = self.step_logps.gather(-1, response[:, -1:]).squeeze(-1)
+        logps = torch.stack([*self.taken, last], dim=1)
+        self.step_logps, self.taken = None, []
+        return logps.to(torch.float32)
 
 
 class GenerationActor:
@@ -256,7 +292,6 @@ class GenerationActor:
             eos_token_id=self.eos_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
             return_dict_in_generate=True,
-            output_logits=not greedy,
             **kwargs,
         )
 
@@ -309,10 +344,12 @@ class GenerationActor:
         prompt_ids, prompt_mask = pad_sequences(
             [p.ids for p in prompts], self.pad_id, "left", p_len
         )
+        recorder = None if greedy else SampledLogprobs(self.lm.temperature)
         out = self.model.generate(
             input_ids=torch.as_tensor(prompt_ids, device=self.device),
             attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
             generation_config=config,
+            logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
         )
         response = out.sequences[:, p_len:]
         # Real tokens: everything up to and including the first EOS.
@@ -320,14 +357,10 @@ class GenerationActor:
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         mask = ~after_eos
         response = response.masked_fill(~mask, self.pad_id)
-        if greedy:
+        if recorder is None:
             logprobs = torch.zeros(response.shape, dtype=torch.float32)
         else:
-            logits = torch.stack(out.logits, dim=1).float() / self.lm.temperature
-            logprobs = (
-                torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-            )
-            logprobs = logprobs.masked_fill(~mask, 0.0)
+            logprobs = recorder.finish(response).masked_fill(~mask, 0.0)
         return self._batch(
             prompts,
             n,
