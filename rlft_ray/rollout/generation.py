@@ -237,7 +237,11 @@ class GenerationActor:
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
         """
-        weights = received_weights(weights)
+        slot = weights if isinstance(weights, SharedSlot) else None
+        # a shared slot is copied straight from the file into the model (no clone of a
+        # real model's 0.5 GB), then checked not to have been overwritten meanwhile
+        weights = slot.views() if slot is not None else received_weights(weights)
+        self.policy_version = UNSYNCED_VERSION  # until the copy is complete and verified
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -252,6 +256,8 @@ class GenerationActor:
             self.engine.load_weights(
                 {**weights, **{a: weights[s] for a, s in self._alias_of.items()}}
             )
+            if slot is not None:
+                slot.verify()
             self.policy_version = version
             return version
         with torch.no_grad():
@@ -262,6 +268,8 @@ class GenerationActor:
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True
+        if slot is not None:
+            slot.verify()  # StaleWeightsError: the group restores this actor with the weights
         self.policy_version = version
         return version
 
