@@ -103,6 +103,12 @@ def test_kl_only_reported_runs_the_reference_every_track_kl_every(
     # a coefficient > 0 puts the KL in the objective: it is needed on every update
     in_loss = make_learner(algo, model_dir, f"{algo}.kl_coef=0.05", "lm.track_kl_every=3")
     assert all("kl/mean" in in_loss.update(batch, progress=0.0) for _ in range(3))
+    # ... and in float32; a reference only reported is kept in bf16 (half the memory)
+    dtypes = {m: {p.dtype for p in m.core.reference.parameters()} for m in (every_1, in_loss)}
+    assert dtypes[every_1] == {torch.bfloat16} and dtypes[in_loss] == {torch.float32}
+    # which reports the KL of an unchanged policy as about 0 (bf16 rounding), not exactly 0
+    fresh = make_learner(algo, model_dir, whole, f"{algo}.kl_coef=0")  # KL before the step
+    assert abs(fresh.update(batch, progress=0.0)["kl/mean"]) < 2e-3  # k1 (PPO) can be < 0
 
 
 def test_lr_schedule(model_dir: Path) -> None:

@@ -27,7 +27,13 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         super().__init__(cfg, spaces, ctx)
         self.hp = cfg.grpo
-        self.core = LMRank(cfg, ctx, self.hp, keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl)
+        self.core = LMRank(
+            cfg,
+            ctx,
+            self.hp,
+            keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl,
+            reference_reported_only=self.hp.kl_coef == 0,
+        )
         self.optimizer = self.core.optimizer
 
     # -- class-level hooks -----------------------------------------------------------------

@@ -36,6 +36,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
             ctx,
             self.hp,
             keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl,
+            reference_reported_only=self.hp.kl_coef == 0,
             value_head=True,
             value_head_init_std=self.hp.value_head_init_std,
         )

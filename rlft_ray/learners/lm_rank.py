@@ -61,6 +61,9 @@ class LMRank:
             token objectives its epochs, minibatches, micro-batch size and loss aggregation.
         keep_start: Keep a frozen copy of the starting weights (``reference``): the KL
             reference, and what RSFT's ``reset_to_base`` resets to.
+        reference_reported_only: Nothing but a reported KL (``lm.track_kl`` with a KL
+            coefficient of 0) reads the reference: a full model keeps it in bfloat16, half
+            the memory of a float32 copy (the reported ``kl/*`` within bf16 rounding).
         value_head: Add a scalar value head (PPO).
         value_head_init_std: Its init std (0: zeros).
         temperature: Logits are divided by it in the training forward pass; None:
@@ -74,6 +77,7 @@ class LMRank:
         ctx: LearnerContext,
         hp: Any,
         keep_start: bool,
+        reference_reported_only: bool = False,
         value_head: bool = False,
         value_head_init_std: float = 0.0,
         temperature: float | None = None,
@@ -109,10 +113,14 @@ class LMRank:
         if keep_start and self.lora:
             self.reference = LoRAReference(self.policy)  # adapters off: no second model
         elif keep_start:
-            self.reference = PolicyWithValueHead(
-                copy.deepcopy(self.model).requires_grad_(False).eval(), None, lm.logit_chunk_tokens
+            frozen = copy.deepcopy(self.model).requires_grad_(False).eval()
+            reported_only = reference_reported_only and ctx.device.type == "cpu"
+            if reported_only:
+                frozen.to(torch.bfloat16)
+            self.reference = PolicyWithValueHead(frozen, None, lm.logit_chunk_tokens)
+            self.reference.compute_dtype = (
+                torch.bfloat16 if reported_only else self.policy.compute_dtype
             )
-            self.reference.compute_dtype = self.policy.compute_dtype
             self.reference.to(ctx.device)
         self.lora_start = adapter_state(self.model) if self.lora else {}
         self.score_passes = 0  # the cadence of a KL that is only reported (track_kl_every)
