@@ -129,6 +129,39 @@ def test_dynamic_sampling_is_bounded_and_never_empty() -> None:
     assert len(calls) == 1 and len(none) == 4 and none.prompts[0] == "0-0"  # the first batch
 
 
+def test_the_loop_refills_from_the_next_prompts_with_the_current_version() -> None:
+    from rlft_ray.run import loop
+
+    class Runners:
+        mine = [0, 1]
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, list]] = []
+
+        def sample(self, weights_for_recovery, per_actor, version):
+            self.calls.append((version, per_actor))
+            half = [1.0, 0.0] if len(self.calls) == 1 else [1.0, 1.0]
+            return [_batch(half, tag=version), _batch([0.0, 0.0], tag=version)]
+
+    class Learner:
+        taken = 0
+
+        def policy_state(self) -> dict:
+            return {}
+
+        def next_sample_args(self, num_actors: int) -> list[tuple]:
+            self.taken += 1
+            return [(f"prompts {self.taken}.{i}",) for i in range(num_actors)]
+
+    runners = Runners()
+    out = loop._fill(Learner(), runners, _batch([0, 0, 1, 1]), version=7, rounds=3)
+    # 2 groups wanted: the first batch has none, round 1 one, rounds 2 and 3 none: bounded
+    assert [v for v, _ in runners.calls] == [7, 7, 7]  # sampled with the current weights
+    assert runners.calls[0][1] == [("prompts 1.0",), ("prompts 1.1",)]  # the next prompts
+    assert len(out) == 2 and out.resample_rounds == 3 and out.extra_samples == 12
+    assert out.policy_version == 7
+
+
 # --------------------------------------------------------------------------- Dr. GRPO
 
 
@@ -320,3 +353,23 @@ def test_probe_checks_cross_section_fields(model_dir: Path) -> None:
     with pytest.raises(ConfigError) as info:
         GRPOLearner.probe(cfg)
     assert info.value.key == "grpo.ratio_level"
+
+
+def test_eval_command_prints_pass_and_maj_at_k(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from rlft_ray.cli import main
+
+    data = tmp_path / "test.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(3))
+    )
+    assert main(["eval", str(model_dir), "--dataset", str(data), "--samples", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = [k for k in result if k.startswith(("pass@", "maj@"))]
+    assert keys == ["pass@1", "pass@2", "pass@4", "pass@6", "maj@1", "maj@2", "maj@4", "maj@6"]
+    assert result["samples"] == 6 and result["pass@1"] <= result["pass@6"]
+    assert result["pass@1"] == pytest.approx(result["maj@1"])  # one voter: its own answer
+    assert main(["eval", str(model_dir), "--dataset", str(data), "--samples", "-1"]) == 2

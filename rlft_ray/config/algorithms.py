@@ -81,7 +81,7 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         "rlft_ray.learners.grpo:GRPOLearner",
         "generation",
         async_ok=True,
-        summary="GRPO / RLOO / REINFORCE with KL to a reference (Shao et al. 2024)",
+        summary="GRPO family: GRPO, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE(++) (Shao et al. 2024)",
     ),
     AlgorithmSpec(
         "lm_ppo",
