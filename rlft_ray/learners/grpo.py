@@ -16,7 +16,13 @@ import math
 import numpy as np
 import torch
 
-from rlft_ray.algorithms.lm import group_advantages, kl_penalty, masked_sum, ppo_token_policy_losses
+from rlft_ray.algorithms.lm import (
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    ppo_token_policy_losses,
+)
 from rlft_ray.algorithms.policy_gradient import (
     gspo_sequence_policy_losses,
     overlong_reward_penalty,
@@ -166,9 +172,9 @@ class GRPOLearner(LMLearnerHooks, Learner):
         metrics.update(core.optimize(tensors, token_loss, progress))
         metrics.update(core.reward_metrics(tensors, batch.group_size))
         metrics.update(dynamic_sampling_metrics(batch, self.ctx))
-        metrics["adv/abs_mean"] = float(
-            all_reduce_mean(tensors["advantages"].abs().mean(), self.ctx)
-        )
+        adv = tensors["advantages"].abs()  # [B], or [B, L] for REINFORCE++ (real tokens only)
+        adv_mean = masked_mean(adv, tensors["mask"]) if adv.dim() == 2 else adv.mean()
+        metrics["adv/abs_mean"] = float(all_reduce_mean(adv_mean, self.ctx))
         return metrics
 
 
