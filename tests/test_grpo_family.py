@@ -373,3 +373,23 @@ def test_eval_command_prints_pass_and_maj_at_k(
     assert result["samples"] == 6 and result["pass@1"] <= result["pass@6"]
     assert result["pass@1"] == pytest.approx(result["maj@1"])  # one voter: its own answer
     assert main(["eval", str(model_dir), "--dataset", str(data), "--samples", "-1"]) == 2
+
+
+def test_gspo_and_dr_grpo_micro_batches_give_the_whole_batch_gradient(model_dir: Path) -> None:
+    from lm_helpers import first_step_grads
+
+    overrides = [
+        "grpo.ratio_level=sequence",
+        "grpo.std_normalize=false",
+        "grpo.loss_agg=seq-mean-token-sum-norm",
+    ]
+    batch = make_batch(model_dir)
+    grads = []
+    for size in (64, 3):
+        torch.manual_seed(0)
+        learner = make_learner("grpo", model_dir, *overrides, f"grpo.micro_batch_size={size}")
+        grads.append(first_step_grads(learner, batch))
+    whole, micro = grads
+    assert any(g.abs().max() > 0 for g in whole.values())
+    for key, g in whole.items():
+        torch.testing.assert_close(micro[key], g, atol=2e-6, rtol=1e-4, msg=key)

@@ -46,15 +46,6 @@ CASES = {
             "grpo.kl_estimator=k1",
         ],
     ),
-    # GSPO's sequence ratio with Dr. GRPO's constant normaliser
-    "gspo-dr-grpo-sum-norm": (
-        "grpo",
-        [
-            "grpo.ratio_level=sequence",
-            "grpo.std_normalize=false",
-            "grpo.loss_agg=seq-mean-token-sum-norm",
-        ],
-    ),
     # LoRA: only adapter gradients, all-reduced over the ranks the same way
     "grpo-lora-kl-loss": ("grpo", ["lm.lora.r=4", "lm.lora.alpha=8", "grpo.kl_coef=0.1"]),
 }
