@@ -83,7 +83,11 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     if "rollout/filtered_groups" in rows[-1]:
         record["filtered_groups"] = int(sum(r["rollout/filtered_groups"] for r in rows))
         record["extra_samples"] = int(sum(r["rollout/extra_samples"] for r in rows))
-        record["trained_groups"] = len(rows) * 16  # lm.prompts_per_iteration of the example
+        record["resample_rounds_mean"] = round(
+            statistics.mean(r["rollout/resample_rounds"] for r in rows), 2
+        )
+        # flat groups that reached an update (0: dynamic sampling spent none on them)
+        record["trained_flat_group_frac"] = max(r["rollout/flat_group_frac"] for r in rows)
     after = sampled_eval(out / "checkpoint_last" / "policy", args.data / "arith_test.jsonl", 8)
     record.update({f"after_{k}": v for k, v in after.items()})
     return record
