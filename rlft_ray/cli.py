@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="LM runs: score only the first N prompts"
     )
     e.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="LM runs: also sample N completions per prompt and print pass@k and maj@k "
+        "(k = 1, 2, 4, ... N)",
+    )
+    e.add_argument(
         "overrides",
         nargs="*",
         help="config overrides, e.g. env.kwargs.goal=[-0.5,-0.5] or lm.max_new_tokens=16",

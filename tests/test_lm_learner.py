@@ -36,6 +36,16 @@ CASES = {
     ),
     "reinforce-seq-sum": ("grpo", ["grpo.estimator=reinforce", "grpo.loss_agg=seq-mean-token-sum"]),
     "lm-ppo-value-head": ("lm_ppo", ["lm_ppo.num_epochs=1", "lm_ppo.value_head_init_std=0.1"]),
+    # REINFORCE++: token returns whitened over both ranks' tokens, KL per token in the reward
+    "reinforce-pp-baseline-kl-reward": (
+        "grpo",
+        [
+            "grpo.estimator=reinforce_pp_baseline",
+            "grpo.kl_coef=0.1",
+            "grpo.kl_in=reward",
+            "grpo.kl_estimator=k1",
+        ],
+    ),
     # LoRA: only adapter gradients, all-reduced over the ranks the same way
     "grpo-lora-kl-loss": ("grpo", ["lm.lora.r=4", "lm.lora.alpha=8", "grpo.kl_coef=0.1"]),
 }

@@ -24,12 +24,15 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("--episodes", "must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit", "must be >= 1")
+    if getattr(args, "samples", 0) < 0:
+        raise ConfigError("--samples", "must be >= 0")
     opts = EvalOptions(
         episodes=args.episodes,
         seed=args.seed,
         stochastic=args.stochastic,
         dataset=args.dataset,
         limit=args.limit,
+        samples=getattr(args, "samples", 0),
     )
     if is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
         from rlft_ray.learners.lm_learner import evaluate_lm

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
-from rlft_ray.config.lm import GRPOConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
 
 #: Rollout actor kinds -> ``module:class`` of the plain class the driver wraps with ``ray.remote``.
@@ -80,7 +81,7 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         "rlft_ray.learners.grpo:GRPOLearner",
         "generation",
         async_ok=True,
-        summary="GRPO / RLOO / REINFORCE with KL to a reference (Shao et al. 2024)",
+        summary="GRPO family: GRPO, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE(++) (Shao et al. 2024)",
     ),
     AlgorithmSpec(
         "lm_ppo",

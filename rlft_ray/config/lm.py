@@ -108,6 +108,10 @@ class LMConfig:
         prompts: Training prompts, a ``.jsonl``/``.json`` or ``.parquet`` file with a
             ``prompt`` column and optional ``answer``/``ground_truth`` and metadata columns.
         eval_prompts: Held-out prompts for ``rlft-ray eval`` and the quickstart.
+        eval_samples: With ``eval_every``, also sample this many completions per held-out
+            prompt (at ``temperature``) and report ``eval/pass@k`` (Chen et al. 2021's
+            unbiased estimator) and ``eval/maj@k`` for k = 1, 2, 4, ... up to it; 0: off
+            (greedy ``eval/accuracy`` only).
         prompt_key: Column holding the prompt text.
         max_prompt_tokens: Longest prompt (in tokens, after the chat template).
         prompt_overflow: What to do with longer prompts: ``drop`` them, ``truncate`` them
@@ -173,6 +177,7 @@ class LMConfig:
     prompt_template: str | None = None
     prompts: str | None = None
     eval_prompts: str | None = None
+    eval_samples: int = 0
     prompt_key: str = "prompt"
     max_prompt_tokens: int = 256
     prompt_overflow: Literal["drop", "truncate", "error"] = "drop"
@@ -213,6 +218,7 @@ class LMConfig:
             problem = prompt_template_problem(self.prompt_template)
             require(problem is None, "prompt_template", f"{problem} (got {self.prompt_template!r})")
         require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(self.eval_samples >= 0, "eval_samples", "must be >= 0 (0: off)")
         require(
             ":" in self.reward_fn,
             "reward_fn",
@@ -261,7 +267,9 @@ class LMConfig:
             )
 
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LossAgg = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -281,55 +289,6 @@ def check_clip_and_kl(
     require(clip_low > 0, "clip_low", f"must be > 0 (got {clip_low})")
     require(clip_high is None or clip_high > 0, "clip_high", "must be > 0 or null")
     require(kl_coef >= 0, "kl_coef", f"must be >= 0 (got {kl_coef})")
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Critic-free policy gradient with group baselines: GRPO, RLOO or REINFORCE.
-
-    Defaults follow GRPO in DeepSeekMath (Shao et al. 2024): group-normalised
-    advantages, one update per batch, clip 0.2, k3 KL to the reference in the loss
-    with beta = 0.04, sequence-mean-token-mean loss, lr 1e-6.
-
-    Attributes:
-        estimator: ``grpo`` (r - mean) / std per group, ``rloo`` leave-one-out mean
-            (Ahmadian et al. 2024), ``reinforce`` batch-mean baseline.
-        std_normalize: Divide GRPO advantages by the group std (false: Dr. GRPO).
-        kl_coef: beta, weight of KL(pi || pi_ref).
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020).
-        kl_in: Put the KL penalty in the ``loss`` (GRPO) or subtract it from the
-            sequence ``reward`` before the advantages (RLOO paper).
-        clip_low: PPO-clip epsilon (lower); ``clip_high`` the upper one (null: same).
-        tis_cap: Truncated importance sampling for a sampler that computes another
-            distribution than the learner (vLLM, bf16 kernels): the learner recomputes the
-            sampled tokens' log-probs under the sampling weights, takes the PPO ratio
-            against them, and weights each token by min(pi_learner / pi_sampler, tis_cap)
-            (2.0 is usual); null: off. ``rollout/logprob_gap`` reports the mismatch
-            whenever the learner recomputes (TIS on, or ``lm.backend: vllm``).
-        num_epochs: Passes over each batch. num_minibatches: optimizer steps per pass.
-        micro_batch_size: Sequences per forward/backward; gradients accumulate over a
-            minibatch's micro-batches (and average over DDP ranks) before each step.
-        loss_agg: ``token-mean``, ``seq-mean-token-mean`` or ``seq-mean-token-sum``.
-        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
-    """
-
-    estimator: Literal["grpo", "rloo", "reinforce"] = "grpo"
-    std_normalize: bool = True
-    kl_coef: float = 0.04
-    kl_estimator: KLEstimator = "k3"
-    kl_in: Literal["loss", "reward"] = "loss"
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    num_epochs: int = 1
-    num_minibatches: int = 1
-    micro_batch_size: int = 8
-    loss_agg: LossAgg = "seq-mean-token-mean"
-    tis_cap: float | None = None
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
-
-    def __post_init__(self) -> None:
-        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
-        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef, self.tis_cap)
 
 
 @dataclass(frozen=True)

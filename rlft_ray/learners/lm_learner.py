@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlft_ray.algorithms.pass_at_k import sample_metrics
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.core.torch_utils import torch_threads
 from rlft_ray.learners.base import CurvePlot, EvalOptions, Spaces, TaskProbe
@@ -313,7 +314,9 @@ def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str
         raise ConfigError("--dataset", "name a prompt file (the run config has no lm.eval_prompts)")
     check_reward_specs(cfg)  # before the model loads and generates
     policy_dir = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
-    result = evaluate_model(policy_dir, dataset, cfg.lm, limit=opts.limit, seed=opts.seed)
+    result = evaluate_model(
+        policy_dir, dataset, cfg.lm, limit=opts.limit, seed=opts.seed, samples=opts.samples
+    )
     return {"checkpoint": str(checkpoint), **result}
 
 
@@ -324,6 +327,10 @@ def heldout_lm_metrics(results: list[dict[str, np.ndarray]]) -> dict[str, float]
     correctness, when it falls towards 0.5 the policy is gaming the reward model."""
     acc = np.concatenate([np.asarray(r["accuracy"], dtype=np.float64) for r in results])
     out = {"eval/accuracy": float(acc.mean()) if len(acc) else 0.0}
+    if results and "sample_correct" in results[0]:  # lm.eval_samples: pass@k, maj@k
+        correct = np.concatenate([np.asarray(r["sample_correct"], dtype=bool) for r in results])
+        answers = [row for r in results for row in np.asarray(r["sample_answers"]).tolist()]
+        out.update(sample_metrics(answers, correct, prefix="eval/"))
     if results and "reward_model" in results[0]:
         rm = np.concatenate([np.asarray(r["reward_model"], dtype=np.float64) for r in results])
         out["eval/reward_model_mean"] = float(rm.mean()) if len(rm) else 0.0

@@ -374,20 +374,20 @@ class LMRank:
             ``loss/*`` (token means of the objective's statistics and the entropy, grad
             norm), ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
-        hp = self.hp
+        hp, max_new = self.hp, self.cfg.lm.max_new_tokens
         pad_row = _padding_row(tensors, self.tokenizer.pad_token_id)
         stand_in = torch.zeros(1, dtype=torch.long, device=self.ctx.device)
 
         def denominator(rows: torch.Tensor) -> torch.Tensor:
             mask = tensors["mask"][rows]
-            return aggregate_loss_parts(mask.float(), mask, hp.loss_agg)[1]
+            return aggregate_loss_parts(mask.float(), mask, hp.loss_agg, max_new)[1]
 
         def micro_loss(idx: torch.Tensor | None) -> MicroOut:
             rows, idx = (tensors, idx) if idx is not None else (pad_row, stand_in)
             out = self.forward(self.net, rows, idx)
             sub = _trim_like(rows, idx, out.logprobs.shape[1])
             loss_mat, stats = token_loss(out, sub)
-            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg)
+            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg, max_new)
             mask = sub["mask"]
             sums = {
                 f"loss/{key}": float(masked_sum(val.detach(), mask))

@@ -19,6 +19,7 @@ def evaluate_model(
     seed: int = 0,
     num_threads: int = 1,
     examples: int = 3,
+    samples: int = 0,
 ) -> dict[str, Any]:
     """Score greedy completions of ``model_dir`` on ``dataset`` with ``lm.eval_fn``.
 
@@ -33,10 +34,12 @@ def evaluate_model(
         seed: Seeds torch (greedy decoding does not sample; kept for symmetry).
         num_threads: torch threads.
         examples: How many (prompt, completion, answer) triples to include.
+        samples: Also sample this many completions per prompt (at ``lm.temperature``) and
+            report ``pass@k`` and ``maj@k`` for k = 1, 2, 4, ... up to it; 0: greedy only.
 
     Returns:
         ``{"dataset", "num_prompts", "accuracy", "completion_tokens_mean", "examples",
-        "data/..."}`` where accuracy is the mean of ``lm.eval_fn`` (exact match by default).
+        "data/...", "pass@k", "maj@k"}`` where accuracy is the mean of ``lm.eval_fn`` (exact match by default).
     """
     from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
     from rlft_ray.rollout.generation import GenerationActor
@@ -49,6 +52,12 @@ def evaluate_model(
     if limit is not None:
         prompts = prompts[:limit]
     batch, scores = actor.evaluate(prompts)
+    sampled: dict[str, float] = {}
+    if samples > 0:
+        from rlft_ray.algorithms.pass_at_k import sample_metrics
+
+        correct, answers = actor.sample_scores(prompts, samples)
+        sampled = {"samples": samples, **sample_metrics(answers.tolist(), correct)}
     return {
         "dataset": str(dataset),
         "num_prompts": len(prompts),
@@ -58,5 +67,6 @@ def evaluate_model(
             {"prompt": p.text, "completion": c, "answer": p.metadata.get("answer")}
             for p, c in zip(prompts[:examples], batch.completions[:examples])
         ],
+        **sampled,
         **{k: v for k, v in stats.as_dict().items() if k != "data/source"},
     }

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rlft_ray.algorithms.pass_at_k import answer_ids
 from rlft_ray.config import LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
@@ -508,11 +509,27 @@ class GenerationActor:
         reward when one serves this actor (where the two part ways, the policy games it)."""
         batch, accuracy = self.evaluate(prompts)
         scores = {"accuracy": accuracy}
+        if self.lm.eval_samples > 0:  # eval/pass@k, eval/maj@k
+            scores["sample_correct"], scores["sample_answers"] = self.sample_scores(
+                prompts, self.lm.eval_samples
+            )
         if self.reward_model is not None:
             scores["reward_model"] = self.reward_model(
                 batch.prompts, batch.completions, batch.prompt_templated
             )
         return self.policy_version, scores
+
+    def sample_scores(
+        self, prompts: Sequence[Prompt], num_samples: int, eval_fn: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``correct [P, n]`` (``eval_fn`` score >= 0.5; default ``lm.eval_fn``) and
+        :func:`~rlft_ray.algorithms.pass_at_k.answer_ids` ``[P, n]`` of ``num_samples``
+        completions per prompt sampled at ``lm.temperature``: what pass@k and maj@k use."""
+        batch = self.generate(prompts, num_samples=num_samples)
+        fn = load_reward_fn(eval_fn or self.lm.eval_fn)
+        scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
+        correct = np.asarray(scores, dtype=np.float32).reshape(-1, num_samples) >= 0.5
+        return correct, answer_ids(batch.completions, num_samples)
 
     def evaluate(
         self, prompts: Sequence[Prompt], eval_fn: str | None = None

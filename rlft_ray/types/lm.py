@@ -68,8 +68,11 @@ class GenerationBatch:
         pad_token_id: Id used for padding.
         generate_s: Seconds the actors spent in ``generate`` (summed over actors).
         peak_rss_mb: Peak resident memory of each actor process that sampled the batch, MB.
-        selection: What rejection sampling did (None: every sample was kept); the rows
-            above are then the accepted samples only.
+        selection: What rejection sampling or dynamic sampling did (None: every sample
+            was kept); the rows above are then the accepted samples only.
+        filtered_groups: Groups dynamic sampling dropped for all-equal rewards.
+        extra_samples: Completions dynamic sampling generated beyond the first round.
+        resample_rounds: Extra sampling rounds dynamic sampling took.
     """
 
     prompt_ids: np.ndarray
@@ -89,6 +92,9 @@ class GenerationBatch:
     peak_rss_mb: tuple[float, ...] = ()
     selection: SelectionStats | None = None
     prompt_templated: np.ndarray | None = None
+    filtered_groups: int = 0
+    extra_samples: int = 0
+    resample_rounds: int = 0
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -187,6 +193,9 @@ class GenerationBatch:
             peak_rss_mb=tuple(m for b in batches for m in b.peak_rss_mb),
             selection=_concat_selections(batches),
             prompt_templated=_concat_templated(batches),
+            filtered_groups=sum(b.filtered_groups for b in batches),
+            extra_samples=sum(b.extra_samples for b in batches),
+            resample_rounds=max(b.resample_rounds for b in batches),
         )
 
 
