@@ -5,6 +5,10 @@ completions: sequence rewards (minus ``kl_coef`` x summed KL when ``kl_in=reward
 become advantages by the configured estimator, broadcast over each completion's
 tokens in a PPO-clipped surrogate, plus ``kl_coef`` x KL(pi || pi_ref) in the loss
 when ``kl_in=loss`` (GRPO; Shao et al. 2024).
+
+On multi-turn agent episodes (an ``env`` text environment) a row is an episode, its
+reward the sum of its turn rewards, its group the episodes from one reset seed; the
+sequence advantage is broadcast over the model's tokens only (the batch's loss mask).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import all_reduce_mean
 from rlft_ray.learners.lm_learner import LMLearnerHooks
-from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_rank import LMRank, agent_metrics
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -84,6 +88,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
 
         metrics.update(core.optimize(tensors, token_loss, progress))
         metrics.update(core.reward_metrics(tensors, batch.group_size))
+        metrics.update(agent_metrics(batch, self.ctx))  # multi-turn: turns, tools, truncation
         metrics["adv/abs_mean"] = float(
             all_reduce_mean(tensors["advantages"].abs().mean(), self.ctx)
         )
