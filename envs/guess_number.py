@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rlft_ray.agents import TextEnv
 
 
@@ -62,3 +64,26 @@ class GuessNumberEnv(TextEnv):
             word, self.hi = "lower", min(self.hi, guess - 1)
         reply = f" {word} {self.lo}-{self.hi}?" if self.show_range else f" {word}"
         return reply, 0.0, False, truncated, {}
+
+
+def demonstrations(
+    n: int, seed: int = 0, high: int = 16, max_turns: int = 8
+) -> list[dict[str, Any]]:
+    """``n`` episodes of a weak strategy for a supervised pass (``segments`` rows): each
+    guess uniform over the range still open (about 2 ln(high) turns, where bisection needs
+    log2(high)); seeds ``seed + 10_000_000 + i``."""
+    env = GuessNumberEnv(high=high, max_turns=max_turns)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        prompt, _ = env.reset(seed=seed + 10_000_000 + i)
+        segments: list[tuple[str, bool]] = []
+        while True:
+            guess = str(int(rng.integers(env.lo, env.hi + 1)))
+            reply, _, terminated, truncated, _ = env.step(guess)
+            segments.append((guess, True))
+            if terminated or truncated:
+                break
+            segments.append((reply, False))
+        rows.append({"prompt": prompt, "segments": segments})
+    return rows

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rlft_ray.agents import SandboxLimits, TextEnv, ToolParseError, parse_tool_call, run_tool
 
 
@@ -49,6 +51,9 @@ class ToolArithmeticEnv(TextEnv):
         tools: Tools the model may call (``calc``, ``python``); ``()``: none (the no-tool
             control: every call is refused).
         max_turns: Model turns before the episode is truncated.
+        python_limits: :class:`~rlft_ray.agents.SandboxLimits` fields of the Python tool
+            (``cpu_s``, ``memory_mb``, ``wall_s``, ...); keep ``wall_s`` below
+            ``env.step_timeout_s`` so a slow call is a tool error, not a failed episode.
     """
 
     def __init__(
@@ -57,12 +62,14 @@ class ToolArithmeticEnv(TextEnv):
         op: str = "*",
         tools: tuple[str, ...] | list[str] = ("calc",),
         max_turns: int = 3,
+        python_limits: dict[str, Any] | None = None,
     ) -> None:
         if digits < 1 or op not in ("*", "+") or max_turns < 1:
             raise ValueError(
                 f"digits >= 1, op in * +, max_turns >= 1 (got {digits}, {op!r}, {max_turns})"
             )
         self.digits, self.op, self.tools, self.max_turns = digits, op, tuple(tools), max_turns
+        self.limits = SandboxLimits(**(python_limits or {}))
         self.a = self.b = self.turn = 0
 
     @property
@@ -80,8 +87,31 @@ class ToolArithmeticEnv(TextEnv):
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         self.turn += 1
-        reply, info = tool_reply(action, self.tools)
+        reply, info = tool_reply(action, self.tools, self.limits)
         if reply is not None:  # a tool call (or a failed one): no reward yet
             return reply, 0.0, False, self.turn >= self.max_turns, info
         correct = action.strip() == str(self.answer)
         return "", float(correct), True, False, {"is_success": correct, "tool_calls": 0}
+
+
+def demonstrations(
+    n: int, seed: int = 0, tool_frac: float = 0.5, digits: int = 3
+) -> list[dict[str, Any]]:
+    """``n`` solved episodes for a supervised pass (``rlft_ray.lm.sft``'s ``segments``
+    rows): a ``tool_frac`` share calls the calculator and copies its result, the rest
+    answers directly (the product itself: what a model without tools must compute in
+    its head). Reset seeds ``seed + 10_000_000 + i``, away from training and held-out seeds."""
+    env = ToolArithmeticEnv(digits=digits)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        prompt, info = env.reset(seed=seed + 10_000_000 + i)
+        answer = str(info["answer"])
+        if rng.random() < tool_frac:
+            call = f"<calc>{env.a}{env.op}{env.b}</calc>"
+            reply, _, _, _, _ = env.step(call)
+            segments = [(call, True), (reply, False), (answer, True)]
+        else:
+            segments = [(answer, True)]
+        rows.append({"prompt": prompt, "segments": segments})
+    return rows
