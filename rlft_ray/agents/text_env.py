@@ -22,6 +22,7 @@ every ``step`` under ``env.step_timeout_s`` (:func:`step_with_timeout`).
 
 from __future__ import annotations
 
+import importlib
 import string
 import threading
 import time
@@ -54,7 +55,8 @@ class TextEnv(gym.Env[str, str]):
 
 
 def make_text_env(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:
-    """``gymnasium.make(env_id, **kwargs)`` with the project's ``envs`` registered first.
+    """``gymnasium.make(env_id, **kwargs)`` with the project's ``envs`` registered first
+    (``"module:id"`` imports ``module`` first, which registers its ids, as in gymnasium).
 
     Raises:
         TextEnvError: The id is not registered, the env cannot be made with ``kwargs``, or
@@ -62,6 +64,12 @@ def make_text_env(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:
     """
     import envs  # noqa: F401  (registers the rlft/* ids)
 
+    if ":" in env_id:  # "my_pkg.envs:my/Env-v0": import the module that registers the id
+        module, env_id = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise TextEnvError(f"env.id: cannot import {module!r}: {exc}") from None
     if env_id not in gym.registry:
         close = [
             k for k in gym.registry if k.split("/")[-1].lower() == env_id.split("/")[-1].lower()

@@ -42,7 +42,7 @@ def command(args: argparse.Namespace) -> int:
         if algorithm_spec(cfg.algo).rollout == "generation":  # scored by lm.eval_fn
             print(f"eval: {eval_fn_source(saved, cfg, args.overrides)}", file=sys.stderr)
         result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
-        if "accuracy" in result:
+        if "accuracy" in result and "env" not in result:  # an agent's: the env's is_success
             result["eval_fn"] = cfg.lm.eval_fn
     print(json.dumps(result, indent=2))
     return 0

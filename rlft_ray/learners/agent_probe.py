@@ -105,9 +105,11 @@ def evaluate_agent_checkpoint(
     checkpoint: Path, cfg: RunConfig, opts: EvalOptions
 ) -> dict[str, Any]:
     """``rlft-ray eval`` of an LM-agent checkpoint: greedy episodes on held-out seeds
-    (``--episodes`` of them from ``--seed``; solved fraction as ``accuracy``)."""
+    (``--episodes`` of them from ``HELDOUT_SEED + --seed``, never training seeds; solved
+    fraction as ``accuracy``)."""
     from rlft_ray.rollout.evaluate import evaluate_agent
 
     policy_dir = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
-    seeds = range(opts.seed, opts.seed + (opts.limit or opts.episodes))
+    first = HELDOUT_SEED + opts.seed
+    seeds = range(first, first + (opts.limit or opts.episodes))
     return {"checkpoint": str(checkpoint), **evaluate_agent(policy_dir, cfg.lm, cfg.env, seeds)}
