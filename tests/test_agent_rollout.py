@@ -242,6 +242,8 @@ def test_probe_of_an_agent_run_gives_seed_tables(model_dir: Path) -> None:
         (["env.kwargs.digits=0"], "env.id", "cannot be made"),
         (["lm.max_prompt_tokens=4"], "lm.max_prompt_tokens", "first observation has 8 tokens"),
         (["lm.prompts_per_iteration=3"], "lm.prompts_per_iteration", "cannot be split"),
+        (["lm.chat_template=true"], "lm.chat_template", "not supported"),
+        (["lm.reward_model=rm"], "lm.reward_model", "rewarded by its environment"),
     ],
 )
 def test_agent_probe_errors_name_the_key(

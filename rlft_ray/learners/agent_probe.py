@@ -45,7 +45,8 @@ def probe_agent(cfg: RunConfig, training: bool = True) -> TaskProbe:
     """Everything about an LM-agent run that can be checked before Ray starts.
 
     Raises:
-        ConfigError: Naming ``lm.prompts`` (neither prompts nor a text environment),
+        ConfigError: Naming ``lm.chat_template`` / ``lm.reward_model`` (not for agents),
+            ``lm.prompts`` (neither prompts nor a text environment),
             ``env.id`` (unregistered, cannot be made, its
             first observation does not fit ``lm.max_prompt_tokens``), ``lm.model``, or
             ``lm.prompts_per_iteration`` (not a multiple of the actors).
@@ -59,6 +60,16 @@ def probe_agent(cfg: RunConfig, training: bool = True) -> TaskProbe:
     from rlft_ray.learners.lm_learner import absolute_paths, check_model, lm_spaces
 
     lm, res, env_cfg = cfg.lm, cfg.resources, cfg.env
+    if lm.chat_template:
+        raise ConfigError(
+            "lm.chat_template",
+            "a text environment's observations are appended as they are (the env writes its "
+            "own turn markers); chat templates for multi-turn episodes are not supported",
+        )
+    if lm.reward_model is not None:
+        raise ConfigError(
+            "lm.reward_model", "an LM agent is rewarded by its environment, not a reward model"
+        )
     tok, info = check_model(cfg, lm.max_new_tokens, "lm.max_new_tokens")
     try:
         env = make_text_env(env_cfg.id, env_cfg.kwargs)
