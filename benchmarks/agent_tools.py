@@ -54,6 +54,18 @@ def heldout(model: Path, env_id: str, kwargs: dict[str, Any], episodes: int, lm:
     }
 
 
+def train(config: str, overrides: list[str], out: Path, tries: int = 3) -> dict[str, Any]:
+    """``train_cli``, retried when Ray's node does not come up within its fixed 30 s (a
+    machine overloaded by other jobs); the failed start leaves no run directory behind."""
+    for attempt in range(tries):
+        try:
+            return train_cli(config, overrides, out)
+        except RuntimeError as exc:
+            if "timed out during startup" not in str(exc) or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def curve(run_dir: Path) -> list[tuple[float, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(round(r["time/wall_s"], 1), r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
@@ -84,7 +96,7 @@ def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str
     model = base / "sft_base"
     before = heldout(model, "rlft/ToolArithmetic-v0", {}, args.episodes, TOOL_LM)
     before_no_tool = heldout(model, "rlft/ToolArithmetic-v0", {"tools": []}, args.episodes, TOOL_LM)
-    run = train_cli(
+    run = train(
         EXAMPLE,
         [
             f"lm.model={model}",
@@ -145,7 +157,7 @@ def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, A
         "total_iterations=100000",
         f"eval_episodes={args.episodes}",
     ]
-    run = train_cli(EXAMPLE, overrides, work / "guess")
+    run = train(EXAMPLE, overrides, work / "guess")
     after = heldout(
         work / "guess" / "checkpoint_last" / "policy",
         "rlft/GuessNumber-v0",

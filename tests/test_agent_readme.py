@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gymnasium as gym
 from gymnasium.utils.env_checker import check_env
+from test_agent_rollout import TOK, calculator_user, scripted
 
 from rlft_ray.agents import make_text_env
 from rlft_ray.rollout.multiturn import TurnLimits, run_episodes
-from tests.test_agent_rollout import TOK, calculator_user, scripted
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -20,7 +20,8 @@ from rlft_ray.rollout.evaluate import seed_prompts
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.multiturn import TurnLimits, run_episodes
 from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
-from tests.lm_helpers import first_step_grads, make_learner
+
+from lm_helpers import first_step_grads, make_learner
 
 TOK = build_tokenizer()
 EOS = TOK.eos_token_id
