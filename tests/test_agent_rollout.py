@@ -4,6 +4,7 @@ batches (loss mask over the model's tokens only, gapped GAE), and the agent conf
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,13 @@ def hanging_reward(prompts, completions, metadata):
 
     time.sleep(5)
     return [1.0] * len(completions)
+
+
+def test_eval_command_plays_held_out_episodes(model_dir: Path, capsys) -> None:
+    from rlft_ray.cli import main
+
+    overrides = ["env.id=rlft/GuessNumber-v0", "lm.max_new_tokens=3", "lm.max_turns=2"]
+    assert main(["eval", str(model_dir), *overrides, "--episodes", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["env"] == "rlft/GuessNumber-v0" and result["episodes"] == 3
+    assert 1.0 <= result["turns_mean"] <= 2.0 and 0.0 <= result["accuracy"] <= 1.0

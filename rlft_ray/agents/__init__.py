@@ -19,6 +19,7 @@ from rlft_ray.agents.text_env import (
     TextEnv,
     TextEnvError,
     check_text_env,
+    is_text_env,
     make_text_env,
     step_with_timeout,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ToolParseError",
     "calculator",
     "check_text_env",
+    "is_text_env",
     "make_text_env",
     "parse_tool_call",
     "run_python",

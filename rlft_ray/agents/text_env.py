@@ -91,6 +91,15 @@ def make_text_env(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:
     return env
 
 
+def is_text_env(env_id: str) -> bool:
+    """Whether ``env_id`` makes a text environment (False for unknown or non-text ids)."""
+    try:
+        make_text_env(env_id).close()
+    except TextEnvError:
+        return False
+    return True
+
+
 def check_text_env(observation: Any, where: str) -> str:
     """``observation`` if it is text, else a :class:`TextEnvError` naming ``where``."""
     if not isinstance(observation, str):

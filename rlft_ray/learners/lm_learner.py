@@ -313,10 +313,11 @@ def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
 
 def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Exact-match (``lm.eval_fn``) accuracy of greedy completions of a checkpoint's policy."""
+    from rlft_ray.agents import is_text_env
     from rlft_ray.learners.agent_probe import agent_mode, evaluate_agent_checkpoint
     from rlft_ray.rollout.evaluate import evaluate_model
 
-    if agent_mode(cfg) and not opts.dataset:
+    if agent_mode(cfg) and not opts.dataset and not cfg.lm.eval_prompts and is_text_env(cfg.env.id):
         return evaluate_agent_checkpoint(checkpoint, cfg, opts)
     dataset = opts.dataset or cfg.lm.eval_prompts
     if not dataset:
