@@ -298,3 +298,12 @@ def test_eval_command_plays_held_out_episodes(model_dir: Path, capsys) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["env"] == "rlft/GuessNumber-v0" and result["episodes"] == 3
     assert 1.0 <= result["turns_mean"] <= 2.0 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_sample_job_refuses_an_agent_config(model_dir: Path, tmp_path: Path) -> None:
+    from rlft_ray.apps.sample import run_sampling
+
+    cfg = _agent_cfg(model_dir, "algo=rsft")
+    with pytest.raises(ConfigError, match="needs a prompt file") as info:
+        run_sampling(cfg, tmp_path / "s")
+    assert info.value.key == "lm.prompts" and not (tmp_path / "s").exists()
