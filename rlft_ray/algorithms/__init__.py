@@ -7,6 +7,7 @@ nothing in this package imports ``ray`` or reads a config object.
 from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
 from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, polyak_update
 from rlft_ray.algorithms.lm import (
+    gapped_gae,
     group_advantages,
     kl_penalty,
     masked_gae,
@@ -38,6 +39,7 @@ __all__ = [
     "dpo_losses",
     "dqn_loss",
     "dqn_targets",
+    "gapped_gae",
     "grm_losses",
     "grm_sft_regularizer",
     "group_advantages",

@@ -42,10 +42,13 @@ def command(args: argparse.Namespace) -> int:
     else:
         saved = load_config_from_checkpoint(args.checkpoint)
         cfg = eval_config(saved, args.overrides)
-        if algorithm_spec(cfg.algo).rollout == "generation":  # scored by lm.eval_fn
+        from rlft_ray.learners.agent_probe import agent_mode
+
+        # scored by lm.eval_fn (an agent's episodes: by its environment)
+        if algorithm_spec(cfg.algo).rollout == "generation" and not agent_mode(cfg):
             print(f"eval: {eval_fn_source(saved, cfg, args.overrides)}", file=sys.stderr)
         result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
-        if "accuracy" in result:
+        if "accuracy" in result and "env" not in result:  # an agent's: the env's is_success
             result["eval_fn"] = cfg.lm.eval_fn
     print(json.dumps(result, indent=2))
     return 0

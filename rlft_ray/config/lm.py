@@ -163,6 +163,15 @@ class LMConfig:
             or ``'rlft-ray[vllm]'``). Scoring, selection and evaluation are the same with
             either; vLLM needs ``top_p = 1`` (its log-probs with a nucleus are of the
             truncated distribution, the learner's are not) and full fine-tuning (no LoRA).
+        max_turns: LM agents in a text environment (``env``): model turns per episode at
+            most (the episode is truncated after them).
+        max_episode_tokens: LM agents: prompt + every turn (the model's and the
+            environment's) of one episode at most, in tokens; null: the model's positions
+            (or, without such a limit, ``max_prompt_tokens + 2 x max_turns x max_new_tokens``).
+        reward_timeout_s: Longest call of ``lm.reward_fn`` on an actor's batch: past it
+            the batch's samples are scored 0 (``rollout/reward_timeouts`` counts it, a
+            warning names the function) and the run goes on; null: no bound (then only
+            ``resources.sample_timeout_s`` ends a hang, by restarting the actor).
         vllm_kv_cache_gb: GiB the vLLM engine reserves for its KV cache (CPU memory on
             a CPU actor, GPU memory on a GPU one); null sizes it for
             ``generation_batch_size`` sequences of ``max_prompt_tokens + max_new_tokens``.
@@ -205,6 +214,9 @@ class LMConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     backend: Literal["hf", "vllm"] = "hf"
     vllm_kv_cache_gb: float | None = None
+    max_turns: int = 8
+    max_episode_tokens: int | None = None
+    reward_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
@@ -236,6 +248,17 @@ class LMConfig:
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.track_kl_every >= 1, "track_kl_every", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.max_turns >= 1, "max_turns", f"must be >= 1 (got {self.max_turns})")
+        require(
+            self.max_episode_tokens is None or self.max_episode_tokens >= 2,
+            "max_episode_tokens",
+            "must be >= 2 or null",
+        )
+        require(
+            self.reward_timeout_s is None or self.reward_timeout_s > 0,
+            "reward_timeout_s",
+            "must be > 0 seconds or null",
+        )
         require(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
         require(self.logit_chunk_tokens >= 1, "logit_chunk_tokens", "must be >= 1")
         require(

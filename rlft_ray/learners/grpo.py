@@ -7,6 +7,10 @@ returns whitened over the global batch), broadcast over each completion's tokens
 PPO-clipped surrogate (GSPO: clipped on the sequence ratio), plus ``kl_coef`` x
 KL(pi || pi_ref) in the loss when ``kl_in=loss`` (GRPO; Shao et al. 2024). DAPO's dynamic
 sampling fills the batch before it gets here (:mod:`rlft_ray.rollout.dynamic_sampling`).
+
+On multi-turn agent episodes (an ``env`` text environment) a row is an episode, its
+reward the sum of its turn rewards, its group the episodes from one reset seed; the
+sequence advantage is broadcast over the model's tokens only (the batch's loss mask).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import all_reduce_mean, global_max, global_sum
 from rlft_ray.learners.lm_learner import LMLearnerHooks
-from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_rank import LMRank, agent_metrics
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -178,6 +182,7 @@ class GRPOLearner(LMLearnerHooks, Learner):
         metrics.update(core.optimize(tensors, token_loss, progress))
         metrics.update(core.reward_metrics(tensors, batch.group_size))
         metrics.update(dynamic_sampling_metrics(batch, self.ctx))
+        metrics.update(agent_metrics(batch, self.ctx))  # multi-turn: turns, tools, truncation
         adv = tensors["advantages"].abs()  # [B], or [B, L] for REINFORCE++ (real tokens only)
         adv_mean = masked_mean(adv, tensors["mask"]) if adv.dim() == 2 else adv.mean()
         metrics["adv/abs_mean"] = float(all_reduce_mean(adv_mean, self.ctx))

@@ -49,6 +49,10 @@ def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
     Raises:
         ConfigError: Naming the key (``lm.model``, ``lm.prompts``, ``lm.reward_fn``, ...).
     """
+    from rlft_ray.learners.agent_probe import agent_mode, probe_agent
+
+    if agent_mode(cfg):  # no prompt file: an LM agent in the text environment env
+        return probe_agent(cfg, training)
     lm, res = cfg.lm, cfg.resources
     tok, info = check_model(cfg, lm.max_new_tokens, "lm.max_new_tokens")
     check_reward_fns(cfg)
@@ -295,8 +299,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
     """Constructor kwargs of generation actor ``index``."""
+    from rlft_ray.learners.agent_probe import agent_mode
+
     gpus = getattr(cfg.resources, "gpus_per_rollout_actor", 0.0)
     return {
+        **({"env": cfg.env} if agent_mode(cfg) else {}),
         "lm": cfg.lm,
         "seed": cfg.seed + 10_007 * (index + 1),
         "num_threads": cfg.resources.threads_per_rollout_actor
@@ -307,8 +314,12 @@ def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
 
 def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Exact-match (``lm.eval_fn``) accuracy of greedy completions of a checkpoint's policy."""
+    from rlft_ray.agents import is_text_env
+    from rlft_ray.learners.agent_probe import agent_mode, evaluate_agent_checkpoint
     from rlft_ray.rollout.evaluate import evaluate_model
 
+    if agent_mode(cfg) and not opts.dataset and not cfg.lm.eval_prompts and is_text_env(cfg.env.id):
+        return evaluate_agent_checkpoint(checkpoint, cfg, opts)
     dataset = opts.dataset or cfg.lm.eval_prompts
     if not dataset:
         raise ConfigError("--dataset", "name a prompt file (the run config has no lm.eval_prompts)")

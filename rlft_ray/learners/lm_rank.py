@@ -10,6 +10,7 @@ The learner supplies only its per-token objective (:data:`TokenLoss`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,8 @@ from rlft_ray.lm.policy import (
 )
 from rlft_ray.lm.prompts import PromptStream, prompts_from_batch
 from rlft_ray.types import GenerationBatch
+
+logger = logging.getLogger(__name__)
 
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"
@@ -216,14 +219,19 @@ class LMRank:
     def tensors(self, batch: GenerationBatch) -> dict[str, torch.Tensor]:
         """The batch's arrays as tensors on the learner's device (copies: Ray's arrays are read-only)."""
         dev = self.ctx.device
-        return {
+        out = {
             "prompt_ids": torch.tensor(batch.prompt_ids, device=dev),
             "prompt_mask": torch.tensor(batch.prompt_mask, device=dev),
             "response_ids": torch.tensor(batch.response_ids, device=dev),
-            "mask": torch.tensor(batch.response_mask, device=dev),
+            "mask": torch.tensor(batch.train_mask, device=dev),
             "old_logprobs": torch.tensor(batch.logprobs, device=dev),
             "rewards": torch.tensor(batch.rewards, device=dev),
         }
+        if batch.loss_mask is not None:  # multi-turn: the env's tokens are attended, not trained
+            out["attn_mask"] = torch.tensor(batch.response_mask, device=dev)
+        if batch.step_rewards is not None:
+            out["step_rewards"] = torch.tensor(batch.step_rewards, device=dev)
+        return out
 
     def _steps(self) -> Steps:
         """How the section's updates walk a batch (the score pass uses its micro-batches)."""
@@ -246,9 +254,12 @@ class LMRank:
         """:func:`response_forward` of rows ``idx``, trimmed to their longest prompt/response.
 
         Completions of one prompt share its pass unless the module must return values.
+        The response attends to ``attn_mask`` where the batch has one (multi-turn: the
+        environment's tokens too), else to ``mask``.
         """
         sub = _trim(
-            {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")}
+            {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids")}
+            | {"mask": tensors.get("attn_mask", tensors["mask"])[idx]}
         )
         return response_forward(
             module,
@@ -425,6 +436,23 @@ class LMRank:
         }
 
 
+def agent_metrics(batch: GenerationBatch, ctx: LearnerContext) -> dict[str, float]:
+    """Multi-turn episodes' ``rollout/*`` numbers (turns, tool calls, env seconds,
+    truncation, failures; :meth:`~rlft_ray.types.AgentStats.metrics`), averaged over the
+    ranks, and ``rollout/reward_timeouts``; nothing for a single-turn batch without timeouts."""
+    out: dict[str, float] = {}
+    if batch.agent is not None:
+        local = batch.agent.metrics()
+        names = sorted(local)
+        values = torch.tensor([local[k] for k in names], dtype=torch.float64, device=ctx.device)
+        out.update(zip(names, all_reduce_mean(values, ctx).tolist()))
+        for reason in batch.agent.reasons[:1]:  # one per batch in the log is enough
+            logger.warning("an episode failed: %s", reason)
+    if batch.reward_timeouts or batch.agent is not None:
+        out["rollout/reward_timeouts"] = float(batch.reward_timeouts)
+    return out
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere (also inside attention): training and sampling see one model."""
     for m in model.modules():
@@ -471,7 +499,7 @@ def _padding_row(tensors: dict[str, torch.Tensor], pad_id: int) -> dict[str, tor
 
 def _row_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B]`` prompt + completion tokens of each row (what a micro-batch's budget counts)."""
-    return tensors["prompt_mask"].sum(-1) + tensors["mask"].sum(-1)
+    return tensors["prompt_mask"].sum(-1) + tensors.get("attn_mask", tensors["mask"]).sum(-1)
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

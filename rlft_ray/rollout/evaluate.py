@@ -1,14 +1,17 @@
-"""Greedy evaluation of a causal LM on a prompt file (``rlft-ray eval --dataset``, quickstart)."""
+"""Greedy evaluation of a causal LM on a prompt file (``rlft-ray eval --dataset``, quickstart),
+or of an LM agent on held-out episodes of a text environment."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rlft_ray.config import LMConfig, LoRAConfig
+from rlft_ray.config import EnvConfig, LMConfig, LoRAConfig
+from rlft_ray.types import Prompt
 
 
 def evaluate_model(
@@ -69,4 +72,47 @@ def evaluate_model(
         ],
         **sampled,
         **{k: v for k, v in stats.as_dict().items() if k != "data/source"},
+    }
+
+
+def seed_prompts(seeds: Sequence[int]) -> list[Prompt]:
+    """Reset seeds of a text environment as the prompts a generation actor plays from."""
+    return [Prompt(text="", ids=[], metadata={"seed": int(s)}) for s in seeds]
+
+
+def evaluate_agent(
+    model_dir: str | Path,
+    lm: LMConfig,
+    env: EnvConfig,
+    seeds: Sequence[int],
+    num_threads: int = 1,
+    examples: int = 3,
+) -> dict[str, Any]:
+    """Greedy multi-turn episodes of ``model_dir`` in the text environment ``env``, one per
+    reset seed, with the same rollout code as the training actors (this process, no Ray).
+
+    Returns:
+        ``{"env", "episodes", "accuracy" (solved fraction, info["is_success"]),
+        "return_mean", "turns_mean", "tool_calls_mean", "truncated_frac", "examples"}``.
+    """
+    from rlft_ray.rollout.generation import GenerationActor
+    from rlft_ray.rollout.multiturn import play
+
+    lm = dataclasses.replace(lm, model=str(model_dir), tokenizer=None, lora=LoRAConfig())
+    actor = GenerationActor(lm, num_threads=num_threads, env=env)
+    batch = play(actor, seed_prompts(seeds), greedy=True)
+    stats = batch.agent
+    metrics = stats.metrics()
+    return {
+        "env": env.id,
+        "episodes": len(stats),
+        "accuracy": float(stats.success.mean()) if len(stats) else 0.0,
+        "return_mean": float(stats.returns.mean()) if len(stats) else 0.0,
+        "turns_mean": metrics["rollout/turns_mean"],
+        "tool_calls_mean": metrics["rollout/tool_calls_mean"],
+        "truncated_frac": metrics["rollout/truncated_frac"],
+        "examples": [
+            {"prompt": p, "episode": c, "return": float(r)}
+            for p, c, r in list(zip(batch.prompts, batch.completions, batch.rewards))[:examples]
+        ],
     }

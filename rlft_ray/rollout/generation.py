@@ -28,12 +28,13 @@ import torch
 from transformers import LogitsProcessorList
 
 from rlft_ray.algorithms.pass_at_k import answer_ids
-from rlft_ray.config import LMConfig, RSFTConfig
+from rlft_ray.config import EnvConfig, LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
-from rlft_ray.rewards import compute_rewards, load_reward_fn
+from rlft_ray.rewards import compute_rewards, compute_rewards_within, load_reward_fn
+from rlft_ray.rollout.multiturn import play
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
@@ -62,6 +63,9 @@ class GenerationActor:
         scorers: Reward-model scorers (Ray actor handles or plain
             :class:`~rlft_ray.rollout.scoring.RewardModelScorer` s) that score completions
             instead of ``lm.reward_fn`` (``lm.reward_model``).
+        env: A text environment (``env`` section): :meth:`sample` then plays multi-turn
+            episodes from the prompts' reset seeds (:func:`~rlft_ray.rollout.multiturn.play`),
+            scored by the environment's rewards instead of ``lm.reward_fn``.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class GenerationActor:
         model_path: str | None = None,
         selection: RSFTConfig | None = None,
         scorers: Sequence[Any] | None = None,
+        env: EnvConfig | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
 
@@ -91,6 +96,7 @@ class GenerationActor:
             self._init_vllm(path, tokenizer_path, seed, num_threads, device)
         else:
             self._init_hf(path, tokenizer_path, model_path is None)
+        self.text_env = env
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -416,7 +422,11 @@ class GenerationActor:
         """
         if self.reward_model is not None:
             return self.reward_model(batch.prompts, batch.completions, batch.prompt_templated)
-        rewards = compute_rewards(self.reward_fn, batch.prompts, batch.completions, batch.metadata)
+        args = (batch.prompts, batch.completions, batch.metadata, self.lm.reward_timeout_s)
+        rewards = compute_rewards_within(self.reward_fn, *args)
+        if rewards is None:  # a hung reward function: scored 0 and counted, the run goes on
+            batch.reward_timeouts += 1
+            return np.zeros(len(batch), dtype=np.float32)
         return np.asarray(rewards, dtype=np.float32)
 
     def select(self, batch: GenerationBatch) -> GenerationBatch:
@@ -462,9 +472,11 @@ class GenerationActor:
         return np.concatenate(out) if out else np.zeros(0)
 
     def sample(self, prompts: Sequence[Prompt]) -> GenerationBatch:
-        """generate -> score -> select: one iteration's completions for these prompts."""
-        batch = self.generate(prompts)
-        batch.rewards = self.score(batch)
+        """generate -> score -> select: one iteration's completions for these prompts (text
+        environment: its multi-turn episodes, scored by their rewards)."""
+        batch = play(self, prompts) if self.text_env is not None else self.generate(prompts)
+        if self.text_env is None:
+            batch.rewards = self.score(batch)
         batch = self.select(batch)
         batch.peak_rss_mb = (peak_rss_mb(),)
         return batch
@@ -500,7 +512,11 @@ class GenerationActor:
     def evaluate(
         self, prompts: Sequence[Prompt], eval_fn: str | None = None
     ) -> tuple[GenerationBatch, np.ndarray]:
-        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores."""
+        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores (text
+        environment: greedy episodes and whether each solved its task, ``is_success``)."""
+        if self.text_env is not None:
+            batch = play(self, prompts, greedy=True)
+            return batch, batch.agent.success.astype(np.float32)
         batch = self.generate(prompts, greedy=True)
         fn = load_reward_fn(eval_fn or self.lm.eval_fn)
         scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
