@@ -73,6 +73,23 @@ def test_versions_rotate_over_the_slots_and_an_overwritten_slot_fails_to_read(
     shared.close()
 
 
+def test_a_borrowed_slot_is_read_in_place_and_a_write_during_the_load_fails(
+    tmp_path: Path,
+) -> None:
+    shared = SharedWeights(tmp_path)
+    slot = shared.write(_weights(1.0), version=1)
+    with slot.borrowed() as views:  # views into the file: no copy
+        assert _equal(views, _weights(1.0))
+        shared.write(_weights(2.0), version=1)  # the same version rewritten: still fine
+        assert _equal(views, _weights(2.0))
+    overwritten = "overwritten while version 1 was loaded"
+    with pytest.raises(StaleWeightsError, match=overwritten), slot.borrowed():
+        shared.write(_weights(1.0), version=1 + SLOTS)  # another version in its slot
+    with pytest.raises(StaleWeightsError, match="holds version 4, not 1"), slot.borrowed():
+        pass
+    shared.close()
+
+
 def test_close_removes_the_file_and_a_dead_learners_file_is_cleaned_up(tmp_path: Path) -> None:
     shared = SharedWeights(tmp_path)
     path = Path(shared.write(_weights(), 0).path)

@@ -100,6 +100,25 @@ def test_logprobs_match_hf_forward_across_weight_updates(
     assert max(gaps) < LOGPROB_TOL, gaps
 
 
+def test_a_shared_slot_loads_without_a_copy_and_the_engine_keeps_its_own(
+    actor: GenerationActor, hf_model: PolicyWithValueHead, tmp_path: Path
+) -> None:
+    """A shared-memory slot is read in place; the reload copies it, so the learner's next
+    write into that slot cannot reach the engine's weights."""
+    from rlft_ray.rollout.shared_weights import SharedWeights
+
+    shared = SharedWeights(tmp_path)
+    try:
+        state = {k: v.detach().clone() for k, v in hf_model.lm.state_dict().items()}
+        state.pop("lm_head.weight")  # the learner publishes a tied head once
+        slot = shared.write(state, 21)
+        assert actor.set_weights(slot, 21) == 21
+        shared.write({k: torch.zeros_like(v) for k, v in state.items()}, 21 + 3)  # same slot
+        assert _gap(hf_model, actor.generate(_prompts(actor))) < LOGPROB_TOL
+    finally:
+        shared.close()
+
+
 def test_greedy_eval_picks_hf_argmax(actor: GenerationActor, hf_model: PolicyWithValueHead) -> None:
     prompts = _prompts(actor)
     state = {k: v.detach().clone() for k, v in hf_model.lm.state_dict().items()}

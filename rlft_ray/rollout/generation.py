@@ -27,14 +27,19 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig, RSFTConfig
-from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
+from rlft_ray.core.torch_utils import (
+    hold_threads,
+    peak_rss_mb,
+    tied_aliases,
+    weights_from_wire,
+)
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
-from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
+from rlft_ray.rollout.shared_weights import SharedSlot, StaleWeightsError
 from rlft_ray.rollout.vllm_setup import special_ids
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
 
@@ -163,14 +168,30 @@ class GenerationActor:
         """Load published policy weights (tensors, numpy arrays or a shared-memory
         :class:`~rlft_ray.rollout.shared_weights.SharedSlot`); returns the version now held.
 
-        Copies straight into the parameters (dtype and device converted on the way). With
-        LoRA the weights are the adapters (merged into fp32 base weights after the copy).
-        With ``lm.backend: vllm`` the engine reloads them in place.
+        Copies straight into the parameters (dtype and device converted on the way); a
+        shared slot's tensors are read in place (no copy first). With LoRA the weights are
+        the adapters (merged into fp32 base weights after the copy). With
+        ``lm.backend: vllm`` the engine reloads them in place.
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
+            StaleWeightsError: The shared slot was overwritten while it was loaded; the
+                actor then holds no known version (its group restores it).
         """
-        weights = received_weights(weights)
+        if isinstance(weights, SharedSlot):
+            try:
+                with weights.borrowed() as views:
+                    self._load(views)
+            except StaleWeightsError:
+                self.policy_version = UNSYNCED_VERSION
+                raise
+        else:
+            self._load(weights_from_wire(weights))
+        self.policy_version = version
+        return version
+
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy published tensors into the sampler (see :meth:`set_weights`)."""
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -188,8 +209,7 @@ class GenerationActor:
                 {**weights, **{a: weights[s] for a, s in self._alias_of.items()}}
             )
         if self.engine is not None:
-            self.policy_version = version
-            return version
+            return
         with torch.no_grad():
             if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
@@ -198,8 +218,6 @@ class GenerationActor:
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True
-        self.policy_version = version
-        return version
 
     def close(self) -> None:
         """Shut the vLLM engine down (frees its KV cache; nothing to do for ``hf``)."""
