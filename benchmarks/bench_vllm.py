@@ -9,6 +9,18 @@ forward of the same weights (the learner's). One JSON line per measurement::
 
     python benchmarks/bench_vllm.py                                  # tiny Llama, fp32 and bf16
     python benchmarks/bench_vllm.py --model /path/to/SmolLM2-135M-Instruct --threads 2
+    python benchmarks/bench_vllm.py --model DIR --only sync          # where a weight sync goes
+    python benchmarks/bench_vllm.py --model DIR --only lora --lora-r 16  # LoRARequest vs merge
+    python benchmarks/bench_vllm.py --model DIR --only grpo --grpo-iterations 3  # iteration time
+
+``--only sync`` splits one weight sync of the vLLM actor into the learner's write to the
+shared-memory slot, the actor's read of it, and the engine's reload, of which the CPU
+backend's oneDNN weight packing. ``--only lora`` compares the two ways a LoRA run could
+feed vLLM: adapters as a ``LoRARequest`` (what ``lm.backend: vllm`` does) against merging
+them into the base weights and reloading those (sync seconds, generation tokens/s; the
+two engines run one after the other, an engine per process at a time). ``--only grpo``
+runs ``examples/chat_grpo.yaml`` on ``--model`` for a few iterations per backend and
+dtype, alternating, and prints the median ``perf/iteration_s`` after the first.
 
 Needs vLLM (README "vLLM backend"). ``--model`` takes any ``save_pretrained``
 directory whose head size vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).
@@ -156,6 +168,183 @@ def run(model_dir: str, name: str, dtype: str, args: argparse.Namespace) -> None
     actors["vllm"].engine.close()
 
 
+def sync_profile(model_dir: str, name: str, dtype: str, args: argparse.Namespace) -> None:
+    """One vLLM actor's weight sync, split: slot write (learner), slot read, engine reload
+    (of which oneDNN packing: ``create_onednn_mm`` timed around each call)."""
+    from vllm import _custom_ops as ops
+
+    from rlft_ray.rollout.shared_weights import SharedWeights
+
+    packing = [0.0]
+    create = ops.create_onednn_mm
+
+    def timed_create(*a, **k):  # the CPU backend packs each linear weight for oneDNN
+        start = time.perf_counter()
+        try:
+            return create(*a, **k)
+        finally:
+            packing[0] += time.perf_counter() - start
+
+    ops.create_onednn_mm = timed_create
+    lm = LMConfig(model=model_dir, dtype=dtype, backend="vllm", max_prompt_tokens=64)
+    actor = GenerationActor(lm, seed=0, num_threads=args.threads)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}  # an fp32 learner's
+    del hf
+    shared = SharedWeights(max_bytes=16 * 2**30)  # the slot file, whatever the model's size
+    try:
+        for version in range(args.repeats):
+            start = time.perf_counter()
+            slot = shared.write(state, version)
+            write_s = time.perf_counter() - start
+            start = time.perf_counter()
+            slot.read()
+            read_s = time.perf_counter() - start
+            packing[0] = 0.0
+            start = time.perf_counter()
+            actor.set_weights(slot, version)  # reads the slot again, then reloads
+            total_s = time.perf_counter() - start
+            emit(
+                {
+                    "model": name,
+                    "dtype": dtype,
+                    "bench": "weight_sync",
+                    "repeat": version,
+                    "slot_write_s": round(write_s, 4),
+                    "slot_read_s": round(read_s, 4),
+                    "set_weights_s": round(total_s, 4),
+                    "reload_s": round(total_s - read_s, 4),
+                    "onednn_pack_s": round(packing[0], 4),
+                    "mb": round(sum(v.numel() * 4 for v in state.values()) / 1e6, 1),
+                }
+            )
+    finally:
+        shared.close()
+        actor.close()
+        ops.create_onednn_mm = create
+
+
+def lora_vs_merge(model_dir: str, name: str, dtype: str, args: argparse.Namespace) -> None:
+    """LoRA adapters served as a ``LoRARequest`` vs merged into the base and reloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from rlft_ray.config import LoRAConfig
+    from rlft_ray.lm.lora import adapter_state, adapter_tensors, apply_lora
+
+    lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r)
+    lm = LMConfig(
+        model=model_dir,
+        dtype=dtype,
+        backend="vllm",
+        temperature=1.0,
+        num_samples=args.samples,
+        max_new_tokens=args.new_tokens,
+        max_prompt_tokens=64,
+        generation_batch_size=args.prompts * args.samples,
+    )
+    peft_model = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), lora).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adapter_tensors(peft_model).values():
+            param.normal_(0.0, 0.02, generator=generator)
+    adapters = adapter_state(peft_model)
+    merged = {
+        k: v.detach().clone()
+        for k, v in peft_model.merge_and_unload().state_dict().items()  # W + (alpha/r) B A
+    }
+    for mode in ("lora_request", "merged"):
+        actor = GenerationActor(
+            dataclasses.replace(lm, lora=lora if mode == "lora_request" else LoRAConfig()),
+            seed=0,
+            num_threads=args.threads,
+        )
+        try:
+            texts = (TEXTS * (args.prompts // len(TEXTS) + 1))[: args.prompts]
+            prompts = [Prompt(t, actor.tokenizer(t)["input_ids"]) for t in texts]
+            syncs = []
+            for version in range(3):
+                start = time.perf_counter()
+                actor.set_weights(adapters if mode == "lora_request" else merged, version)
+                syncs.append(time.perf_counter() - start)
+            actor.generate(prompts[:2], num_samples=2, max_new_tokens=4)  # warm-up
+            rates = []
+            for rep in range(args.repeats):
+                torch.manual_seed(rep)
+                batch = actor.generate(prompts)
+                rates.append(int(batch.response_mask.sum()) / batch.generate_s)
+            emit(
+                {
+                    "model": name,
+                    "dtype": dtype,
+                    "bench": "lora",
+                    "mode": mode,
+                    "lora_r": args.lora_r,
+                    "weight_sync_s": round(statistics.median(syncs), 4),
+                    "tokens_per_s": round(statistics.median(rates), 1),
+                    "sync_mb": round(
+                        sum(
+                            v.numel() * 4
+                            for v in (adapters if mode == "lora_request" else merged).values()
+                        )
+                        / 1e6,
+                        2,
+                    ),
+                }
+            )
+        finally:
+            actor.close()
+
+
+def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Namespace) -> None:
+    """Whole GRPO iterations of ``examples/chat_grpo.yaml`` per backend and dtype,
+    alternating: the median ``perf/iteration_s`` (and its sampling and sync parts) after
+    the first iteration (engine start, warm-up)."""
+    import ray
+
+    from rlft_ray.config import build_config
+    from rlft_ray.run.driver import run_training
+    from rlft_ray.run.metrics import read_metrics
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "chat_grpo.yaml"
+    ray.init(address="local", num_cpus=2, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype in dtypes:
+                for backend in ("hf", "vllm") if dtype == dtypes[0] else ("vllm", "hf"):
+                    cfg = build_config(
+                        example,
+                        [
+                            f"lm.model={model}",
+                            f"lm.dtype={dtype}",
+                            f"lm.backend={backend}",
+                            f"total_iterations={args.grpo_iterations}",
+                            "eval_every=null",
+                            "checkpoint_every=1000",
+                        ],
+                    )
+                    out = Path(tmp) / f"{backend}-{dtype}"
+                    run_training(cfg, out, progress=False, track=False)
+                    rows = read_metrics(out)[1:]
+                    med = {
+                        k: round(statistics.median(r[f"perf/{k}"] for r in rows), 3)
+                        for k in ("iteration_s", "sample_s", "update_s", "weight_sync_s")
+                    }
+                    emit(
+                        {
+                            "model": name,
+                            "dtype": dtype,
+                            "bench": "grpo_iteration",
+                            "backend": backend,
+                            "iterations": len(rows),
+                            **med,
+                        }
+                    )
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="save_pretrained dir (default: tiny Llama)")
@@ -165,6 +354,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4, help="runs per backend, alternating")
     parser.add_argument("--threads", type=int, default=2, help="CPUs of each actor")
+    parser.add_argument(
+        "--only",
+        choices=["generate", "sync", "lora", "grpo"],
+        default=None,
+        help="one measurement (default: generate tokens/s and the short sync figure)",
+    )
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--grpo-iterations", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # stdout stays JSON lines
     from rlft_ray.lm import quiet_transformers
@@ -179,8 +376,12 @@ def main() -> None:
             name = "tiny-llama"
         else:
             model_dir, name = args.model, Path(args.model).name
+        if args.only == "grpo":
+            grpo_iterations(args.model or model_dir, name, args.dtypes, args)
+            return
+        measure = {"sync": sync_profile, "lora": lora_vs_merge}.get(args.only, run)
         for dtype in args.dtypes:
-            run(model_dir, name, dtype, args)
+            measure(model_dir, name, dtype, args)
 
 
 if __name__ == "__main__":

@@ -73,18 +73,34 @@ def test_versions_rotate_over_the_slots_and_an_overwritten_slot_fails_to_read(
     shared.close()
 
 
+def test_a_borrowed_slot_is_read_in_place_and_a_write_during_the_load_fails(
+    tmp_path: Path,
+) -> None:
+    shared = SharedWeights(tmp_path)
+    slot = shared.write(_weights(1.0), version=1)
+    with slot.borrowed() as views:  # views into the file: no copy
+        assert _equal(views, _weights(1.0))
+        shared.write(_weights(2.0), version=1)  # the same version rewritten: still fine
+        assert _equal(views, _weights(2.0))
+    overwritten = "overwritten while version 1 was loaded"
+    with pytest.raises(StaleWeightsError, match=overwritten), slot.borrowed():
+        shared.write(_weights(1.0), version=1 + SLOTS)  # another version in its slot
+    with pytest.raises(StaleWeightsError, match="holds version 4, not 1"), slot.borrowed():
+        pass
+    shared.close()
+
+
 def test_a_synchronous_run_keeps_one_copy_and_a_copy_overwritten_midway_is_caught(
     tmp_path: Path,
 ) -> None:
     shared = SharedWeights(tmp_path, slots=1)
     first = shared.write(_weights(), version=1)
     assert os.path.getsize(first.path) == 64 + 1 * 3 * 64  # one slot: one copy of the model
-    views = first.views()  # what an actor copies from, straight into its parameters
-    assert _equal({k: v.clone() for k, v in views.items()}, _weights())
-    first.verify()  # nothing written since: the copy is whole
-    shared.write(_weights(1.0), version=2)  # the next version lands in the same slot
-    with pytest.raises(StaleWeightsError, match="overwritten while version 1 was read"):
-        first.verify()
+    with first.borrowed() as views:  # nothing written meanwhile: the load is whole
+        assert _equal({k: v.clone() for k, v in views.items()}, _weights())
+    overwritten = "overwritten while version 1 was loaded"
+    with pytest.raises(StaleWeightsError, match=overwritten), first.borrowed():
+        shared.write(_weights(1.0), version=2)  # the next version lands in the same slot
     assert _equal(shared.write(_weights(2.0), version=3).read(), _weights(2.0))
     shared.close()
 

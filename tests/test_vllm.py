@@ -16,42 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from vllm_helpers import LOGPROB_TOL, logprob_gap, tiny_llama, vllm_lm
 
 from rlft_ray.config import ConfigError, LMConfig, LoRAConfig
-from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
-from rlft_ray.lm.tiny import build_tokenizer, make_tiny_model
+from rlft_ray.lm.policy import PolicyWithValueHead
+from rlft_ray.lm.tiny import build_tokenizer
 from rlft_ray.rollout.generation import GenerationActor
-from rlft_ray.types import GenerationBatch, Prompt
+from rlft_ray.types import Prompt
 
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40=", "hello"]
-TEMPERATURE = 0.7
-#: Largest |log-prob gap| allowed between vLLM's record and an HF forward (fp32).
-LOGPROB_TOL = 1e-4
+_lm = vllm_lm
+_gap = logprob_gap
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama whose head size (32) vLLM's CPU attention supports (the
-    conftest's GPT-2 has 16, which it does not)."""
-    return make_tiny_model(
-        tmp_path_factory.mktemp("vllm") / "llama", arch="llama", hidden=64, n_head=2
-    )
-
-
-def _lm(model: Path, **kwargs) -> LMConfig:
-    return LMConfig(
-        **{
-            "model": str(model),
-            "backend": "vllm",
-            "temperature": TEMPERATURE,
-            "max_new_tokens": 12,
-            "num_samples": 4,
-            "max_prompt_tokens": 32,
-            **kwargs,
-        }
-    )
+    return tiny_llama(tmp_path_factory.mktemp("vllm") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +42,7 @@ def actor(llama_dir: Path) -> Iterator[GenerationActor]:
     pytest.importorskip("vllm")
     actor = GenerationActor(_lm(llama_dir), seed=0, num_threads=2)
     yield actor
-    actor.engine.close()
+    actor.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,24 +54,6 @@ def hf_model(llama_dir: Path) -> PolicyWithValueHead:
 
 def _prompts(actor: GenerationActor) -> list[Prompt]:
     return [Prompt(t, actor.tokenizer(t)["input_ids"], {"answer": "3"}) for t in PROMPTS]
-
-
-@torch.no_grad()
-def _hf_logprobs(policy: PolicyWithValueHead, batch: GenerationBatch) -> np.ndarray:
-    out = response_forward(
-        policy,
-        torch.as_tensor(batch.prompt_ids),
-        torch.as_tensor(batch.prompt_mask),
-        torch.as_tensor(batch.response_ids),
-        torch.as_tensor(batch.response_mask),
-        temperature=TEMPERATURE,
-        entropy=False,
-    )
-    return out.logprobs.numpy() * batch.response_mask
-
-
-def _gap(policy: PolicyWithValueHead, batch: GenerationBatch) -> float:
-    return float(np.abs(_hf_logprobs(policy, batch) - batch.logprobs).max())
 
 
 def test_samples_per_prompt_shape_and_eos(actor: GenerationActor) -> None:
@@ -134,6 +98,25 @@ def test_logprobs_match_hf_forward_across_weight_updates(
         gaps.append(_gap(hf_model, after))
         print(f"weight update {version}: {sync_s:.3f} s, log-prob gap {gaps[-1]:.2e}")
     assert max(gaps) < LOGPROB_TOL, gaps
+
+
+def test_a_shared_slot_loads_without_a_copy_and_the_engine_keeps_its_own(
+    actor: GenerationActor, hf_model: PolicyWithValueHead, tmp_path: Path
+) -> None:
+    """A shared-memory slot is read in place; the reload copies it, so the learner's next
+    write into that slot cannot reach the engine's weights."""
+    from rlft_ray.rollout.shared_weights import SharedWeights
+
+    shared = SharedWeights(tmp_path)
+    try:
+        state = {k: v.detach().clone() for k, v in hf_model.lm.state_dict().items()}
+        state.pop("lm_head.weight")  # the learner publishes a tied head once
+        slot = shared.write(state, 21)
+        assert actor.set_weights(slot, 21) == 21
+        shared.write({k: torch.zeros_like(v) for k, v in state.items()}, 21 + 3)  # same slot
+        assert _gap(hf_model, actor.generate(_prompts(actor))) < LOGPROB_TOL
+    finally:
+        shared.close()
 
 
 def test_greedy_eval_picks_hf_argmax(actor: GenerationActor, hf_model: PolicyWithValueHead) -> None:
@@ -203,8 +186,9 @@ def test_config_rejects_what_vllm_cannot_match() -> None:
     assert LMConfig().backend == "hf"
     with pytest.raises(ConfigError, match="top_p"):
         LMConfig(backend="vllm", top_p=0.9)
-    with pytest.raises(ConfigError, match="lora"):
-        LMConfig(backend="vllm", lora=LoRAConfig(r=8))
+    with pytest.raises(ConfigError, match="lora.*512"):
+        LMConfig(backend="vllm", lora=LoRAConfig(r=1024))
+    assert LMConfig(backend="vllm", lora=LoRAConfig(r=8)).lora.r == 8  # served as LoRA
     with pytest.raises(ConfigError, match="vllm_kv_cache_gb"):
         LMConfig(backend="vllm", vllm_kv_cache_gb=0)
     assert LMConfig(backend="hf", top_p=0.9).top_p == 0.9
@@ -215,7 +199,7 @@ def test_bf16_engine_takes_fp32_weights(
 ) -> None:
     """A bf16 engine loads an fp32 learner's weights (cast on the way); its log-probs
     stay within bf16 rounding of the fp32 forward."""
-    actor.engine.close()  # one engine per process at a time: the module's goes (last test)
+    actor.close()  # one engine per process at a time: the module's goes (last test)
     bf16 = GenerationActor(_lm(llama_dir, dtype="bfloat16"), seed=0, num_threads=2)
     try:
         state = {k: v.detach().clone() for k, v in hf_model.lm.state_dict().items()}
@@ -225,4 +209,4 @@ def test_bf16_engine_takes_fp32_weights(
         assert batch.policy_version == 11
         assert _gap(hf_model, batch) < 0.1
     finally:
-        bf16.engine.close()
+        bf16.close()

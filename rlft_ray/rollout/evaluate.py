@@ -47,20 +47,24 @@ def evaluate_model(
     from rlft_ray.lm.prompts import load_prompts, prompts_from_batch
     from rlft_ray.rollout.generation import GenerationActor
 
-    # a LoRA checkpoint's policy/ loads merged: no adapters on top of it
+    # a LoRA checkpoint's policy/ loads merged (hf) or as vLLM LoRA adapters on its base
+    # (vllm): no new adapters on top of it
     lm = dataclasses.replace(lm, model=str(model_dir), tokenizer=None, lora=LoRAConfig())
     actor = GenerationActor(lm, seed=seed, num_threads=num_threads)
-    table, stats = load_prompts(dataset, actor.tokenizer, lm, key="--dataset")
-    prompts = prompts_from_batch(table)
-    if limit is not None:
-        prompts = prompts[:limit]
-    batch, scores = actor.evaluate(prompts)
-    sampled: dict[str, float] = {}
-    if samples > 0:
-        from rlft_ray.algorithms.pass_at_k import sample_metrics
+    try:
+        table, stats = load_prompts(dataset, actor.tokenizer, lm, key="--dataset")
+        prompts = prompts_from_batch(table)
+        if limit is not None:
+            prompts = prompts[:limit]
+        batch, scores = actor.evaluate(prompts)
+        sampled: dict[str, float] = {}
+        if samples > 0:
+            from rlft_ray.algorithms.pass_at_k import sample_metrics
 
-        correct, answers = actor.sample_scores(prompts, samples)
-        sampled = {"samples": samples, **sample_metrics(answers.tolist(), correct)}
+            correct, answers = actor.sample_scores(prompts, samples)
+            sampled = {"samples": samples, **sample_metrics(answers.tolist(), correct)}
+    finally:
+        actor.close()  # a vLLM engine's KV cache goes now, not at exit
     return {
         "dataset": str(dataset),
         "num_prompts": len(prompts),

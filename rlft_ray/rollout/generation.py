@@ -29,7 +29,12 @@ from transformers import LogitsProcessorList
 
 from rlft_ray.algorithms.pass_at_k import answer_ids
 from rlft_ray.config import EnvConfig, LMConfig, RSFTConfig
-from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
+from rlft_ray.core.torch_utils import (
+    hold_threads,
+    peak_rss_mb,
+    tied_aliases,
+    weights_from_wire,
+)
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
@@ -38,7 +43,8 @@ from rlft_ray.rollout.multiturn import play
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
-from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
+from rlft_ray.rollout.shared_weights import SharedSlot, StaleWeightsError
+from rlft_ray.rollout.vllm_setup import special_ids
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
 
 if TYPE_CHECKING:
@@ -93,7 +99,7 @@ class GenerationActor:
         self.engine: VLLMEngine | None = None
         self.lora = self.merge_lora = self.merged = False
         if lm.backend == "vllm":
-            self._init_vllm(path, tokenizer_path, seed, num_threads, device)
+            self._init_vllm(path, tokenizer_path, seed, num_threads, device, model_path is None)
         else:
             self._init_hf(path, tokenizer_path, model_path is None)
         self.text_env = env
@@ -139,82 +145,62 @@ class GenerationActor:
             self._alias_of = tied_aliases(full)
             self._tensors = {k: v for k, v in full.items() if k not in self._alias_of}
         self._tensor_names = set(self._tensors)
-        self._set_special_ids(self.model.generation_config.eos_token_id)
+        self.eos_ids, self.pad_id = special_ids(
+            self.tokenizer, self.model.generation_config.eos_token_id
+        )
         self.max_positions = getattr(
             self.model.config.get_text_config(), "max_position_embeddings", None
         )
 
     def _init_vllm(
-        self, path: str, tokenizer_path: str | None, seed: int, num_threads: int, device: str
+        self,
+        path: str,
+        tokenizer_path: str | None,
+        seed: int,
+        num_threads: int,
+        device: str,
+        from_run: bool,
     ) -> None:
-        """The vLLM sampler (``lm.backend: vllm``): an in-process engine loads ``path``;
-        no transformers copy of the weights is kept (the tensor names ``set_weights``
-        checks come from the config, on the meta device)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        """The vLLM sampler (``lm.backend: vllm``, :func:`~rlft_ray.rollout.vllm_setup.vllm_sampler`):
+        an in-process engine, no transformers copy of the weights."""
+        from rlft_ray.rollout.vllm_setup import vllm_sampler
 
-        from rlft_ray.lm.loading import ensure_pad_token
-        from rlft_ray.rollout.vllm_engine import VLLMEngine
-
+        sampler = vllm_sampler(self.lm, path, tokenizer_path, seed, num_threads, device, from_run)
         self.model = None
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_path or path, trust_remote_code=self.lm.trust_remote_code
-        )
-        ensure_pad_token(self.tokenizer)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=self.lm.trust_remote_code)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=self.lm.trust_remote_code
-            )
-        full = skeleton.state_dict(keep_vars=True)
-        self._alias_of = tied_aliases(full)
-        self._tensor_names = set(full) - set(self._alias_of)
-        del skeleton, full
-        try:
-            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
-        except OSError:  # no generation_config.json
-            gen_eos = config.eos_token_id
-        self._set_special_ids(gen_eos)
-        text_config = config.get_text_config()
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        self.engine = VLLMEngine(
-            self.lm,
-            path,
-            self.eos_ids,
-            self.pad_id,
-            text_config,
-            tokenizer_path=tokenizer_path,
-            seed=seed,
-            num_threads=num_threads,
-            device=device,
-        )
-
-    def _set_special_ids(self, gen_eos: int | list[int] | None) -> None:
-        """``eos_ids`` (the generation config's and the tokenizer's) and ``pad_id``."""
-        eos = set(
-            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-        )
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos)
-        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.tokenizer, self.engine, self.lora = sampler.tokenizer, sampler.engine, sampler.lora
+        self._tensor_names, self._alias_of = sampler.tensor_names, sampler.alias_of
+        self.eos_ids, self.pad_id = sampler.eos_ids, sampler.pad_id
+        self.max_positions = sampler.max_positions
 
     # -- weights ------------------------------------------------------------------------
     def set_weights(self, weights: dict[str, Any] | SharedSlot, version: int) -> int:
         """Load published policy weights (tensors, numpy arrays or a shared-memory
         :class:`~rlft_ray.rollout.shared_weights.SharedSlot`); returns the version now held.
 
-        Copies straight into the parameters (dtype and device converted on the way). With
-        LoRA the weights are the adapters (merged into fp32 base weights after the copy).
-        With ``lm.backend: vllm`` the engine reloads them in place.
+        Copies straight into the parameters (dtype and device converted on the way); a
+        shared slot's tensors are read in place (no copy first). With LoRA the weights are
+        the adapters (merged into fp32 base weights after the copy). With
+        ``lm.backend: vllm`` the engine reloads them in place.
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
+            StaleWeightsError: The shared slot was overwritten while it was loaded; the
+                actor then holds no known version (its group restores it).
         """
-        slot = weights if isinstance(weights, SharedSlot) else None
-        # a shared slot is copied straight from the file into the model (no clone of a
-        # real model's 0.5 GB), then checked not to have been overwritten meanwhile
-        weights = slot.views() if slot is not None else received_weights(weights)
-        self.policy_version = UNSYNCED_VERSION  # until the copy is complete and verified
+        if isinstance(weights, SharedSlot):
+            try:
+                with weights.borrowed() as views:
+                    self._load(views)
+            except StaleWeightsError:
+                self.policy_version = UNSYNCED_VERSION
+                raise
+        else:
+            self._load(weights_from_wire(weights))
+        self.policy_version = version
+        return version
+
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy published tensors into the sampler (see :meth:`set_weights`)."""
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -225,14 +211,14 @@ class GenerationActor:
             raise KeyError(
                 f"published weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
             )
-        if self.engine is not None:  # vLLM repacks every tensor: the tied head is sent too
+        if self.engine is not None and self.lora:  # a new LoRARequest, base unchanged
+            self.engine.load_adapters(weights, self.lm.lora.alpha)
+        elif self.engine is not None:  # vLLM repacks every tensor: the tied head is sent too
             self.engine.load_weights(
                 {**weights, **{a: weights[s] for a, s in self._alias_of.items()}}
             )
-            if slot is not None:
-                slot.verify()
-            self.policy_version = version
-            return version
+        if self.engine is not None:
+            return
         with torch.no_grad():
             if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
@@ -241,10 +227,11 @@ class GenerationActor:
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True
-        if slot is not None:
-            slot.verify()  # StaleWeightsError: the group restores this actor with the weights
-        self.policy_version = version
-        return version
+
+    def close(self) -> None:
+        """Shut the vLLM engine down (frees its KV cache; nothing to do for ``hf``)."""
+        if self.engine is not None:
+            self.engine.close()
 
     def get_version(self) -> int:
         """The policy version this actor samples with."""

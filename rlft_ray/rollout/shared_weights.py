@@ -14,8 +14,10 @@ weights themselves) instead of loading a mix of two policies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,26 +110,26 @@ class SharedSlot:
         buf = _mapped(self.path, _file_bytes(self.slot_bytes, self.slots))
         return (buf, *_slot(buf, self.version, self.slot_bytes, self.slots))
 
-    def views(self) -> dict[str, torch.Tensor]:
-        """The slot's tensors as views into the shared file (no copy): copy them where
-        they go, then call :meth:`verify`.
+    @contextlib.contextmanager
+    def borrowed(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The slot's tensors as views into the mapped file, without :meth:`read`'s copy,
+        for a reader that copies them itself (into a model's parameters, an engine's
+        reload): no 0.5 GB clone of a real model. Hold the views only inside the block.
 
         Raises:
-            StaleWeightsError: The slot does not hold :attr:`version`.
+            StaleWeightsError: The slot does not hold :attr:`version` before the block, or
+                was overwritten while it ran (what was loaded is then a mix of two versions).
         """
-        buf, header, slot, base = self._header()
+        buf = _mapped(self.path, _file_bytes(self.slot_bytes, self.slots))
+        header, slot, base = _slot(buf, self.version, self.slot_bytes, self.slots)
         if int(header[slot]) != self.version:
             raise StaleWeightsError(
                 f"slot {slot} holds version {int(header[slot])}, not {self.version}"
             )
-        return _views(buf, base, self.layout)
-
-    def verify(self) -> None:
-        """Raise :class:`StaleWeightsError` if the slot was overwritten since :meth:`views`."""
-        _, header, slot, _ = self._header()
+        yield _views(buf, base, self.layout)
         if int(header[slot]) != self.version:
             raise StaleWeightsError(
-                f"slot {slot} was overwritten while version {self.version} was read"
+                f"slot {slot} was overwritten while version {self.version} was loaded"
             )
 
     def read(self) -> dict[str, torch.Tensor]:
@@ -136,9 +138,8 @@ class SharedSlot:
         Raises:
             StaleWeightsError: The slot does not hold :attr:`version` (before or after the copy).
         """
-        out = {name: view.clone() for name, view in self.views().items()}
-        self.verify()
-        return out
+        with self.borrowed() as views:
+            return {name: view.clone() for name, view in views.items()}
 
 
 def received_weights(weights: Any) -> dict[str, torch.Tensor]:

@@ -15,14 +15,20 @@ Weights are replaced in place (:meth:`VLLMEngine.load_weights`): the worker's ow
 ``reload_weights`` runs on the published state dict through a ``worker_extension_cls``
 and ``collective_rpc`` (the CPU backend repacks linear weights for oneDNN, so copying
 into the model's parameters directly would not work), then the prefix cache is dropped.
+With LoRA (``lm.lora.r > 0``) the base weights never change: the engine is built with
+``enable_lora`` and each published set of adapters becomes a new ``LoRARequest``
+(:meth:`VLLMEngine.load_adapters`: written as a ``peft`` adapter directory to a temporary
+directory, loaded by vLLM, the directory removed) that every later request names.
 
 vLLM is imported only when an engine is built; this module imports without it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +47,9 @@ INSTALL_HINT = (
     "`import vllm` on CPU). On a GPU machine: pip install 'rlft-ray[vllm]'. Or set "
     "lm.backend=hf."
 )
+
+#: LoRA ranks vLLM can reserve adapter room for (``max_lora_rank``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 #: Smallest KV cache the engine gets (GiB) when ``lm.vllm_kv_cache_gb`` is not set.
 MIN_KV_CACHE_GB = 0.0625
@@ -156,9 +165,12 @@ class VLLMEngine:
         seed: vLLM's sampling seed.
         num_threads: CPUs the actor holds (torch threads of the engine on CPU).
         device: ``"cpu"`` or ``"cuda"``.
+        lora_rank: Rank of the LoRA adapters the engine will serve (0: none, the
+            published weights are full state dicts).
 
     Raises:
         ImportError: vLLM is not installed (the message says how to install it).
+        ValueError: ``lora_rank`` above the largest rank vLLM supports (512).
     """
 
     def __init__(
@@ -172,6 +184,7 @@ class VLLMEngine:
         seed: int = 0,
         num_threads: int = 1,
         device: str = "cpu",
+        lora_rank: int = 0,
     ) -> None:
         set_engine_env(num_threads, device)
         vllm = import_vllm()
@@ -184,6 +197,17 @@ class VLLMEngine:
         if self.max_positions is not None:
             max_model_len = min(max_model_len, self.max_positions)
         self.max_model_len = max_model_len
+        lora_kwargs: dict[str, Any] = {}
+        if lora_rank > 0:  # room for the one adapter set that is the policy (and the next)
+            lora_kwargs = {
+                "enable_lora": True,
+                "max_lora_rank": lora_capacity(lora_rank),
+                "max_loras": 1,
+                "max_cpu_loras": 2,
+            }
+        self.lora_rank = lora_rank
+        self.lora_request: Any = None  # the adapters every request names (None: base model)
+        self._lora_ids = 0
         self.llm = vllm.LLM(
             model=model_path,
             tokenizer=tokenizer_path or model_path,
@@ -198,6 +222,7 @@ class VLLMEngine:
             generation_config="vllm",  # not the checkpoint's sampling defaults
             worker_extension_cls=f"{__name__}.{WeightReloadExtension.__name__}",
             disable_log_stats=True,
+            **lora_kwargs,
         )
         self._sampling_params = vllm.SamplingParams
         self.closed = False
@@ -207,11 +232,13 @@ class VLLMEngine:
         if not any(isinstance(f, _QuietRotaryReload) for f in reload_logger.filters):
             reload_logger.addFilter(_QuietRotaryReload())
 
-    def _params(self, n: int, greedy: bool, max_tokens: int) -> Any:
+    def _params(self, n: int, greedy: bool, max_tokens: int, seed: int) -> Any:
         """SamplingParams of one prompt: the temperature-scaled policy (top-k off, no
-        penalties), or argmax decoding; stop at EOS, which stays in the output."""
+        penalties), or argmax decoding; stop at EOS, which stays in the output. ``seed``
+        seeds the prompt's sampling (its ``n`` completions take ``seed + i``)."""
         common = {
             "n": n,
+            "seed": seed,
             "max_tokens": max_tokens,
             "stop_token_ids": self.eos_ids,
             "detokenize": False,
@@ -229,7 +256,9 @@ class VLLMEngine:
         """``n`` completions of each token-id prompt (greedy: ``n`` must be 1).
 
         Every prompt gets at most ``max_new_tokens`` new tokens, fewer where the model's
-        positions run out (as the HF sampler does).
+        positions run out (as the HF sampler does). Sampling is seeded from torch's global
+        RNG (one draw per call), so ``torch.manual_seed`` makes it reproducible, as with
+        the HF sampler, whichever other requests share the engine's batch.
 
         Raises:
             ValueError: A prompt leaves no room in the model's positions.
@@ -237,7 +266,8 @@ class VLLMEngine:
         if greedy and n != 1:
             raise ValueError(f"greedy decoding gives one completion per prompt (n={n})")
         requests, params = [], []
-        for ids in prompt_ids:
+        base_seed = int(torch.randint(0, 2**30, ()))
+        for i, ids in enumerate(prompt_ids):
             room = self.max_model_len - len(ids)
             if room < 1:
                 raise ValueError(
@@ -245,8 +275,10 @@ class VLLMEngine:
                     f"{self.max_model_len} positions"
                 )
             requests.append({"prompt_token_ids": list(ids)})
-            params.append(self._params(n, greedy, min(max_new_tokens, room)))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+            params.append(self._params(n, greedy, min(max_new_tokens, room), base_seed + i * n))
+        outputs = self.llm.generate(
+            requests, params, use_tqdm=False, lora_request=self.lora_request
+        )
         rows: list[list[int]] = []
         row_logprobs: list[list[float]] = []
         for request in outputs:  # in prompt order
@@ -287,6 +319,39 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
+    def load_adapters(self, adapters: Mapping[str, torch.Tensor], alpha: float) -> float:
+        """Serve new LoRA adapters (``peft`` parameter names, as the learner publishes
+        them) on the unchanged base weights; returns seconds.
+
+        They are written as a ``peft`` adapter directory to a temporary directory, which
+        vLLM reads into memory when the adapter is added; the directory is removed
+        right after (nothing stays on disk).
+        """
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="rlft_ray_lora_") as tmp:
+            write_adapter_dir(tmp, adapters, alpha)
+            self.load_adapter_dir(tmp)
+        return time.perf_counter() - start
+
+    def load_adapter_dir(self, path: str | os.PathLike[str]) -> None:
+        """Serve the adapters of a ``peft`` adapter directory (a LoRA checkpoint's
+        ``policy/``) from now on; the previous ones are dropped, the prefix cache too.
+
+        Raises:
+            RuntimeError: The engine was built without LoRA (``lora_rank=0``).
+        """
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_rank:
+            raise RuntimeError("this engine was built without LoRA (lora_rank=0)")
+        self._lora_ids += 1  # a new id: vLLM caches adapters by id
+        request = LoRARequest(f"policy-{self._lora_ids}", self._lora_ids, os.fspath(path))
+        self.llm.llm_engine.add_lora(request)
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+        self.lora_request = request
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         """Shut the engine down (frees its KV cache); later calls do nothing."""
         if self.closed:
@@ -308,3 +373,61 @@ def _checkpoint_tensors(
         embed = next((v for k, v in weights.items() if k.endswith("embed_tokens.weight")), None)
         if embed is not None:
             yield "lm_head.weight", torch.as_tensor(embed)
+
+
+def lora_capacity(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds adapters of ``rank``.
+
+    Raises:
+        ValueError: ``rank`` above :data:`VLLM_LORA_RANKS`' largest.
+    """
+    for capacity in VLLM_LORA_RANKS:
+        if capacity >= rank:
+            return capacity
+    raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, not {rank}")
+
+
+def write_adapter_dir(
+    directory: str | os.PathLike[str], adapters: Mapping[str, torch.Tensor], alpha: float
+) -> None:
+    """Write adapters as ``peft`` saves them: ``adapter_model.safetensors`` (names without
+    the adapter name: ``...q_proj.lora_A.weight``) and ``adapter_config.json`` (rank,
+    alpha and the adapted modules, read off the tensors).
+
+    Args:
+        directory: An existing directory.
+        adapters: ``peft`` parameter names (``...q_proj.lora_A.default.weight``) -> tensors.
+        alpha: ``lm.lora.alpha`` (the update is ``(alpha / r) B A x``).
+
+    Raises:
+        ValueError: No LoRA tensor among ``adapters``.
+    """
+    from safetensors.torch import save_file
+
+    from rlft_ray.lm.lora import ADAPTER_CONFIG, ADAPTER_NAME, ADAPTER_WEIGHTS, LORA_MARK
+
+    tensors, modules, rank = {}, set(), None
+    for name, value in adapters.items():
+        if LORA_MARK not in name:
+            continue
+        module, _, kind = name.partition(LORA_MARK)  # kind: "A.default.weight"
+        modules.add(module.rsplit(".", 1)[-1])
+        kind = kind.replace(f".{ADAPTER_NAME}.", ".")
+        value = torch.as_tensor(value).detach().contiguous()
+        tensors[f"{module}{LORA_MARK}{kind}"] = value
+        if kind.startswith("A."):
+            rank = value.shape[0]
+    if rank is None:
+        raise ValueError("no LoRA tensor (name with .lora_A.) among the published adapters")
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": int(rank),
+        "lora_alpha": float(alpha),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(modules),
+    }
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f)
