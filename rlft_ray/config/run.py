@@ -10,6 +10,7 @@ from rlft_ray.config.errors import require
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rllib import RLlibConfig
 
 #: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
 #: each). Each is also the name of the section holding its hyperparameters.
@@ -179,6 +180,7 @@ class RunConfig:
         dpo: Offline DPO / IPO / cDPO from ``lm.pairs`` (``algo == "dpo"``).
         online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
         reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
+        rllib: An RLlib algorithm and its ``AlgorithmConfig`` settings (``algo == "rllib"``).
         resources: Cluster resources.
         tracking: Metric sinks besides ``metrics.jsonl`` (TensorBoard).
         total_env_steps: Stop after this many environment steps (for LM algorithms a
@@ -231,6 +233,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rllib: RLlibConfig = field(default_factory=RLlibConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     total_env_steps: int = 200_000
