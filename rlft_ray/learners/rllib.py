@@ -197,7 +197,9 @@ class RLlibLearner(Learner):
         )
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
-        raise TypeError("algo: rllib runs RLlib's Algorithm (rlft_ray.run.rllib_run), not a Learner")
+        raise TypeError(
+            "algo: rllib runs RLlib's Algorithm (rlft_ray.run.rllib_run), not a Learner"
+        )
 
     def modules(self) -> dict[str, nn.Module]:  # pragma: no cover - never instantiated
         return {}

@@ -127,7 +127,10 @@ def _layers(weights: dict[str, np.ndarray], prefix: str) -> list[tuple[np.ndarra
     """The ``(weight, bias)`` pairs of the MLP under ``prefix`` (``{prefix}.net.mlp.{i}``)."""
     pattern = re.compile(rf"^{re.escape(prefix)}\.net\.mlp\.(\d+)\.weight$")
     idx = sorted(int(m.group(1)) for k in weights if (m := pattern.match(k)))
-    return [(weights[f"{prefix}.net.mlp.{i}.weight"], weights[f"{prefix}.net.mlp.{i}.bias"]) for i in idx]
+    return [
+        (weights[f"{prefix}.net.mlp.{i}.weight"], weights[f"{prefix}.net.mlp.{i}.bias"])
+        for i in idx
+    ]
 
 
 def _check_model_config(model_config: dict[str, Any], where: str) -> None:
@@ -187,8 +190,12 @@ def rllib_state_for(policy: nn.Module, path: str | Path) -> dict[str, torch.Tens
     if isinstance(policy, QNetwork):
         if "af.net.mlp.0.weight" not in w:
             raise CheckpointError(f"{where}: not a DQN module; algo: dqn starts from an RLlib DQN")
-        if int(model_config.get("num_atoms", 1)) > 1 or any("noisy" in k or "sigma" in k for k in w):
-            raise CheckpointError(f"{where}: a distributional or noisy DQN does not map onto a Q-network")
+        if int(model_config.get("num_atoms", 1)) > 1 or any(
+            "noisy" in k or "sigma" in k for k in w
+        ):
+            raise CheckpointError(
+                f"{where}: a distributional or noisy DQN does not map onto a Q-network"
+            )
         head = _layers(w, "af")
         if "vf.net.mlp.0.weight" in w:  # dueling: fold V and the mean advantage into Q
             head = [dueling_fold(head[-1], _layers(w, "vf")[-1])]
@@ -216,7 +223,9 @@ def rllib_state_for(policy: nn.Module, path: str | Path) -> dict[str, torch.Tens
             state = _sequential(_layers(w, "pi_encoder") + _layers(w, "pi"), "actor")
             state |= {k: v for k, v in own.items() if k.startswith("critic.")}
         else:
-            raise CheckpointError(f"{where}: not a PPO/APPO/IMPALA or SAC module (keys {sorted(w)[:4]})")
+            raise CheckpointError(
+                f"{where}: not a PPO/APPO/IMPALA or SAC module (keys {sorted(w)[:4]})"
+            )
     else:
         raise CheckpointError(f"{where}: this run's {type(policy).__name__} takes no RLlib weights")
     _check_shapes(state, own, where)
@@ -302,7 +311,9 @@ def rllib_keys(policy: nn.Module) -> dict[str, torch.Tensor]:
         return out
 
     if isinstance(policy, ActorCritic):
-        out = mlp("actor", "encoder.actor_encoder", "pi") | mlp("critic", "encoder.critic_encoder", "vf")
+        out = mlp("actor", "encoder.actor_encoder", "pi") | mlp(
+            "critic", "encoder.critic_encoder", "vf"
+        )
         if "log_std" in own:
             out["pi.log_std"] = own["log_std"]
         return out

@@ -67,9 +67,9 @@ def is_multi_agent(env: Any) -> bool:
 
 
 def agent_ids(env: MultiAgentEnv) -> list[str]:
-    """A multi-agent env's agents (``possible_agents``, else ``agents``), as strings."""
+    """A multi-agent env's agents (``possible_agents``, else ``agents``), as sorted strings."""
     agents = list(getattr(env, "possible_agents", None) or getattr(env, "agents", []))
-    return [str(a) for a in agents]
+    return sorted(str(a) for a in agents)
 
 
 def shared_policy(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:

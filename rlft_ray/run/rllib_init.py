@@ -43,7 +43,9 @@ def _source_module(cfg: RunConfig, env: EnvInfo) -> Iterator[Path]:
         return
     state = ckpt.read_state(path)  # an rlft-ray checkpoint, or an error naming the path
     src_cfg = ckpt.load_config_from_checkpoint(path)
-    policy = get_learner_cls(state["algo"]).make_policy(src_cfg, Spaces(env.observation, env.action))
+    policy = get_learner_cls(state["algo"]).make_policy(
+        src_cfg, Spaces(env.observation, env.action)
+    )
     ckpt.load_modules(path, {"policy": policy}, names=["policy"])
     with tempfile.TemporaryDirectory(prefix="rlft_to_rllib_") as tmp:
         export_rllib_module(policy, env.observation, env.action, Path(tmp) / "module")
@@ -64,7 +66,9 @@ def check_init_from(cfg: RunConfig, env: EnvInfo, algo_config: Any) -> None:
         cls_name, _, weights = read_rllib_module(src)
     theirs = {k: tuple(v.shape) for k, v in weights.items()}
     missing = sorted(set(own) - set(theirs))
-    shapes = [f"{k} {theirs[k]} there, {own[k]} here" for k in own if k in theirs and own[k] != theirs[k]]
+    shapes = [
+        f"{k} {theirs[k]} there, {own[k]} here" for k in own if k in theirs and own[k] != theirs[k]
+    ]
     if missing or shapes:
         raise CheckpointError(
             f"init_from {cfg.init_from} ({cls_name}) does not fit RLlib "

@@ -62,7 +62,10 @@ def result_row(result: dict[str, Any]) -> dict[str, float]:
         if (number := _number(value)) is not None:
             row[f"rollout/agent_return_mean/{agent}"] = number
     evaluation = (result.get("evaluation") or {}).get("env_runners") or {}
-    for src, dest in (("episode_return_mean", "eval/return_mean"), ("success_rate", "eval/success_rate")):
+    for src, dest in (
+        ("episode_return_mean", "eval/return_mean"),
+        ("success_rate", "eval/success_rate"),
+    ):
         if (value := _number(evaluation.get(src))) is not None:
             row[dest] = value
     learners = {k: v for k, v in (result.get("learners") or {}).items() if k != "__all_modules__"}

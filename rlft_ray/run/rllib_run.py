@@ -35,7 +35,6 @@ from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import TaskProbe
 from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.learners.rllib import EnvInfo, build_algorithm_config
-from rlft_ray.learners.rllib_ckpt import module_dir
 from rlft_ray.run.attempts import Interrupt, RunSignals
 from rlft_ray.run.callback import RunDirCallback
 from rlft_ray.run.lock import RunDirLock, remove_temp_files
@@ -250,9 +249,13 @@ class _Loop:
             c = self.counters
             c.iteration += 1
             c.policy_version = c.iteration
-            c.env_steps = self.base.counters.env_steps + env_steps_lifetime(result) - self.base.steps_lifetime
+            c.env_steps = (
+                self.base.counters.env_steps + env_steps_lifetime(result) - self.base.steps_lifetime
+            )
             c.episodes = (
-                self.base.counters.episodes + episodes_lifetime(result) - self.base.episodes_lifetime
+                self.base.counters.episodes
+                + episodes_lifetime(result)
+                - self.base.episodes_lifetime
             )
             c.wall_s = time.perf_counter() - clock_start
             row = result_row(result)
