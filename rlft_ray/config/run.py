@@ -192,7 +192,9 @@ class RunConfig:
         stop_success_rate: Stop early once the success rate (``info["is_success"]``) of
             the last 20 episodes reaches it.
         seed: Seeds torch, numpy, python and the environments.
-        init_from: A checkpoint directory whose policy (and Q-network) to start from.
+        init_from: A checkpoint directory whose policy (and Q-network) to start from; for
+            gym policies and ``algo: rllib`` also an RLlib checkpoint of a single-agent
+            PPO / DQN / SAC RLModule with the default MLP encoders (mapped layer by layer).
         checkpoint_every: Iterations between checkpoints (the last one is always saved).
         keep_checkpoints: Ray Train checkpoints kept (the best is kept on top of these).
         report_interval_s: Seconds between metric reports to Ray Train (each report
