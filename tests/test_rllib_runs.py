@@ -53,6 +53,9 @@ def test_rllib_ppo_run_resume_and_init_from_both_ways(tmp_path) -> None:
     assert rows[-1]["counters/env_steps"] == 1200.0
     assert rows[-1]["counters/episodes"] > rows[1]["counters/episodes"]
 
+    # rlft-ray eval builds the module from the run's config and reads the weights as data
+    assert main(["eval", str(run / "checkpoint_last"), "--episodes", "2"]) == 0
+
     # our PPO starts from RLlib's module (mapped onto the actor-critic) ...
     ours = tmp_path / "ours"
     _train(

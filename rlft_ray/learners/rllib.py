@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
 
 
 def require_rllib() -> None:
@@ -168,6 +170,47 @@ def build_algorithm_config(cfg: RunConfig, env: EnvInfo) -> Any:
     return algo_config
 
 
+class RLModuleActor:
+    """An RLlib RLModule behind the ``act(obs, deterministic)`` interface of our policies
+    (what :func:`~rlft_ray.rollout.env_runner.evaluate_policy` calls).
+
+    Args:
+        module: The RLModule.
+        action_space: The env's action space.
+        normalized: RLlib's ``normalize_actions``: Box actions come out in ``[-1, 1]`` and
+            are mapped onto the space's bounds.
+    """
+
+    def __init__(self, module: Any, action_space: gym.Space, normalized: bool) -> None:
+        self.module, self.space, self.normalized = module, action_space, normalized
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = True) -> tuple[torch.Tensor, ...]:
+        """``[B]`` / ``[B, A]`` actions (greedy or sampled); zeros for log-probs and values."""
+        m = self.module
+        out = (
+            m.forward_inference({"obs": obs})
+            if deterministic
+            else m.forward_exploration({"obs": obs})
+        )
+        if "actions" in out:
+            actions = out["actions"]
+        else:
+            dist_cls = (
+                m.get_inference_action_dist_cls()
+                if deterministic
+                else m.get_exploration_action_dist_cls()
+            )
+            dist = dist_cls.from_logits(out["action_dist_inputs"])
+            actions = (dist.to_deterministic() if deterministic else dist).sample()
+        if isinstance(self.space, gym.spaces.Box) and self.normalized:
+            low = torch.as_tensor(self.space.low, dtype=torch.float32)
+            high = torch.as_tensor(self.space.high, dtype=torch.float32)
+            actions = low + (actions.clamp(-1.0, 1.0) + 1.0) * (high - low) / 2.0
+        zeros = torch.zeros(obs.shape[0])
+        return actions, zeros, zeros
+
+
 class RLlibLearner(Learner):
     """``algo: rllib`` for the driver: probes the env and checks the RLlib config; the
     training itself is RLlib's ``Algorithm`` (:mod:`rlft_ray.run.rllib_run`)."""
@@ -190,11 +233,52 @@ class RLlibLearner(Learner):
 
     @classmethod
     def make_policy(cls, cfg: RunConfig, spaces: Spaces) -> nn.Module:
-        raise TypeError(
-            "algo: rllib acts with RLlib's RLModule (checkpoint_*/rllib); export a gym "
-            "policy with `rlft-ray export --format rllib`, or start algo: ppo / dqn from it "
-            "with init_from"
+        raise ConfigError(
+            "algo",
+            "algo: rllib acts with RLlib's RLModule (checkpoint_*/rllib); start algo: ppo / "
+            "dqn from it with init_from, or evaluate it with `rlft-ray eval`",
         )
+
+    @classmethod
+    def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
+        """``rlft-ray eval`` of a single-agent ``algo: rllib`` checkpoint: the module is built
+        from the run's config and its weights read as data (no pickled code runs)."""
+        import numpy as np
+
+        from rlft_ray.learners.rllib_ckpt import read_rllib_module
+        from rlft_ray.rollout.env_runner import evaluate_policy
+
+        require_rllib()
+        env = probe_env(cfg)
+        if env.multi_agent:
+            raise ConfigError("checkpoint", "rlft-ray eval runs single-agent policies")
+        algo_config = build_algorithm_config(cfg, env)
+        spec = algo_config.get_rl_module_spec(
+            spaces={"default_policy": (env.observation, env.action)}, inference_only=False
+        )
+        module = spec.build()
+        _, _, weights = read_rllib_module(checkpoint)
+        missing = sorted(set(module.state_dict()) - set(weights))
+        if missing:
+            raise ConfigError("checkpoint", f"{checkpoint}: its module lacks {missing[:4]}")
+        module.load_state_dict({k: torch.as_tensor(weights[k]) for k in module.state_dict()})
+        module.eval()
+        actor = RLModuleActor(module, env.action, bool(algo_config.normalize_actions))
+        stats = evaluate_policy(
+            actor, cfg.env, opts.episodes, opts.seed, deterministic=not opts.stochastic
+        )
+        result: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "env": cfg.env.id,
+            "rllib_algorithm": cfg.rllib.algorithm,
+            "episodes": opts.episodes,
+            "episode_return_mean": float(np.mean(stats.returns)),
+            "episode_return_std": float(np.std(stats.returns)),
+            "episode_len_mean": float(np.mean(stats.lengths)),
+        }
+        if stats.successes:
+            result["success_rate"] = float(np.mean(stats.successes))
+        return result
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         raise TypeError(
