@@ -71,12 +71,16 @@ def steps_to(out: Path, bar: float | None) -> int | None:
     return None
 
 
-def finetune(root: Path, seed: int, changed: list[str], budget: int) -> None:
+def finetune(
+    root: Path, seed: int, changed: list[str], budget: int, pretrained: Path | None = None
+) -> None:
     env = ["env.id=rlft/CartPole-v1"]
     common = [f"seed={seed}", f"stop_return={BAR}", f"total_env_steps={budget}"]
-    base = train(RLLIB_PPO, [*env, *common], root / "rllib_base")
-    emit({"bench": "rllib_pretrain", "seed": seed, **_brief(base)})
-    init = f"init_from={base['output_dir'] if 'output_dir' in base else root / 'rllib_base'}/checkpoint_last"
+    if pretrained is None:  # RLlib's PPO on the default physics, to the bar
+        base = train(RLLIB_PPO, [*env, *common], root / "rllib_base")
+        emit({"bench": "rllib_pretrain", "seed": seed, **_brief(base)})
+        pretrained = root / "rllib_base" / "checkpoint_last"
+    init = f"init_from={pretrained}"
     for algo, config, extra in (
         ("ours_ppo", OUR_PPO, OUR_PPO_FITS),
         ("rllib_ppo", RLLIB_PPO, []),
@@ -134,10 +138,11 @@ def sac(root: Path, seed: int, budget: int) -> None:
     )
 
 
-def multi(root: Path, seed: int, budget: int) -> None:
+def multi(root: Path, seed: int, budget: int, time_limit: float | None = None) -> None:
+    limit = [f"time_limit_s={time_limit}"] if time_limit else []
     out = train(
         "examples/multi_nav_rllib_ppo.yaml",
-        [f"seed={seed}", f"total_env_steps={budget}", "stop_success_rate=0.9"],
+        [f"seed={seed}", f"total_env_steps={budget}", "stop_success_rate=0.9", *limit],
         root / "multi",
     )
     rate = out["success_rate"]
@@ -159,15 +164,12 @@ def multi(root: Path, seed: int, budget: int) -> None:
     )
 
 
-def overhead(root: Path, seed: int, bar: float, budget: int) -> None:
-    """Bare RLlib vs the same config through rlft-ray, to the same return, one Ray instance."""
-    from rlft_ray.learners.rllib import build_algorithm_config, probe_env
-    from rlft_ray.run.ray_session import init_ray
+def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | None]:
+    """The run's RLlib config trained by a plain ``Algorithm.train()`` loop to ``bar``:
+    (wall seconds from building the algorithm, env steps, return)."""
+    from rlft_ray.learners.rllib import probe_env
     from rlft_ray.run.rllib_run import _algo_config
 
-    overrides = [f"seed={seed}", f"stop_return={bar}", f"total_env_steps={budget}"]
-    cfg = build_config(ROOT / RLLIB_PPO, overrides)
-    init_ray(None)
     start = time.perf_counter()
     algo = _algo_config(cfg, probe_env(cfg)).build_algo()
     steps, ret = 0, None
@@ -179,25 +181,37 @@ def overhead(root: Path, seed: int, bar: float, budget: int) -> None:
         if ret is not None and ret >= bar and runners.get("num_episodes_lifetime", 0) >= 20:
             break
     algo.stop()
-    bare_s = time.perf_counter() - start
+    return time.perf_counter() - start, steps, ret
+
+
+def overhead(root: Path, seed: int, bar: float, budget: int) -> None:
+    """Bare RLlib vs the same config through rlft-ray, to the same return, on one Ray
+    instance, in the order bare, rlft-ray, bare (the first run also pays for lazy imports)."""
+    from rlft_ray.run.ray_session import init_ray
+
+    overrides = [f"seed={seed}", f"stop_return={bar}", f"total_env_steps={budget}"]
+    cfg = build_config(ROOT / RLLIB_PPO, overrides)
+    init_ray(None)
+    first_s, steps, ret = bare_rllib(cfg, bar, budget)
     ours = train(RLLIB_PPO, overrides, root / "overhead_rlft")
+    second_s, _, _ = bare_rllib(cfg, bar, budget)
+    bare_s = min(first_s, second_s)
     emit(
         {
             "bench": "rllib_overhead",
             "seed": seed,
             "bar": bar,
-            "bare_wall_s": round(bare_s, 2),
+            "bare_wall_s": [round(first_s, 2), round(second_s, 2)],
             "bare_env_steps": steps,
             "bare_return": ret,
             "rlft_wall_s": ours["run_wall_s"],
             "rlft_env_steps": ours["env_steps"],
             "rlft_return": ours["episode_return_mean"],
-            "ratio": round(ours["run_wall_s"] / bare_s, 3),
+            "ratio_vs_faster_bare": round(ours["run_wall_s"] / bare_s, 3),
             "target_ratio": 1.1,
             "met": ours["run_wall_s"] <= 1.1 * bare_s,
         }
     )
-    del build_algorithm_config  # the same builder run_training uses (imported for the reader)
 
 
 def main() -> None:
@@ -210,16 +224,20 @@ def main() -> None:
     p.add_argument("--sac-steps", type=int, default=40_000)
     p.add_argument("--multi-steps", type=int, default=300_000)
     p.add_argument("--overhead-bar", type=float, default=200.0)
+    p.add_argument(
+        "--pretrained", type=Path, default=None, help="reuse an RLlib CartPole checkpoint"
+    )
+    p.add_argument("--time-limit", type=float, default=None, help="time_limit_s of the multi run")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rlft_bench_rllib_"))
     changed = [f"env.kwargs.gravity={args.gravity}", f"env.kwargs.length={args.length}"]
     for part in args.parts:
         if part == "finetune":
-            finetune(root, args.seed, changed, args.budget)
+            finetune(root, args.seed, changed, args.budget, args.pretrained)
         elif part == "sac":
             sac(root, args.seed, args.sac_steps)
         elif part == "multi":
-            multi(root, args.seed, args.multi_steps)
+            multi(root, args.seed, args.multi_steps, args.time_limit)
         elif part == "overhead":
             overhead(root, args.seed, args.overhead_bar, args.budget)
         else:
