@@ -247,3 +247,18 @@ def test_pettingzoo_parallel_env_becomes_a_multi_agent_env() -> None:
     from rlft_ray.rollout.rllib_env import make_env
 
     check_multiagent_environments(make_env({"id": cfg.env.id, "kwargs": {}}))
+
+
+def test_the_core_path_does_not_import_rllib() -> None:
+    """Installed or not, RLlib is imported only when algo: rllib or an RLlib checkpoint is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rlft_ray.cli, rlft_ray.run.driver, rlft_ray.run.loop\n"
+        "from rlft_ray.learners.registry import get_learner_cls\n"
+        "[get_learner_cls(a) for a in ('ppo', 'dqn', 'rllib')]\n"
+        "print(','.join(m for m in sys.modules if m.startswith(('ray.rllib', 'pettingzoo'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
