@@ -22,6 +22,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -168,17 +169,18 @@ def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | N
     """The run's RLlib config trained by a plain ``Algorithm.train()`` loop to ``bar``:
     (wall seconds from building the algorithm, env steps, return)."""
     from rlft_ray.learners.rllib import probe_env
+    from rlft_ray.run.rllib_metrics import episode_lists
     from rlft_ray.run.rllib_run import _algo_config
 
     start = time.perf_counter()
     algo = _algo_config(cfg, probe_env(cfg)).build_algo()
-    steps, ret = 0, None
+    steps, ret, recent = 0, None, deque(maxlen=20)  # the stop rule rlft-ray applies
     while steps < budget:
         result = algo.train()
-        runners = result["env_runners"]
         steps = int(result["num_env_steps_sampled_lifetime"])
-        ret = runners.get("episode_return_mean")
-        if ret is not None and ret >= bar and runners.get("num_episodes_lifetime", 0) >= 20:
+        recent.extend(episode_lists(result["env_runners"])[0])
+        ret = sum(recent) / len(recent) if recent else None
+        if len(recent) == 20 and ret >= bar:
             break
     algo.stop()
     return time.perf_counter() - start, steps, ret

@@ -262,3 +262,26 @@ def test_the_core_path_does_not_import_rllib() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_early_stops_use_the_last_20_episodes_across_iterations() -> None:
+    """RLlib's own episode_return_mean averages one iteration's episodes; stop_return
+    waits for 20 episodes, as the Ray Train loop does."""
+    from rlft_ray.learners.checkpoint import Counters
+    from rlft_ray.rollout.rllib_env import RETURNS_KEY, SUCCESSES_KEY
+    from rlft_ray.run.rllib_metrics import episode_lists
+    from rlft_ray.run.rllib_run import _finished
+
+    cfg = build_config(overrides=["algo=rllib", "stop_return=450", "stop_success_rate=0.9"])
+    counters = Counters()
+    counters.record_episodes(*episode_lists({RETURNS_KEY: [100.0] * 18}))
+    counters.record_episodes(*episode_lists({RETURNS_KEY: [500.0, 500.0]}))  # a lucky iteration
+    assert counters.episodes == 20 and counters.return_mean() == 140.0
+    assert not _finished(cfg, counters)
+    counters.record_episodes(*episode_lists({RETURNS_KEY: [500.0] * 18}))  # (2*500+18*500)/20
+    assert counters.return_mean() == 500.0 and _finished(cfg, counters)
+    counters = Counters()
+    counters.record_episodes(*episode_lists({RETURNS_KEY: [0.0] * 19, SUCCESSES_KEY: [1.0] * 19}))
+    assert not _finished(cfg, counters)  # 19 successes: no full window yet
+    counters.record_episodes(*episode_lists({RETURNS_KEY: [0.0], SUCCESSES_KEY: [1.0]}))
+    assert _finished(cfg, counters)

@@ -149,7 +149,7 @@ def build_algorithm_config(cfg: RunConfig, env: EnvInfo) -> Any:
         algo_config.environment(env=rllib_env.ENV_NAME, env_config=env_config(cfg))
         .env_runners(num_envs_per_env_runner=cfg.env.num_envs_per_runner)
         .debugging(seed=cfg.seed)
-        .callbacks(rllib_env.EpisodeSuccess)
+        .callbacks(rllib_env.EpisodeRecorder)
     )
     if env.multi_agent:
         shared = cfg.rllib.policies == "shared"

@@ -82,14 +82,30 @@ def own_policy(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
     return str(agent_id)
 
 
-class EpisodeSuccess(RLlibCallback):
-    """Logs ``success_rate`` (over the last 20 episodes) from the final step's
-    ``info["is_success"]``; a multi-agent episode succeeds when every agent reports it."""
+#: Where :class:`EpisodeRecorder` logs each finished episode's return and success: RLlib
+#: reports them as this iteration's lists (``result["env_runners"][key]``).
+RETURNS_KEY = "rlft_episode_returns"
+SUCCESSES_KEY = "rlft_episode_successes"
+
+
+class EpisodeRecorder(RLlibCallback):
+    """Logs every finished episode's return (all agents' rewards summed) and, where the env
+    reports ``info["is_success"]`` on the final step, its success (a multi-agent episode
+    succeeds when every agent reports it), so the driver keeps rlft-ray's window of the
+    last 20 episodes. RLlib's own ``episode_return_mean`` averages only the episodes that
+    finished in the iteration."""
 
     def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
+        if metrics_logger is None:
+            return
+        metrics_logger.log_value(
+            RETURNS_KEY, float(episode.get_return()), reduce="item_series", window=10_000
+        )
         success = episode_success(episode)
-        if success is not None and metrics_logger is not None:
-            metrics_logger.log_value("success_rate", float(success), reduce="mean", window=20)
+        if success is not None:
+            metrics_logger.log_value(
+                SUCCESSES_KEY, float(success), reduce="item_series", window=10_000
+            )
 
 
 def episode_success(episode: Any) -> bool | None:

@@ -1,6 +1,9 @@
 """One ``Algorithm.train()`` result of RLlib as a ``metrics.jsonl`` row, with rlft-ray's
-names where they mean the same (``rollout/episode_return_mean``, ``counters/env_steps``,
-``loss/policy``, ...) and RLlib's own other numbers under ``rllib/``."""
+names where they mean the same (``loss/policy``, ``eval/return_mean``, ...) and RLlib's own
+other numbers under ``rllib/``. The driver adds the counters and the window of the last
+20 episodes (``rollout/episode_return_mean``, ``rollout/success_rate``) from
+:func:`episode_lists`: RLlib's own ``episode_return_mean`` (kept as
+``rllib/env_runners/episode_return_mean``) averages only one iteration's episodes."""
 
 from __future__ import annotations
 
@@ -41,9 +44,14 @@ def env_steps_lifetime(result: dict[str, Any]) -> int:
     return int(_number(learners.get("num_env_steps_trained_lifetime")) or 0)
 
 
-def episodes_lifetime(result: dict[str, Any]) -> int:
-    """Episodes RLlib's env runners have finished so far."""
-    return int(_number((result.get("env_runners") or {}).get("num_episodes_lifetime")) or 0)
+def episode_lists(runners: dict[str, Any]) -> tuple[list[float], list[bool]]:
+    """The returns and successes of the episodes that finished in this iteration (what
+    :class:`~rlft_ray.rollout.rllib_env.EpisodeRecorder` logged)."""
+    from rlft_ray.rollout.rllib_env import RETURNS_KEY, SUCCESSES_KEY
+
+    returns = [float(v) for v in runners.get(RETURNS_KEY) or ()]
+    successes = [bool(v) for v in runners.get(SUCCESSES_KEY) or ()]
+    return returns, successes
 
 
 def result_row(result: dict[str, Any]) -> dict[str, float]:
@@ -51,10 +59,8 @@ def result_row(result: dict[str, Any]) -> dict[str, float]:
     runners = result.get("env_runners") or {}
     row: dict[str, float] = {}
     for src, dest in (
-        ("episode_return_mean", "rollout/episode_return_mean"),
         ("episode_len_mean", "rollout/episode_len_mean"),
         ("num_episodes", "rollout/episodes_this_iter"),
-        ("success_rate", "rollout/success_rate"),
     ):
         if (value := _number(runners.get(src))) is not None:
             row[dest] = value
@@ -62,12 +68,11 @@ def result_row(result: dict[str, Any]) -> dict[str, float]:
         if (number := _number(value)) is not None:
             row[f"rollout/agent_return_mean/{agent}"] = number
     evaluation = (result.get("evaluation") or {}).get("env_runners") or {}
-    for src, dest in (
-        ("episode_return_mean", "eval/return_mean"),
-        ("success_rate", "eval/success_rate"),
-    ):
-        if (value := _number(evaluation.get(src))) is not None:
-            row[dest] = value
+    eval_returns, eval_successes = episode_lists(evaluation)
+    if eval_returns:
+        row["eval/return_mean"] = sum(eval_returns) / len(eval_returns)
+    if eval_successes:
+        row["eval/success_rate"] = sum(eval_successes) / len(eval_successes)
     learners = {k: v for k, v in (result.get("learners") or {}).items() if k != "__all_modules__"}
     for module, stats in learners.items():
         for key, value in (stats or {}).items():
@@ -80,7 +85,9 @@ def result_row(result: dict[str, Any]) -> dict[str, float]:
             else:
                 row[f"rllib/learners/{module}/{key}"] = number
     for key, value in runners.items():
-        if (number := _number(value)) is not None and not isinstance(value, dict):
+        if isinstance(value, (dict, list, tuple)):
+            continue
+        if (number := _number(value)) is not None:
             row.setdefault(f"rllib/env_runners/{key}", number)
     iteration_s = _number(result.get("time_this_iter_s")) or 0.0
     row["perf/iteration_s"] = iteration_s

@@ -43,7 +43,7 @@ from rlft_ray.run.plots import plot_curve
 from rlft_ray.run.progress import ProgressBar
 from rlft_ray.run.ray_session import init_ray
 from rlft_ray.run.rllib_init import check_init_from, restore_init_from
-from rlft_ray.run.rllib_metrics import env_steps_lifetime, episodes_lifetime, result_row
+from rlft_ray.run.rllib_metrics import env_steps_lifetime, episode_lists, result_row
 from rlft_ray.run.startup import StartupMarks
 from rlft_ray.run.tracking import TrackerFeed, check_tracking
 
@@ -90,8 +90,8 @@ def _check(cfg: RunConfig) -> tuple[RunConfig, TaskProbe, EnvInfo, Any]:
 
 
 def _algo_config(cfg: RunConfig, env: EnvInfo) -> Any:
-    """The algorithm's config with the run's evaluation (``eval_every``) and rlft-ray's
-    window of 20 episodes for ``episode_return_mean``, unless ``rllib.config`` sets them."""
+    """The algorithm's config with the run's evaluation (``eval_every``), and RLlib's own
+    smoothing window of 20 episodes, unless ``rllib.config`` sets them."""
     algo_config = build_algorithm_config(cfg, env)
     own = cfg.rllib.config
     if "metrics_num_episodes_for_smoothing" not in own:
@@ -188,16 +188,15 @@ def _restore(
             return _restore_checkpoint(algo, cfg, Path(path))
     if cfg.init_from:
         restore_init_from(algo, cfg, env)
-    return _Base(ckpt.Counters(), 0, 0)
+    return _Base(ckpt.Counters(), 0)
 
 
 @dataclasses.dataclass
 class _Base:
-    """Counters at the start of this attempt, and RLlib's lifetime counts then."""
+    """Counters at the start of this attempt, and RLlib's lifetime env steps then."""
 
     counters: ckpt.Counters
     steps_lifetime: int
-    episodes_lifetime: int
 
 
 def _restore_checkpoint(algo: Any, cfg: RunConfig, path: Path) -> _Base:
@@ -210,7 +209,7 @@ def _restore_checkpoint(algo: Any, cfg: RunConfig, path: Path) -> _Base:
     algo.restore_from_path(str(path / RLLIB_DIR))
     counters = ckpt.Counters(**state["counters"])
     extra = state["rllib"]
-    return _Base(counters, int(extra["steps_lifetime"]), int(extra["episodes_lifetime"]))
+    return _Base(counters, int(extra["steps_lifetime"]))
 
 
 class _Loop:
@@ -243,8 +242,7 @@ class _Loop:
 
     def run(self) -> None:
         clock_start = time.perf_counter() - self.counters.wall_s
-        row: dict[str, float] = {}
-        while not _finished(self.cfg, self.counters, row):
+        while not _finished(self.cfg, self.counters):
             result = self.algo.train()
             c = self.counters
             c.iteration += 1
@@ -252,13 +250,13 @@ class _Loop:
             c.env_steps = (
                 self.base.counters.env_steps + env_steps_lifetime(result) - self.base.steps_lifetime
             )
-            c.episodes = (
-                self.base.counters.episodes
-                + episodes_lifetime(result)
-                - self.base.episodes_lifetime
-            )
+            c.record_episodes(*episode_lists(result.get("env_runners") or {}))
             c.wall_s = time.perf_counter() - clock_start
             row = result_row(result)
+            if c.recent_returns:  # rlft-ray's window: the last 20 episodes, across iterations
+                row["rollout/episode_return_mean"] = float(c.return_mean())
+            if c.recent_successes:
+                row["rollout/success_rate"] = sum(c.recent_successes) / len(c.recent_successes)
             row.update(
                 {
                     "counters/iteration": float(c.iteration),
@@ -268,7 +266,7 @@ class _Loop:
                     "time/wall_s": c.wall_s,
                 }
             )
-            self._add(row, result, last=_finished(self.cfg, c, row))
+            self._add(row, result, last=_finished(self.cfg, c))
 
     def _add(self, row: dict[str, float], result: dict[str, Any], last: bool) -> None:
         self.rows.append(row)
@@ -306,7 +304,6 @@ class _Loop:
             "rllib": {
                 "algorithm": self.cfg.rllib.algorithm,
                 "steps_lifetime": steps,
-                "episodes_lifetime": episodes_lifetime(result),
             },
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -322,20 +319,23 @@ class _Loop:
         return self.store
 
 
-def _finished(cfg: RunConfig, counters: ckpt.Counters, row: dict[str, float]) -> bool:
-    """The budget is spent, an early stop is reached (over RLlib's mean of the last 20
-    episodes, once 20 have finished), or ``time_limit_s`` has passed."""
+def _finished(cfg: RunConfig, counters: ckpt.Counters) -> bool:
+    """The budget is spent, an early stop is reached (over the last 20 episodes, once 20
+    have finished, as in the Ray Train loop), or ``time_limit_s`` has passed."""
+    window = ckpt.RECENT_EPISODES
     done = counters.env_steps >= cfg.total_env_steps
     done |= cfg.total_iterations is not None and counters.iteration >= cfg.total_iterations
     done |= cfg.time_limit_s is not None and counters.wall_s >= cfg.time_limit_s
-    if counters.episodes >= ckpt.RECENT_EPISODES:
-        ret, success = row.get("rollout/episode_return_mean"), row.get("rollout/success_rate")
-        done |= cfg.stop_return is not None and ret is not None and ret >= cfg.stop_return
-        done |= (
-            cfg.stop_success_rate is not None
-            and success is not None
-            and success >= cfg.stop_success_rate
-        )
+    done |= (
+        cfg.stop_return is not None
+        and len(counters.recent_returns) >= window
+        and counters.return_mean() >= cfg.stop_return
+    )
+    done |= (
+        cfg.stop_success_rate is not None
+        and len(counters.recent_successes) >= window
+        and sum(counters.recent_successes) / window >= cfg.stop_success_rate
+    )
     return bool(done)
 
 
