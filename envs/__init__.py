@@ -15,6 +15,15 @@ Importing this package registers:
   Without the explicit import, ``gym.make("envs:rlft/Navigation-v0")`` imports this
   package first.
 
+* ``rlft/CartPole-v1`` — :class:`envs.cartpole_variant.CartPoleVariantEnv`, CartPole-v1
+  with ``gravity``, ``length`` (half the pole), ``masspole`` and ``force_mag`` as kwargs:
+  the changed env of the fine-tuning benchmarks (500-step limit, as CartPole-v1).
+
+* ``envs.multi_navigation:MultiNavigationEnv`` (not registered: an RLlib ``MultiAgentEnv``,
+  imported by its entry point under ``algo: rllib``) — two agents that must both reach
+  their goals on the navigation square without colliding; ``envs.multi_navigation_pz`` is
+  the same task as a PettingZoo ``ParallelEnv``.
+
 * ``rlft/NaNReward-v0`` — :class:`envs.faults.NaNRewardEnv`, CartPole whose rewards
   turn NaN after ``nan_after_steps`` steps: a fault-injection env for testing the
   learners' NaN guard, not for training.
@@ -38,12 +47,21 @@ from envs.navigation import NavigationEnv
 
 NAVIGATION_ID = "rlft/Navigation-v0"
 NAN_REWARD_ID = "rlft/NaNReward-v0"
+CARTPOLE_ID = "rlft/CartPole-v1"
 
 if NAVIGATION_ID not in gymnasium.registry:
     gymnasium.register(
         id=NAVIGATION_ID,
         entry_point="envs.navigation:NavigationEnv",
         max_episode_steps=50,
+    )
+
+if CARTPOLE_ID not in gymnasium.registry:
+    gymnasium.register(
+        id=CARTPOLE_ID,
+        entry_point="envs.cartpole_variant:CartPoleVariantEnv",
+        max_episode_steps=500,
+        reward_threshold=475.0,
     )
 
 if NAN_REWARD_ID not in gymnasium.registry:
@@ -65,4 +83,4 @@ for _id, _entry in TEXT_ENVS.items():
         # is checked by the rollout, and gymnasium.utils.env_checker validates the classes
         gymnasium.register(id=_id, entry_point=_entry, disable_env_checker=True)
 
-__all__ = ["NAN_REWARD_ID", "NAVIGATION_ID", "TEXT_ENVS", "NavigationEnv"]
+__all__ = ["CARTPOLE_ID", "NAN_REWARD_ID", "NAVIGATION_ID", "TEXT_ENVS", "NavigationEnv"]

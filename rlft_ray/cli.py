@@ -173,10 +173,22 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export",
         help="an LM checkpoint as a plain save_pretrained directory (weights, tokenizer, "
-        "generation config; LoRA adapters merged; no value head or training state)",
+        "generation config; LoRA adapters merged; no value head or training state), or "
+        "a gym policy as an RLlib RLModule checkpoint (--format rllib)",
     )
     x.add_argument("checkpoint", type=Path, help="e.g. runs/g/checkpoint_best")
-    x.add_argument("out", type=Path, help="new directory (loads with from_pretrained)")
+    x.add_argument(
+        "out",
+        type=Path,
+        help="new directory (loads with from_pretrained; --format rllib: RLModule.from_checkpoint)",
+    )
+    x.add_argument(
+        "--format",
+        choices=("hf", "rllib"),
+        default="hf",
+        help="hf: an LM checkpoint as save_pretrained; rllib: a gym policy (algo ppo / dqn / "
+        "filtered_bc) as an RLlib RLModule checkpoint (needs rlft-ray[rllib])",
+    )
 
     m = sub.add_parser(
         "make-tiny-model",

@@ -1,4 +1,5 @@
-"""``rlft-ray export CKPT OUT``: an LM checkpoint as a plain ``save_pretrained`` directory.
+"""``rlft-ray export CKPT OUT``: an LM checkpoint as a plain ``save_pretrained`` directory
+(``--format rllib``: a gym policy as an RLlib RLModule checkpoint, :func:`export_rllib`).
 
 The result loads with ``from_pretrained`` (or an inference server that reads Hugging Face
 directories): the policy's weights, its tokenizer and the model's own generation config
@@ -183,8 +184,57 @@ def _load_policy(policy: Path, lora: bool) -> tuple[Any, str]:
     return model, arch
 
 
+def export_rllib(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write a gym checkpoint's policy (``algo: ppo`` / ``dqn`` / ``filtered_bc``) as an RLlib
+    RLModule checkpoint: ``RLModule.from_checkpoint(out)`` loads it and acts as the policy
+    does (:func:`~rlft_ray.learners.rllib_ckpt.export_rllib_module`).
+
+    Raises:
+        ConfigError: Naming ``checkpoint`` (not a gym policy) or ``out`` (not empty).
+    """
+    from rlft_ray.learners import checkpoint as ckpt
+    from rlft_ray.learners.base import Spaces
+    from rlft_ray.learners.registry import get_learner_cls
+    from rlft_ray.learners.rllib import require_rllib
+    from rlft_ray.learners.rllib_ckpt import export_rllib_module
+    from rlft_ray.rollout.env_runner import probe_spaces
+
+    src, dest = Path(checkpoint), Path(out)
+    if not (src / "policy.safetensors").is_file():
+        raise ConfigError("checkpoint", f"{src} holds no gym policy (policy.safetensors)")
+    if dest.exists() and any(dest.iterdir()):
+        raise ConfigError("out", f"{dest} is not empty; choose a new directory")
+    require_rllib()
+    cfg = ckpt.load_config_from_checkpoint(src)
+    spaces = Spaces(*probe_spaces(cfg.env))
+    policy = get_learner_cls(cfg.algo).make_policy(cfg, spaces)
+    ckpt.load_modules(src, {"policy": policy}, names=["policy"])
+    policy.eval()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        module = export_rllib_module(policy, spaces.observation, spaces.action, tmp / "module")
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        (tmp / "module").rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "out": str(dest),
+        "format": "rllib",
+        "module": module,
+        "algo": cfg.algo,
+        "env": cfg.env.id,
+        "load_with": f"RLModule.from_checkpoint({str(dest)!r})",
+    }
+
+
 def command(args: argparse.Namespace) -> int:
     from rlft_ray.apps.export import export_checkpoint
+
+    if getattr(args, "format", "hf") == "rllib":
+        print(json.dumps(export_rllib(args.checkpoint, args.out), indent=2))
+        return 0
     from rlft_ray.lm import quiet_transformers
 
     quiet_transformers()

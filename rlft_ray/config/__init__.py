@@ -39,6 +39,7 @@ from rlft_ray.config.parse import (
     to_dict,
 )
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rllib import RLlibConfig
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "OnlineDPOConfig",
     "OptimConfig",
     "PPOConfig",
+    "RLlibConfig",
     "RSFTConfig",
     "ResourcesConfig",
     "RewardModelConfig",

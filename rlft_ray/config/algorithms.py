@@ -15,6 +15,7 @@ from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rllib import RLlibConfig
 
 #: Rollout actor kinds -> ``module:class`` of the plain class the driver wraps with ``ray.remote``.
 ROLLOUT_ACTORS: dict[str, str] = {
@@ -127,6 +128,14 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         None,
         offline=True,
         summary="Bradley-Terry reward model on preference pairs (Ouyang et al. 2022)",
+    ),
+    AlgorithmSpec(
+        "rllib",
+        RLlibConfig,
+        "rlft_ray.learners.rllib:RLlibLearner",
+        None,
+        summary="an RLlib algorithm (PPO, SAC, APPO, IMPALA, DQN, CQL, BC, MARWIL), "
+        "multi-agent envs too, in the run directory (needs `rlft-ray[rllib]`)",
     ),
 )
 

@@ -13,7 +13,9 @@ class EnvConfig:
     """Which environment the env runners step.
 
     Attributes:
-        id: A registered gymnasium id (``CartPole-v1``, ``rlft/Navigation-v0``, ...).
+        id: A registered gymnasium id (``CartPole-v1``, ``rlft/Navigation-v0``, ...);
+            with ``algo: rllib`` also an entry point ``module:attr`` (a class or factory
+            called with ``kwargs``) of an RLlib ``MultiAgentEnv`` or a PettingZoo env.
         kwargs: Keyword arguments for ``gymnasium.make`` (e.g. ``goal``, ``action_type``).
         num_envs_per_runner: Sub-environments in each runner's vector env.
         max_episode_steps: Optional override of the env's time limit.

@@ -11,6 +11,7 @@ from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.lm import LMConfig, LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rllib import RLlibConfig
 
 #: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
 #: each). Each is also the name of the section holding its hyperparameters.
@@ -180,6 +181,7 @@ class RunConfig:
         dpo: Offline DPO / IPO / cDPO from ``lm.pairs`` (``algo == "dpo"``).
         online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
         reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
+        rllib: An RLlib algorithm and its ``AlgorithmConfig`` settings (``algo == "rllib"``).
         resources: Cluster resources.
         tracking: Metric sinks besides ``metrics.jsonl`` (TensorBoard).
         total_env_steps: Stop after this many environment steps (for LM algorithms a
@@ -191,7 +193,9 @@ class RunConfig:
         stop_success_rate: Stop early once the success rate (``info["is_success"]``) of
             the last 20 episodes reaches it.
         seed: Seeds torch, numpy, python and the environments.
-        init_from: A checkpoint directory whose policy (and Q-network) to start from.
+        init_from: A checkpoint directory whose policy (and Q-network) to start from; for
+            gym policies and ``algo: rllib`` also an RLlib checkpoint of a single-agent
+            PPO / DQN / SAC RLModule with the default MLP encoders (mapped layer by layer).
         checkpoint_every: Iterations between checkpoints (the last one is always saved).
         keep_checkpoints: Ray Train checkpoints kept (the best is kept on top of these).
         report_interval_s: Seconds between metric reports to Ray Train (each report
@@ -232,6 +236,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rllib: RLlibConfig = field(default_factory=RLlibConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     total_env_steps: int = 200_000

@@ -125,6 +125,9 @@ class Learner(ABC):
     score_metric: ClassVar[str] = "rollout/episode_return_mean"
     #: The held-out metric of :meth:`heldout_eval`: what ranks checkpoints with ``eval_every``.
     eval_metric: ClassVar[str] = "eval/return_mean"
+    #: It brings its own training loop (``algo: rllib``: RLlib's ``Algorithm``), which the
+    #: driver runs instead of the rollout actors and Ray Train loop.
+    runs_itself: ClassVar[bool] = False
     #: The learning-curve PNG written into the run directory.
     curve: ClassVar[CurvePlot] = CurvePlot(
         y="rollout/episode_return_mean", x="counters/env_steps", file="return_curve.png"

@@ -98,10 +98,12 @@ def read_state(path: str | Path) -> dict[str, Any]:
         (p / "policy.safetensors").is_file()
         or (p / "policy" / "config.json").is_file()
         or (p / "policy" / "adapter_config.json").is_file()  # LoRA: adapters of lm.model
+        or (p / "rllib").is_dir()  # algo: rllib: RLlib's own checkpoint of the algorithm
     )
     if not (p / "state.json").is_file() or not has_policy:
         raise CheckpointError(
-            f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors or policy/)"
+            f"{p} is not an rlft_ray checkpoint (needs state.json and policy.safetensors, "
+            "policy/ or rllib/) nor an RLlib one"
         )
     return json.loads((p / "state.json").read_text())
 

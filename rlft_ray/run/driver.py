@@ -24,6 +24,7 @@ from rlft_ray.core.torch_utils import peak_rss_mb, process_state_kept, torch_thr
 from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, TaskProbe
 from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.learners.rllib_ckpt import is_rllib_checkpoint, rllib_state_for
 from rlft_ray.rollout.group import make_remote_runners
 from rlft_ray.run.attempts import (
     Attempts,
@@ -106,6 +107,12 @@ def _run_training(
     marks = StartupMarks(say=progress)
     output_dir = Path(output_dir).resolve()
     learner_cls = get_learner_cls(cfg.algo)
+    if learner_cls.runs_itself:  # algo: rllib: RLlib's Algorithm runs its own loop
+        from rlft_ray.run.rllib_run import run_rllib
+
+        return run_rllib(
+            cfg, output_dir, resume, progress, callbacks, address, start_checkpoint, track
+        )
     # 1. Everything about the input that can be wrong, checked before Ray.
     cfg, probe = check_task(learner_cls, cfg)
     marks.mark("checks")
@@ -247,7 +254,9 @@ def check_task(learner_cls: type[Learner], cfg: RunConfig) -> tuple[RunConfig, T
     cfg = dataclasses.replace(cfg, tracking=check_tracking(cfg.tracking))
     for line in _describe(probe.info):
         logger.warning(line)
-    if cfg.init_from:
+    if cfg.init_from and is_rllib_checkpoint(cfg.init_from):  # an RLlib RLModule's weights
+        rllib_state_for(learner_cls.make_policy(cfg, probe.spaces), cfg.init_from)
+    elif cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, signature, same_algo=False)
         if (Path(cfg.init_from) / "policy.safetensors").is_file():  # a small gym policy
             ckpt.check_policy_fits(cfg.init_from, learner_cls.make_policy(cfg, probe.spaces))

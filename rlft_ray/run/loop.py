@@ -26,6 +26,7 @@ from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
 from rlft_ray.learners.registry import get_learner_cls
+from rlft_ray.learners.rllib_ckpt import is_rllib_checkpoint, load_rllib_into
 from rlft_ray.lm.prompts import TableShard
 from rlft_ray.rollout.dynamic_sampling import fill_batch
 from rlft_ray.rollout.group import PendingSample, RunnerGroup
@@ -262,6 +263,10 @@ def restore(
             for group, fresh in zip(learner.optimizer.param_groups, groups):
                 group.update(fresh)
             return _load_rank_parts(learner, path, counters)
+    if cfg.init_from and is_rllib_checkpoint(cfg.init_from):  # an RLlib RLModule's weights
+        load_rllib_into(learner.modules()["policy"], cfg.init_from)
+        learner.after_init_from()
+        return ckpt.Counters()
     if cfg.init_from:
         ckpt.check_compatible(cfg.init_from, cfg, sig, same_algo=False)
         # the weights to start from; the reference is this run's own (after_init_from)
