@@ -6,6 +6,14 @@ nothing in this package imports ``ray`` or reads a config object.
 
 from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
 from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, polyak_update
+from rlft_ray.algorithms.ilql import (
+    cql_loss,
+    expectile_loss,
+    ilql_token_losses,
+    td_targets,
+    value_guided_logits,
+)
+from rlft_ray.algorithms.kto import kto_losses, kto_reference_point
 from rlft_ray.algorithms.lm import (
     group_advantages,
     kl_penalty,
@@ -27,7 +35,9 @@ from rlft_ray.algorithms.preference import (
     dpo_losses,
     grm_losses,
     grm_sft_regularizer,
+    orpo_losses,
     sequence_logps,
+    simpo_losses,
 )
 from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
@@ -35,13 +45,18 @@ __all__ = [
     "aggregate_loss_parts",
     "bradley_terry_losses",
     "compute_gae",
+    "cql_loss",
     "dpo_losses",
     "dqn_loss",
     "dqn_targets",
+    "expectile_loss",
     "grm_losses",
     "grm_sft_regularizer",
     "group_advantages",
+    "ilql_token_losses",
     "kl_penalty",
+    "kto_losses",
+    "kto_reference_point",
     "linear_schedule",
     "lr_factor",
     "masked_gae",
@@ -49,6 +64,7 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "normalize_advantages",
+    "orpo_losses",
     "polyak_update",
     "ppo_policy_loss",
     "ppo_token_policy_losses",
@@ -56,5 +72,8 @@ __all__ = [
     "ppo_value_loss",
     "selective_log_softmax",
     "sequence_logps",
+    "simpo_losses",
+    "td_targets",
     "token_rewards",
+    "value_guided_logits",
 ]

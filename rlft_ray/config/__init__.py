@@ -9,12 +9,13 @@ every key and type before any Ray work starts.
 
 Where things live: the sections in :mod:`.gym` (env, PPO, DQN, filtered BC), :mod:`.lm`
 (model, prompts, LM algorithms, RSFT),
-:mod:`.preference` (DPO, online DPO, reward models) and :mod:`.run` (resources, the run); the reader in
+:mod:`.preference` (DPO, online DPO, reward models, SimPO, ORPO, KTO), :mod:`.ilql` (ILQL) and :mod:`.run` (resources, the run); the reader in
 :mod:`.parse`. Importing this package loads neither torch nor any learner.
 """
 
 from rlft_ray.config.errors import ConfigError
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import (
     GRPOConfig,
     KLEstimator,
@@ -38,7 +39,14 @@ from rlft_ray.config.parse import (
     set_dotted,
     to_dict,
 )
-from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.preference import (
+    DPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    ORPOConfig,
+    RewardModelConfig,
+    SimPOConfig,
+)
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
 __all__ = [
@@ -51,12 +59,15 @@ __all__ = [
     "EnvConfig",
     "FilteredBCConfig",
     "GRPOConfig",
+    "ILQLConfig",
     "KLEstimator",
+    "KTOConfig",
     "LMConfig",
     "LMPPOConfig",
     "LRSchedule",
     "LoRAConfig",
     "LossAgg",
+    "ORPOConfig",
     "OnlineDPOConfig",
     "OptimConfig",
     "PPOConfig",
@@ -65,6 +76,7 @@ __all__ = [
     "RewardModelConfig",
     "RunConfig",
     "Selection",
+    "SimPOConfig",
     "TrackingConfig",
     "build_config",
     "config_yaml",

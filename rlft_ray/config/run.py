@@ -8,8 +8,16 @@ from typing import Any, Literal
 from rlft_ray.config.algorithms import ALGORITHMS, SPECS
 from rlft_ray.config.errors import require
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
-from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.preference import (
+    DPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    ORPOConfig,
+    RewardModelConfig,
+    SimPOConfig,
+)
 
 #: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
 #: each). Each is also the name of the section holding its hyperparameters.
@@ -179,6 +187,10 @@ class RunConfig:
         dpo: Offline DPO / IPO / cDPO from ``lm.pairs`` (``algo == "dpo"``).
         online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
         reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
+        simpo: Reference-free SimPO from ``lm.pairs`` (``algo == "simpo"``).
+        orpo: ORPO (SFT + odds ratio) from ``lm.pairs`` (``algo == "orpo"``).
+        kto: KTO from unpaired labelled completions (``algo == "kto"``).
+        ilql: ILQL from a reward-labelled offline set (``algo == "ilql"``).
         resources: Cluster resources.
         tracking: Metric sinks besides ``metrics.jsonl`` (TensorBoard).
         total_env_steps: Stop after this many environment steps (for LM algorithms a
@@ -231,6 +243,10 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    ilql: ILQLConfig = field(default_factory=ILQLConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     total_env_steps: int = 200_000

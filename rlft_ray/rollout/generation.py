@@ -35,6 +35,7 @@ from rlft_ray.rewards import compute_rewards, load_reward_fn
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
+from rlft_ray.rollout.value_guided import ValueGuidedDecoding
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
-class GenerationActor:
+class GenerationActor(ValueGuidedDecoding):
     """Holds one copy of the policy LM and samples completions for prompts.
 
     Args:
@@ -88,6 +89,7 @@ class GenerationActor:
             self._init_vllm(path, tokenizer_path, seed, num_threads, device)
         else:
             self._init_hf(path, tokenizer_path, model_path is None)
+        self._init_value_guidance(path)  # lm.decode=ilql: the ILQL heads beside the model
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -202,6 +204,7 @@ class GenerationActor:
             KeyError: The published weights do not name exactly this model's tensors.
         """
         weights = received_weights(weights)
+        weights = self._take_ilql_heads(weights)  # an ILQL learner's heads (lm.decode=ilql)
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -309,12 +312,19 @@ class GenerationActor:
         prompt_ids, prompt_mask = pad_sequences(
             [p.ids for p in prompts], self.pad_id, "left", p_len
         )
-        out = self.model.generate(
-            input_ids=torch.as_tensor(prompt_ids, device=self.device),
-            attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
-            generation_config=config,
-        )
-        response = out.sequences[:, p_len:]
+        if self.lm.decode == "ilql":
+            response, logprobs = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
+        else:
+            out = self.model.generate(
+                input_ids=torch.as_tensor(prompt_ids, device=self.device),
+                attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
+                generation_config=config,
+            )
+            response = out.sequences[:, p_len:]
+            if not greedy:
+                logits = torch.stack(out.logits, dim=1).float() / self.lm.temperature
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1))
+                logprobs = logprobs.squeeze(-1)
         # Real tokens: everything up to and including the first EOS.
         is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -323,10 +333,6 @@ class GenerationActor:
         if greedy:
             logprobs = torch.zeros(response.shape, dtype=torch.float32)
         else:
-            logits = torch.stack(out.logits, dim=1).float() / self.lm.temperature
-            logprobs = (
-                torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-            )
             logprobs = logprobs.masked_fill(~mask, 0.0)
         return self._batch(
             prompts,
