@@ -311,3 +311,34 @@ def test_kto_config_is_checked_before_ray(model_dir: Path, kto_file: Path) -> No
         _cfg(model_dir, "algo=kto", f"kto.data={kto_file}", "kto.batch_size=16")
     )
     assert probe.cfg.total_iterations == 4 and probe.info["data/kept"] == 64
+
+
+def test_kto_rows_from_pairs_and_from_sampled_rewards(tmp_path: Path, capsys) -> None:
+    from rlft_ray.apps.make_prefs import unpaired_rows
+    from rlft_ray.cli import main
+
+    pairs = [
+        {"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+        {"prompt": "1+2=", "chosen": "3", "rejected": "5"},
+        {"prompt": "2+2=", "chosen": "4", "rejected": "3"},
+    ]
+    assert unpaired_rows(pairs) == [
+        {"prompt": "1+2=", "completion": "3", "label": True},
+        {"prompt": "1+2=", "completion": "4", "label": False},
+        {"prompt": "1+2=", "completion": "5", "label": False},
+        {"prompt": "2+2=", "completion": "4", "label": True},
+        {"prompt": "2+2=", "completion": "3", "label": False},
+    ]
+    samples = tmp_path / "accepted.jsonl"
+    rows = [("1+2=", "3", 1.0), ("1+2=", "4", 0.0), ("1+2=", " ", 0.0), ("2+2=", "4", 0.5)]
+    samples.write_text(
+        "".join(json.dumps({"prompt": p, "completion": c, "reward": r}) + "\n" for p, c, r in rows)
+    )
+    out = tmp_path / "kto.jsonl"
+    assert main(["label-samples", str(samples), str(out), "--threshold", "0.5"]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["label"] for r in written] == [True, False, True]
+    assert "wrote 3 rows (2 desirable, reward >= 0.5)" in capsys.readouterr().out
+    samples.write_text(json.dumps({"prompt": "1+2=", "completion": "3"}) + "\n")
+    assert main(["label-samples", str(samples), str(out)]) != 0
+    assert "accepted.jsonl:1: missing field(s) ['reward']" in capsys.readouterr().err

@@ -16,7 +16,7 @@ Metrics: ``loss/q``, ``loss/v``, ``loss/cql``, ``loss/bc``, ``values/q_mean``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns
 from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.pairwise import LABELLED, probe_labelled
 from rlft_ray.lm.ilql_heads import HEADS_PREFIX, ILQLHeads, save_heads
-from rlft_ray.lm.labelled import labelled_tensors
+from rlft_ray.lm.labelled import LabelledRows, labelled_tensors
 from rlft_ray.lm.pairs import padding_pair, rows_of
 from rlft_ray.lm.policy import PolicyWithValueHead, autocast_for, backbone_and_head
 from rlft_ray.lm.prompts import ShardStream
@@ -146,14 +146,14 @@ class ILQLLearner(LMLearnerHooks, Learner):
     def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
         self.rows.load_state(state)
 
-    def next_batch(self, version: int) -> Any:
-        return self.rows.next_rows()
+    def next_batch(self, version: int) -> LabelledRows:
+        return LabelledRows(self.rows.next_rows(), version)
 
     # -- learning --------------------------------------------------------------------------
-    def update(self, batch: Any, progress: float) -> dict[str, float]:
+    def update(self, batch: LabelledRows, progress: float) -> dict[str, float]:
         hp, dev = self.hp, self.ctx.device
         pad_id = int(self.core.tokenizer.pad_token_id)
-        t = labelled_tensors(batch, pad_id, dev)
+        t = labelled_tensors(batch.rows, pad_id, dev)
 
         def micro_loss(idx: torch.Tensor | None) -> MicroOut:
             if idx is None:

@@ -14,7 +14,7 @@ completions alone. Metrics use TRL's names: ``kl`` (z0), ``rewards/chosen``,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from rlft_ray.learners.engine import MicroOut, Steps
 from rlft_ray.learners.lm_learner import LMLearnerHooks, check_reward_fns
 from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.learners.pairwise import LABELLED, probe_labelled
-from rlft_ray.lm.labelled import labelled_tensors
+from rlft_ray.lm.labelled import LabelledRows, labelled_tensors
 from rlft_ray.lm.pairs import padding_pair, rows_of
 from rlft_ray.lm.policy import pair_logps, response_forward
 from rlft_ray.lm.prompts import ShardStream
@@ -82,8 +82,8 @@ class KTOLearner(LMLearnerHooks, Learner):
     def load_rank_state(self, state: dict[str, np.ndarray]) -> None:
         self.rows.load_state(state)
 
-    def next_batch(self, version: int) -> Any:
-        return self.rows.next_rows()
+    def next_batch(self, version: int) -> LabelledRows:
+        return LabelledRows(self.rows.next_rows(), version)
 
     @torch.no_grad()
     def score_pass(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,10 +106,10 @@ class KTOLearner(LMLearnerHooks, Learner):
         empty = torch.zeros(0, device=self.ctx.device)
         return {k: torch.cat(v) if v else empty for k, v in out.items()}
 
-    def update(self, batch: Any, progress: float) -> dict[str, float]:
+    def update(self, batch: LabelledRows, progress: float) -> dict[str, float]:
         hp, core, dev = self.hp, self.core, self.ctx.device
         pad_id = int(core.tokenizer.pad_token_id)
-        t = labelled_tensors(batch, pad_id, dev, mismatch=True)
+        t = labelled_tensors(batch.rows, pad_id, dev, mismatch=True)
         scores = self.score_pass(t)
         t["ref_chosen"] = scores["ref_chosen"]
         label = t["value"] > 0.5

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,34 @@ from rlft_ray.config import LMConfig
 from rlft_ray.lm.pairs import PairStats, _empty, _text, completion_text, render_prompt_text
 from rlft_ray.lm.prompts import PromptDataError, read_records
 from rlft_ray.types import pad_sequences
+from rlft_ray.types.episodes import EpisodeStats
 
 #: Columns of a prepared table.
 COLUMNS = ("row_index", "prompt_ids", "completion_ids", "value")
+
+
+@dataclass
+class LabelledRows:
+    """One rank's batch of prepared rows (a Ray Data batch or a table slice).
+
+    Attributes:
+        rows: Column name -> values (:data:`COLUMNS`). policy_version: The learner's version.
+    """
+
+    rows: Mapping[str, Any] | pd.DataFrame
+    policy_version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows["value"])
+
+    @property
+    def episodes(self) -> EpisodeStats:
+        """Offline rows are no episodes."""
+        return EpisodeStats()
+
+    def counts(self) -> dict[str, float]:
+        """What this batch holds, for ``perf/{name}_per_s`` (a row is an "env step")."""
+        return {"env_steps": float(len(self)), "examples": float(len(self))}
 
 
 def _label(value: Any, field: str, where: str, key: str) -> float:
