@@ -19,6 +19,80 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
+class TreeMemory:
+    """Peak memory of a process and all its descendants (a run's Ray workers, raylet and
+    object store included), sampled on a thread every ``interval`` seconds.
+
+    ``peak_pss_mb`` is the peak of the summed proportional set sizes: a page shared by
+    several processes (the object store, a shared-memory weights file, libraries) is
+    counted once in total, so it is what the whole run holds. ``peak_rss_mb`` sums
+    resident sizes and counts a shared page once per process that maps it.
+    """
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.peak_pss_mb = self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            pss = rss = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                try:
+                    info = proc.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                pss, rss = pss + info.pss, rss + info.rss
+            self.peak_pss_mb = max(self.peak_pss_mb, pss / 2**20)
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; the peaks in MB."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return {
+            "peak_pss_mb": round(self.peak_pss_mb, 1),
+            "peak_rss_sum_mb": round(self.peak_rss_mb, 1),
+        }
+
+
+def run_measured(cmd: list[str]) -> tuple[float, dict[str, float], str]:
+    """Run ``cmd`` from the repo root, sampling its process tree's memory.
+
+    Returns:
+        Wall seconds, the :class:`TreeMemory` peaks, and its stdout.
+
+    Raises:
+        RuntimeError: The command failed (with the tail of its stderr).
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    memory = TreeMemory(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    peaks = memory.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return wall, peaks, out
+
+
 def run_cli(*args: str) -> float:
     """Run ``python -m rlft_ray *args`` in a fresh process from the repo root.
 
@@ -40,11 +114,11 @@ def run_cli(*args: str) -> float:
 def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
     """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
     out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
-    wall = run_cli(
-        "train", str(ROOT / config), *overrides, "--output-dir", str(out), "--no-progress"
-    )
+    cmd = [sys.executable, "-m", "rlft_ray", "train", str(ROOT / config), *overrides]
+    wall, memory, _ = run_measured([*cmd, "--output-dir", str(out), "--no-progress"])
     summary = json.loads((out / "summary.json").read_text())
     summary["command_wall_s"] = round(wall, 2)
+    summary["tree_memory"] = memory  # the whole run's peak, shared pages counted once
     summary["output_dir"] = str(out)
     return summary
 

@@ -12,7 +12,7 @@ from rlft_ray.config import LMConfig
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rewards import RewardError
-from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.rollout.generation import GenerationActor, SampledLogprobs
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]
@@ -106,6 +106,41 @@ def test_temperature_scales_logprobs(model_dir: Path) -> None:
             for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         ),
         temperature=0.5,
+    )
+    mask = torch.as_tensor(batch.response_mask)
+    assert torch.allclose(out.logprobs[mask], torch.as_tensor(batch.logprobs)[mask], atol=1e-4)
+
+
+def test_sampled_logprobs_recorder_by_hand() -> None:
+    """Step t's log-softmax is gathered at the token found in input_ids at step t + 1."""
+    rec = SampledLogprobs(temperature=2.0)
+    step_logits = [torch.tensor([[0.0, 2.0], [4.0, 0.0]]), torch.tensor([[2.0, 2.0], [0.0, 0.0]])]
+    response = torch.tensor([[1, 0], [0, 1]])  # the sampled tokens
+    prompt = torch.tensor([[5], [5]])
+    for t, logits in enumerate(step_logits):
+        ids = torch.cat([prompt, response[:, :t]], dim=1)
+        assert rec(ids, logits) is logits  # the logits go on unchanged
+    got = rec.finish(response)
+    # log softmax([0, 1]) at 1 = -log(1 + e^-1); log softmax([2, 0]) at 0 = -log(1 + e^-2)
+    want = torch.tensor(
+        [[-np.log1p(np.exp(-1.0)), -np.log(2.0)], [-np.log1p(np.exp(-2.0)), -np.log(2.0)]]
+    )
+    torch.testing.assert_close(got, want.float())
+    assert rec.step_logps is None and rec.taken == []  # ready for the next generate call
+
+
+def test_logprobs_are_of_the_tempered_policy_under_top_p(model_dir: Path) -> None:
+    """top-p truncates sampling, not the recorded log-probs: log softmax(logits / T), as the
+    learner computes them (and no [B, T, V] logits are kept to get them)."""
+    actor = _actor(model_dir, temperature=0.7, top_p=0.5)
+    batch = actor.generate(_prompts(actor))
+    out = response_forward(
+        PolicyWithValueHead(actor.model),
+        *(
+            torch.as_tensor(x)
+            for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        ),
+        temperature=0.7,
     )
     mask = torch.as_tensor(batch.response_mask)
     assert torch.allclose(out.logprobs[mask], torch.as_tensor(batch.logprobs)[mask], atol=1e-4)

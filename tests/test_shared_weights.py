@@ -73,6 +73,22 @@ def test_versions_rotate_over_the_slots_and_an_overwritten_slot_fails_to_read(
     shared.close()
 
 
+def test_a_synchronous_run_keeps_one_copy_and_a_copy_overwritten_midway_is_caught(
+    tmp_path: Path,
+) -> None:
+    shared = SharedWeights(tmp_path, slots=1)
+    first = shared.write(_weights(), version=1)
+    assert os.path.getsize(first.path) == 64 + 1 * 3 * 64  # one slot: one copy of the model
+    views = first.views()  # what an actor copies from, straight into its parameters
+    assert _equal({k: v.clone() for k, v in views.items()}, _weights())
+    first.verify()  # nothing written since: the copy is whole
+    shared.write(_weights(1.0), version=2)  # the next version lands in the same slot
+    with pytest.raises(StaleWeightsError, match="overwritten while version 1 was read"):
+        first.verify()
+    assert _equal(shared.write(_weights(2.0), version=3).read(), _weights(2.0))
+    shared.close()
+
+
 def test_close_removes_the_file_and_a_dead_learners_file_is_cleaned_up(tmp_path: Path) -> None:
     shared = SharedWeights(tmp_path)
     path = Path(shared.write(_weights(), 0).path)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
 from rlft_ray.config import LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
@@ -32,6 +33,7 @@ from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_con
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards, load_reward_fn
+from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
@@ -203,8 +205,12 @@ class GenerationActor(ValueGuidedDecoding):
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
         """
-        weights = received_weights(weights)
+        slot = weights if isinstance(weights, SharedSlot) else None
+        # a shared slot is copied straight from the file into the model (no clone of a
+        # real model's 0.5 GB), then checked not to have been overwritten meanwhile
+        weights = slot.views() if slot is not None else received_weights(weights)
         weights = self._take_ilql_heads(weights)  # an ILQL learner's heads (lm.decode=ilql)
+        self.policy_version = UNSYNCED_VERSION  # until the copy is complete and verified
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -219,6 +225,8 @@ class GenerationActor(ValueGuidedDecoding):
             self.engine.load_weights(
                 {**weights, **{a: weights[s] for a, s in self._alias_of.items()}}
             )
+            if slot is not None:
+                slot.verify()
             self.policy_version = version
             return version
         with torch.no_grad():
@@ -229,6 +237,8 @@ class GenerationActor(ValueGuidedDecoding):
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True
+        if slot is not None:
+            slot.verify()  # StaleWeightsError: the group restores this actor with the weights
         self.policy_version = version
         return version
 
@@ -259,7 +269,6 @@ class GenerationActor(ValueGuidedDecoding):
             eos_token_id=self.eos_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
             return_dict_in_generate=True,
-            output_logits=not greedy,
             **kwargs,
         )
 
@@ -312,28 +321,27 @@ class GenerationActor(ValueGuidedDecoding):
         prompt_ids, prompt_mask = pad_sequences(
             [p.ids for p in prompts], self.pad_id, "left", p_len
         )
-        if self.lm.decode == "ilql":
-            response, logprobs = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
+        recorder = None if greedy else SampledLogprobs(self.lm.temperature)
+        if self.lm.decode == "ilql":  # value-guided decoding records its own log-probs
+            response, guided = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
+            recorder = None if greedy else SampledLogprobs.given(guided)
         else:
             out = self.model.generate(
                 input_ids=torch.as_tensor(prompt_ids, device=self.device),
                 attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
                 generation_config=config,
+                logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
             )
             response = out.sequences[:, p_len:]
-            if not greedy:
-                logits = torch.stack(out.logits, dim=1).float() / self.lm.temperature
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1))
-                logprobs = logprobs.squeeze(-1)
         # Real tokens: everything up to and including the first EOS.
         is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         mask = ~after_eos
         response = response.masked_fill(~mask, self.pad_id)
-        if greedy:
+        if recorder is None:
             logprobs = torch.zeros(response.shape, dtype=torch.float32)
         else:
-            logprobs = logprobs.masked_fill(~mask, 0.0)
+            logprobs = recorder.finish(response).masked_fill(~mask, 0.0)
         return self._batch(
             prompts,
             n,

@@ -26,11 +26,15 @@ from rlft_ray.core.torch_utils import weights_from_wire
 
 #: Where the file lives: RAM-backed on Linux.
 SHM_DIR = Path("/dev/shm")
-#: Slots in the file: the one being read, the one being written, one spare.
+#: Slots in the file with overlapped sampling: the one being read, the one being written,
+#: one spare. A synchronous loop needs one: every actor has read version v before the batch
+#: it samples with v is collected, and v + 1 is written only after that.
 SLOTS = 3
-#: Largest file (all slots); bigger models publish through the object store (where the
-#: per-call cost is a small share of the copy anyway).
-MAX_BYTES = 64 * 2**20
+#: Largest file (all slots); bigger models publish through the object store. A real
+#: model goes through the file too: the object store would hold a new copy per update in
+#: pages both processes touch (the learner's RSS grew by 1.5 GB in two updates of a 135M
+#: model), the file holds ``slots`` copies, mapped by every process.
+MAX_BYTES = 4 * 2**30
 #: The file's name: this prefix, the learner's pid, a random suffix.
 PREFIX = "rlft_ray_weights_"
 _ALIGN = 64  # every tensor starts on a cache line (and on its dtype's size)
@@ -43,13 +47,15 @@ def _aligned(n: int) -> int:
 _HEADER = _ALIGN  # one int64 version per slot (-1: being written)
 
 
-def _file_bytes(slot_bytes: int) -> int:
-    return _HEADER + SLOTS * slot_bytes
+def _file_bytes(slot_bytes: int, slots: int) -> int:
+    return _HEADER + slots * slot_bytes
 
 
-def _slot(buf: torch.Tensor, version: int, slot_bytes: int) -> tuple[torch.Tensor, int, int]:
+def _slot(
+    buf: torch.Tensor, version: int, slot_bytes: int, slots: int
+) -> tuple[torch.Tensor, int, int]:
     """The header (versions per slot), the slot index of ``version`` and its first byte."""
-    slot = version % SLOTS
+    slot = version % slots
     return buf[:_HEADER].view(torch.int64), slot, _HEADER + slot * slot_bytes
 
 
@@ -88,13 +94,41 @@ class SharedSlot:
         path: The shared file.
         layout: ``(name, dtype, shape, offset, nbytes)`` of each tensor within a slot.
         slot_bytes: Size of one slot.
-        version: The policy version to read (slot ``version % SLOTS``).
+        version: The policy version to read (slot ``version % slots``).
+        slots: Slots in the file.
     """
 
     path: str
     layout: Layout
     slot_bytes: int
     version: int
+    slots: int = SLOTS
+
+    def _header(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        buf = _mapped(self.path, _file_bytes(self.slot_bytes, self.slots))
+        return (buf, *_slot(buf, self.version, self.slot_bytes, self.slots))
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """The slot's tensors as views into the shared file (no copy): copy them where
+        they go, then call :meth:`verify`.
+
+        Raises:
+            StaleWeightsError: The slot does not hold :attr:`version`.
+        """
+        buf, header, slot, base = self._header()
+        if int(header[slot]) != self.version:
+            raise StaleWeightsError(
+                f"slot {slot} holds version {int(header[slot])}, not {self.version}"
+            )
+        return _views(buf, base, self.layout)
+
+    def verify(self) -> None:
+        """Raise :class:`StaleWeightsError` if the slot was overwritten since :meth:`views`."""
+        _, header, slot, _ = self._header()
+        if int(header[slot]) != self.version:
+            raise StaleWeightsError(
+                f"slot {slot} was overwritten while version {self.version} was read"
+            )
 
     def read(self) -> dict[str, torch.Tensor]:
         """A copy of the slot's tensors.
@@ -102,17 +136,8 @@ class SharedSlot:
         Raises:
             StaleWeightsError: The slot does not hold :attr:`version` (before or after the copy).
         """
-        buf = _mapped(self.path, _file_bytes(self.slot_bytes))
-        header, slot, base = _slot(buf, self.version, self.slot_bytes)
-        if int(header[slot]) != self.version:
-            raise StaleWeightsError(
-                f"slot {slot} holds version {int(header[slot])}, not {self.version}"
-            )
-        out = {name: view.clone() for name, view in _views(buf, base, self.layout).items()}
-        if int(header[slot]) != self.version:  # overwritten while copying
-            raise StaleWeightsError(
-                f"slot {slot} was overwritten while version {self.version} was read"
-            )
+        out = {name: view.clone() for name, view in self.views().items()}
+        self.verify()
         return out
 
 
@@ -125,22 +150,25 @@ def received_weights(weights: Any) -> dict[str, torch.Tensor]:
 
 
 class SharedWeights:
-    """The learner's side: a file of :data:`SLOTS` slots, made on the first :meth:`write`.
+    """The learner's side: a file of ``slots`` slots, made on the first :meth:`write`.
 
     Args:
         directory: Where to make the file (``/dev/shm``).
         max_bytes: Largest file; weights that would need more are not shared.
+        slots: :data:`SLOTS` with overlapped sampling, 1 for a synchronous loop.
     """
 
-    def __init__(self, directory: Path = SHM_DIR, max_bytes: int = MAX_BYTES) -> None:
-        self.directory, self.max_bytes = directory, max_bytes
+    def __init__(
+        self, directory: Path = SHM_DIR, max_bytes: int = MAX_BYTES, slots: int = SLOTS
+    ) -> None:
+        self.directory, self.max_bytes, self.slots = directory, max_bytes, slots
         self.path: Path | None = None
         self.layout: Layout = ()
         self.slot_bytes = 0
         self.buf: torch.Tensor | None = None
 
     def write(self, weights: dict[str, torch.Tensor], version: int) -> SharedSlot | None:
-        """Copy ``weights`` (CPU tensors) into slot ``version % SLOTS``.
+        """Copy ``weights`` (CPU tensors) into slot ``version % slots``.
 
         Returns:
             The slot to hand to the actors; None when the weights are too large or the file
@@ -151,12 +179,12 @@ class SharedWeights:
         if layout != self.layout and not self._make(layout):
             return None
         buf = self.buf
-        header, slot, base = _slot(buf, version, self.slot_bytes)
+        header, slot, base = _slot(buf, version, self.slot_bytes, self.slots)
         header[slot] = -1  # readers of an older version in this slot now fail their check
         for name, view in _views(buf, base, self.layout).items():
             view.copy_(weights[name])
         header[slot] = version
-        return SharedSlot(str(self.path), self.layout, self.slot_bytes, version)
+        return SharedSlot(str(self.path), self.layout, self.slot_bytes, version, self.slots)
 
     def close(self) -> None:
         """Remove the file (actors that mapped it keep their mapping until they drop it)."""
@@ -180,7 +208,7 @@ class SharedWeights:
     def _make(self, layout: Layout) -> bool:
         self.close()
         slot_bytes = sum(_aligned(entry[4]) for entry in layout) or _ALIGN  # lines, aligned
-        size = _file_bytes(slot_bytes)
+        size = _file_bytes(slot_bytes, self.slots)
         if size > self.max_bytes or not self.directory.is_dir():
             return False
         _remove_orphans(self.directory)

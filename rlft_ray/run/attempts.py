@@ -25,7 +25,7 @@ from rlft_ray.config import ConfigError, RunConfig, config_yaml
 from rlft_ray.core.errors import DeterministicError
 from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, TaskProbe
-from rlft_ray.rollout.shared_weights import SharedWeights
+from rlft_ray.rollout.shared_weights import SLOTS, SharedWeights
 from rlft_ray.run.callback import RunDirCallback
 from rlft_ray.run.lock import remove_temp_files
 from rlft_ray.run.loop import LOOP_CFG, train_loop_per_worker
@@ -181,7 +181,8 @@ class Attempts:
             and not callbacks
             and not any(_streams(t) for t in probe.datasets.values())  # no Ray Dataset
         )
-        self.shared = SharedWeights() if self.in_driver else None
+        slots = SLOTS if cfg.async_rollouts else 1  # one copy of a real model, not three
+        self.shared = SharedWeights(slots=slots) if self.in_driver else None
         self.restarts = 0
         self.signum: int | None = None
         self.reporting = False  # the learner in this process writes the run directory
