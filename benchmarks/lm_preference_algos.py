@@ -10,7 +10,8 @@ same sampled set, all from one SFT base of the quickstart (JSON lines).
    log-probs: the largest relative difference per loss (target < 1 %).
 3. Preference algorithms: ``rlft-ray make-arith-prefs`` labels the base's own samples with
    the verifier (pairs, and with ``--format kto`` the same completions unpaired); each of
-   ``examples/arithmetic_{dpo,simpo,orpo,kto}.yaml`` trains as shipped from the base;
+   ``examples/arithmetic_{dpo,simpo,orpo,kto}.yaml`` trains from the base with the same
+   number of passes over the pairs (``--epochs``, 6: the shipped SimPO / ORPO / KTO setting);
    ``rlft-ray eval`` scores the last checkpoint on the held-out prompts. Target: each
    >= +20 points within 3 minutes of training.
 4. Value-based: ``rlft-ray sample examples/arithmetic_rsft.yaml rsft.select=all`` writes one
@@ -254,6 +255,36 @@ def best_worst_pairs(samples: Path, out: Path) -> int:
     return len(pairs)
 
 
+def sample_set(args: argparse.Namespace, data: Path, work: Path) -> Path:
+    """``rlft-ray sample`` of the base on ``--sample-prompts`` prompts, every sample kept."""
+    sample_dir = work / "samples"
+    prompts = work / "sample_prompts.jsonl"
+    lines = (data / "arith_train.jsonl").read_text().splitlines()[: args.sample_prompts]
+    prompts.write_text("\n".join(lines) + "\n")
+    wall = run_cli(
+        "sample",
+        str(ROOT / "examples/arithmetic_rsft.yaml"),
+        f"lm.model={args.base}",
+        f"lm.prompts={prompts}",
+        "rsft.select=all",
+        "rsft.min_reward=null",
+        "--output-dir",
+        str(sample_dir),
+        "--no-progress",
+    )
+    samples = sample_dir / "accepted.jsonl"
+    info = json.loads((sample_dir / "summary.json").read_text())
+    emit(
+        {
+            "benchmark": "sample_set",
+            "samples": info["samples"],
+            "reward_mean": info["reward_mean_all"],
+            "command_wall_s": round(wall, 1),
+        }
+    )
+    return samples
+
+
 def main() -> None:
     os.environ.setdefault("RAY_ADDRESS", "local")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -264,6 +295,9 @@ def main() -> None:
         "--sample-prompts", type=int, default=1000, help="prompts of the ILQL set (x 8 samples)"
     )
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: trl, pairs, ilql")
+    p.add_argument(
+        "--epochs", type=int, default=6, help="passes over the pairs, the same for all four"
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlft_pref_algos_"))
     if args.base is None:
@@ -307,31 +341,7 @@ def main() -> None:
                 )
                 emit({"benchmark": "preference", "seed": seed, **row})
     if "ilql" not in args.skip:
-        sample_dir = work / "samples"
-        prompts = work / "sample_prompts.jsonl"
-        lines = (data / "arith_train.jsonl").read_text().splitlines()[: args.sample_prompts]
-        prompts.write_text("\n".join(lines) + "\n")
-        wall = run_cli(
-            "sample",
-            str(ROOT / "examples/arithmetic_rsft.yaml"),
-            f"lm.model={args.base}",
-            f"lm.prompts={prompts}",
-            "rsft.select=all",
-            "rsft.min_reward=null",
-            "--output-dir",
-            str(sample_dir),
-            "--no-progress",
-        )
-        samples = sample_dir / "accepted.jsonl"
-        info = json.loads((sample_dir / "summary.json").read_text())
-        emit(
-            {
-                "benchmark": "sample_set",
-                "samples": info["samples"],
-                "reward_mean": info["reward_mean_all"],
-                "command_wall_s": round(wall, 1),
-            }
-        )
+        samples = args.samples.resolve() if args.samples else sample_set(args, data, work)
         pairs = work / "sample_pairs.jsonl"
         n_pairs = best_worst_pairs(samples, pairs)
         for seed in args.seeds:

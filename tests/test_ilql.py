@@ -185,3 +185,11 @@ def test_ilql_learner_fits_q_to_the_rewards_and_saves_the_heads(
     again = load_heads(tmp_path / "policy")
     h = torch.randn(2, 32)
     torch.testing.assert_close(again.target_q(h), learner.heads.target_q(h))
+
+
+def test_awac_weights_by_hand() -> None:
+    from rlft_ray.algorithms import awac_weights
+
+    adv = torch.tensor([[0.0, 0.5, -1.0, 10.0]])
+    w = awac_weights(adv, temperature=0.5)
+    assert w.tolist()[0] == pytest.approx([1.0, math.e, math.exp(-2.0), 20.0])  # clipped at 20

@@ -64,7 +64,13 @@ def test_preference_examples_train_and_evaluate(
     data = f"lm.pairs={files['pairs']}" if data_key == "pairs" else f"kto.data={files['kto']}"
     cfg = build_config(
         EXAMPLES / f"arithmetic_{algo}.yaml",
-        [*_common(model_dir), data, f"{algo}.batch_size=16", f"{algo}.micro_batch_size=8"],
+        [
+            *_common(model_dir),
+            data,
+            f"{algo}.batch_size=16",
+            f"{algo}.micro_batch_size=8",
+            f"{algo}.num_epochs=2",
+        ],
     )
     summary = run_training(cfg, tmp_path / algo, progress=False)
     rows = read_metrics(tmp_path / algo)
@@ -86,6 +92,7 @@ def test_ilql_trains_and_decodes_value_guided_from_its_checkpoint(
         [
             *_common(model_dir),
             f"ilql.data={files['rewards']}",
+            "ilql.num_epochs=1",
             "ilql.batch_size=16",
             "ilql.micro_batch_size=8",
         ],

@@ -7,6 +7,7 @@ nothing in this package imports ``ray`` or reads a config object.
 from rlft_ray.algorithms.advantages import compute_gae, normalize_advantages
 from rlft_ray.algorithms.dqn import dqn_loss, dqn_targets, polyak_update
 from rlft_ray.algorithms.ilql import (
+    awac_weights,
     cql_loss,
     expectile_loss,
     ilql_token_losses,
@@ -43,6 +44,7 @@ from rlft_ray.algorithms.schedules import linear_schedule, lr_factor
 
 __all__ = [
     "aggregate_loss_parts",
+    "awac_weights",
     "bradley_terry_losses",
     "compute_gae",
     "cql_loss",

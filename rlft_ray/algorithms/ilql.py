@@ -146,3 +146,29 @@ def value_guided_logits(
     """
     v = v.reshape(*q.shape[:-1], 1)
     return torch.log_softmax(logits.float(), -1) + beta * (q.float() - v.float())
+
+
+def awac_weights(
+    advantages: torch.Tensor, temperature: float, max_weight: float = 20.0
+) -> torch.Tensor:
+    """Advantage-weighted behaviour cloning weights (AWAC, Nair et al. 2020; AWR, Peng et
+    al. 2019), for ILQL's policy term::
+
+        w_t = min(exp(A(s_t, a_t) / lambda), w_max),   A = min(Q-hat1, Q-hat2) - V
+
+    so the LM's NLL favours the data's better-than-expected tokens (lambda -> inf: plain
+    BC, trlX's default). Detached.
+
+    Args:
+        advantages: ``[B, L]`` A(s_t, a_t). temperature: lambda > 0.
+        max_weight: w_max, the clip that keeps one token from dominating.
+
+    Returns:
+        ``[B, L]`` weights.
+
+    Raises:
+        ValueError: ``temperature <= 0``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.exp(advantages.detach().float() / temperature).clamp(max=max_weight)

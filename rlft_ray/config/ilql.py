@@ -29,6 +29,8 @@ class ILQLConfig:
         gamma: Discount. tau: V's expectile in (0, 1).
         v_coef: Weight of V's expectile loss. cql_coef: Weight of the CQL term.
         bc_coef: Weight of the LM's NLL on the data (behaviour cloning of pi_beta).
+        awac_temperature: lambda of advantage-weighted BC (AWAC): each token's NLL weighs
+            min(exp((min(Q-hat) - V) / lambda), 20); null: plain BC (trlX's default).
         polyak: Rate of the target heads' soft update after each optimizer step, (0, 1].
         num_epochs: Passes over the data. batch_size: Completions per optimizer step,
             over all ranks. micro_batch_size: Completions per forward/backward.
@@ -41,6 +43,7 @@ class ILQLConfig:
     v_coef: float = 1.0
     cql_coef: float = 0.1
     bc_coef: float = 1.0
+    awac_temperature: float | None = None
     polyak: float = 0.05
     num_epochs: int = 1
     batch_size: int = 32
@@ -57,6 +60,11 @@ class ILQLConfig:
         for name in ("v_coef", "cql_coef", "bc_coef"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         require(0 < self.polyak <= 1, "polyak", "must be in (0, 1]")
+        require(
+            self.awac_temperature is None or self.awac_temperature > 0,
+            "awac_temperature",
+            "must be > 0 or null",
+        )
         require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlft_ray.algorithms import ilql_token_losses, token_rewards
+from rlft_ray.algorithms import awac_weights, ilql_token_losses, token_rewards
 from rlft_ray.algorithms.lm import chunked_token_logps
 from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import CurvePlot, Learner, LearnerContext, Spaces, TaskProbe
@@ -179,6 +179,9 @@ class ILQLLearner(LMLearnerHooks, Learner):
             )
             m = mask.float()
             bc = -out["logps"] * m
+            if hp.awac_temperature is not None:  # advantage-weighted BC (AWAC)
+                adv = torch.minimum(out["target_q1"], out["target_q2"]) - out["v"]
+                bc = bc * awac_weights(adv, hp.awac_temperature)
             per_token = (
                 terms["q"] + hp.v_coef * terms["v"] + hp.cql_coef * terms["cql"] + hp.bc_coef * bc
             )

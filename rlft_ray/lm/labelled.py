@@ -3,7 +3,8 @@
 Both hold one completion per row, in TRL's unpaired field names: ``prompt``,
 ``completion`` (strings, or ``{role, content}`` message lists as in pair files) and a
 label: ``label`` (bool: desirable or not) for KTO, ``reward`` (a finite number) for ILQL
-(``rlft-ray sample`` writes such a table). :func:`load_labelled` runs on the driver
+(``rlft-ray sample`` writes such a table; there an empty completion is a model's
+immediate EOS, a trajectory like any other). :func:`load_labelled` runs on the driver
 before Ray starts and checks every row as :func:`~rlft_ray.lm.pairs.load_pairs` does
 (missing fields and ill-typed values are errors naming the line; empty fields are errors
 or, with ``lm.drop_invalid_pairs``, dropped and counted; over-long rows follow
@@ -101,7 +102,9 @@ def load_labelled(
             )
         prompt, completion = (_text(row[f], f, where, key) for f in fields[:2])
         value = _label(row[field], field, where, key)
-        empty = next((f for f, v in zip(fields, (prompt, completion)) if _empty(v)), None)
+        # an empty completion is a trajectory of one EOS for ILQL, but no example for KTO
+        checked = (prompt, completion) if field == "label" else (prompt,)
+        empty = next((f for f, v in zip(fields, checked) if _empty(v)), None)
         if empty:
             if not lm.drop_invalid_pairs:
                 raise PromptDataError(
