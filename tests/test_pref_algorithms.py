@@ -263,6 +263,10 @@ def test_unpaired_files_are_validated_with_the_line_named(model_dir: Path, tmp_p
         with pytest.raises(PromptDataError, match=text) as err:
             load_labelled(path, tok, lm, "kto.data", "label")
         assert "bad.jsonl:2" in str(err.value) and "kto.data" in str(err.value)
+    # an ILQL set may hold a model's immediate EOS: one EOS token, a trajectory like any other
+    path.write_text(json.dumps({"prompt": "1+1=", "completion": "", "reward": 0.0}) + "\n")
+    table, _ = load_labelled(path, tok, lm, "ilql.data", "reward")
+    assert list(table["completion_ids"][0]) == [tok.eos_token_id]
     path.write_text(
         json.dumps({"prompt": "1+1=", "completion": "2", "reward": float("nan")}) + "\n"
     )
