@@ -296,6 +296,9 @@ def main() -> None:
     )
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: trl, pairs, ilql")
     p.add_argument(
+        "--samples", type=Path, default=None, help="reuse this ILQL set (an accepted.jsonl)"
+    )
+    p.add_argument(
         "--epochs", type=int, default=6, help="passes over the pairs, the same for all four"
     )
     args = p.parse_args()
