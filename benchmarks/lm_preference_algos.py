@@ -295,6 +295,7 @@ def main() -> None:
         "--sample-prompts", type=int, default=1000, help="prompts of the ILQL set (x 8 samples)"
     )
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: trl, pairs, ilql")
+    p.add_argument("--algos", nargs="*", default=list(PAIR_ALGOS), help="pair algorithms to run")
     p.add_argument(
         "--samples", type=Path, default=None, help="reuse this ILQL set (an accepted.jsonl)"
     )
@@ -328,7 +329,7 @@ def main() -> None:
                 "arith_kto",
             )
         for seed in args.seeds:
-            for algo in PAIR_ALGOS:
+            for algo in args.algos:
                 src = (
                     f"kto.data={data / 'arith_kto_train.jsonl'}"
                     if algo == "kto"

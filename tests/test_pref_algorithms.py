@@ -346,3 +346,19 @@ def test_kto_rows_from_pairs_and_from_sampled_rewards(tmp_path: Path, capsys) ->
     samples.write_text(json.dumps({"prompt": "1+2=", "completion": "3"}) + "\n")
     assert main(["label-samples", str(samples), str(out)]) != 0
     assert "accepted.jsonl:1: missing field(s) ['reward']" in capsys.readouterr().err
+
+
+def test_kto_sft_term_is_the_desirable_completions_mean_token_nll(
+    model_dir: Path, kto_file: Path
+) -> None:
+    from rlft_ray.learners.kto import completion_logps
+    from rlft_ray.lm.pairs import rows_of
+
+    learner = _kto(model_dir, kto_file, "kto.sft_coef=1.0", "kto.batch_size=8", "kto.shuffle=false")
+    batch = learner.next_batch(0)
+    t = labelled_tensors(batch.rows, int(learner.core.tokenizer.pad_token_id), torch.device("cpu"))
+    with torch.no_grad():
+        logps = completion_logps(learner.core.policy, rows_of(t, torch.arange(8)))
+    nll = -logps / t["chosen_mask"].sum(-1) * (t["value"] > 0.5)
+    metrics = learner.update(batch, progress=0.0)
+    assert metrics["loss/sft"] == pytest.approx(float(nll.mean()), rel=1e-4)

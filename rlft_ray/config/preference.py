@@ -283,6 +283,8 @@ class KTOConfig:
     Attributes:
         data: The unpaired file (required).
         beta: beta > 0. desirable_weight / undesirable_weight: lambda_D / lambda_U > 0.
+        sft_coef: Weight of an NLL term (mean token NLL) on the desirable completions, as
+            ``dpo.sft_coef`` (RPO) on chosen ones; 0: the paper's loss alone.
         num_epochs: Passes over the examples. batch_size: Examples per optimizer step,
             over all ranks (each rank's share >= 2, to mismatch). micro_batch_size:
             Examples per forward/backward. shuffle, optim: As in :class:`DPOConfig`.
@@ -292,6 +294,7 @@ class KTOConfig:
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    sft_coef: float = 0.0
     num_epochs: int = 1
     batch_size: int = 32
     micro_batch_size: int = 16
@@ -300,6 +303,7 @@ class KTOConfig:
 
     def __post_init__(self) -> None:
         require(self.data is None or bool(self.data.strip()), "data", "must not be empty")
+        require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
         require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
         require(self.desirable_weight > 0, "desirable_weight", "must be > 0")
         require(self.undesirable_weight > 0, "undesirable_weight", "must be > 0")

@@ -149,9 +149,12 @@ class KTOLearner(LMLearnerHooks, Learner):
                 hp.undesirable_weight,
             )
             total = (losses * weight).sum()
-            return MicroOut(
-                total, float(weight.sum()), {"loss/kto": float((losses.detach() * weight).sum())}
-            )
+            stats = {"loss/kto": float((losses.detach() * weight).sum())}
+            if hp.sft_coef:  # mean token NLL of the desirable completions (RPO-style)
+                nll = -logps / sub["chosen_mask"].sum(-1).clamp_min(1) * (sub["value"] > 0.5)
+                total = total + hp.sft_coef * (nll * weight).sum()
+                stats["loss/sft"] = float((nll.detach() * weight).sum())
+            return MicroOut(total, float(weight.sum()), stats)
 
         def denominator(rows: torch.Tensor) -> torch.Tensor:
             return torch.tensor(float(len(rows)), device=dev)
