@@ -19,6 +19,13 @@ Importing this package registers:
   turn NaN after ``nan_after_steps`` steps: a fault-injection env for testing the
   learners' NaN guard, not for training.
 
+* ``rlft/ToolArithmetic-v0``, ``rlft/TextNavigation-v0``, ``rlft/GuessNumber-v0`` — text
+  environments for LM agents (:class:`rlft_ray.agents.TextEnv`: text observations and
+  actions, several model turns per episode; see README "Agents and tools"):
+  :class:`envs.tool_arithmetic.ToolArithmeticEnv` (products with a calculator tool),
+  :class:`envs.text_navigation.TextNavigationEnv` (grid navigation in words) and
+  :class:`envs.guess_number.GuessNumberEnv` (higher / lower feedback).
+
 Registration is idempotent: re-importing (or reloading) the package does not register
 the id twice.
 """
@@ -46,4 +53,16 @@ if NAN_REWARD_ID not in gymnasium.registry:
         max_episode_steps=500,
     )
 
-__all__ = ["NAN_REWARD_ID", "NAVIGATION_ID", "NavigationEnv"]
+#: The text environments (LM agents): id -> entry point. Each caps its own turns (max_turns).
+TEXT_ENVS: dict[str, str] = {
+    "rlft/ToolArithmetic-v0": "envs.tool_arithmetic:ToolArithmeticEnv",
+    "rlft/TextNavigation-v0": "envs.text_navigation:TextNavigationEnv",
+    "rlft/GuessNumber-v0": "envs.guess_number:GuessNumberEnv",
+}
+for _id, _entry in TEXT_ENVS.items():
+    if _id not in gymnasium.registry:
+        # no TimeLimit (max_turns is the env's own) and no passive checker: each step's text
+        # is checked by the rollout, and gymnasium.utils.env_checker validates the classes
+        gymnasium.register(id=_id, entry_point=_entry, disable_env_checker=True)
+
+__all__ = ["NAN_REWARD_ID", "NAVIGATION_ID", "TEXT_ENVS", "NavigationEnv"]

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "make-arith-data": "rlft_ray.apps.make_arith_data:command",
     "make-arith-prefs": "rlft_ray.apps.make_prefs:command",
     "label-samples": "rlft_ray.apps.make_prefs:label_command",
+    "make-agent-base": "rlft_ray.apps.make_agent_base:command",
 }
 ADDRESS_HELP = (
     "Ray cluster to run on (host:port, ray://..., auto); default RAY_ADDRESS, else embedded Ray"
@@ -88,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--limit", type=int, default=None, help="LM runs: score only the first N prompts"
+    )
+    e.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="LM runs: also sample N completions per prompt and print pass@k and maj@k "
+        "(k = 1, 2, 4, ... N)",
     )
     e.add_argument(
         "overrides",
@@ -183,6 +191,29 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-positions", type=int, default=128)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+
+    ab = sub.add_parser(
+        "make-agent-base",
+        help="a tiny GPT-2 supervised on demonstration episodes of a text environment "
+        "(OUT/sft_base: the start of examples/tool_arithmetic_grpo.yaml)",
+    )
+    ab.add_argument("out", type=Path, help="output directory (e.g. runs/agent)")
+    ab.add_argument(
+        "--env",
+        default="rlft/ToolArithmetic-v0",
+        choices=("rlft/ToolArithmetic-v0", "rlft/GuessNumber-v0"),
+    )
+    ab.add_argument("--demos", type=int, default=400, help="demonstration episodes")
+    ab.add_argument("--steps", type=int, default=1500, help="supervised steps (batch 64)")
+    ab.add_argument("--seconds", type=float, default=240.0, help="upper bound on the pass")
+    ab.add_argument(
+        "--tool-frac",
+        type=float,
+        default=0.5,
+        help="ToolArithmetic: share of demonstrations that call the calculator "
+        "(the rest answer directly)",
+    )
+    ab.add_argument("--seed", type=int, default=0)
 
     d = sub.add_parser(
         "make-arith-data", help="write arith_train.jsonl / arith_test.jsonl prompt files"

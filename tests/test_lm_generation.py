@@ -12,7 +12,8 @@ from rlft_ray.config import LMConfig
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rewards import RewardError
-from rlft_ray.rollout.generation import GenerationActor, SampledLogprobs
+from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]

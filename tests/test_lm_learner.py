@@ -36,6 +36,16 @@ CASES = {
     ),
     "reinforce-seq-sum": ("grpo", ["grpo.estimator=reinforce", "grpo.loss_agg=seq-mean-token-sum"]),
     "lm-ppo-value-head": ("lm_ppo", ["lm_ppo.num_epochs=1", "lm_ppo.value_head_init_std=0.1"]),
+    # REINFORCE++: token returns whitened over both ranks' tokens, KL per token in the reward
+    "reinforce-pp-baseline-kl-reward": (
+        "grpo",
+        [
+            "grpo.estimator=reinforce_pp_baseline",
+            "grpo.kl_coef=0.1",
+            "grpo.kl_in=reward",
+            "grpo.kl_estimator=k1",
+        ],
+    ),
     # LoRA: only adapter gradients, all-reduced over the ranks the same way
     "grpo-lora-kl-loss": ("grpo", ["lm.lora.r=4", "lm.lora.alpha=8", "grpo.kl_coef=0.1"]),
 }
@@ -103,6 +113,12 @@ def test_kl_only_reported_runs_the_reference_every_track_kl_every(
     # a coefficient > 0 puts the KL in the objective: it is needed on every update
     in_loss = make_learner(algo, model_dir, f"{algo}.kl_coef=0.05", "lm.track_kl_every=3")
     assert all("kl/mean" in in_loss.update(batch, progress=0.0) for _ in range(3))
+    # ... and in float32; a reference only reported is kept in bf16 (half the memory)
+    dtypes = {m: {p.dtype for p in m.core.reference.parameters()} for m in (every_1, in_loss)}
+    assert dtypes[every_1] == {torch.bfloat16} and dtypes[in_loss] == {torch.float32}
+    # which reports the KL of an unchanged policy as about 0 (bf16 rounding), not exactly 0
+    fresh = make_learner(algo, model_dir, whole, f"{algo}.kl_coef=0")  # KL before the step
+    assert abs(fresh.update(batch, progress=0.0)["kl/mean"]) < 2e-3  # k1 (PPO) can be < 0
 
 
 def test_lr_schedule(model_dir: Path) -> None:

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "rlft_ray.types": 1,
     "rlft_ray.algorithms": 1,
     "rlft_ray.rewards": 2,
+    "rlft_ray.agents": 2,  # text-env protocol and tools (no torch)
     "rlft_ray.lm": 2,
     "rlft_ray.rollout": 3,
     "rlft_ray.learners": 4,

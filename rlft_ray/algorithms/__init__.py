@@ -16,6 +16,7 @@ from rlft_ray.algorithms.ilql import (
 )
 from rlft_ray.algorithms.kto import kto_losses, kto_reference_point
 from rlft_ray.algorithms.lm import (
+    gapped_gae,
     group_advantages,
     kl_penalty,
     masked_gae,
@@ -52,6 +53,7 @@ __all__ = [
     "dqn_loss",
     "dqn_targets",
     "expectile_loss",
+    "gapped_gae",
     "grm_losses",
     "grm_sft_regularizer",
     "group_advantages",

@@ -225,6 +225,53 @@ def masked_gae(
     return advantages, returns
 
 
+@torch.no_grad()
+def gapped_gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the masked tokens only, skipping the gaps between them (multi-turn
+    episodes: the model's turns, with the environment's replies in between).
+
+    The steps of each row are its masked tokens in order; for a step t whose next masked
+    token is t' (none after the last: V = 0)::
+
+        delta_t = r_t + gamma * V_{t'} - V_t
+        A_t     = delta_t + gamma * lambda * A_{t'}
+        R_t     = A_t + V_t
+
+    i.e. :func:`masked_gae` on each row's masked tokens packed to the left, scattered
+    back; unmasked positions get 0 (their rewards and values are ignored). With no gaps
+    (right-padded rows) it equals :func:`masked_gae`.
+
+    Args:
+        token_rewards: ``[B, L]`` per-token rewards (a turn's reward on its last token).
+        values: ``[B, L]`` critic values at sampling time.
+        mask: ``[B, L]`` bool or {0, 1}: the model's tokens.
+        gamma: Discount per model token. lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, L]`` float32.
+    """
+    keep = mask != 0
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # masked first, in order
+    packed_mask = keep.gather(-1, order)
+    adv, ret = masked_gae(
+        token_rewards.float().gather(-1, order),
+        values.float().gather(-1, order),
+        packed_mask,
+        gamma,
+        lam,
+    )
+    return (
+        torch.zeros_like(adv).scatter(-1, order, adv),
+        torch.zeros_like(ret).scatter(-1, order, ret),
+    )
+
+
 def ppo_token_policy_losses(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def masked_whiten(
 
 
 def aggregate_loss_parts(
-    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str
+    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Numerator and denominator of a per-token loss reduced to a scalar, kept apart so they
     can be summed over shards.
@@ -121,7 +121,10 @@ def aggregate_loss_parts(
         "seq-mean-token-mean": num = sum_i sum_t l_it m_it / |y_i|,  den = B
                                (GRPO, Shao et al. 2024, "DeepSeekMath")
         "seq-mean-token-sum":  num = sum_i sum_t l_it m_it,          den = B
-                               (no length normalisation; Dr. GRPO, Liu et al. 2025)
+                               (no length normalisation)
+        "seq-mean-token-sum-norm": num = sum_i sum_t l_it m_it,      den = B * L_max
+                               (Dr. GRPO, Liu et al. 2025: a constant normaliser, the
+                               generation budget L_max = ``max_tokens``; verl's name)
 
     A row with no real tokens contributes 0 to the sequence modes but still counts in B.
     Splitting a batch into micro-batches (or DDP ranks) and computing
@@ -131,13 +134,14 @@ def aggregate_loss_parts(
     Args:
         loss_mat: ``[B, L]`` per-token losses.
         mask: ``[B, L]`` bool or {0, 1}.
-        mode: One of the three modes above.
+        mode: One of the modes above.
+        max_tokens: L_max of ``seq-mean-token-sum-norm`` (required there, unused otherwise).
 
     Returns:
         ``(numerator, denominator)``, scalars; the numerator carries the gradient.
 
     Raises:
-        ValueError: Unknown ``mode``.
+        ValueError: Unknown ``mode``, or ``seq-mean-token-sum-norm`` without ``max_tokens``.
     """
     rows = torch.tensor(float(loss_mat.shape[0]), device=loss_mat.device)
     if mode == "token-mean":
@@ -146,4 +150,8 @@ def aggregate_loss_parts(
         return masked_mean(loss_mat, mask, dim=-1).sum(), rows
     if mode == "seq-mean-token-sum":
         return masked_sum(loss_mat, mask, dim=-1).sum(), rows
+    if mode == "seq-mean-token-sum-norm":
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError(f"{mode} needs max_tokens >= 1 (the generation budget)")
+        return masked_sum(loss_mat, mask, dim=-1).sum(), rows * float(max_tokens)
     raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {_AGG_MODES}")

@@ -24,12 +24,15 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("--episodes", "must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit", "must be >= 1")
+    if getattr(args, "samples", 0) < 0:
+        raise ConfigError("--samples", "must be >= 0")
     opts = EvalOptions(
         episodes=args.episodes,
         seed=args.seed,
         stochastic=args.stochastic,
         dataset=args.dataset,
         limit=args.limit,
+        samples=getattr(args, "samples", 0),
     )
     if is_model_dir(args.checkpoint):  # a bare save_pretrained directory (e.g. runs/q/sft_base)
         from rlft_ray.learners.lm_learner import evaluate_lm
@@ -39,10 +42,13 @@ def command(args: argparse.Namespace) -> int:
     else:
         saved = load_config_from_checkpoint(args.checkpoint)
         cfg = eval_config(saved, args.overrides)
-        if algorithm_spec(cfg.algo).rollout == "generation":  # scored by lm.eval_fn
+        from rlft_ray.learners.agent_probe import agent_mode
+
+        # scored by lm.eval_fn (an agent's episodes: by its environment)
+        if algorithm_spec(cfg.algo).rollout == "generation" and not agent_mode(cfg):
             print(f"eval: {eval_fn_source(saved, cfg, args.overrides)}", file=sys.stderr)
         result = get_learner_cls(cfg.algo).evaluate(args.checkpoint, cfg, opts)
-        if "accuracy" in result:
+        if "accuracy" in result and "env" not in result:  # an agent's: the env's is_success
             result["eval_fn"] = cfg.lm.eval_fn
     print(json.dumps(result, indent=2))
     return 0

@@ -78,6 +78,11 @@ def run_sampling(
     if prompts_per_batch < 1:
         raise ConfigError("--prompts-per-batch", "must be >= 1")
     out = Path(output_dir).resolve()
+    if not cfg.lm.prompts:  # without it the probe would set up LM-agent episodes
+        raise ConfigError(
+            "lm.prompts",
+            "rlft-ray sample needs a prompt file; agent episodes are sampled by training runs",
+        )
     probe = RSFTLearner.probe(cfg, training=False)  # model, prompts, reward fn, selection
     cfg = probe.cfg or cfg
     _check_output_dir(out, cfg, resume)

@@ -8,16 +8,16 @@ Tune search spaces address fields by dotted name (``ppo.lr``,
 every key and type before any Ray work starts.
 
 Where things live: the sections in :mod:`.gym` (env, PPO, DQN, filtered BC), :mod:`.lm`
-(model, prompts, LM algorithms, RSFT),
+(model, prompts, token PPO, RSFT), :mod:`.grpo` (the GRPO family),
 :mod:`.preference` (DPO, online DPO, reward models, SimPO, ORPO, KTO), :mod:`.ilql` (ILQL) and :mod:`.run` (resources, the run); the reader in
 :mod:`.parse`. Importing this package loads neither torch nor any learner.
 """
 
 from rlft_ray.config.errors import ConfigError
+from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import (
-    GRPOConfig,
     KLEstimator,
     LMConfig,
     LMPPOConfig,

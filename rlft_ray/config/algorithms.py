@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.ilql import ILQLConfig
-from rlft_ray.config.lm import GRPOConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import (
     DPOConfig,
     KTOConfig,
@@ -45,6 +46,8 @@ class AlgorithmSpec:
         async_ok: Its loss corrects for samples a version behind (a PPO/GRPO ratio against
             the recorded log-probs, or an off-policy learner): ``async_rollouts`` allowed.
         offline: It learns from its own data shard, not from the actors' samples.
+        agents_ok: Without ``lm.prompts`` it trains an LM agent on multi-turn episodes of
+            the text environment ``env`` (groups: episodes from one reset seed).
         summary: One line for the README's algorithm table.
     """
 
@@ -55,6 +58,7 @@ class AlgorithmSpec:
     rollout_for_eval_only: bool = False
     async_ok: bool = False
     offline: bool = False
+    agents_ok: bool = False
     summary: str = ""
 
 
@@ -88,7 +92,8 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         "rlft_ray.learners.grpo:GRPOLearner",
         "generation",
         async_ok=True,
-        summary="GRPO / RLOO / REINFORCE with KL to a reference (Shao et al. 2024)",
+        agents_ok=True,
+        summary="GRPO family: GRPO, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE(++) (Shao et al. 2024)",
     ),
     AlgorithmSpec(
         "lm_ppo",
@@ -96,6 +101,7 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         "rlft_ray.learners.lm_ppo:LMPPOLearner",
         "generation",
         async_ok=True,
+        agents_ok=True,
         summary="token-level PPO with a value head, KL in the reward (Ouyang et al. 2022)",
     ),
     AlgorithmSpec(
@@ -103,6 +109,7 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         RSFTConfig,
         "rlft_ray.learners.rsft:RSFTLearner",
         "generation",
+        agents_ok=True,
         summary="rejection-sampling fine-tuning: expert iteration / ReST / RAFT rounds",
     ),
     AlgorithmSpec(

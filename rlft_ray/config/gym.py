@@ -17,15 +17,25 @@ class EnvConfig:
         kwargs: Keyword arguments for ``gymnasium.make`` (e.g. ``goal``, ``action_type``).
         num_envs_per_runner: Sub-environments in each runner's vector env.
         max_episode_steps: Optional override of the env's time limit.
+        step_timeout_s: Longest ``step`` of a text environment (LM agents; tools run
+            inside it): a step past it ends its episode as failed, with the reason
+            recorded (``rollout/failed_episodes``), and the run goes on.
+        train_seeds: LM agents: the reset seeds training episodes draw from
+            (``seed .. seed + train_seeds - 1``; each seed's ``lm.num_samples`` episodes form
+            one GRPO group); held-out episodes use seeds from 1,000,000 on.
     """
 
     id: str = "CartPole-v1"
     kwargs: dict[str, Any] = field(default_factory=dict)
     num_envs_per_runner: int = 4
     max_episode_steps: int | None = None
+    step_timeout_s: float = 30.0
+    train_seeds: int = 10_000
 
     def __post_init__(self) -> None:
         require(bool(self.id), "id", "must name a gymnasium environment id")
+        require(self.step_timeout_s > 0, "step_timeout_s", "must be > 0 seconds")
+        require(self.train_seeds >= 1, "train_seeds", "must be >= 1")
         require(self.num_envs_per_runner >= 1, "num_envs_per_runner", "must be >= 1")
         require(
             self.max_episode_steps is None or self.max_episode_steps >= 1,

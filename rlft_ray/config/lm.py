@@ -108,6 +108,10 @@ class LMConfig:
         prompts: Training prompts, a ``.jsonl``/``.json`` or ``.parquet`` file with a
             ``prompt`` column and optional ``answer``/``ground_truth`` and metadata columns.
         eval_prompts: Held-out prompts for ``rlft-ray eval`` and the quickstart.
+        eval_samples: With ``eval_every``, also sample this many completions per held-out
+            prompt (at ``temperature``) and report ``eval/pass@k`` (Chen et al. 2021's
+            unbiased estimator) and ``eval/maj@k`` for k = 1, 2, 4, ... up to it; 0: off
+            (greedy ``eval/accuracy`` only).
         prompt_key: Column holding the prompt text.
         max_prompt_tokens: Longest prompt (in tokens, after the chat template).
         prompt_overflow: What to do with longer prompts: ``drop`` them, ``truncate`` them
@@ -159,6 +163,15 @@ class LMConfig:
             or ``'rlft-ray[vllm]'``). Scoring, selection and evaluation are the same with
             either; vLLM needs ``top_p = 1`` (its log-probs with a nucleus are of the
             truncated distribution, the learner's are not) and full fine-tuning (no LoRA).
+        max_turns: LM agents in a text environment (``env``): model turns per episode at
+            most (the episode is truncated after them).
+        max_episode_tokens: LM agents: prompt + every turn (the model's and the
+            environment's) of one episode at most, in tokens; null: the model's positions
+            (or, without such a limit, ``max_prompt_tokens + 2 x max_turns x max_new_tokens``).
+        reward_timeout_s: Longest call of ``lm.reward_fn`` on an actor's batch: past it
+            the batch's samples are scored 0 (``rollout/reward_timeouts`` counts it, a
+            warning names the function) and the run goes on; null: no bound (then only
+            ``resources.sample_timeout_s`` ends a hang, by restarting the actor).
         vllm_kv_cache_gb: GiB the vLLM engine reserves for its KV cache (CPU memory on
             a CPU actor, GPU memory on a GPU one); null sizes it for
             ``generation_batch_size`` sequences of ``max_prompt_tokens + max_new_tokens``.
@@ -179,6 +192,7 @@ class LMConfig:
     prompt_template: str | None = None
     prompts: str | None = None
     eval_prompts: str | None = None
+    eval_samples: int = 0
     prompt_key: str = "prompt"
     max_prompt_tokens: int = 256
     prompt_overflow: Literal["drop", "truncate", "error"] = "drop"
@@ -208,6 +222,9 @@ class LMConfig:
     vllm_kv_cache_gb: float | None = None
     decode: Literal["plain", "ilql"] = "plain"
     decode_beta: float = 1.0
+    max_turns: int = 8
+    max_episode_tokens: int | None = None
+    reward_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
@@ -221,6 +238,7 @@ class LMConfig:
             problem = prompt_template_problem(self.prompt_template)
             require(problem is None, "prompt_template", f"{problem} (got {self.prompt_template!r})")
         require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(self.eval_samples >= 0, "eval_samples", "must be >= 0 (0: off)")
         require(
             ":" in self.reward_fn,
             "reward_fn",
@@ -238,6 +256,17 @@ class LMConfig:
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.track_kl_every >= 1, "track_kl_every", "must be >= 1")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1")
+        require(self.max_turns >= 1, "max_turns", f"must be >= 1 (got {self.max_turns})")
+        require(
+            self.max_episode_tokens is None or self.max_episode_tokens >= 2,
+            "max_episode_tokens",
+            "must be >= 2 or null",
+        )
+        require(
+            self.reward_timeout_s is None or self.reward_timeout_s > 0,
+            "reward_timeout_s",
+            "must be > 0 seconds or null",
+        )
         require(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
         require(self.logit_chunk_tokens >= 1, "logit_chunk_tokens", "must be >= 1")
         require(
@@ -275,7 +304,9 @@ class LMConfig:
             )
 
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LossAgg = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -295,55 +326,6 @@ def check_clip_and_kl(
     require(clip_low > 0, "clip_low", f"must be > 0 (got {clip_low})")
     require(clip_high is None or clip_high > 0, "clip_high", "must be > 0 or null")
     require(kl_coef >= 0, "kl_coef", f"must be >= 0 (got {kl_coef})")
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Critic-free policy gradient with group baselines: GRPO, RLOO or REINFORCE.
-
-    Defaults follow GRPO in DeepSeekMath (Shao et al. 2024): group-normalised
-    advantages, one update per batch, clip 0.2, k3 KL to the reference in the loss
-    with beta = 0.04, sequence-mean-token-mean loss, lr 1e-6.
-
-    Attributes:
-        estimator: ``grpo`` (r - mean) / std per group, ``rloo`` leave-one-out mean
-            (Ahmadian et al. 2024), ``reinforce`` batch-mean baseline.
-        std_normalize: Divide GRPO advantages by the group std (false: Dr. GRPO).
-        kl_coef: beta, weight of KL(pi || pi_ref).
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020).
-        kl_in: Put the KL penalty in the ``loss`` (GRPO) or subtract it from the
-            sequence ``reward`` before the advantages (RLOO paper).
-        clip_low: PPO-clip epsilon (lower); ``clip_high`` the upper one (null: same).
-        tis_cap: Truncated importance sampling for a sampler that computes another
-            distribution than the learner (vLLM, bf16 kernels): the learner recomputes the
-            sampled tokens' log-probs under the sampling weights, takes the PPO ratio
-            against them, and weights each token by min(pi_learner / pi_sampler, tis_cap)
-            (2.0 is usual); null: off. ``rollout/logprob_gap`` reports the mismatch
-            whenever the learner recomputes (TIS on, or ``lm.backend: vllm``).
-        num_epochs: Passes over each batch. num_minibatches: optimizer steps per pass.
-        micro_batch_size: Sequences per forward/backward; gradients accumulate over a
-            minibatch's micro-batches (and average over DDP ranks) before each step.
-        loss_agg: ``token-mean``, ``seq-mean-token-mean`` or ``seq-mean-token-sum``.
-        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
-    """
-
-    estimator: Literal["grpo", "rloo", "reinforce"] = "grpo"
-    std_normalize: bool = True
-    kl_coef: float = 0.04
-    kl_estimator: KLEstimator = "k3"
-    kl_in: Literal["loss", "reward"] = "loss"
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    num_epochs: int = 1
-    num_minibatches: int = 1
-    micro_batch_size: int = 8
-    loss_agg: LossAgg = "seq-mean-token-mean"
-    tis_cap: float | None = None
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
-
-    def __post_init__(self) -> None:
-        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
-        check_clip_and_kl(self.clip_low, self.clip_high, self.kl_coef, self.tis_cap)
 
 
 @dataclass(frozen=True)

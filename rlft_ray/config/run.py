@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from rlft_ray.config.algorithms import ALGORITHMS, SPECS
 from rlft_ray.config.errors import require
+from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.ilql import ILQLConfig
-from rlft_ray.config.lm import GRPOConfig, LMConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import LMConfig, LMPPOConfig, RSFTConfig
 from rlft_ray.config.preference import (
     DPOConfig,
     KTOConfig,

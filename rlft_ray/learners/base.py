@@ -85,6 +85,8 @@ class EvalOptions:
         stochastic: Sample actions instead of the greedy/mean action (gym tasks).
         dataset: Prompt file to score greedy completions on (LM tasks).
         limit: Score at most this many prompts (LM tasks).
+        samples: Also sample this many completions per prompt and report pass@k and maj@k
+            (LM tasks; 0: greedy accuracy only).
     """
 
     episodes: int = 20
@@ -92,6 +94,7 @@ class EvalOptions:
     stochastic: bool = False
     dataset: str | None = None
     limit: int | None = None
+    samples: int = 0
 
 
 #: Held-out evaluation episodes reset with seeds from ``seed + HELDOUT_SEED`` on.
@@ -246,6 +249,13 @@ class Learner(ABC):
             "seed": cfg.seed + 10_007 * (index + 1),
             "num_threads": max(1, int(cfg.resources.cpus_per_rollout_actor)),
         }
+
+    @classmethod
+    def resample_rounds(cls, cfg: RunConfig) -> int | None:
+        """Dynamic sampling (DAPO): the loop drops groups of equal rewards and samples more
+        prompts, at most this many extra rounds per iteration, until the batch is full
+        again. None (the default): the batch is taken as sampled."""
+        return None
 
     def next_sample_args(self, num_actors: int) -> list[tuple[Any, ...]]:
         """Positional arguments of each of this rank's actors' next ``sample`` call.

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlft_ray.algorithms.pass_at_k import sample_metrics
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.core.torch_utils import torch_threads
 from rlft_ray.learners.base import CurvePlot, EvalOptions, Spaces, TaskProbe
@@ -48,6 +49,10 @@ def probe_lm(cfg: RunConfig, training: bool = True) -> TaskProbe:
     Raises:
         ConfigError: Naming the key (``lm.model``, ``lm.prompts``, ``lm.reward_fn``, ...).
     """
+    from rlft_ray.learners.agent_probe import agent_mode, probe_agent
+
+    if agent_mode(cfg):  # no prompt file: an LM agent in the text environment env
+        return probe_agent(cfg, training)
     lm, res = cfg.lm, cfg.resources
     tok, info = check_model(cfg, lm.max_new_tokens, "lm.max_new_tokens")
     check_reward_fns(cfg)
@@ -294,8 +299,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
     """Constructor kwargs of generation actor ``index``."""
+    from rlft_ray.learners.agent_probe import agent_mode
+
     gpus = getattr(cfg.resources, "gpus_per_rollout_actor", 0.0)
     return {
+        **({"env": cfg.env} if agent_mode(cfg) else {}),
         "lm": cfg.lm,
         "seed": cfg.seed + 10_007 * (index + 1),
         "num_threads": cfg.resources.threads_per_rollout_actor
@@ -306,14 +314,20 @@ def lm_sampler_kwargs(cfg: RunConfig, index: int) -> dict[str, Any]:
 
 def evaluate_lm(checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
     """Exact-match (``lm.eval_fn``) accuracy of greedy completions of a checkpoint's policy."""
+    from rlft_ray.agents import is_text_env
+    from rlft_ray.learners.agent_probe import agent_mode, evaluate_agent_checkpoint
     from rlft_ray.rollout.evaluate import evaluate_model
 
+    if agent_mode(cfg) and not opts.dataset and not cfg.lm.eval_prompts and is_text_env(cfg.env.id):
+        return evaluate_agent_checkpoint(checkpoint, cfg, opts)
     dataset = opts.dataset or cfg.lm.eval_prompts
     if not dataset:
         raise ConfigError("--dataset", "name a prompt file (the run config has no lm.eval_prompts)")
     check_reward_specs(cfg)  # before the model loads and generates
     policy_dir = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
-    result = evaluate_model(policy_dir, dataset, cfg.lm, limit=opts.limit, seed=opts.seed)
+    result = evaluate_model(
+        policy_dir, dataset, cfg.lm, limit=opts.limit, seed=opts.seed, samples=opts.samples
+    )
     return {"checkpoint": str(checkpoint), **result}
 
 
@@ -324,6 +338,10 @@ def heldout_lm_metrics(results: list[dict[str, np.ndarray]]) -> dict[str, float]
     correctness, when it falls towards 0.5 the policy is gaming the reward model."""
     acc = np.concatenate([np.asarray(r["accuracy"], dtype=np.float64) for r in results])
     out = {"eval/accuracy": float(acc.mean()) if len(acc) else 0.0}
+    if results and "sample_correct" in results[0]:  # lm.eval_samples: pass@k, maj@k
+        correct = np.concatenate([np.asarray(r["sample_correct"], dtype=bool) for r in results])
+        answers = [row for r in results for row in np.asarray(r["sample_answers"]).tolist()]
+        out.update(sample_metrics(answers, correct, prefix="eval/"))
     if results and "reward_model" in results[0]:
         rm = np.concatenate([np.asarray(r["reward_model"], dtype=np.float64) for r in results])
         out["eval/reward_model_mean"] = float(rm.mean()) if len(rm) else 0.0

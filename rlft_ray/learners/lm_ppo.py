@@ -3,6 +3,10 @@
 Per-token reward ``-kl_coef * KL_t`` plus the sequence score on the last token
 (Ziegler et al. 2019; Ouyang et al. 2022); GAE with a value head on the policy's
 last hidden state; clipped surrogate and clipped value loss over ``num_epochs``.
+
+On multi-turn agent episodes each turn's reward sits on the turn's last model token and
+GAE runs over the model's tokens only (:func:`~rlft_ray.algorithms.lm.gapped_gae`: the
+value after a turn's last token is the one at the next turn's first token).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from rlft_ray.algorithms.lm import (
+    gapped_gae,
     masked_gae,
     masked_mean,
     ppo_token_policy_losses,
@@ -20,7 +25,7 @@ from rlft_ray.config import RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import all_reduce_mean, global_masked_whiten
 from rlft_ray.learners.lm_learner import LMLearnerHooks
-from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_rank import LMRank, agent_metrics
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -36,6 +41,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
             ctx,
             self.hp,
             keep_start=self.hp.kl_coef > 0 or cfg.lm.track_kl,
+            reference_reported_only=self.hp.kl_coef == 0,
             value_head=True,
             value_head_init_std=self.hp.value_head_init_std,
         )
@@ -55,10 +61,23 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         )
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
         metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
-        rewards = token_rewards(
-            tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
-        )
-        advantages, returns = masked_gae(
+        if "step_rewards" in tensors:  # multi-turn: each turn's reward on its last token
+            rewards = (
+                token_rewards(
+                    torch.zeros_like(tensors["rewards"]),
+                    kl if hp.kl_coef > 0 else None,
+                    tensors["mask"],
+                    hp.kl_coef,
+                )
+                + tensors["step_rewards"] * tensors["mask"]
+            )
+        else:
+            rewards = token_rewards(
+                tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
+            )
+        # multi-turn: over the model's tokens, the env's replies between them skipped
+        gae = gapped_gae if "attn_mask" in tensors else masked_gae
+        advantages, returns = gae(
             rewards, tensors["old_values"], tensors["mask"], hp.gamma, hp.gae_lambda
         )
         if hp.whiten_advantages:
@@ -82,6 +101,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
 
         metrics.update(core.optimize(tensors, token_loss, progress))
         metrics.update(core.reward_metrics(tensors, batch.group_size))
+        metrics.update(agent_metrics(batch, self.ctx))  # multi-turn: turns, tools, truncation
         mask = tensors["mask"]
         resid = masked_mean((returns - tensors["old_values"]) ** 2, mask)
         var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)

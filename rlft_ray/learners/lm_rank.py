@@ -10,6 +10,7 @@ The learner supplies only its per-token objective (:data:`TokenLoss`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ from rlft_ray.lm.policy import (
 from rlft_ray.lm.prompts import PromptStream, prompts_from_batch
 from rlft_ray.types import GenerationBatch
 
+logger = logging.getLogger(__name__)
+
 #: Name of the prompt dataset handed to Ray Train (``LearnerContext.datasets``).
 PROMPTS = "prompts"
 #: Name of the held-out prompt table every rank receives (``LearnerContext.tables``).
@@ -61,6 +64,9 @@ class LMRank:
             token objectives its epochs, minibatches, micro-batch size and loss aggregation.
         keep_start: Keep a frozen copy of the starting weights (``reference``): the KL
             reference, and what RSFT's ``reset_to_base`` resets to.
+        reference_reported_only: Nothing but a reported KL (``lm.track_kl`` with a KL
+            coefficient of 0) reads the reference: a full model keeps it in bfloat16, half
+            the memory of a float32 copy (the reported ``kl/*`` within bf16 rounding).
         value_head: Add a scalar value head (PPO).
         value_head_init_std: Its init std (0: zeros).
         temperature: Logits are divided by it in the training forward pass; None:
@@ -76,6 +82,7 @@ class LMRank:
         ctx: LearnerContext,
         hp: Any,
         keep_start: bool,
+        reference_reported_only: bool = False,
         value_head: bool = False,
         value_head_init_std: float = 0.0,
         temperature: float | None = None,
@@ -112,10 +119,14 @@ class LMRank:
         if keep_start and self.lora:
             self.reference = LoRAReference(self.policy)  # adapters off: no second model
         elif keep_start:
-            self.reference = PolicyWithValueHead(
-                copy.deepcopy(self.model).requires_grad_(False).eval(), None, lm.logit_chunk_tokens
+            frozen = copy.deepcopy(self.model).requires_grad_(False).eval()
+            reported_only = reference_reported_only and ctx.device.type == "cpu"
+            if reported_only:
+                frozen.to(torch.bfloat16)
+            self.reference = PolicyWithValueHead(frozen, None, lm.logit_chunk_tokens)
+            self.reference.compute_dtype = (
+                torch.bfloat16 if reported_only else self.policy.compute_dtype
             )
-            self.reference.compute_dtype = self.policy.compute_dtype
             self.reference.to(ctx.device)
         self.lora_start = adapter_state(self.model) if self.lora else {}
         self.score_passes = 0  # the cadence of a KL that is only reported (track_kl_every)
@@ -211,14 +222,19 @@ class LMRank:
     def tensors(self, batch: GenerationBatch) -> dict[str, torch.Tensor]:
         """The batch's arrays as tensors on the learner's device (copies: Ray's arrays are read-only)."""
         dev = self.ctx.device
-        return {
+        out = {
             "prompt_ids": torch.tensor(batch.prompt_ids, device=dev),
             "prompt_mask": torch.tensor(batch.prompt_mask, device=dev),
             "response_ids": torch.tensor(batch.response_ids, device=dev),
-            "mask": torch.tensor(batch.response_mask, device=dev),
+            "mask": torch.tensor(batch.train_mask, device=dev),
             "old_logprobs": torch.tensor(batch.logprobs, device=dev),
             "rewards": torch.tensor(batch.rewards, device=dev),
         }
+        if batch.loss_mask is not None:  # multi-turn: the env's tokens are attended, not trained
+            out["attn_mask"] = torch.tensor(batch.response_mask, device=dev)
+        if batch.step_rewards is not None:
+            out["step_rewards"] = torch.tensor(batch.step_rewards, device=dev)
+        return out
 
     def _steps(self) -> Steps:
         """How the section's updates walk a batch (the score pass uses its micro-batches)."""
@@ -241,9 +257,12 @@ class LMRank:
         """:func:`response_forward` of rows ``idx``, trimmed to their longest prompt/response.
 
         Completions of one prompt share its pass unless the module must return values.
+        The response attends to ``attn_mask`` where the batch has one (multi-turn: the
+        environment's tokens too), else to ``mask``.
         """
         sub = _trim(
-            {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids", "mask")}
+            {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids")}
+            | {"mask": tensors.get("attn_mask", tensors["mask"])[idx]}
         )
         return response_forward(
             module,
@@ -369,20 +388,20 @@ class LMRank:
             ``loss/*`` (token means of the objective's statistics and the entropy, grad
             norm), ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
-        hp = self.hp
+        hp, max_new = self.hp, self.cfg.lm.max_new_tokens
         pad_row = _padding_row(tensors, self.tokenizer.pad_token_id)
         stand_in = torch.zeros(1, dtype=torch.long, device=self.ctx.device)
 
         def denominator(rows: torch.Tensor) -> torch.Tensor:
             mask = tensors["mask"][rows]
-            return aggregate_loss_parts(mask.float(), mask, hp.loss_agg)[1]
+            return aggregate_loss_parts(mask.float(), mask, hp.loss_agg, max_new)[1]
 
         def micro_loss(idx: torch.Tensor | None) -> MicroOut:
             rows, idx = (tensors, idx) if idx is not None else (pad_row, stand_in)
             out = self.forward(self.net, rows, idx)
             sub = _trim_like(rows, idx, out.logprobs.shape[1])
             loss_mat, stats = token_loss(out, sub)
-            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg)
+            num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg, max_new)
             mask = sub["mask"]
             sums = {
                 f"loss/{key}": float(masked_sum(val.detach(), mask))
@@ -418,6 +437,23 @@ class LMRank:
             "rollout/response_len_mean": length,
             "rollout/truncated_frac": clipped,
         }
+
+
+def agent_metrics(batch: GenerationBatch, ctx: LearnerContext) -> dict[str, float]:
+    """Multi-turn episodes' ``rollout/*`` numbers (turns, tool calls, env seconds,
+    truncation, failures; :meth:`~rlft_ray.types.AgentStats.metrics`), averaged over the
+    ranks, and ``rollout/reward_timeouts``; nothing for a single-turn batch without timeouts."""
+    out: dict[str, float] = {}
+    if batch.agent is not None:
+        local = batch.agent.metrics()
+        names = sorted(local)
+        values = torch.tensor([local[k] for k in names], dtype=torch.float64, device=ctx.device)
+        out.update(zip(names, all_reduce_mean(values, ctx).tolist()))
+        for reason in batch.agent.reasons[:1]:  # one per batch in the log is enough
+            logger.warning("an episode failed: %s", reason)
+    if batch.reward_timeouts or batch.agent is not None:
+        out["rollout/reward_timeouts"] = float(batch.reward_timeouts)
+    return out
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -466,7 +502,7 @@ def _padding_row(tensors: dict[str, torch.Tensor], pad_id: int) -> dict[str, tor
 
 def _row_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B]`` prompt + completion tokens of each row (what a micro-batch's budget counts)."""
-    return tensors["prompt_mask"].sum(-1) + tensors["mask"].sum(-1)
+    return tensors["prompt_mask"].sum(-1) + tensors.get("attn_mask", tensors["mask"]).sum(-1)
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rlft_ray.core.errors import DeterministicError
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.lm_learner import LMLearnerHooks, lm_sampler_kwargs, probe_lm
-from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.lm_rank import LMRank, agent_metrics
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -78,6 +78,7 @@ class RSFTLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         metrics = selection_metrics(batch, self.ctx)
+        metrics.update(agent_metrics(batch, self.ctx))  # multi-turn: turns, tools, truncation
         if metrics["rollout/accepted"] == 0:  # the same decision on every rank (global count)
             self.empty_rounds += 1
             metrics["rollout/empty_rounds"] = float(self.empty_rounds)

@@ -1,7 +1,7 @@
 """A small supervised fine-tuning pass (the quickstart's "pretraining" of its tiny model).
 
 Next-token cross-entropy on ``prompt + answer + eos`` with the loss on the answer
-and EOS tokens only, AdamW, random minibatches, for a time or step budget.
+and EOS tokens only (multi-turn demonstrations: on the model's turns only), AdamW, random minibatches, for a time or step budget.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def _encode(
     seqs, labels = [], []
     for row in rows:
         prompt = tokenizer(row["prompt"])["input_ids"]
+        if "segments" in row:  # a multi-turn demonstration
+            seq, lab = _segments(prompt, row["segments"], tokenizer)
+            seqs.append(seq)
+            labels.append(lab)
+            continue
         answer = tokenizer(str(row["answer"]))["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
@@ -38,6 +43,22 @@ def _encode(
         lab[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(s)] = 1
     return ids, mask, lab
+
+
+def _segments(
+    prompt: list[int], segments: Sequence[tuple[str, bool]], tokenizer: Any
+) -> tuple[list[int], list[int]]:
+    """A multi-turn demonstration as the agent rollout lays it out: each model turn
+    (``trained``) is its tokens + EOS and carries the loss; each environment reply is its
+    tokens (encoded without special tokens, as the rollout encodes them), no loss."""
+    seq, lab = list(prompt), [IGNORE] * len(prompt)
+    for text, trained in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            ids = [*ids, tokenizer.eos_token_id]
+        seq += ids
+        lab += ids if trained else [IGNORE] * len(ids)
+    return seq, lab
 
 
 def supervised_finetune(
@@ -58,7 +79,9 @@ def supervised_finetune(
     Args:
         model: A causal LM (``labels=`` computes the shifted cross-entropy).
         tokenizer: Its tokenizer (needs ``eos_token_id`` and ``pad_token_id``).
-        rows: Dicts with ``prompt`` and ``answer``.
+        rows: Dicts with ``prompt`` and ``answer``, or ``prompt`` and ``segments``: a
+            multi-turn demonstration, ``[(text, is_model_turn), ...]`` (model turns end
+            with EOS and carry the loss, environment replies do not).
         seconds: Wall-clock budget.
         max_steps: Optional step budget (whichever ends first).
         batch_size: Sequences per step.

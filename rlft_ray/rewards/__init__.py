@@ -14,7 +14,14 @@ this package (``lm.reward_fn: rlft_ray.rewards:final_number``):
 :mod:`rlft_ray.rewards.verifiers` holds the built-ins. Pure Python (no Ray, no torch).
 """
 
-from rlft_ray.rewards.loading import RewardError, RewardFn, compute_rewards, load_reward_fn
+from rlft_ray.rewards.loading import (
+    RewardError,
+    RewardFn,
+    call_with_timeout,
+    compute_rewards,
+    compute_rewards_within,
+    load_reward_fn,
+)
 from rlft_ray.rewards.verifiers import (
     answer_format,
     boxed,
@@ -31,7 +38,9 @@ __all__ = [
     "RewardFn",
     "answer_format",
     "boxed",
+    "call_with_timeout",
     "compute_rewards",
+    "compute_rewards_within",
     "exact_match",
     "final_number",
     "last_boxed",

@@ -12,9 +12,11 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import math
 import numbers
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[float
 
 _MODULE_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _PROMPT_PREVIEW_CHARS = 200
+logger = logging.getLogger(__name__)
 
 
 class RewardError(DeterministicError, RuntimeError):
@@ -222,3 +225,49 @@ def _check_values(raw: Any, name: str, prompts: list[str]) -> list[float]:
             )
         rewards.append(reward)
     return rewards
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float | None) -> Any:
+    """``fn()``, or None when it has not returned after ``timeout_s`` (None: no bound).
+    It runs in a daemon thread that is left behind on a timeout (a Python thread cannot
+    be killed); what it raises is raised here."""
+    if timeout_s is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="reward-fn")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def compute_rewards_within(
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    metadata: Sequence[dict],
+    timeout_s: float | None,
+) -> list[float] | None:
+    """:func:`compute_rewards` bounded by ``timeout_s`` (``lm.reward_timeout_s``): None, with
+    a warning naming the function, when it has not returned in time (the caller scores
+    the samples 0 and goes on)."""
+    out = call_with_timeout(lambda: compute_rewards(fn, prompts, completions, metadata), timeout_s)
+    if out is None:
+        logger.warning(
+            "reward function %s did not return within %g s (lm.reward_timeout_s): "
+            "%d samples scored 0",
+            getattr(fn, "__qualname__", fn),
+            timeout_s,
+            len(completions),
+        )
+    return out

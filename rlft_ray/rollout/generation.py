@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from rlft_ray.config import LMConfig, RSFTConfig
+from rlft_ray.algorithms.pass_at_k import answer_ids
+from rlft_ray.config import EnvConfig, LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
-from rlft_ray.rewards import compute_rewards, load_reward_fn
+from rlft_ray.rewards import compute_rewards, compute_rewards_within, load_reward_fn
+from rlft_ray.rollout.multiturn import play
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
@@ -62,6 +64,9 @@ class GenerationActor(ValueGuidedDecoding):
         scorers: Reward-model scorers (Ray actor handles or plain
             :class:`~rlft_ray.rollout.scoring.RewardModelScorer` s) that score completions
             instead of ``lm.reward_fn`` (``lm.reward_model``).
+        env: A text environment (``env`` section): :meth:`sample` then plays multi-turn
+            episodes from the prompts' reset seeds (:func:`~rlft_ray.rollout.multiturn.play`),
+            scored by the environment's rewards instead of ``lm.reward_fn``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class GenerationActor(ValueGuidedDecoding):
         model_path: str | None = None,
         selection: RSFTConfig | None = None,
         scorers: Sequence[Any] | None = None,
+        env: EnvConfig | None = None,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
 
@@ -92,6 +98,7 @@ class GenerationActor(ValueGuidedDecoding):
         else:
             self._init_hf(path, tokenizer_path, model_path is None)
         self._init_value_guidance(path)  # lm.decode=ilql: the ILQL heads beside the model
+        self.text_env = env
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -422,7 +429,11 @@ class GenerationActor(ValueGuidedDecoding):
         """
         if self.reward_model is not None:
             return self.reward_model(batch.prompts, batch.completions, batch.prompt_templated)
-        rewards = compute_rewards(self.reward_fn, batch.prompts, batch.completions, batch.metadata)
+        args = (batch.prompts, batch.completions, batch.metadata, self.lm.reward_timeout_s)
+        rewards = compute_rewards_within(self.reward_fn, *args)
+        if rewards is None:  # a hung reward function: scored 0 and counted, the run goes on
+            batch.reward_timeouts += 1
+            return np.zeros(len(batch), dtype=np.float32)
         return np.asarray(rewards, dtype=np.float32)
 
     def select(self, batch: GenerationBatch) -> GenerationBatch:
@@ -468,9 +479,11 @@ class GenerationActor(ValueGuidedDecoding):
         return np.concatenate(out) if out else np.zeros(0)
 
     def sample(self, prompts: Sequence[Prompt]) -> GenerationBatch:
-        """generate -> score -> select: one iteration's completions for these prompts."""
-        batch = self.generate(prompts)
-        batch.rewards = self.score(batch)
+        """generate -> score -> select: one iteration's completions for these prompts (text
+        environment: its multi-turn episodes, scored by their rewards)."""
+        batch = play(self, prompts) if self.text_env is not None else self.generate(prompts)
+        if self.text_env is None:
+            batch.rewards = self.score(batch)
         batch = self.select(batch)
         batch.peak_rss_mb = (peak_rss_mb(),)
         return batch
@@ -481,16 +494,36 @@ class GenerationActor(ValueGuidedDecoding):
         reward when one serves this actor (where the two part ways, the policy games it)."""
         batch, accuracy = self.evaluate(prompts)
         scores = {"accuracy": accuracy}
+        if self.lm.eval_samples > 0:  # eval/pass@k, eval/maj@k
+            scores["sample_correct"], scores["sample_answers"] = self.sample_scores(
+                prompts, self.lm.eval_samples
+            )
         if self.reward_model is not None:
             scores["reward_model"] = self.reward_model(
                 batch.prompts, batch.completions, batch.prompt_templated
             )
         return self.policy_version, scores
 
+    def sample_scores(
+        self, prompts: Sequence[Prompt], num_samples: int, eval_fn: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``correct [P, n]`` (``eval_fn`` score >= 0.5; default ``lm.eval_fn``) and
+        :func:`~rlft_ray.algorithms.pass_at_k.answer_ids` ``[P, n]`` of ``num_samples``
+        completions per prompt sampled at ``lm.temperature``: what pass@k and maj@k use."""
+        batch = self.generate(prompts, num_samples=num_samples)
+        fn = load_reward_fn(eval_fn or self.lm.eval_fn)
+        scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
+        correct = np.asarray(scores, dtype=np.float32).reshape(-1, num_samples) >= 0.5
+        return correct, answer_ids(batch.completions, num_samples)
+
     def evaluate(
         self, prompts: Sequence[Prompt], eval_fn: str | None = None
     ) -> tuple[GenerationBatch, np.ndarray]:
-        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores."""
+        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores (text
+        environment: greedy episodes and whether each solved its task, ``is_success``)."""
+        if self.text_env is not None:
+            batch = play(self, prompts, greedy=True)
+            return batch, batch.agent.success.astype(np.float32)
         batch = self.generate(prompts, greedy=True)
         fn = load_reward_fn(eval_fn or self.lm.eval_fn)
         scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)

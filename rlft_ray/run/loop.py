@@ -27,6 +27,7 @@ from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
 from rlft_ray.learners.registry import get_learner_cls
 from rlft_ray.lm.prompts import TableShard
+from rlft_ray.rollout.dynamic_sampling import fill_batch
 from rlft_ray.rollout.group import PendingSample, RunnerGroup
 from rlft_ray.run.metrics import ROWS_KEY
 
@@ -66,6 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     last = _finished(cfg, counters, counters.wall_s, ctx)
     overlap = cfg.async_rollouts and not learner.offline
+    resample = None if learner.offline else type(learner).resample_rounds(cfg)
     pending = _submit(learner, runners) if overlap and not last else None
     while not last:
         t0 = time.perf_counter()
@@ -75,6 +77,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = _collect(learner, runners, pending, counters.policy_version, cfg.max_policy_lag)
         else:
             batch = _sample(learner, runners, counters.policy_version)
+        if resample is not None:  # DAPO: drop flat groups, sample more prompts
+            batch = _fill(learner, runners, batch, counters.policy_version, resample)
         t1 = time.perf_counter()
 
         returns, successes = _gather_episodes(batch.episodes, world)
@@ -174,6 +178,13 @@ def _sample(learner: Learner, runners: RunnerGroup, version: int) -> Any:
         version=version,
     )
     return type(batches[0]).concat(batches)
+
+
+def _fill(learner: Learner, runners: RunnerGroup, batch: Any, version: int, rounds: int) -> Any:
+    """Dynamic sampling: the batch's informative groups, topped up by up to ``rounds``
+    synchronous rounds with the current weights (``version``: published before this call,
+    so the actors' calls queue behind it), before the next overlapped batch is submitted."""
+    return fill_batch(batch, lambda: _sample(learner, runners, version), max_rounds=rounds)
 
 
 def _budget_spent(cfg: RunConfig, counters: ckpt.Counters, totals: dict[str, float]) -> bool:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from rlft_ray.types.agents import AgentStats
 from rlft_ray.types.episodes import EpisodeStats, SelectionStats
 
 
@@ -68,8 +69,21 @@ class GenerationBatch:
         pad_token_id: Id used for padding.
         generate_s: Seconds the actors spent in ``generate`` (summed over actors).
         peak_rss_mb: Peak resident memory of each actor process that sampled the batch, MB.
-        selection: What rejection sampling did (None: every sample was kept); the rows
-            above are then the accepted samples only.
+        selection: What rejection sampling or dynamic sampling did (None: every sample
+            was kept); the rows above are then the accepted samples only.
+        filtered_groups: Groups dynamic sampling dropped for all-equal rewards.
+        extra_samples: Completions dynamic sampling generated beyond the first round.
+        resample_rounds: Extra sampling rounds dynamic sampling took.
+        loss_mask: ``[B, L]`` bool, the tokens the loss covers: a multi-turn episode's
+            response holds the model's turns and the environment's replies between them,
+            and only the model's tokens are trained on (None: every real token,
+            ``response_mask``, which then only marks what is attended to).
+        step_rewards: ``[B, L]`` float32, each turn's reward on its last model token
+            (multi-turn; their row sum is ``rewards``); None: single-turn.
+        agent: What the multi-turn episodes did (turns, tool calls, failures); None:
+            single-turn completions.
+        reward_timeouts: Reward-function calls that passed ``lm.reward_timeout_s`` (their
+            samples were scored 0).
     """
 
     prompt_ids: np.ndarray
@@ -89,6 +103,13 @@ class GenerationBatch:
     peak_rss_mb: tuple[float, ...] = ()
     selection: SelectionStats | None = None
     prompt_templated: np.ndarray | None = None
+    filtered_groups: int = 0
+    extra_samples: int = 0
+    resample_rounds: int = 0
+    loss_mask: np.ndarray | None = None
+    step_rewards: np.ndarray | None = None
+    agent: AgentStats | None = None
+    reward_timeouts: int = 0
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -100,14 +121,28 @@ class GenerationBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens generated (real completion tokens only), accepted or not."""
+        """Tokens generated (real completion tokens only; multi-turn: the model's
+        tokens, not the environment's), accepted or not."""
         if self.selection is not None:
             return int(self.selection.lengths.sum())
-        return int(self.response_mask.sum())
+        return int(self.train_mask.sum())
+
+    @property
+    def train_mask(self) -> np.ndarray:
+        """``[B, L]`` bool: the tokens the loss covers (``loss_mask``, else ``response_mask``)."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     @property
     def episodes(self) -> EpisodeStats:
-        """Each generated completion is one episode whose return is its reward."""
+        """Each generated completion is one episode whose return is its reward (a
+        multi-turn episode's: its summed turn rewards, its length in turns)."""
+        if self.agent is not None:
+            a = self.agent
+            return EpisodeStats(
+                returns=[float(r) for r in a.returns],
+                lengths=[int(n) for n in a.turns],
+                successes=[bool(s) for s in a.success],
+            )
         if self.selection is not None:
             rewards, lengths = self.selection.rewards, self.selection.lengths
         else:
@@ -145,6 +180,8 @@ class GenerationBatch:
             completions=[self.completions[i] for i in keep],
             metadata=[self.metadata[i] for i in keep],
             prompt_templated=None if self.prompt_templated is None else self.prompt_templated[idx],
+            loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
+            step_rewards=None if self.step_rewards is None else self.step_rewards[idx],
         )
 
     @staticmethod
@@ -187,7 +224,42 @@ class GenerationBatch:
             peak_rss_mb=tuple(m for b in batches for m in b.peak_rss_mb),
             selection=_concat_selections(batches),
             prompt_templated=_concat_templated(batches),
+            filtered_groups=sum(b.filtered_groups for b in batches),
+            extra_samples=sum(b.extra_samples for b in batches),
+            resample_rounds=max(b.resample_rounds for b in batches),
+            loss_mask=_concat_optional(batches, "loss_mask", right, False),
+            step_rewards=_concat_optional(batches, "step_rewards", right, 0.0),
+            agent=_concat_agents(batches),
+            reward_timeouts=sum(b.reward_timeouts for b in batches),
         )
+
+
+def _concat_optional(
+    batches: Sequence[GenerationBatch],
+    name: str,
+    pad: Callable[[np.ndarray, float], np.ndarray],
+    value: float,
+) -> np.ndarray | None:
+    """The ``[B, L]`` array ``name`` joined (None where every batch has none; a batch
+    without it counts its ``response_mask`` as the loss mask, or zero step rewards)."""
+    if all(getattr(b, name) is None for b in batches):
+        return None
+    parts = []
+    for b in batches:
+        x = getattr(b, name)
+        if x is None:
+            x = (
+                b.response_mask
+                if name == "loss_mask"
+                else np.zeros(b.response_mask.shape, np.float32)
+            )
+        parts.append(pad(x, value))
+    return np.concatenate(parts)
+
+
+def _concat_agents(batches: Sequence[GenerationBatch]) -> AgentStats | None:
+    stats = [b.agent for b in batches if b.agent is not None]
+    return AgentStats.concat(stats) if stats else None
 
 
 def _concat_templated(batches: Sequence[GenerationBatch]) -> np.ndarray | None:

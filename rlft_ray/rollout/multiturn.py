@@ -1,0 +1,258 @@
+"""Multi-turn rollouts: an LM plays episodes of a text environment, many at once.
+
+:func:`run_episodes` drives ``len(seeds) x samples_per_seed`` episodes (each seed's
+``samples_per_seed`` episodes are one GRPO group: the same task). Every turn, all active
+episodes generate in one batched call (``generate``); each model turn is then stepped in
+its environment (concurrently, under ``step_timeout_s``) and the reply is tokenised once
+and appended. Token-in / token-out: a model turn keeps the sampled ids and their
+log-probs exactly as sampled (no decode -> re-encode); the decoded text only goes to the
+environment. An episode ends when the env terminates or truncates it, after
+``max_turns`` model turns, when its tokens reach the budget, or when a step fails (times
+out, raises, returns no text): a failed episode keeps its tokens, gets reward 0 and its
+reason is recorded.
+
+The result is a :class:`~rlft_ray.types.GenerationBatch` row per episode: the reset
+observation is the prompt; the response is model turn 1, env reply 1, model turn 2, ...
+(the final reply, which nothing continues, is left out); ``loss_mask`` marks the model's
+tokens, ``step_rewards`` holds each turn's reward on the turn's last token, ``rewards``
+their sum (what GRPO, RLOO and RSFT score an episode by), ``agent`` the per-episode
+counts (turns, tool calls, truncation, failures).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from rlft_ray.agents.text_env import check_text_env, step_with_timeout
+from rlft_ray.config import LMConfig
+from rlft_ray.types import AgentStats, GenerationBatch, Prompt, pad_sequences
+
+#: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context:
+#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``.
+Generate = Callable[[list[Prompt], int], GenerationBatch]
+
+
+@dataclass(frozen=True)
+class TurnLimits:
+    """When an episode stops.
+
+    Attributes:
+        max_turns: Model turns at most (``lm.max_turns``).
+        max_new_tokens: Tokens per model turn at most (``lm.max_new_tokens``).
+        max_tokens: Prompt + all turns at most (``lm.max_episode_tokens``, capped by the
+            model's positions).
+        step_timeout_s: Longest environment step (``env.step_timeout_s``).
+    """
+
+    max_turns: int
+    max_new_tokens: int
+    max_tokens: int
+    step_timeout_s: float
+
+
+@dataclass
+class _Episode:
+    env: gym.Env
+    group: int
+    prompt_ids: list[int]
+    prompt_text: str
+    ids: list[int] = field(default_factory=list)
+    train: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    step_rewards: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    truncated: bool = False
+    success: bool = False
+    failure: str | None = None
+    done: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.ids
+
+    def end(self, truncated: bool, failure: str | None = None) -> None:
+        self.done, self.truncated, self.failure = True, truncated, failure
+        if failure is not None:  # a failed episode earns nothing
+            self.step_rewards = [0.0] * len(self.step_rewards)
+
+
+def run_episodes(
+    generate: Generate,
+    tokenizer: Any,
+    make_env: Callable[[], gym.Env],
+    seeds: Sequence[int],
+    samples_per_seed: int,
+    limits: TurnLimits,
+    policy_version: int = 0,
+) -> GenerationBatch:
+    """Play ``samples_per_seed`` episodes from each reset seed; one row per episode,
+    seed-major (the rows of one seed are contiguous and share a group id).
+
+    Raises:
+        TextEnvError: ``reset`` returned a non-text observation.
+        ValueError: A reset observation already fills the token budget.
+    """
+    episodes: list[_Episode] = []
+    for group, seed in enumerate(seeds):
+        for _ in range(samples_per_seed):
+            env = make_env()
+            obs, info = env.reset(seed=int(seed))
+            check_text_env(obs, "env.reset")
+            ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
+            if len(ids) >= limits.max_tokens:
+                raise ValueError(
+                    f"the reset observation of seed {seed} has {len(ids)} tokens, no room "
+                    f"left in the episode's budget of {limits.max_tokens}"
+                )
+            meta = {"seed": int(seed), **{k: v for k, v in info.items() if _plain(v)}}
+            episodes.append(_Episode(env, group, list(ids), obs, metadata=meta))
+    env_s = 0.0
+    while active := [e for e in episodes if not e.done]:
+        room = max(limits.max_tokens - len(e.context()) for e in active)
+        batch = generate(
+            [Prompt("", e.context()) for e in active], min(limits.max_new_tokens, room)
+        )
+        texts = []
+        for row, e in enumerate(active):
+            keep = min(int(batch.response_mask[row].sum()), limits.max_tokens - len(e.context()))
+            ids = batch.response_ids[row, :keep].tolist()
+            e.ids += ids
+            e.train += [True] * len(ids)
+            e.logprobs += batch.logprobs[row, :keep].tolist()
+            e.step_rewards += [0.0] * len(ids)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            e.texts.append(texts[-1])
+            e.turns += 1
+        start = time.perf_counter()
+        outcomes = step_with_timeout([e.env for e in active], texts, limits.step_timeout_s)
+        env_s += time.perf_counter() - start
+        for e, out in zip(active, outcomes):
+            _advance(e, out, tokenizer, limits)
+    for e in episodes:
+        e.env.close()
+    return _to_batch(episodes, samples_per_seed, tokenizer, policy_version, env_s)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool))
+
+
+def _advance(e: _Episode, out: Any, tokenizer: Any, limits: TurnLimits) -> None:
+    """Record one stepped turn and append the env's reply, or end the episode."""
+    if out.result is None:
+        e.end(truncated=True, failure=out.error)
+        return
+    obs, reward, terminated, truncated, info = out.result
+    if e.step_rewards:
+        e.step_rewards[-1] += reward  # the turn's reward sits on its last token
+    e.tool_calls += int(info.get("tool_calls", 0))
+    e.tool_errors += int("tool_error" in info)
+    e.success = bool(info.get("is_success", e.success))
+    if terminated or truncated:
+        e.end(truncated=bool(truncated and not terminated))
+        return
+    if e.turns >= limits.max_turns:
+        e.end(truncated=True)
+        return
+    reply = tokenizer(obs, add_special_tokens=False)["input_ids"]
+    if len(e.context()) + len(reply) >= limits.max_tokens:  # no room for another turn
+        e.end(truncated=True)
+        return
+    e.ids += reply
+    e.train += [False] * len(reply)
+    e.logprobs += [0.0] * len(reply)
+    e.step_rewards += [0.0] * len(reply)
+    e.texts.append(obs)
+
+
+def _to_batch(
+    episodes: list[_Episode], n: int, tokenizer: Any, version: int, env_s: float
+) -> GenerationBatch:
+    pad = int(tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = pad_sequences([e.prompt_ids for e in episodes], pad, "left")
+    response_ids, response_mask = pad_sequences([e.ids for e in episodes], pad, "right")
+    width = response_ids.shape[1]
+
+    def right(rows: list[list[Any]], dtype: Any) -> np.ndarray:
+        out = np.zeros((len(rows), width), dtype=dtype)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    step_rewards = right([e.step_rewards for e in episodes], np.float32)
+    stats = AgentStats(
+        returns=step_rewards.sum(axis=1),
+        turns=np.array([e.turns for e in episodes], dtype=np.int64),
+        tool_calls=np.array([e.tool_calls for e in episodes], dtype=np.int64),
+        tool_errors=np.array([e.tool_errors for e in episodes], dtype=np.int64),
+        truncated=np.array([e.truncated for e in episodes], dtype=bool),
+        success=np.array([e.success for e in episodes], dtype=bool),
+        failed=np.array([e.failure is not None for e in episodes], dtype=bool),
+        env_s=env_s,
+        reasons=[e.failure for e in episodes if e.failure][:8],
+    )
+    return GenerationBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=right([e.logprobs for e in episodes], np.float32),
+        rewards=stats.returns.astype(np.float32),
+        group_ids=np.array([e.group for e in episodes], dtype=np.int64),
+        prompts=[e.prompt_text for e in episodes],
+        completions=["".join(e.texts) for e in episodes],
+        metadata=[e.metadata for e in episodes],
+        policy_version=version,
+        group_size=n,
+        pad_token_id=pad,
+        loss_mask=right([e.train for e in episodes], bool),
+        step_rewards=step_rewards,
+        agent=stats,
+    )
+
+
+def episode_token_budget(lm: LMConfig, max_positions: int | None) -> int:
+    """Tokens one multi-turn episode may hold: ``lm.max_episode_tokens``, at most the
+    model's positions (without either: prompt + ``max_turns`` x 2 x ``max_new_tokens``,
+    room for the replies)."""
+    budget = lm.max_episode_tokens or lm.max_prompt_tokens + 2 * lm.max_turns * lm.max_new_tokens
+    return min(budget, max_positions) if max_positions else budget
+
+
+def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> GenerationBatch:
+    """A :class:`~rlft_ray.rollout.generation.GenerationActor`'s episodes in its text
+    environment: ``lm.num_samples`` from each prompt's reset seed (greedy: one), with the
+    actor's ``generate`` (one batched call per turn, any backend) and its policy version.
+    ``generate_s`` is the generation time (the env steps' are ``agent.env_s``)."""
+    from rlft_ray.agents import make_text_env
+
+    env_cfg, lm = actor.text_env, actor.lm
+    if env_cfg is None:
+        raise ValueError("this generation actor has no text environment (env section)")
+    limits = TurnLimits(
+        max_turns=lm.max_turns,
+        max_new_tokens=lm.max_new_tokens,
+        max_tokens=episode_token_budget(lm, actor.max_positions),
+        step_timeout_s=env_cfg.step_timeout_s,
+    )
+    start = time.perf_counter()
+    batch = run_episodes(
+        lambda contexts, max_new: actor.generate(contexts, 1, greedy, max_new),
+        actor.tokenizer,
+        lambda: make_text_env(env_cfg.id, env_cfg.kwargs),
+        [int(p.metadata["seed"]) for p in prompts],
+        1 if greedy else lm.num_samples,
+        limits,
+        actor.policy_version,
+    )
+    batch.generate_s = time.perf_counter() - start - batch.agent.env_s
+    return batch
