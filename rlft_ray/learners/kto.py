@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rlft_ray.algorithms import kto_losses, sequence_logps
-from rlft_ray.config import RunConfig
+from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import CurvePlot, Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
 from rlft_ray.learners.engine import MicroOut, Steps
@@ -69,8 +69,6 @@ class KTOLearner(LMLearnerHooks, Learner):
     def probe(cls, cfg: RunConfig) -> TaskProbe:
         check_reward_fns(cfg)  # lm.eval_fn scores the held-out evaluation
         if cfg.kto.batch_size // cfg.resources.num_learners < 2:
-            from rlft_ray.config import ConfigError
-
             raise ConfigError(
                 "kto.batch_size", "each learner needs >= 2 examples per batch to mismatch them"
             )
