@@ -10,16 +10,15 @@ same sampled set, all from one SFT base of the quickstart (JSON lines).
    log-probs: the largest relative difference per loss (target < 1 %).
 3. Preference algorithms: ``rlft-ray make-arith-prefs`` labels the base's own samples with
    the verifier (pairs, and with ``--format kto`` the same completions unpaired); each of
-   ``examples/arithmetic_{dpo,simpo,orpo,kto}.yaml`` trains from the base with the same
-   number of passes over the pairs (``--epochs``, 6: the shipped SimPO / ORPO / KTO setting);
+   ``examples/arithmetic_{dpo,simpo,orpo,kto}.yaml`` trains from the base as shipped (DPO
+   2 passes over the pairs, SimPO and ORPO 6, KTO 3 over the unpaired rows);
    ``rlft-ray eval`` scores the last checkpoint on the held-out prompts. Target: each
    >= +20 points within 3 minutes of training.
 4. Value-based: ``rlft-ray sample examples/arithmetic_rsft.yaml rsft.select=all`` writes one
    reward-labelled set of the base's samples (``--sample-prompts`` prompts x 8). From it:
    ILQL (``examples/arithmetic_ilql.yaml``; evaluated with value-guided decoding, and with
    ``lm.decode_beta=0``, its behaviour-cloned LM alone), RSFT (supervised fine-tuning on
-   the samples with reward 1: one round of expert iteration, ``rlft_ray.lm.sft``, for as
-   many epochs as ILQL) and DPO (the best and the worst sample of each prompt).
+   the samples with reward 1: one round of expert iteration, ``rlft_ray.lm.sft``, one pass) and DPO (the best and the worst sample of each prompt).
    Target: ILQL + value-guided decoding >= +15 points.
 
 Each row: gain in points over the base, training seconds (the loop's ``time/wall_s``),
@@ -298,9 +297,6 @@ def main() -> None:
     p.add_argument("--algos", nargs="*", default=list(PAIR_ALGOS), help="pair algorithms to run")
     p.add_argument(
         "--samples", type=Path, default=None, help="reuse this ILQL set (an accepted.jsonl)"
-    )
-    p.add_argument(
-        "--epochs", type=int, default=6, help="passes over the pairs, the same for all four"
     )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlft_pref_algos_"))
