@@ -18,7 +18,8 @@ same sampled set, all from one SFT base of the quickstart (JSON lines).
    reward-labelled set of the base's samples (``--sample-prompts`` prompts x 8). From it:
    ILQL (``examples/arithmetic_ilql.yaml``; evaluated with value-guided decoding, and with
    ``lm.decode_beta=0``, its behaviour-cloned LM alone), RSFT (supervised fine-tuning on
-   the samples with reward 1: one round of expert iteration, ``rlft_ray.lm.sft``, one pass) and DPO (the best and the worst sample of each prompt).
+   the samples with reward 1: one round of expert iteration, ``rlft_ray.lm.sft``, one
+   pass) and DPO (the best and the worst sample of each prompt).
    Target: ILQL + value-guided decoding >= +15 points.
 
 Each row: gain in points over the base, training seconds (the loop's ``time/wall_s``),
