@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "make-tiny-model": "rlft_ray.apps.make_tiny_model:command",
     "make-arith-data": "rlft_ray.apps.make_arith_data:command",
     "make-arith-prefs": "rlft_ray.apps.make_prefs:command",
+    "label-samples": "rlft_ray.apps.make_prefs:label_command",
     "make-agent-base": "rlft_ray.apps.make_agent_base:command",
 }
 ADDRESS_HELP = (
@@ -260,6 +261,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--temperature", type=float, default=1.0)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--format",
+        choices=("pairs", "kto"),
+        default="pairs",
+        help="pairs (prompt/chosen/rejected) or kto (the same completions as unpaired "
+        "prompt/completion/label rows)",
+    )
+    ls = sub.add_parser(
+        "label-samples",
+        help="KTO rows (prompt/completion/label) from a prompt/completion/reward table "
+        "(rlft-ray sample's accepted.jsonl with rsft.select=all)",
+    )
+    ls.add_argument(
+        "samples", type=Path, help=".jsonl/.json/.parquet with prompt, completion, reward"
+    )
+    ls.add_argument("out", type=Path, help="the KTO file to write (.jsonl)")
+    ls.add_argument("--threshold", type=float, default=1.0, help="label = reward >= threshold")
     return p
 
 

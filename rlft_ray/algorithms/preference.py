@@ -166,3 +166,89 @@ def sequence_logps(
     w = mask.to(token_logps.dtype)
     total = (token_logps.masked_fill(mask == 0, 0.0) * w).sum(-1)
     return total / w.sum(-1).clamp_min(1.0) if average else total
+
+
+def simpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO: a reference-free, length-normalised preference loss with a target margin
+    (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward", Eq. 6)::
+
+        r(y) = beta / |y| * log pi(y | x)        (the mean token log-prob, times beta)
+        l = -log sigma(r(y_w) - r(y_l) - gamma)
+
+    with cDPO-style label smoothing eps as TRL's ``CPOTrainer(loss_type="simpo")`` has it:
+    ``l = -(1 - eps) log sigma(z) - eps log sigma(-z)``, z = r(y_w) - r(y_l) - gamma.
+
+    Args:
+        policy_chosen: ``[B]`` mean token log-prob of y_w under the policy (length-normalised).
+        policy_rejected: ``[B]`` the same for y_l.
+        beta: Reward scale beta > 0 (the paper's 2.0 - 2.5).
+        gamma: Target reward margin gamma >= 0 (the paper's 0.5 - 1.6).
+        label_smoothing: eps in [0, 0.5).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; the rewards
+        ``beta / |y| log pi(y)`` are detached.
+
+    Raises:
+        ValueError: ``beta <= 0``, ``gamma < 0`` or ``label_smoothing`` outside [0, 0.5).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    rew_c, rew_r = beta * policy_chosen, beta * policy_rejected
+    z = rew_c - rew_r - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, rew_c.detach(), rew_r.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable at both ends (Maechler 2012): ``log(-expm1(x))``
+    near 0, ``log1p(-exp(x))`` further out. ``[*] -> [*]``."""
+    x = x.clamp(max=-1e-7)  # log-probs are < 0; a sequence of probability 1 would give -inf
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    lambda_or: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO: supervised fine-tuning plus an odds-ratio preference term, no reference
+    (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", Eqs. 2-7)::
+
+        odds(y | x) = P(y | x) / (1 - P(y | x)),  P(y | x) = exp(mean_t log pi(y_t | x, y_<t))
+        log OR = log odds(y_w) - log odds(y_l)
+               = (log P_w - log P_l) - (log(1 - P_w) - log(1 - P_l))
+        l = NLL(y_w) + lambda * (-log sigma(log OR))
+
+    Args:
+        policy_chosen: ``[B]`` mean token log-prob of y_w (length-normalised, as the paper
+            and TRL take P). policy_rejected: ``[B]`` the same for y_l.
+        chosen_nll: ``[B]`` the SFT term: mean token NLL of y_w.
+        lambda_or: lambda >= 0, the odds-ratio term's weight (TRL's ``beta``, 0.1).
+
+    Returns:
+        ``(losses [B], or_losses [B] (-log sigma(log OR), detached), log_odds [B] (detached))``.
+
+    Raises:
+        ValueError: ``lambda_or < 0``.
+    """
+    if lambda_or < 0:
+        raise ValueError(f"lambda_or must be >= 0, got {lambda_or}")
+    log_odds = (policy_chosen - policy_rejected) - (
+        log1mexp(policy_chosen) - log1mexp(policy_rejected)
+    )
+    or_losses = -F.logsigmoid(log_odds)
+    return chosen_nll + lambda_or * or_losses, or_losses.detach(), log_odds.detach()

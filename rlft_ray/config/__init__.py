@@ -9,13 +9,14 @@ every key and type before any Ray work starts.
 
 Where things live: the sections in :mod:`.gym` (env, PPO, DQN, filtered BC), :mod:`.lm`
 (model, prompts, token PPO, RSFT), :mod:`.grpo` (the GRPO family),
-:mod:`.preference` (DPO, online DPO, reward models) and :mod:`.run` (resources, the run); the reader in
+:mod:`.preference` (DPO, online DPO, reward models, SimPO, ORPO, KTO), :mod:`.ilql` (ILQL) and :mod:`.run` (resources, the run); the reader in
 :mod:`.parse`. Importing this package loads neither torch nor any learner.
 """
 
 from rlft_ray.config.errors import ConfigError
 from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import (
     KLEstimator,
     LMConfig,
@@ -38,7 +39,14 @@ from rlft_ray.config.parse import (
     set_dotted,
     to_dict,
 )
-from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.preference import (
+    DPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    ORPOConfig,
+    RewardModelConfig,
+    SimPOConfig,
+)
 from rlft_ray.config.rllib import RLlibConfig
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
@@ -52,12 +60,15 @@ __all__ = [
     "EnvConfig",
     "FilteredBCConfig",
     "GRPOConfig",
+    "ILQLConfig",
     "KLEstimator",
+    "KTOConfig",
     "LMConfig",
     "LMPPOConfig",
     "LRSchedule",
     "LoRAConfig",
     "LossAgg",
+    "ORPOConfig",
     "OnlineDPOConfig",
     "OptimConfig",
     "PPOConfig",
@@ -67,6 +78,7 @@ __all__ = [
     "RewardModelConfig",
     "RunConfig",
     "Selection",
+    "SimPOConfig",
     "TrackingConfig",
     "build_config",
     "config_yaml",

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 
 from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import LMPPOConfig, RSFTConfig
-from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.preference import (
+    DPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    ORPOConfig,
+    RewardModelConfig,
+    SimPOConfig,
+)
 from rlft_ray.config.rllib import RLlibConfig
 
 #: Rollout actor kinds -> ``module:class`` of the plain class the driver wraps with ``ray.remote``.
@@ -128,6 +136,42 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         None,
         offline=True,
         summary="Bradley-Terry reward model on preference pairs (Ouyang et al. 2022)",
+    ),
+    AlgorithmSpec(
+        "simpo",
+        SimPOConfig,
+        "rlft_ray.learners.ref_free:SimPOLearner",
+        "generation",
+        rollout_for_eval_only=True,
+        offline=True,
+        summary="SimPO: reference-free, length-normalised, target margin (Meng et al. 2024)",
+    ),
+    AlgorithmSpec(
+        "orpo",
+        ORPOConfig,
+        "rlft_ray.learners.ref_free:ORPOLearner",
+        "generation",
+        rollout_for_eval_only=True,
+        offline=True,
+        summary="ORPO: SFT + odds-ratio preference term, no reference (Hong et al. 2024)",
+    ),
+    AlgorithmSpec(
+        "kto",
+        KTOConfig,
+        "rlft_ray.learners.kto:KTOLearner",
+        "generation",
+        rollout_for_eval_only=True,
+        offline=True,
+        summary="KTO from unpaired desirable/undesirable completions (Ethayarajh et al. 2024)",
+    ),
+    AlgorithmSpec(
+        "ilql",
+        ILQLConfig,
+        "rlft_ray.learners.ilql:ILQLLearner",
+        "generation",
+        rollout_for_eval_only=True,
+        offline=True,
+        summary="ILQL: offline token-level Q-learning, value-guided decoding (Snell et al. 2022)",
     ),
     AlgorithmSpec(
         "rllib",

@@ -176,6 +176,12 @@ class LMConfig:
         vllm_kv_cache_gb: GiB the vLLM engine reserves for its KV cache (CPU memory on
             a CPU actor, GPU memory on a GPU one); null sizes it for
             ``generation_batch_size`` sequences of ``max_prompt_tokens + max_new_tokens``.
+        decode: ``plain`` (the LM's own distribution) or ``ilql``: value-guided decoding
+            with an ILQL run's heads (Snell et al. 2022), logits' = log_softmax(logits) +
+            ``decode_beta`` (Q - V), the heads read from ``ilql_heads.safetensors`` next to
+            the model (a checkpoint's ``policy/``) or published by the ILQL learner; used
+            by sampling, in-run evaluation, ``rlft-ray eval`` and ``rlft-ray sample``.
+        decode_beta: beta of ``ilql`` decoding (0: the LM alone).
     """
 
     model: str | None = None
@@ -215,6 +221,8 @@ class LMConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     backend: Literal["hf", "vllm"] = "hf"
     vllm_kv_cache_gb: float | None = None
+    decode: Literal["plain", "ilql"] = "plain"
+    decode_beta: float = 1.0
     max_turns: int = 8
     max_episode_tokens: int | None = None
     reward_timeout_s: float | None = 60.0
@@ -276,6 +284,12 @@ class LMConfig:
             self.vllm_kv_cache_gb is None or self.vllm_kv_cache_gb > 0,
             "vllm_kv_cache_gb",
             f"must be > 0 or null (got {self.vllm_kv_cache_gb})",
+        )
+        require(self.decode_beta >= 0, "decode_beta", f"must be >= 0 (got {self.decode_beta})")
+        require(
+            self.decode == "plain" or self.backend == "hf",
+            "decode",
+            "ilql decoding runs on the transformers sampler; use lm.backend=hf",
         )
         if self.backend == "vllm":
             require(

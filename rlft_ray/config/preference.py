@@ -194,3 +194,118 @@ class RewardModelConfig:
         if self.regularizer is not None:
             return self.regularizer
         return "sft" if self.sft_coef > 0 else "none"
+
+
+def check_pair_steps(num_epochs: int, batch_size: int, micro_batch_size: int) -> None:
+    """Range checks of the offline data passes every preference section sets."""
+    require(num_epochs >= 1, "num_epochs", "must be >= 1")
+    require(batch_size >= 1, "batch_size", "must be >= 1")
+    require(micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+
+def _offline_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.1)
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised preference optimisation
+    from ``lm.pairs``, no reference model (nothing is precomputed or kept).
+
+    l = -log sigma(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma). Defaults
+    follow TRL's ``CPOConfig(loss_type="simpo")`` (beta 2.0, gamma 0.5). Steps as in
+    :class:`DPOConfig`.
+
+    Attributes:
+        beta: Reward scale (> 0). gamma: Target margin (>= 0; TRL's ``simpo_gamma``).
+        label_smoothing: Conservative (cDPO-style) smoothing eps in [0, 0.5).
+        sft_coef: Weight of an NLL term on the chosen completions (CPO-SimPO's alpha).
+        num_epochs, batch_size, micro_batch_size, shuffle, optim: As in :class:`DPOConfig`.
+    """
+
+    beta: float = 2.0
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    sft_coef: float = 0.0
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    shuffle: bool = True
+    optim: OptimConfig = field(default_factory=_offline_optim)
+
+    def __post_init__(self) -> None:
+        require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
+        require(self.gamma >= 0, "gamma", f"must be >= 0 (got {self.gamma})")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
+        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class ORPOConfig:
+    """ORPO (Hong et al. 2024): SFT on the chosen completions plus an odds-ratio term,
+    from ``lm.pairs``, no reference model.
+
+    l = NLL(y_w) + lambda_or * (-log sigma(log odds(y_w) - log odds(y_l))), odds from the
+    length-normalised log-probs. Defaults follow TRL's ``ORPOConfig`` (lambda 0.1).
+
+    Attributes:
+        lambda_or: lambda, the odds-ratio term's weight (TRL's ``beta``), >= 0.
+        num_epochs, batch_size, micro_batch_size, shuffle, optim: As in :class:`DPOConfig`.
+    """
+
+    lambda_or: float = 0.1
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    shuffle: bool = True
+    optim: OptimConfig = field(default_factory=_offline_optim)
+
+    def __post_init__(self) -> None:
+        require(self.lambda_or >= 0, "lambda_or", f"must be >= 0 (got {self.lambda_or})")
+        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024) from unpaired completions labelled desirable or not.
+
+    ``data`` is a ``.jsonl`` / ``.json`` / ``.parquet`` file with TRL's unpaired fields
+    ``prompt``, ``completion`` (strings or message lists) and ``label`` (bool), checked
+    up front like a pair file (``lm.drop_invalid_pairs``, ``lm.pair_overflow`` and the
+    length limits apply). The loss is TRL's ``loss_type="kto"``: desirable completions
+    weigh ``desirable_weight`` (1 - sigma(beta (r - z0))), undesirable ones
+    ``undesirable_weight`` (1 - sigma(beta (z0 - r))), r = log pi - log pi_ref, with the
+    reference point z0 the KL estimated from the batch's mismatched (prompt, completion)
+    pairs (completions rotated by one over the batch, as TRL does), over all ranks, before
+    each step. The reference is a frozen copy of the starting model (LoRA: adapters off).
+
+    Attributes:
+        data: The unpaired file (required).
+        beta: beta > 0. desirable_weight / undesirable_weight: lambda_D / lambda_U > 0.
+        sft_coef: Weight of an NLL term (mean token NLL) on the desirable completions, as
+            ``dpo.sft_coef`` (RPO) on chosen ones; 0: the paper's loss alone.
+        num_epochs: Passes over the examples. batch_size: Examples per optimizer step,
+            over all ranks (each rank's share >= 2, to mismatch). micro_batch_size:
+            Examples per forward/backward. shuffle, optim: As in :class:`DPOConfig`.
+    """
+
+    data: str | None = None
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    sft_coef: float = 0.0
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    shuffle: bool = True
+    optim: OptimConfig = field(default_factory=_offline_optim)
+
+    def __post_init__(self) -> None:
+        require(self.data is None or bool(self.data.strip()), "data", "must not be empty")
+        require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
+        require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
+        require(self.desirable_weight > 0, "desirable_weight", "must be > 0")
+        require(self.undesirable_weight > 0, "undesirable_weight", "must be > 0")
+        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
+        require(self.batch_size >= 2, "batch_size", "must be >= 2 (z0 mismatches completions)")

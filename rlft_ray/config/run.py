@@ -9,8 +9,16 @@ from rlft_ray.config.algorithms import ALGORITHMS, SPECS
 from rlft_ray.config.errors import require
 from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
+from rlft_ray.config.ilql import ILQLConfig
 from rlft_ray.config.lm import LMConfig, LMPPOConfig, RSFTConfig
-from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.preference import (
+    DPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    ORPOConfig,
+    RewardModelConfig,
+    SimPOConfig,
+)
 from rlft_ray.config.rllib import RLlibConfig
 
 #: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
@@ -181,6 +189,10 @@ class RunConfig:
         dpo: Offline DPO / IPO / cDPO from ``lm.pairs`` (``algo == "dpo"``).
         online_dpo: DPO on pairs ranked from the actors' samples (``algo == "online_dpo"``).
         reward_model: A Bradley-Terry reward model on ``lm.pairs`` (``algo == "reward_model"``).
+        simpo: Reference-free SimPO from ``lm.pairs`` (``algo == "simpo"``).
+        orpo: ORPO (SFT + odds ratio) from ``lm.pairs`` (``algo == "orpo"``).
+        kto: KTO from unpaired labelled completions (``algo == "kto"``).
+        ilql: ILQL from a reward-labelled offline set (``algo == "ilql"``).
         rllib: An RLlib algorithm and its ``AlgorithmConfig`` settings (``algo == "rllib"``).
         resources: Cluster resources.
         tracking: Metric sinks besides ``metrics.jsonl`` (TensorBoard).
@@ -236,6 +248,10 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    ilql: ILQLConfig = field(default_factory=ILQLConfig)
     rllib: RLlibConfig = field(default_factory=RLlibConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

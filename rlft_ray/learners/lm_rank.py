@@ -72,6 +72,8 @@ class LMRank:
         temperature: Logits are divided by it in the training forward pass; None:
             ``lm.temperature``, so log-probs are those of the sampling policy (the PPO/GRPO
             ratio needs them); RSFT passes 1.0 to fit the model itself.
+        ddp: Wrap the policy in DDP with several ranks; False for a learner that wraps a
+            larger module holding it (ILQL's LM + heads) and builds its own engine.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class LMRank:
         value_head: bool = False,
         value_head_init_std: float = 0.0,
         temperature: float | None = None,
+        ddp: bool = True,
     ) -> None:
         from rlft_ray.lm import quiet_transformers
 
@@ -111,7 +114,7 @@ class LMRank:
         self.policy = PolicyWithValueHead(self.model, self.value_head, lm.logit_chunk_tokens)
         # a bf16 run computes in bf16 over float32 master weights, as its actors sample
         self.policy.compute_dtype = torch.bfloat16 if lm.dtype == "bfloat16" else None
-        self.net = wrap_ddp(self.policy, ctx)
+        self.net = wrap_ddp(self.policy, ctx) if ddp else self.policy.to(ctx.device)
         self.reference: nn.Module | None = None
         if keep_start and self.lora:
             self.reference = LoRAReference(self.policy)  # adapters off: no second model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import TaskProbe
 from rlft_ray.learners.ddp import LearnerContext
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps
-from rlft_ray.learners.lm_learner import absolute_paths, check_model, lm_spaces
+from rlft_ray.learners.lm_learner import absolute_paths, check_model, heldout_tables, lm_spaces
+from rlft_ray.lm.labelled import load_labelled
 from rlft_ray.lm.pairs import load_pairs, padding_pair, rows_of
 from rlft_ray.lm.prompts import ShardStream
 
@@ -122,5 +124,58 @@ def probe_pairs(
         datasets={PAIRS: table},
         tables=tables_for(tok),
         info={**info, **stats.as_dict()},
+        cfg=run,
+    )
+
+
+#: Name of a labelled single-completion dataset (KTO, ILQL) handed to Ray Train.
+LABELLED = "labelled"
+
+
+def probe_labelled(cfg: RunConfig, field: str) -> TaskProbe:
+    """:func:`probe_pairs` for the single-completion learners: ``<algo>.data`` is read,
+    validated and tokenized (:func:`~rlft_ray.lm.labelled.load_labelled`, ``field`` the
+    label column: ``label`` for KTO, ``reward`` for ILQL), the batch splits over the ranks,
+    and the run's iterations are the optimizer steps of ``num_epochs`` passes. Every rank
+    gets the held-out prompts.
+
+    Raises:
+        ConfigError: Naming the key at fault.
+    """
+    lm, res, hp = cfg.lm, cfg.resources, cfg.algo_config
+    tok, info = check_model(cfg, lm.max_completion_tokens, "lm.max_completion_tokens")
+    key = f"{cfg.algo}.data"
+    if not hp.data:
+        raise ConfigError(
+            key, f"algo={cfg.algo} needs a file of prompt, completion and {field} rows"
+        )
+    if lm.reward_model is not None:
+        raise ConfigError("lm.reward_model", f"algo={cfg.algo} learns from {key}; unset it")
+    if hp.batch_size % res.num_learners:
+        raise ConfigError(
+            f"{cfg.algo}.batch_size",
+            f"{hp.batch_size} rows cannot be split evenly over {res.num_learners} learners",
+        )
+    table, stats = load_labelled(hp.data, tok, lm, key, field)
+    if stats.kept < hp.batch_size:
+        raise ConfigError(
+            f"{cfg.algo}.batch_size",
+            f"is {hp.batch_size} but only {stats.kept} usable rows are in {hp.data}",
+        )
+    steps = math.ceil(hp.num_epochs * stats.kept / hp.batch_size)
+    steps = min(steps, cfg.total_iterations or steps)
+    run = absolute_paths(cfg)
+    section = dataclasses.replace(hp, data=str(Path(hp.data).expanduser().resolve()))
+    run = dataclasses.replace(
+        run,
+        **{cfg.algo: section},
+        total_iterations=steps,
+        total_env_steps=steps * hp.batch_size,
+    )
+    return TaskProbe(
+        spaces=lm_spaces(cfg, tok),
+        datasets={LABELLED: table},
+        tables=heldout_tables(cfg, tok),
+        info={**info, **stats.as_dict(prefix="data/")},
         cfg=run,
     )

@@ -239,13 +239,17 @@ def rows_of(t: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Te
     if len(idx) == 0:
         return sub
     keep = int(sub["prompt_mask"].any(0).long().argmax())
-    width = int((sub["chosen_mask"] | sub["rejected_mask"]).any(0).nonzero().max()) + 1
+    completions = sub["chosen_mask"]  # single-completion rows (KTO, ILQL) have no rejected
+    if "rejected_mask" in sub:
+        completions = completions | sub["rejected_mask"]
+    width = int(completions.any(0).nonzero().max()) + 1 if completions.any() else 1
     sub["prompt_ids"], sub["prompt_mask"] = (
         sub["prompt_ids"][:, keep:],
         sub["prompt_mask"][:, keep:],
     )
     for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"):
-        sub[k] = sub[k][:, :width]
+        if k in sub:
+            sub[k] = sub[k][:, :width]
     return sub
 
 

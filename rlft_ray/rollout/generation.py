@@ -44,6 +44,7 @@ from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, StaleWeightsError
+from rlft_ray.rollout.value_guided import ValueGuidedDecoding
 from rlft_ray.rollout.vllm_setup import special_ids
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
 
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
-class GenerationActor:
+class GenerationActor(ValueGuidedDecoding):
     """Holds one copy of the policy LM and samples completions for prompts.
 
     Args:
@@ -102,6 +103,7 @@ class GenerationActor:
             self._init_vllm(path, tokenizer_path, seed, num_threads, device, model_path is None)
         else:
             self._init_hf(path, tokenizer_path, model_path is None)
+        self._init_value_guidance(path)  # lm.decode=ilql: the ILQL heads beside the model
         self.text_env = env
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
@@ -201,6 +203,7 @@ class GenerationActor:
 
     def _load(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy published tensors into the sampler (see :meth:`set_weights`)."""
+        weights = self._take_ilql_heads(weights)  # an ILQL learner's heads (lm.decode=ilql)
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
         if weights.keys() != self._tensor_names:
@@ -313,13 +316,17 @@ class GenerationActor:
             [p.ids for p in prompts], self.pad_id, "left", p_len
         )
         recorder = None if greedy else SampledLogprobs(self.lm.temperature)
-        out = self.model.generate(
-            input_ids=torch.as_tensor(prompt_ids, device=self.device),
-            attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
-            generation_config=config,
-            logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
-        )
-        response = out.sequences[:, p_len:]
+        if self.lm.decode == "ilql":  # value-guided decoding records its own log-probs
+            response, guided = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
+            recorder = None if greedy else SampledLogprobs.given(guided)
+        else:
+            out = self.model.generate(
+                input_ids=torch.as_tensor(prompt_ids, device=self.device),
+                attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
+                generation_config=config,
+                logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
+            )
+            response = out.sequences[:, p_len:]
         # Real tokens: everything up to and including the first EOS.
         is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0

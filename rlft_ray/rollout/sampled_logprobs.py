@@ -24,6 +24,7 @@ class SampledLogprobs(LogitsProcessor):
         self.temperature = temperature
         self.step_logps: torch.Tensor | None = None  # [B, V] of the last step
         self.taken: list[torch.Tensor] = []  # [B] per finished step
+        self.recorded: torch.Tensor | None = None  # set by given()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.step_logps is not None:  # the token sampled at the previous step is in input_ids
@@ -31,8 +32,18 @@ class SampledLogprobs(LogitsProcessor):
         self.step_logps = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
+    @classmethod
+    def given(cls, logprobs: torch.Tensor) -> SampledLogprobs:
+        """A recorder that already holds ``[B, L]`` log-probs (value-guided decoding
+        computes them itself); :meth:`finish` returns them."""
+        recorder = cls(1.0)
+        recorder.recorded = logprobs.to(torch.float32)
+        return recorder
+
     def finish(self, response: torch.Tensor) -> torch.Tensor:
         """Log-probs ``[B, L]`` of ``response`` ``[B, L]`` (the generated ids)."""
+        if self.recorded is not None:
+            return self.recorded
         if self.step_logps is None or response.shape[1] == 0:
             return torch.zeros(response.shape, dtype=torch.float32)
         last = self.step_logps.gather(-1, response[:, -1:]).squeeze(-1)
