@@ -22,8 +22,6 @@ from rlft_ray.config.lm import (
     LMPPOConfig,
     LoRAConfig,
     LossAgg,
-    RSFTConfig,
-    Selection,
 )
 from rlft_ray.config.optim import LRSchedule, OptimConfig
 from rlft_ray.config.parse import (
@@ -39,6 +37,7 @@ from rlft_ray.config.parse import (
     to_dict,
 )
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rsft import RSFTConfig, Selection
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
 __all__ = [

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
-from rlft_ray.config.lm import GRPOConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import GRPOConfig, LMPPOConfig
 from rlft_ray.config.preference import DPOConfig, OnlineDPOConfig, RewardModelConfig
+from rlft_ray.config.rsft import RSFTConfig
 
 #: Rollout actor kinds -> ``module:class`` of the plain class the driver wraps with ``ray.remote``.
 ROLLOUT_ACTORS: dict[str, str] = {

@@ -55,9 +55,11 @@ class LMPPOLearner(LMLearnerHooks, Learner):
         )
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
         metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
-        rewards = token_rewards(
-            tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
-        )
+        scores = tensors["rewards"]
+        if hp.whiten_rewards:  # [B] scores standardised over every rank's sequences
+            ones = torch.ones_like(scores, dtype=torch.bool).unsqueeze(1)
+            scores = global_masked_whiten(scores.unsqueeze(1), ones, self.ctx).squeeze(1)
+        rewards = token_rewards(scores, kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef)
         advantages, returns = masked_gae(
             rewards, tensors["old_values"], tensors["mask"], hp.gamma, hp.gae_lambda
         )
