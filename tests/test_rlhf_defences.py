@@ -195,3 +195,76 @@ def test_ppo_whiten_rewards_makes_the_update_blind_to_the_rewards_offset_and_sca
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     c, d = step(batch, False), step(shifted, False)
     assert not all(torch.allclose(c[k], d[k], atol=1e-6) for k in c)
+
+
+FADING_EVAL = """
+CALLS = [0]
+
+
+def fading(prompts, completions, metadata):
+    # a held-out metric that falls at every evaluation: 1, 1/2, 1/3, ... in each actor
+    CALLS[0] += 1
+    return [1.0 / CALLS[0]] * len(completions)
+"""
+
+
+@pytest.mark.slow
+def test_grpo_with_an_ensemble_clipped_stops_on_overoptimization_end_to_end(
+    model_dir: Path, reward_models: list[Path], tmp_path: Path
+) -> None:
+    """``rlft-ray train`` of the shipped GRPO recipe with a two-member ensemble, a reward
+    clip and the early stop, on a held-out metric made to fall at every evaluation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "fadingeval.py").write_text(FADING_EVAL)
+    out = tmp_path / "run"
+    args = [
+        "train",
+        str(EXAMPLES / "arithmetic_rlhf.yaml"),
+        f"lm.model={model_dir}",
+        f"lm.reward_model=[{reward_models[0]},{reward_models[1]}]",
+        "lm.reward_ensemble_std_coef=1.0",
+        "lm.reward_clip=0.05",
+        "lm.eval_fn=fadingeval:fading",
+        "lm.num_samples=4",
+        "lm.max_new_tokens=4",
+        "total_iterations=8",
+        "eval_every=1",
+        "stop_on_overoptimization=2",
+        "async_rollouts=false",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlft_ray", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    # evaluations 1, 1/2, 1/3: two falls in a row after the third iteration
+    assert summary["iterations"] == 3 == len(rows)
+    assert summary["early_stop"] == {
+        "reason": "overoptimization",
+        "iteration": 3,
+        "metric": "eval/accuracy",
+        "values": [1.0, 0.5, 0.3333],
+        "falls": 2,
+    }
+    assert rows[-1]["stop/overoptimization"] == 1.0
+    assert summary["checkpoint_best_score"]["iteration"] == 1  # before the fall
+    assert summary["checkpoint_best_score"]["metric"] == "eval/accuracy"
+    # the ensemble's rewards (mean - std of two random heads) are clipped to +-0.05
+    for r in rows:
+        assert abs(r["reward/mean"]) <= 0.05 + 1e-6 and r["reward/std"] <= 0.05 + 1e-6
+    assert any(r["reward/std"] > 0 for r in rows)
