@@ -268,3 +268,26 @@ def test_grpo_with_an_ensemble_clipped_stops_on_overoptimization_end_to_end(
     for r in rows:
         assert abs(r["reward/mean"]) <= 0.05 + 1e-6 and r["reward/std"] <= 0.05 + 1e-6
     assert any(r["reward/std"] > 0 for r in rows)
+
+
+def test_rlft_ray_eval_of_a_reward_model_still_reads_its_one_model(
+    model_dir: Path, reward_models: list[Path], tmp_path: Path
+) -> None:
+    """``rlft-ray eval RM --dataset pairs``: the scorer's first member is the model scored."""
+    import json
+
+    from rlft_ray.learners.base import EvalOptions
+    from rlft_ray.learners.reward_model import RewardModelLearner
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}, {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config(EXAMPLES / "arithmetic_rm.yaml", [f"lm.model={model_dir}"])
+    out = RewardModelLearner.evaluate(reward_models[0], cfg, EvalOptions(dataset=str(pairs)))
+    scores = RewardModelScorer(str(reward_models[0])).score(
+        [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    )
+    assert out["pairs"] == 2
+    assert out["pairwise_accuracy"] == pytest.approx(
+        sum(c > r for c, r in zip(scores[:2], scores[2:])) / 2
+    )

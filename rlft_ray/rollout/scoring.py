@@ -91,7 +91,9 @@ class RewardModelScorer:
             )
             tokenizer = AutoTokenizer.from_pretrained(directory)
             self.members.append(_Member(tokenizer, model, int(cfg.pad_token_id), max_positions))
-        self.tokenizer, self.model = self.members[0].tokenizer, self.members[0].model
+        # the first member's, for single-model callers (``rlft-ray eval`` of a reward model)
+        first = self.members[0]
+        self.tokenizer, self.model, self.pad_id = first.tokenizer, first.model, first.pad_id
         self.batch_size = batch_size
         self.add_special_tokens = add_special_tokens
         self.std_coef = std_coef
