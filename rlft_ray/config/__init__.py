@@ -23,8 +23,6 @@ from rlft_ray.config.lm import (
     LMPPOConfig,
     LoRAConfig,
     LossAgg,
-    RSFTConfig,
-    Selection,
 )
 from rlft_ray.config.optim import LRSchedule, OptimConfig
 from rlft_ray.config.parse import (
@@ -48,6 +46,7 @@ from rlft_ray.config.preference import (
     SimPOConfig,
 )
 from rlft_ray.config.rllib import RLlibConfig
+from rlft_ray.config.rsft import RSFTConfig, Selection
 from rlft_ray.config.run import ALGORITHMS, Algorithm, ResourcesConfig, RunConfig, TrackingConfig
 
 __all__ = [

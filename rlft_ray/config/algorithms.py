@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.ilql import ILQLConfig
-from rlft_ray.config.lm import LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import LMPPOConfig
 from rlft_ray.config.preference import (
     DPOConfig,
     KTOConfig,
@@ -24,6 +24,7 @@ from rlft_ray.config.preference import (
     SimPOConfig,
 )
 from rlft_ray.config.rllib import RLlibConfig
+from rlft_ray.config.rsft import RSFTConfig
 
 #: Rollout actor kinds -> ``module:class`` of the plain class the driver wraps with ``ray.remote``.
 ROLLOUT_ACTORS: dict[str, str] = {

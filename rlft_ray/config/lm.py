@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import string
 from dataclasses import dataclass, field
 from typing import Literal
@@ -144,7 +143,15 @@ class LMConfig:
             rejected instead of failing on them.
         reward_model: A Bradley-Terry reward model (an ``algo: reward_model`` checkpoint or
             a ``save_pretrained`` sequence-classification directory) that scores completions
-            instead of ``reward_fn``, served by ``resources.num_scorer_actors`` actors.
+            instead of ``reward_fn``, served by ``resources.num_scorer_actors`` actors; or a
+            list of them, an ensemble (e.g. the same recipe trained with different seeds):
+            every scorer actor holds all N and the reward is their mean minus
+            ``reward_ensemble_std_coef`` times their std.
+        reward_ensemble_std_coef: k of the ensemble's reward mean - k * std over its members
+            (uncertainty-weighted, Coste et al. 2023); 0: the plain mean.
+        reward_clip: Clip the learned reward (after the ensemble) to
+            [-reward_clip, reward_clip]; null: off. Only the reward model's score is
+            clipped, not ``reward_fn``'s.
         logit_chunk_tokens: Positions whose vocabulary logits a learner's pass holds at once
             (the output head runs chunk by chunk and is recomputed in the backward pass):
             bounds the memory of real vocabularies (49k tokens x 4 bytes per position).
@@ -214,7 +221,9 @@ class LMConfig:
     max_completion_tokens: int = 64
     pair_overflow: Literal["drop", "truncate", "error"] = "drop"
     drop_invalid_pairs: bool = False
-    reward_model: str | None = None
+    reward_model: str | tuple[str, ...] | None = None
+    reward_ensemble_std_coef: float = 0.0
+    reward_clip: float | None = None
     logit_chunk_tokens: int = 1024
     gradient_checkpointing: bool = False
     micro_batch_tokens: int | None = None
@@ -226,6 +235,13 @@ class LMConfig:
     max_turns: int = 8
     max_episode_tokens: int | None = None
     reward_timeout_s: float | None = 60.0
+
+    @property
+    def reward_models(self) -> tuple[str, ...]:
+        """The reward model paths (``lm.reward_model`` as a tuple; empty when unset)."""
+        if self.reward_model is None:
+            return ()
+        return (self.reward_model,) if isinstance(self.reward_model, str) else self.reward_model
 
     def __post_init__(self) -> None:
         require(self.model is None or bool(self.model.strip()), "model", "must not be empty")
@@ -275,11 +291,7 @@ class LMConfig:
             "micro_batch_tokens",
             "must be >= 1 or null",
         )
-        require(
-            self.reward_model is None or bool(self.reward_model.strip()),
-            "reward_model",
-            "must not be empty",
-        )
+        _check_reward_model_fields(self)
         require(
             self.vllm_kv_cache_gb is None or self.vllm_kv_cache_gb > 0,
             "vllm_kv_cache_gb",
@@ -303,6 +315,46 @@ class LMConfig:
                 "lora",
                 f"lm.backend=vllm serves LoRA ranks up to 512 (lm.lora.r={self.lora.r})",
             )
+
+
+def _check_reward_model_fields(lm: LMConfig) -> None:
+    """Range checks of ``lm.reward_model`` (one path or an ensemble), the ensemble's
+    ``reward_ensemble_std_coef`` and ``reward_clip``."""
+    require(
+        lm.reward_model is None or all(p.strip() for p in lm.reward_models),
+        "reward_model",
+        "must not be empty (nor hold an empty path)",
+    )
+    require(
+        not isinstance(lm.reward_model, tuple) or len(lm.reward_model) >= 1,
+        "reward_model",
+        "an ensemble needs at least one path (null: no reward model)",
+    )
+    require(
+        len(set(lm.reward_models)) == len(lm.reward_models),
+        "reward_model",
+        f"lists a path twice: {list(lm.reward_models)} (an ensemble's members must differ)",
+    )
+    require(
+        lm.reward_ensemble_std_coef >= 0,
+        "reward_ensemble_std_coef",
+        f"must be >= 0 (got {lm.reward_ensemble_std_coef})",
+    )
+    require(
+        lm.reward_ensemble_std_coef == 0 or len(lm.reward_models) >= 2,
+        "reward_ensemble_std_coef",
+        "is the weight of the ensemble's std: set lm.reward_model to a list of >= 2 models",
+    )
+    require(
+        lm.reward_clip is None or lm.reward_clip > 0,
+        "reward_clip",
+        f"must be > 0 or null (got {lm.reward_clip})",
+    )
+    require(
+        lm.reward_clip is None or lm.reward_model is not None,
+        "reward_clip",
+        "clips the learned reward: set lm.reward_model too",
+    )
 
 
 LossAgg = Literal[
@@ -342,6 +394,12 @@ class LMPPOConfig:
         gamma / gae_lambda: GAE over response tokens.
         vf_coef: Weight of the value loss. value_clip: Value clipping range (null: off).
         whiten_advantages: Standardise advantages over the batch's tokens.
+        whiten_rewards: Standardise the sequence scores over the batch (all ranks) before
+            the KL penalty is added: a learned reward's offset and scale are arbitrary (a
+            Bradley-Terry model is defined up to a constant), and this puts the score on
+            a fixed scale against ``kl_coef``, as InstructGPT normalises its reward model
+            (Ouyang et al. 2022). GRPO needs none: its group normalisation divides by
+            each prompt's std already.
         value_head_init_std: Std of the value head's initial weights.
         (Optimizer, clipping, TIS, micro-batching and KL fields as in :class:`GRPOConfig`.)
     """
@@ -351,6 +409,7 @@ class LMPPOConfig:
     vf_coef: float = 0.1
     value_clip: float | None = 0.2
     whiten_advantages: bool = True
+    whiten_rewards: bool = False
     value_head_init_std: float = 0.0
     kl_coef: float = 0.05
     kl_estimator: KLEstimator = "k1"
@@ -371,104 +430,3 @@ class LMPPOConfig:
         require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
         require(self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0 or null")
         require(self.value_head_init_std >= 0, "value_head_init_std", "must be >= 0")
-
-
-Selection = Literal["all", "best_of_n", "threshold", "quantile", "acceptance"]
-
-
-@dataclass(frozen=True)
-class RSFTConfig:
-    """Rejection-sampling fine-tuning: sample, keep the best, fine-tune on them, repeat.
-
-    Expert iteration / ReST / RAFT (Anthony et al. 2017; Gulcehre et al. 2023; Dong et al.
-    2023). One iteration is one *round*: ``lm.prompts_per_iteration`` prompts x
-    ``lm.num_samples`` completions are generated, scored and selected on the generation
-    actors (only accepted ones reach the learner); the learner takes ``num_epochs``
-    passes of cross-entropy over the accepted completions (prompt tokens masked) and
-    publishes the new weights. ``rlft-ray sample`` uses the same selection fields.
-
-    Attributes:
-        rounds: Rounds of sample -> select -> fine-tune (the run's iteration budget).
-        select: ``all``, ``best_of_n`` (top ``top_k`` per prompt), ``threshold``
-            (reward >= ``threshold``), ``quantile`` (top ``quantile`` of the batch, or of
-            each prompt with ``quantile_per_group``), ``acceptance`` (statistical
-            rejection sampling: accept c with probability min(1, p(c) / (M q(c)))).
-        top_k: best_of_n: completions kept per prompt.
-        threshold: threshold: the reward cut-off tau.
-        quantile: quantile: the kept fraction q in (0, 1].
-        quantile_per_group: quantile: rank within each prompt's completions.
-        beta: acceptance with the reward-tilted target p ∝ q exp(r / beta).
-        reward_max: acceptance (tilted): a known upper bound of the reward (exact); null
-            uses the running maximum of the rewards seen so far (approximate).
-        target_model: acceptance against this model's log-probabilities (path or hub
-            id; its tokenizer must equal the policy's) instead of the tilted target.
-        log_m: acceptance with ``target_model``: log M; null estimates it from the first
-            (warm-up) batch as the largest log p - log q seen.
-        min_reward: After the rule, also drop samples with a lower reward (e.g. 1.0 keeps
-            only verified-correct completions); null: no floor.
-        weighting: ``none``, or ``reward``: each completion's loss weighted by its
-            reward over the mean accepted reward (negative rewards count as 0).
-        reset_to_base: Fine-tune from the starting weights every round (ReST-EM, Singh
-            et al. 2023) instead of continuing from the last round's.
-        max_empty_rounds: Stop with an error after this many rounds in a row accept
-            nothing (0: never stop; an empty round only skips its update).
-        optim: AdamW and its schedule (:class:`~rlft_ray.config.optim.OptimConfig`).
-        num_epochs: Passes over each round's accepted completions.
-        num_minibatches: Optimizer steps per pass. micro_batch_size: Sequences per
-            forward/backward. loss_agg: Token aggregation of the cross-entropy.
-    """
-
-    rounds: int = 20
-    select: Selection = "best_of_n"
-    top_k: int = 1
-    threshold: float = 1.0
-    quantile: float = 0.25
-    quantile_per_group: bool = False
-    beta: float = 0.5
-    reward_max: float | None = None
-    target_model: str | None = None
-    log_m: float | None = None
-    min_reward: float | None = None
-    weighting: Literal["none", "reward"] = "none"
-    reset_to_base: bool = False
-    max_empty_rounds: int = 3
-    num_epochs: int = 2
-    num_minibatches: int = 4
-    micro_batch_size: int = 32
-    loss_agg: LossAgg = "token-mean"
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
-
-    def __post_init__(self) -> None:
-        check_steps(self.num_epochs, self.num_minibatches, self.micro_batch_size)
-        require(self.rounds >= 1, "rounds", "must be >= 1")
-        require(self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
-        require(0 < self.quantile <= 1, "quantile", f"must be in (0, 1] (got {self.quantile})")
-        require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
-        require(self.max_empty_rounds >= 0, "max_empty_rounds", "must be >= 0 (0: never stop)")
-        require(self.log_m is None or math.isfinite(self.log_m), "log_m", "must be finite or null")
-        require(
-            self.target_model is None or self.select == "acceptance",
-            "target_model",
-            f"is only used by rsft.select=acceptance (select is {self.select!r})",
-        )
-        require(
-            self.log_m is None or self.target_model is not None,
-            "log_m",
-            "is the bound of target-model acceptance: set rsft.target_model too",
-        )
-        require(
-            not self.reset_to_base
-            or (self.optim.lr_schedule == "constant" and self.optim.warmup_fraction == 0),
-            "optim.lr_schedule",
-            "with rsft.reset_to_base every round trains from the base anew: a schedule over "
-            "the whole run would leave the last rounds at a learning rate near 0; use "
-            "lr_schedule=constant and warmup_fraction=0",
-        )
-        for name in ("threshold", "min_reward"):
-            bar = getattr(self, name)
-            used = name == "min_reward" or self.select == "threshold"
-            require(
-                not used or bar is None or self.reward_max is None or bar <= self.reward_max,
-                name,
-                f"{bar} is above rsft.reward_max={self.reward_max}: no sample could be accepted",
-            )

@@ -10,7 +10,7 @@ from rlft_ray.config.errors import require
 from rlft_ray.config.grpo import GRPOConfig
 from rlft_ray.config.gym import DQNConfig, EnvConfig, FilteredBCConfig, PPOConfig
 from rlft_ray.config.ilql import ILQLConfig
-from rlft_ray.config.lm import LMConfig, LMPPOConfig, RSFTConfig
+from rlft_ray.config.lm import LMConfig, LMPPOConfig
 from rlft_ray.config.preference import (
     DPOConfig,
     KTOConfig,
@@ -20,6 +20,7 @@ from rlft_ray.config.preference import (
     SimPOConfig,
 )
 from rlft_ray.config.rllib import RLlibConfig
+from rlft_ray.config.rsft import RSFTConfig
 
 #: The algorithm names ``algo:`` accepts (one :class:`~rlft_ray.config.algorithms.AlgorithmSpec`
 #: each). Each is also the name of the section holding its hyperparameters.
@@ -226,6 +227,12 @@ class RunConfig:
             iterations, so one lucky batch does not choose it.
         best_window: Iterations the training score is averaged over (``best_metric`` not
             an ``eval/`` metric).
+        stop_on_overoptimization: K: stop once the held-out true metric (the ``eval/``
+            metric choosing ``checkpoint_best``, e.g. ``eval/accuracy``) or
+            ``eval/reward_model_auc`` has fallen at each of the last K evaluations in a row
+            (a policy gaming its reward model); ``summary.json`` records it under
+            ``early_stop`` and ``checkpoint_best`` keeps the policy before the fall. Needs
+            ``eval_every``; null: off. The count restarts on ``--resume``.
         async_rollouts: Overlap sampling with learning: the actors sample the next batch
             with the weights they hold while the learner updates on the last one (one
             policy version behind; ``rollout/policy_lag`` records it per batch). The
@@ -269,6 +276,7 @@ class RunConfig:
     eval_episodes: int = 10
     best_metric: str | None = None
     best_window: int = 10
+    stop_on_overoptimization: int | None = None
     async_rollouts: bool = False
     max_policy_lag: int = 1
 
@@ -297,6 +305,23 @@ class RunConfig:
         )
         require(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
         require(self.best_window >= 1, "best_window", "must be >= 1")
+        require(
+            self.stop_on_overoptimization is None or self.stop_on_overoptimization >= 1,
+            "stop_on_overoptimization",
+            f"must be >= 1 (evaluations in a row) or null (got {self.stop_on_overoptimization})",
+        )
+        require(
+            self.stop_on_overoptimization is None or self.eval_every is not None,
+            "stop_on_overoptimization",
+            "watches the held-out evaluations: set eval_every too",
+        )
+        require(
+            self.stop_on_overoptimization is None
+            or self.best_metric is None
+            or self.best_metric.startswith("eval/"),
+            "stop_on_overoptimization",
+            f"watches held-out eval/ metrics; best_metric={self.best_metric} is a training one",
+        )
         require(
             self.best_metric is None or bool(self.best_metric.strip()),
             "best_metric",

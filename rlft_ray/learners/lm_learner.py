@@ -176,8 +176,9 @@ def check_reward_fns(cfg: RunConfig) -> None:
         ConfigError: Naming the key whose function or model cannot be used.
     """
     check_reward_specs(cfg)
-    if cfg.lm.reward_model is not None:
-        check_reward_model(cfg.lm.reward_model)
+    members = cfg.lm.reward_models
+    for i, path in enumerate(members):  # every member of an ensemble, named by its index
+        check_reward_model(path, "lm.reward_model" + (f"[{i}]" if len(members) > 1 else ""))
 
 
 def check_reward_specs(cfg: RunConfig) -> None:
@@ -226,11 +227,12 @@ def check_reward_call(cfg: RunConfig, prompt: Prompt) -> None:
         raise ConfigError("lm.reward_fn", f"fails on {where}: {outcome['error']}")
 
 
-def check_reward_model(path: str) -> None:
+def check_reward_model(path: str, key: str = "lm.reward_model") -> None:
     """``path`` holds a reward model the scorer actors can serve.
 
     Raises:
-        ConfigError: Naming ``lm.reward_model``: missing, not loadable, or not one label.
+        ConfigError: Naming ``key`` (``lm.reward_model``, or ``lm.reward_model[i]`` for an
+            ensemble's member): missing, not loadable, or not one label.
     """
     from transformers import AutoConfig
 
@@ -239,14 +241,14 @@ def check_reward_model(path: str) -> None:
     directory = reward_model_dir(path)
     if not (directory / "config.json").is_file():
         raise ConfigError(
-            "lm.reward_model",
+            key,
             f"{path} holds no reward model (an `algo: reward_model` checkpoint or a "
             "save_pretrained sequence-classification directory)",
         )
     config = AutoConfig.from_pretrained(directory)
     if getattr(config, "num_labels", None) != 1 or config.pad_token_id is None:
         raise ConfigError(
-            "lm.reward_model",
+            key,
             f"{directory} must be a one-label sequence-classification model with a pad token "
             f"(num_labels={getattr(config, 'num_labels', None)}, pad_token_id={config.pad_token_id})",
         )
@@ -292,7 +294,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         eval_prompts=fix(cfg.lm.eval_prompts),
         pairs=fix(cfg.lm.pairs),
         eval_pairs=fix(cfg.lm.eval_pairs),
-        reward_model=fix(cfg.lm.reward_model),
+        reward_model=(
+            fix(cfg.lm.reward_model)
+            if not isinstance(cfg.lm.reward_model, tuple)
+            else tuple(fix(p) for p in cfg.lm.reward_model)
+        ),
     )
     return dataclasses.replace(cfg, lm=lm)
 

@@ -72,8 +72,12 @@ class LMPPOLearner(LMLearnerHooks, Learner):
                 + tensors["step_rewards"] * tensors["mask"]
             )
         else:
+            scores = tensors["rewards"]
+            if hp.whiten_rewards:  # [B] scores standardised over every rank's sequences
+                ones = torch.ones_like(scores, dtype=torch.bool).unsqueeze(1)
+                scores = global_masked_whiten(scores.unsqueeze(1), ones, self.ctx).squeeze(1)
             rewards = token_rewards(
-                tensors["rewards"], kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
+                scores, kl if hp.kl_coef > 0 else None, tensors["mask"], hp.kl_coef
             )
         # multi-turn: over the model's tokens, the env's replies between them skipped
         gae = gapped_gae if "attn_mask" in tensors else masked_gae

@@ -61,7 +61,12 @@ class BatchSampler:
 
             scorers = [
                 RewardModelScorer(
-                    lm.reward_model, num_threads, device, add_special_tokens=not lm.chat_template
+                    list(lm.reward_models),
+                    num_threads,
+                    device,
+                    add_special_tokens=not lm.chat_template,
+                    std_coef=lm.reward_ensemble_std_coef,
+                    clip=lm.reward_clip,
                 )
             ]
         self.actor = GenerationActor(

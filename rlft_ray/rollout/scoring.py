@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,17 @@ def reward_model_dir(path: str | Path) -> Path:
 
 
 class RewardModelScorer:
-    """Holds a sequence-classification reward model and scores (prompt, completion) pairs.
+    """Holds one sequence-classification reward model, or an ensemble of them, and scores
+    (prompt, completion) pairs.
+
+    With N models the reward is :func:`~rlft_ray.algorithms.reward_ensemble.ensemble_reward`
+    of their scores (mean - ``std_coef`` * std); then, with ``clip``, it is clipped to
+    [-clip, clip] (:func:`~rlft_ray.algorithms.reward_ensemble.clip_reward`). Each member
+    encodes with its own tokenizer and reads its score where it was trained to.
 
     Args:
-        path: An ``algo: reward_model`` checkpoint or a ``save_pretrained`` directory.
+        path: An ``algo: reward_model`` checkpoint or a ``save_pretrained`` directory, or
+            a list of them (an ensemble).
         num_threads: torch threads (the CPUs this actor holds).
         device: ``"cpu"`` or ``"cuda"``.
         batch_size: Sequences per forward pass.
@@ -44,15 +52,19 @@ class RewardModelScorer:
             pair files were when their prompts were plain strings (false when every prompt
             is rendered by the chat template, ``lm.chat_template``: it wrote them already).
             A prompt flagged as templated in :meth:`score` never gets them.
+        std_coef: k of the ensemble's mean - k * std (``lm.reward_ensemble_std_coef``).
+        clip: Bound of the reward (``lm.reward_clip``); None: off.
     """
 
     def __init__(
         self,
-        path: str,
+        path: str | Sequence[str],
         num_threads: int = 1,
         device: str = "cpu",
         batch_size: int = 256,
         add_special_tokens: bool = True,
+        std_coef: float = 0.0,
+        clip: float | None = None,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -61,21 +73,31 @@ class RewardModelScorer:
 
         quiet_transformers()
         hold_threads(num_threads)
-        directory = reward_model_dir(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
-        fuse_activations(self.model)
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        if not paths:
+            raise ValueError("RewardModelScorer needs at least one reward model path")
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.members: list[_Member] = []
+        for p in paths:
+            directory = reward_model_dir(p)
+            model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+            fuse_activations(model)
+            model.to(self.device)
+            cfg = model.config
+            if cfg.pad_token_id is None:
+                raise ValueError(f"reward model {directory} has no pad_token_id in its config")
+            max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(
+                cfg, "n_positions", None
+            )
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            self.members.append(_Member(tokenizer, model, int(cfg.pad_token_id), max_positions))
+        # the first member's, for single-model callers (``rlft-ray eval`` of a reward model)
+        first = self.members[0]
+        self.tokenizer, self.model, self.pad_id = first.tokenizer, first.model, first.pad_id
         self.batch_size = batch_size
         self.add_special_tokens = add_special_tokens
-        if self.model.config.pad_token_id is None:
-            raise ValueError(f"reward model {directory} has no pad_token_id in its config")
-        self.pad_id = int(self.model.config.pad_token_id)
-        cfg = self.model.config
-        self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(
-            cfg, "n_positions", None
-        )
+        self.std_coef = std_coef
+        self.clip = clip
 
     @torch.no_grad()
     def score(
@@ -84,7 +106,8 @@ class RewardModelScorer:
         completions: Sequence[str],
         templated: Sequence[bool] | None = None,
     ) -> list[float]:
-        """The reward model's scalar score of each completion of its prompt.
+        """The reward of each completion of its prompt (one model's score, or the
+        ensemble's mean - k * std; clipped with ``clip``).
 
         Args:
             prompts: Prompt texts as the policy saw them.
@@ -93,8 +116,24 @@ class RewardModelScorer:
                 (:attr:`~rlft_ray.types.Prompt.templated`): encoded without special
                 tokens then. None: no prompt was (only ``add_special_tokens`` decides).
         """
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        from rlft_ray.algorithms.reward_ensemble import clip_reward, ensemble_reward
+
+        if not prompts:
+            return []
         flags = [False] * len(prompts) if templated is None else [bool(t) for t in templated]
+        per_member = [self._member_scores(m, prompts, completions, flags) for m in self.members]
+        rewards = ensemble_reward(torch.tensor(per_member, dtype=torch.float64), self.std_coef)
+        return clip_reward(rewards, self.clip).tolist()
+
+    def _member_scores(
+        self,
+        member: _Member,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        flags: Sequence[bool],
+    ) -> list[float]:
+        """One member's scores: prompt tokens, completion tokens, EOS."""
+        tok, eos = member.tokenizer, member.tokenizer.eos_token_id
         seqs = [
             [
                 *tok(p, add_special_tokens=self.add_special_tokens and not t)["input_ids"],
@@ -103,14 +142,24 @@ class RewardModelScorer:
             ]
             for p, c, t in zip(prompts, completions, flags)
         ]
-        if self.max_positions:  # the end is what is scored: keep the last tokens
-            seqs = [s[-self.max_positions :] for s in seqs]
+        if member.max_positions:  # the end is what is scored: keep the last tokens
+            seqs = [s[-member.max_positions :] for s in seqs]
         out: list[float] = []
         for start in range(0, len(seqs), self.batch_size):
             out.extend(
-                score_sequences(self.model, seqs[start : start + self.batch_size], self.pad_id)
+                score_sequences(member.model, seqs[start : start + self.batch_size], member.pad_id)
             )
         return out
+
+
+@dataclass
+class _Member:
+    """One reward model of a scorer: its tokenizer, model, pad id and context length."""
+
+    tokenizer: Any
+    model: Any
+    pad_id: int
+    max_positions: int | None
 
 
 def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int) -> list[float]:

@@ -34,6 +34,7 @@ from rlft_ray.run.attempts import (
     RunSignals,
     failure_cause,
 )
+from rlft_ray.run.early_stop import overoptimization_stop, watched_metrics
 from rlft_ray.run.lock import RunDirLock, remove_temp_files
 from rlft_ray.run.metrics import read_metrics, truncate_metrics, write_summary
 from rlft_ray.run.plots import plot_curve
@@ -191,16 +192,29 @@ def _write_outputs(
     """``summary.json`` (with ``status`` and the ``startup`` breakdown) and the learning
     curve; temp leftovers removed."""
     remove_temp_files(output_dir)
-    startup = marks.breakdown(read_metrics(output_dir))
+    rows = read_metrics(output_dir)
+    startup = marks.breakdown(rows)
     logger.debug("start-up breakdown: %s", startup)
     status = "interrupted" if isinstance(error, Interrupt) else "failed" if error else "completed"
     extra = {"algo": cfg.algo, "env": cfg.env.id, "status": status, "error": failure_cause(error)}
     extra.update({"learner_restarts": fit.restarts, **probe.info, "startup": startup})
-    extra["peak_rss_mb"] = peak_memory(read_metrics(output_dir), learner_in_driver=fit.in_driver)
+    extra["peak_rss_mb"] = peak_memory(rows, learner_in_driver=fit.in_driver)
+    if cfg.stop_on_overoptimization is not None:
+        extra["early_stop"] = _early_stop(rows, cfg, learner_cls)
     summary = write_summary(output_dir, time.perf_counter() - started, extra)
     y_key, x_key, png = learner_cls.curve
     plot_curve(output_dir, y_key=y_key, x_key=x_key, name=png)
     return summary
+
+
+def _early_stop(
+    rows: list[dict[str, Any]], cfg: RunConfig, learner_cls: type[Learner]
+) -> dict[str, Any] | None:
+    """What ``stop_on_overoptimization`` stopped on (None: the run went its full budget)."""
+    if not any(r.get("stop/overoptimization") for r in rows):
+        return None
+    watched = watched_metrics(learner_cls.best_metric(cfg))
+    return overoptimization_stop(rows, cfg.stop_on_overoptimization, watched)
 
 
 def peak_memory(rows: list[dict[str, Any]], learner_in_driver: bool) -> dict[str, float]:
@@ -310,7 +324,8 @@ def _start_rollout_actors(
 
 
 def _start_scorers(cfg: RunConfig) -> list[Any]:
-    """Reward-model scorer actors serving ``lm.reward_model`` (on a GPU share when there is one)."""
+    """Reward-model scorer actors serving ``lm.reward_model`` (all of an ensemble's members
+    in each; on a GPU share when there is one)."""
     from rlft_ray.rollout.scoring import RewardModelScorer
 
     res = cfg.resources
@@ -322,10 +337,12 @@ def _start_scorers(cfg: RunConfig) -> list[Any]:
         res.max_actor_restarts,
         name_prefix=f"rlft-scorer-{uuid.uuid4().hex[:8]}-",
         kwargs_for=lambda i: {
-            "path": cfg.lm.reward_model,
+            "path": list(cfg.lm.reward_models),
             "num_threads": torch_threads(res.cpus_per_scorer_actor),
             "device": "cuda" if gpus > 0 else "cpu",
             "add_special_tokens": not cfg.lm.chat_template,
+            "std_coef": cfg.lm.reward_ensemble_std_coef,
+            "clip": cfg.lm.reward_clip,
         },
         num_gpus=gpus,
     )

@@ -30,7 +30,10 @@ from rlft_ray.learners.rllib_ckpt import is_rllib_checkpoint, load_rllib_into
 from rlft_ray.lm.prompts import TableShard
 from rlft_ray.rollout.dynamic_sampling import fill_batch
 from rlft_ray.rollout.group import PendingSample, RunnerGroup
+from rlft_ray.run.early_stop import fallen_metric, watched_metrics
 from rlft_ray.run.metrics import ROWS_KEY
+
+logger = logging.getLogger(__name__)
 
 #: The key of ``train_loop_config`` whose value references the loop's inputs.
 LOOP_CFG = "loop_cfg"
@@ -65,6 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _barrier(world)
     clock_start = time.perf_counter() - counters.wall_s
     reporter = _Reporter(cfg, spaces, ctx, loop_cfg.get("report_to", ()))
+    watch = _OveroptimizationWatch(cfg, type(learner).best_metric(cfg))
 
     last = _finished(cfg, counters, counters.wall_s, ctx)
     overlap = cfg.async_rollouts and not learner.offline
@@ -101,6 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sync_s = runners.publish(state, counters.policy_version, wait=world > 1) if publish else 0.0
         if rank == 0 and eval_due:
             metrics.update(learner.heldout_eval(runners, counters.policy_version))
+        if eval_due and not last and watch.active:
+            last = watch.stop(metrics, ctx)
         _barrier(world)
         counters.wall_s = time.perf_counter() - clock_start
 
@@ -111,6 +117,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update({f"perf/{k}_per_s": v / max(rate_s, 1e-9) for k, v in totals.items()})
         metrics.update(_timing_metrics((t0, t1, t2), sync_s, state, runners.restarts))
         reporter.add(metrics, learner, counters, last=last, evaluated=eval_due)
+
+
+class _OveroptimizationWatch:
+    """``stop_on_overoptimization``: rank 0 keeps the held-out evaluations and decides for
+    every rank (:func:`~rlft_ray.run.early_stop.fallen_metric`)."""
+
+    def __init__(self, cfg: RunConfig, best_metric: str) -> None:
+        self.falls = cfg.stop_on_overoptimization
+        self.active = self.falls is not None
+        self.metrics = watched_metrics(best_metric)
+        self.evaluations: list[dict[str, float]] = []
+
+    def stop(self, metrics: dict[str, float], ctx: LearnerContext) -> bool:
+        """Whether to stop after this evaluation; marks the row ``stop/overoptimization``."""
+        fallen = None
+        if ctx.rank == 0:
+            self.evaluations.append({k: metrics[k] for k in self.metrics if k in metrics})
+            fallen = fallen_metric(self.evaluations, self.falls, self.metrics)
+        stop = rank0_decides(fallen is not None, ctx)
+        if stop:
+            metrics["stop/overoptimization"] = 1.0
+        if fallen is not None:
+            logger.warning(
+                "stop_on_overoptimization: %s fell %d evaluations in a row; stopping",
+                fallen,
+                self.falls,
+            )
+        return stop
 
 
 def _timing_metrics(
