@@ -35,8 +35,9 @@ from rlft_ray.algorithms.policy_gradient import (
 from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import all_reduce_mean, global_max, global_sum
+from rlft_ray.learners.lm_batches import agent_metrics
 from rlft_ray.learners.lm_learner import LMLearnerHooks
-from rlft_ray.learners.lm_rank import LMRank, agent_metrics
+from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 

@@ -25,6 +25,7 @@ from rlft_ray.config import RunConfig
 from rlft_ray.core.torch_utils import distinct_tensors
 from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, global_max, global_sum, wrap_ddp
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps, micro_batches
+from rlft_ray.learners.lm_batches import pad_to, padding_row, row_tokens, rows_cut_to, trim_padding
 from rlft_ray.lm.loading import (
     enable_gradient_checkpointing,
     load_model_and_tokenizer,
@@ -260,7 +261,7 @@ class LMRank:
         The response attends to ``attn_mask`` where the batch has one (multi-turn: the
         environment's tokens too), else to ``mask``.
         """
-        sub = _trim(
+        sub = trim_padding(
             {k: tensors[k][idx] for k in ("prompt_ids", "prompt_mask", "response_ids")}
             | {"mask": tensors.get("attn_mask", tensors["mask"])[idx]}
         )
@@ -305,16 +306,16 @@ class LMRank:
             "learner_logprobs": [],
         }
         width = tensors["mask"].shape[1]
-        for idx in micro_batches(rows, self._steps(), _row_tokens(tensors)):
+        for idx in micro_batches(rows, self._steps(), row_tokens(tensors)):
             if reference is not None:
                 ref = self.forward(reference, tensors, idx, entropy=False)
-                out["ref_logprobs"].append(_pad_to(ref.logprobs, width))
+                out["ref_logprobs"].append(pad_to(ref.logprobs, width))
             if values or learner_logprobs:
                 old = self.forward(self.policy, tensors, idx, entropy=False)
                 if values:
-                    out["old_values"].append(_pad_to(old.values, width))
+                    out["old_values"].append(pad_to(old.values, width))
                 if learner_logprobs:
-                    out["learner_logprobs"].append(_pad_to(old.logprobs, width))
+                    out["learner_logprobs"].append(pad_to(old.logprobs, width))
         return {k: torch.cat(v) for k, v in out.items() if v}
 
     def recomputes_logprobs(self, tis_cap: float | None) -> bool:
@@ -389,7 +390,7 @@ class LMRank:
             norm), ``optim/*`` and ``perf/learner_tokens_per_s`` metrics.
         """
         hp, max_new = self.hp, self.cfg.lm.max_new_tokens
-        pad_row = _padding_row(tensors, self.tokenizer.pad_token_id)
+        pad_row = padding_row(tensors, self.tokenizer.pad_token_id)
         stand_in = torch.zeros(1, dtype=torch.long, device=self.ctx.device)
 
         def denominator(rows: torch.Tensor) -> torch.Tensor:
@@ -399,7 +400,7 @@ class LMRank:
         def micro_loss(idx: torch.Tensor | None) -> MicroOut:
             rows, idx = (tensors, idx) if idx is not None else (pad_row, stand_in)
             out = self.forward(self.net, rows, idx)
-            sub = _trim_like(rows, idx, out.logprobs.shape[1])
+            sub = rows_cut_to(rows, idx, out.logprobs.shape[1])
             loss_mat, stats = token_loss(out, sub)
             num, _ = aggregate_loss_parts(loss_mat, sub["mask"], hp.loss_agg, max_new)
             mask = sub["mask"]
@@ -411,7 +412,7 @@ class LMRank:
 
         rows = tensors["mask"].shape[0]
         return self.engine.run(
-            rows, micro_loss, denominator, self._steps(), progress, _row_tokens(tensors)
+            rows, micro_loss, denominator, self._steps(), progress, row_tokens(tensors)
         )
 
     def reward_metrics(self, tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
@@ -439,71 +440,8 @@ class LMRank:
         }
 
 
-def agent_metrics(batch: GenerationBatch, ctx: LearnerContext) -> dict[str, float]:
-    """Multi-turn episodes' ``rollout/*`` numbers (turns, tool calls, env seconds,
-    truncation, failures; :meth:`~rlft_ray.types.AgentStats.metrics`), averaged over the
-    ranks, and ``rollout/reward_timeouts``; nothing for a single-turn batch without timeouts."""
-    out: dict[str, float] = {}
-    if batch.agent is not None:
-        local = batch.agent.metrics()
-        names = sorted(local)
-        values = torch.tensor([local[k] for k in names], dtype=torch.float64, device=ctx.device)
-        out.update(zip(names, all_reduce_mean(values, ctx).tolist()))
-        for reason in batch.agent.reasons[:1]:  # one per batch in the log is enough
-            logger.warning("an episode failed: %s", reason)
-    if batch.reward_timeouts or batch.agent is not None:
-        out["rollout/reward_timeouts"] = float(batch.reward_timeouts)
-    return out
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere (also inside attention): training and sampling see one model."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-
-
-def _trim(sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop all-padding prompt columns on the left and response columns on the right."""
-    p_keep = int(sub["prompt_mask"].any(0).long().argmax()) if sub["prompt_mask"].any() else 0
-    r_len = int(sub["mask"].any(0).nonzero().max()) + 1 if sub["mask"].any() else 1
-    return {
-        "prompt_ids": sub["prompt_ids"][:, p_keep:],
-        "prompt_mask": sub["prompt_mask"][:, p_keep:],
-        "response_ids": sub["response_ids"][:, :r_len],
-        "mask": sub["mask"][:, :r_len],
-    }
-
-
-def _trim_like(
-    tensors: dict[str, torch.Tensor], idx: torch.Tensor, width: int
-) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of every ``[B, L]`` / ``[B]`` tensor in ``t``, cut to ``width`` tokens."""
-    out = {}
-    for key, val in tensors.items():
-        if key in ("prompt_ids", "prompt_mask"):
-            continue
-        v = val[idx]
-        out[key] = v[:, :width] if v.dim() == 2 else v
-    return out
-
-
-def _padding_row(tensors: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row shaped like ``t``'s rows with no real response token (its loss weighs 0):
-    what a rank with no rows of a minibatch runs so that DDP's all-reduce still meets."""
-    row = {}
-    for key, val in tensors.items():
-        shape = (1, max(1, val.shape[1])) if val.dim() == 2 else (1,)
-        row[key] = torch.zeros(shape, dtype=val.dtype, device=val.device)
-    row["prompt_ids"] = row["prompt_ids"].fill_(pad_id)
-    row["prompt_mask"][:, -1] = True  # one attended position keeps attention well defined
-    return row
-
-
-def _row_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B]`` prompt + completion tokens of each row (what a micro-batch's budget counts)."""
-    return tensors["prompt_mask"].sum(-1) + tensors.get("attn_mask", tensors["mask"]).sum(-1)
-
-
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))

@@ -24,8 +24,9 @@ from rlft_ray.config import ConfigError, RunConfig
 from rlft_ray.core.errors import DeterministicError
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces, TaskProbe
 from rlft_ray.learners.ddp import global_sum
+from rlft_ray.learners.lm_batches import agent_metrics
 from rlft_ray.learners.lm_learner import LMLearnerHooks, lm_sampler_kwargs, probe_lm
-from rlft_ray.learners.lm_rank import LMRank, agent_metrics
+from rlft_ray.learners.lm_rank import LMRank
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from rlft_ray.algorithms.pass_at_k import answer_ids
 from rlft_ray.config import EnvConfig, LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import (
     hold_threads,
@@ -38,7 +37,8 @@ from rlft_ray.core.torch_utils import (
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
-from rlft_ray.rewards import compute_rewards, compute_rewards_within, load_reward_fn
+from rlft_ray.rewards import compute_rewards_within, load_reward_fn
+from rlft_ray.rollout.heldout import HeldOutScoring
 from rlft_ray.rollout.multiturn import play
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
-class GenerationActor(ValueGuidedDecoding):
+class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
     """Holds one copy of the policy LM and samples completions for prompts.
 
     Args:
@@ -474,44 +474,3 @@ class GenerationActor(ValueGuidedDecoding):
         batch = self.select(batch)
         batch.peak_rss_mb = (peak_rss_mb(),)
         return batch
-
-    def heldout_scores(self, prompts: Sequence[Prompt]) -> tuple[int, dict[str, np.ndarray]]:
-        """The policy version held and scores of greedy completions (held-out evaluation
-        during training): ``accuracy`` by ``lm.eval_fn``, and ``reward_model`` by the learned
-        reward when one serves this actor (where the two part ways, the policy games it)."""
-        batch, accuracy = self.evaluate(prompts)
-        scores = {"accuracy": accuracy}
-        if self.lm.eval_samples > 0:  # eval/pass@k, eval/maj@k
-            scores["sample_correct"], scores["sample_answers"] = self.sample_scores(
-                prompts, self.lm.eval_samples
-            )
-        if self.reward_model is not None:
-            scores["reward_model"] = self.reward_model(
-                batch.prompts, batch.completions, batch.prompt_templated
-            )
-        return self.policy_version, scores
-
-    def sample_scores(
-        self, prompts: Sequence[Prompt], num_samples: int, eval_fn: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``correct [P, n]`` (``eval_fn`` score >= 0.5; default ``lm.eval_fn``) and
-        :func:`~rlft_ray.algorithms.pass_at_k.answer_ids` ``[P, n]`` of ``num_samples``
-        completions per prompt sampled at ``lm.temperature``: what pass@k and maj@k use."""
-        batch = self.generate(prompts, num_samples=num_samples)
-        fn = load_reward_fn(eval_fn or self.lm.eval_fn)
-        scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
-        correct = np.asarray(scores, dtype=np.float32).reshape(-1, num_samples) >= 0.5
-        return correct, answer_ids(batch.completions, num_samples)
-
-    def evaluate(
-        self, prompts: Sequence[Prompt], eval_fn: str | None = None
-    ) -> tuple[GenerationBatch, np.ndarray]:
-        """Greedy completions and their ``eval_fn`` (default ``lm.eval_fn``) scores (text
-        environment: greedy episodes and whether each solved its task, ``is_success``)."""
-        if self.text_env is not None:
-            batch = play(self, prompts, greedy=True)
-            return batch, batch.agent.success.astype(np.float32)
-        batch = self.generate(prompts, greedy=True)
-        fn = load_reward_fn(eval_fn or self.lm.eval_fn)
-        scores = compute_rewards(fn, batch.prompts, batch.completions, batch.metadata)
-        return batch, np.asarray(scores, dtype=np.float32)
