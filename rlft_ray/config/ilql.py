@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlft_ray.config.errors import require
-from rlft_ray.config.optim import OptimConfig
+from rlft_ray.config.optim import OfflinePasses, OptimConfig
 
 
 @dataclass(frozen=True)
-class ILQLConfig:
+class ILQLConfig(OfflinePasses):
     """Implicit Language Q-Learning from a reward-labelled offline set (Snell et al. 2022).
 
     ``data`` is any ``prompt`` / ``completion`` / ``reward`` table (``.jsonl``, ``.json``,
@@ -45,15 +45,12 @@ class ILQLConfig:
     bc_coef: float = 1.0
     awac_temperature: float | None = None
     polyak: float = 0.05
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
-    shuffle: bool = True
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.05)
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.data is None or bool(self.data.strip()), "data", "must not be empty")
         require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         require(0 < self.tau < 1, "tau", "must be in (0, 1)")
@@ -65,6 +62,3 @@ class ILQLConfig:
             "awac_temperature",
             "must be > 0 or null",
         )
-        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")

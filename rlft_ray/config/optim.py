@@ -8,7 +8,7 @@ field: the rest keep the section's defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rlft_ray.config.errors import require
@@ -58,3 +58,34 @@ OPTIM_KEYS: tuple[str, ...] = (
     "weight_decay",
     "max_grad_norm",
 )
+
+
+def _offline_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.1)
+
+
+@dataclass(frozen=True)
+class OfflinePasses:
+    """What every offline LM section shares (``dpo``, ``reward_model``, ``simpo``, ``orpo``,
+    ``kto``, ``ilql``): passes over a fixed data set in optimizer steps of ``batch_size``
+    examples over all ranks, micro-batched with gradient accumulation.
+
+    Attributes:
+        num_epochs: Passes over the data (sets the run's iterations).
+        batch_size: Examples (pairs, completions) per optimizer step, over all ranks.
+        micro_batch_size: Examples per forward/backward.
+        shuffle: Reshuffle the data every epoch.
+        optim: AdamW and its schedule (:class:`OptimConfig`); a section may set its own
+            default.
+    """
+
+    num_epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    shuffle: bool = True
+    optim: OptimConfig = field(default_factory=_offline_optim)
+
+    def __post_init__(self) -> None:
+        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlft_ray.config.errors import require
-from rlft_ray.config.optim import OptimConfig
+from rlft_ray.config.optim import OfflinePasses, OptimConfig
 
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge"]
 RewardRegularizer = Literal["none", "sft", "grm"]
@@ -30,7 +30,7 @@ def check_preference_loss(loss: str, beta: float, label_smoothing: float, sft_co
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(OfflinePasses):
     """Direct preference optimisation from a fixed set of pairs (``lm.pairs``).
 
     Defaults follow Rafailov et al. 2023 and TRL's ``DPOTrainer`` (beta 0.1, sigmoid loss),
@@ -59,20 +59,14 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_coef: float = 0.0
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
     precompute_ref: bool = True
-    shuffle: bool = True
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.1)
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_preference_loss(self.loss, self.beta, self.label_smoothing, self.sft_coef)
-        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -115,7 +109,7 @@ class OnlineDPOConfig:
 
 
 @dataclass(frozen=True)
-class RewardModelConfig:
+class RewardModelConfig(OfflinePasses):
     """A Bradley-Terry reward model trained on ``lm.pairs`` (Ouyang et al. 2022).
 
     The model is ``lm.model`` with a scalar head (``AutoModelForSequenceClassification``,
@@ -161,15 +155,12 @@ class RewardModelConfig:
     sft_coef: float = 0.0
     grm_alpha: float = 0.01
     grm_beta: float = 0.1
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
-    shuffle: bool = True
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, lr_schedule="linear", warmup_fraction=0.05)
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.margin >= 0, "margin", "must be >= 0")
         require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
         require(
@@ -184,9 +175,6 @@ class RewardModelConfig:
         )
         require(0 < self.grm_alpha < 1, "grm_alpha", "must be in (0, 1)")
         require(self.grm_beta > 0, "grm_beta", "must be > 0")
-        require(self.num_epochs >= 1, "num_epochs", "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
 
     @property
     def regularizer_used(self) -> str:
@@ -196,19 +184,8 @@ class RewardModelConfig:
         return "sft" if self.sft_coef > 0 else "none"
 
 
-def check_pair_steps(num_epochs: int, batch_size: int, micro_batch_size: int) -> None:
-    """Range checks of the offline data passes every preference section sets."""
-    require(num_epochs >= 1, "num_epochs", "must be >= 1")
-    require(batch_size >= 1, "batch_size", "must be >= 1")
-    require(micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-
-
-def _offline_optim() -> OptimConfig:
-    return OptimConfig(lr=5e-4, lr_schedule="linear", warmup_fraction=0.1)
-
-
 @dataclass(frozen=True)
-class SimPOConfig:
+class SimPOConfig(OfflinePasses):
     """SimPO (Meng et al. 2024): reference-free, length-normalised preference optimisation
     from ``lm.pairs``, no reference model (nothing is precomputed or kept).
 
@@ -220,29 +197,24 @@ class SimPOConfig:
         beta: Reward scale (> 0). gamma: Target margin (>= 0; TRL's ``simpo_gamma``).
         label_smoothing: Conservative (cDPO-style) smoothing eps in [0, 0.5).
         sft_coef: Weight of an NLL term on the chosen completions (CPO-SimPO's alpha).
-        num_epochs, batch_size, micro_batch_size, shuffle, optim: As in :class:`DPOConfig`.
+        num_epochs, batch_size, micro_batch_size, shuffle, optim: from :class:`~rlft_ray.config.optim.OfflinePasses`.
     """
 
     beta: float = 2.0
     gamma: float = 0.5
     label_smoothing: float = 0.0
     sft_coef: float = 0.0
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
-    shuffle: bool = True
-    optim: OptimConfig = field(default_factory=_offline_optim)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
         require(self.gamma >= 0, "gamma", f"must be >= 0 (got {self.gamma})")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
-        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
 
 
 @dataclass(frozen=True)
-class ORPOConfig:
+class ORPOConfig(OfflinePasses):
     """ORPO (Hong et al. 2024): SFT on the chosen completions plus an odds-ratio term,
     from ``lm.pairs``, no reference model.
 
@@ -251,23 +223,18 @@ class ORPOConfig:
 
     Attributes:
         lambda_or: lambda, the odds-ratio term's weight (TRL's ``beta``), >= 0.
-        num_epochs, batch_size, micro_batch_size, shuffle, optim: As in :class:`DPOConfig`.
+        num_epochs, batch_size, micro_batch_size, shuffle, optim: from :class:`~rlft_ray.config.optim.OfflinePasses`.
     """
 
     lambda_or: float = 0.1
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
-    shuffle: bool = True
-    optim: OptimConfig = field(default_factory=_offline_optim)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.lambda_or >= 0, "lambda_or", f"must be >= 0 (got {self.lambda_or})")
-        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
 
 
 @dataclass(frozen=True)
-class KTOConfig:
+class KTOConfig(OfflinePasses):
     """KTO (Ethayarajh et al. 2024) from unpaired completions labelled desirable or not.
 
     ``data`` is a ``.jsonl`` / ``.json`` / ``.parquet`` file with TRL's unpaired fields
@@ -295,17 +262,12 @@ class KTOConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     sft_coef: float = 0.0
-    num_epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 16
-    shuffle: bool = True
-    optim: OptimConfig = field(default_factory=_offline_optim)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.data is None or bool(self.data.strip()), "data", "must not be empty")
         require(self.sft_coef >= 0, "sft_coef", "must be >= 0")
         require(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
         require(self.desirable_weight > 0, "desirable_weight", "must be > 0")
         require(self.undesirable_weight > 0, "undesirable_weight", "must be > 0")
-        check_pair_steps(self.num_epochs, self.batch_size, self.micro_batch_size)
         require(self.batch_size >= 2, "batch_size", "must be >= 2 (z0 mismatches completions)")
