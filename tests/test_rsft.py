@@ -320,6 +320,7 @@ def test_sampling_ignores_processors_a_checkpoint_ships(tmp_path: Path) -> None:
     prompts = _prompts(actor, ["1+2=", "30+4="])
     config = actor._generation_config(4, greedy=False, max_new_tokens=6)
     config.output_scores = True  # the scores the sampler drew from, after every processor
+    config.output_logits = True  # the raw logits (the actor records log_softmax(logits / T))
     width = max(len(p.ids) for p in prompts)
     ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
     out = actor.model.generate(
