@@ -35,6 +35,7 @@ def test_custom_resources_are_checked_before_anything_starts() -> None:
         check_fits(res, {"CPU": 4, "rollout_node": 2})
 
 
+@pytest.mark.slow  # a simulated 3-node cluster that loses a node: 40 s of the default suite
 def test_actors_and_learners_spread_over_nodes_and_a_lost_learner_node_recovers(
     tmp_path: Path,
 ) -> None:
