@@ -29,7 +29,7 @@ class TreeMemory:
     resident sizes and counts a shared page once per process that maps it.
     """
 
-    def __init__(self, pid: int, interval: float = 1.0) -> None:
+    def __init__(self, pid: int, interval: float = 5.0) -> None:
         import threading
 
         self.pid, self.interval = pid, interval
