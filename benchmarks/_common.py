@@ -26,7 +26,9 @@ class TreeMemory:
     ``peak_pss_mb`` is the peak of the summed proportional set sizes: a page shared by
     several processes (the object store, a shared-memory weights file, libraries) is
     counted once in total, so it is what the whole run holds. ``peak_rss_mb`` sums
-    resident sizes and counts a shared page once per process that maps it.
+    resident sizes and counts a shared page once per process that maps it. Reading a
+    5 GB process's PSS takes the kernel about 0.15 s: a sample every second would cost a
+    run of six processes a quarter of a core, every 5 s costs 5 %.
     """
 
     def __init__(self, pid: int, interval: float = 5.0) -> None:
