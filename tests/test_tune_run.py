@@ -62,6 +62,7 @@ def _write_spec(path: Path, **changes: Any) -> Path:
     return path
 
 
+@pytest.mark.slow  # a 4-trial Tune search end to end: 36 s of the default suite
 def test_tiny_search_writes_results_and_lists_the_crashed_trial(
     local_ray, tmp_path: Path, capsys
 ) -> None:
