@@ -150,3 +150,41 @@ def test_runners_and_generation_actors_load_a_shared_slot(tmp_path: Path, model_
     assert _equal(actor.model.state_dict(), other.model.state_dict())
     with pytest.raises(KeyError, match="missing"):
         actor.set_weights(SharedWeights(tmp_path).write({"x": torch.zeros(2)}, 3), 3)
+
+
+def test_the_learner_writes_without_mapping_the_file(tmp_path: Path) -> None:
+    shared = SharedWeights(tmp_path, slots=1)
+    path = shared.write(_weights(), version=1).path
+    # the weights' pages count in the readers' memory only, not also in the learner's
+    assert path not in Path("/proc/self/maps").read_text()
+    assert _equal(SharedSlot(path, shared.layout, shared.slot_bytes, 1, 1).read(), _weights())
+    shared.close()
+
+
+def test_a_one_slot_file_is_the_generation_actors_weights(tmp_path: Path, model_dir: Path) -> None:
+    lm = build_config(None, ["algo=grpo", f"lm.model={model_dir}"]).lm
+    actor = GenerationActor(lm, seed=0)
+    state = {k: v + 0.5 for k, v in actor.model.state_dict().items()}
+    synchronous = SharedWeights(tmp_path, slots=1)
+    slot = synchronous.write(state, 1)
+    assert actor.set_weights(slot, 1) == 1
+    assert _equal(actor.model.state_dict(), state)
+    with slot.borrowed() as views:  # not a copy: the parameters are the file's pages
+        name = next(iter(views))
+        assert actor.model.state_dict()[name].data_ptr() == views[name].data_ptr()
+    # the next synchronous publish is what the actor holds, tied head included
+    newer = {k: v + 1.0 for k, v in state.items()}
+    assert actor.set_weights(synchronous.write(newer, 2), 2) == 2
+    assert _equal(actor.model.state_dict(), newer)
+    head = actor.model.get_output_embeddings().weight
+    assert torch.equal(head, actor.model.get_input_embeddings().weight)
+    # overlapped sampling's slots are copied: the learner writes while actors sample
+    overlapped = SharedWeights(tmp_path, slots=SLOTS)
+    assert actor.set_weights(overlapped.write(state, 3), 3) == 3
+    assert _equal(actor.model.state_dict(), state)
+    with overlapped.write(state, 3).borrowed() as views:
+        assert actor.model.state_dict()[name].data_ptr() != views[name].data_ptr()
+    # ... into storage of the actor's own: the one-slot file still holds what was published
+    assert _equal(SharedSlot(slot.path, slot.layout, slot.slot_bytes, 2, 1).read(), newer)
+    synchronous.close()
+    overlapped.close()

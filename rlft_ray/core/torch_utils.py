@@ -127,3 +127,15 @@ def peak_rss_mb() -> float:
         return 0.0
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). An update's activations are freed into the heap, which glibc keeps: a
+    real model's learner then held 0.6-1.1 GB more between updates than it used."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # another C library (musl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

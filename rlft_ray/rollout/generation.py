@@ -147,6 +147,7 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
             self._alias_of = tied_aliases(full)
             self._tensors = {k: v for k, v in full.items() if k not in self._alias_of}
         self._tensor_names = set(self._tensors)
+        self._aliased: set[str] = set()  # tensors whose storage is a shared file's slot
         self.eos_ids, self.pad_id = special_ids(
             self.tokenizer, self.model.generation_config.eos_token_id
         )
@@ -180,9 +181,12 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
         :class:`~rlft_ray.rollout.shared_weights.SharedSlot`); returns the version now held.
 
         Copies straight into the parameters (dtype and device converted on the way); a
-        shared slot's tensors are read in place (no copy first). With LoRA the weights are
-        the adapters (merged into fp32 base weights after the copy). With
-        ``lm.backend: vllm`` the engine reloads them in place.
+        shared slot's tensors are read in place (no copy first). A one-slot file (a
+        synchronous loop: the learner writes only while no actor samples) is not copied at
+        all: the parameters become views of the slot's pages, one copy of the weights for
+        the machine (``_load``'s ``alias``). With LoRA the weights are the adapters (merged
+        into fp32 base weights after the copy). With ``lm.backend: vllm`` the engine
+        reloads them in place.
 
         Raises:
             KeyError: The published weights do not name exactly this model's tensors.
@@ -192,7 +196,7 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
         if isinstance(weights, SharedSlot):
             try:
                 with weights.borrowed() as views:
-                    self._load(views)
+                    self._load(views, alias=weights.slots == 1)
             except StaleWeightsError:
                 self.policy_version = UNSYNCED_VERSION
                 raise
@@ -201,8 +205,10 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
         self.policy_version = version
         return version
 
-    def _load(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy published tensors into the sampler (see :meth:`set_weights`)."""
+    def _load(self, weights: dict[str, torch.Tensor], alias: bool = False) -> None:
+        """Copy published tensors into the sampler (see :meth:`set_weights`); with
+        ``alias``, a full model's tensors of the same dtype, shape and device take the
+        published ones as their storage instead (the one-slot shared file's views)."""
         weights = self._take_ilql_heads(weights)  # an ILQL learner's heads (lm.decode=ilql)
         # tied weights travel once (the learner publishes the embedding, not the head)
         weights = {k: v for k, v in weights.items() if k not in self._alias_of}
@@ -225,8 +231,21 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
         with torch.no_grad():
             if self.merged:  # take the old adapters out before replacing them
                 self.model.base_model.unmerge_adapter()
+            alias = alias and not self.lora  # merging adapters writes into the base weights
             for name, value in weights.items():
-                self._tensors[name].copy_(value)
+                tensor = self._tensors[name]
+                if alias and (tensor.dtype, tensor.shape, tensor.device) == (
+                    value.dtype,
+                    value.shape,
+                    value.device,
+                ):
+                    tensor.data = value  # a tied twin is the same Parameter: it follows
+                    self._aliased.add(name)
+                elif name in self._aliased:  # own storage again: never write into the file
+                    tensor.data = value.to(tensor.device, tensor.dtype, copy=True)
+                    self._aliased.discard(name)
+                else:
+                    tensor.copy_(value)
             if self.merge_lora:  # W + (alpha / r) B A
                 self.model.base_model.merge_adapter()
                 self.merged = True

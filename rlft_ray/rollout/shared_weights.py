@@ -10,12 +10,19 @@ slot only after it has collected a batch sampled after that slot was read (see
 :class:`~rlft_ray.rollout.group.RunnerGroup`), and a reader checks the slot's version
 before and after its copy, so a torn read fails (the actor is then restored with the
 weights themselves) instead of loading a mix of two policies.
+
+The learner writes the file with ``pwrite`` and never maps it, so the weights' pages are in
+the readers' memory only. With one slot (a synchronous loop: no actor samples while the
+learner writes) an actor's parameters are the slot's pages themselves (see
+:meth:`SharedSlot.borrowed`): one copy of the model between the file and every actor on the
+machine, not one per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,10 +173,11 @@ class SharedWeights:
         self.path: Path | None = None
         self.layout: Layout = ()
         self.slot_bytes = 0
-        self.buf: torch.Tensor | None = None
+        self.fd: int | None = None  # open for writing while the file exists
 
     def write(self, weights: dict[str, torch.Tensor], version: int) -> SharedSlot | None:
-        """Copy ``weights`` (CPU tensors) into slot ``version % slots``.
+        """Copy ``weights`` (CPU tensors) into slot ``version % slots``, with ``pwrite``: the
+        learner does not map the file (its pages would count in its memory too).
 
         Returns:
             The slot to hand to the actors; None when the weights are too large or the file
@@ -179,17 +187,23 @@ class SharedWeights:
         layout = self._layout(weights)
         if layout != self.layout and not self._make(layout):
             return None
-        buf = self.buf
-        header, slot, base = _slot(buf, version, self.slot_bytes, self.slots)
-        header[slot] = -1  # readers of an older version in this slot now fail their check
-        for name, view in _views(buf, base, self.layout).items():
-            view.copy_(weights[name])
-        header[slot] = version
+        slot = version % self.slots
+        base = _HEADER + slot * self.slot_bytes
+        self._write_version(slot, -1)  # readers of an older version in this slot now fail
+        for name, _, _, offset, _ in self.layout:
+            value = weights[name].detach().contiguous().reshape(-1)
+            _pwrite_all(self.fd, value.view(torch.uint8).numpy(), base + offset)
+        self._write_version(slot, version)
         return SharedSlot(str(self.path), self.layout, self.slot_bytes, version, self.slots)
+
+    def _write_version(self, slot: int, version: int) -> None:
+        _pwrite_all(self.fd, struct.pack("<q", version), 8 * slot)
 
     def close(self) -> None:
         """Remove the file (actors that mapped it keep their mapping until they drop it)."""
-        self.buf = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
@@ -214,20 +228,28 @@ class SharedWeights:
             return False
         _remove_orphans(self.directory)
         path = self.directory / f"{PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        fd = None
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                # Reserve the pages now: a full /dev/shm then fails here, not as SIGBUS later.
-                os.posix_fallocate(fd, 0, size)
-            finally:
-                os.close(fd)
+            # Reserve the pages now: a full /dev/shm then fails here, not as SIGBUS later.
+            os.posix_fallocate(fd, 0, size)
         except OSError:
+            if fd is not None:
+                os.close(fd)
             path.unlink(missing_ok=True)
             return False
-        self.path, self.layout, self.slot_bytes = path, layout, slot_bytes
-        self.buf = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-        self.buf[:_HEADER].view(torch.int64).fill_(-1)
+        self.fd, self.path, self.layout, self.slot_bytes = fd, path, layout, slot_bytes
+        _pwrite_all(fd, struct.pack(f"<{_HEADER // 8}q", *[-1] * (_HEADER // 8)), 0)
         return True
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """Write all of ``data`` (a bytes-like object) at ``offset`` (``pwrite`` may write less
+    than asked: about 2 GiB at most per call on Linux)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _remove_orphans(directory: Path) -> None:

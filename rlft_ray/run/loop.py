@@ -21,7 +21,12 @@ import torch.distributed as dist
 from ray.train.torch import get_device
 
 from rlft_ray.config import RunConfig
-from rlft_ray.core.torch_utils import peak_rss_mb, seed_everything, torch_threads
+from rlft_ray.core.torch_utils import (
+    peak_rss_mb,
+    release_free_memory,
+    seed_everything,
+    torch_threads,
+)
 from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
@@ -91,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if overlap and not _budget_spent(cfg, counters, totals):
             pending = _submit(learner, runners)  # sampled while the update below runs
         metrics = learner.update(batch, progress=_progress(cfg, counters))
+        release_free_memory()  # the update's activations: back to the system while it samples
         counters.iteration += 1
         counters.env_steps += int(totals["env_steps"])
         counters.policy_version += 1
