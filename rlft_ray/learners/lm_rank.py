@@ -159,12 +159,16 @@ class LMRank:
         return [(prompts[i * size : (i + 1) * size],) for i in range(num_actors)]
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the LM's state dict (what the generation actors load); with LoRA
-        only the adapter tensors (the actors hold the same base model)."""
+        """The LM's state dict as CPU tensors in the published dtype (what the generation
+        actors load); with LoRA only the adapter tensors (the actors hold the same base
+        model). Tensors already on the CPU in that dtype are the parameters themselves,
+        not copies: the publish copies them at once (into the shared file or the object
+        store), and a copy here was a second model in the learner's peak memory. Clone
+        them to keep a snapshot across an update."""
         if self.lora:
             return adapter_state(self.model)
         state = distinct_tensors(self.model.state_dict())  # tied weights once
-        return {k: v.detach().to("cpu", self.publish_dtype(v)).clone() for k, v in state.items()}
+        return {k: v.detach().to("cpu", self.publish_dtype(v)) for k, v in state.items()}
 
     def publish_dtype(self, tensor: torch.Tensor) -> torch.dtype:
         """The dtype the actors sample in (``lm.dtype``) for floating weights: a bf16 run
