@@ -105,7 +105,6 @@ def test_pair_files_are_validated_with_the_line_named(model_dir: Path, tmp_path:
         load_pairs(long, tok, lm.__class__(**{**lm.__dict__, "pair_overflow": "error"}))
 
 
-
 def test_fit_to_limits_is_the_one_overflow_rule_of_pairs_and_labelled_rows(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +148,7 @@ def test_fit_to_limits_is_the_one_overflow_rule_of_pairs_and_labelled_rows(
     assert stats.truncated == 1 and len(table["completion_ids"][1]) == 2
     with pytest.raises(PromptDataError, match=r"labelled.jsonl:2: longer than"):
         load_labelled(rows, tok, policy("error"), "ilql.data", "reward")
+
 
 def test_conversational_pairs_go_through_the_chat_template(model_dir: Path, tmp_path: Path) -> None:
     lm = _cfg(model_dir, tmp_path / "x", "lm.max_prompt_tokens=64").lm
