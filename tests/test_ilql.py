@@ -69,6 +69,15 @@ def test_td_lambda_mixes_the_return_into_the_target_by_hand() -> None:
     ]
 
 
+def test_td_lambda_outside_0_1_fails_naming_the_key() -> None:
+    from rlft_ray.config import ConfigError
+
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=r"ilql.td_lambda.*\[0, 1\]"):
+            build_config(overrides=["algo=ilql", f"ilql.td_lambda={bad}"])
+    assert build_config(overrides=["algo=ilql", "ilql.td_lambda=1"]).ilql.td_lambda == 1.0
+
+
 def test_cql_is_the_cross_entropy_of_q_against_the_data_action() -> None:
     q = torch.tensor([[[1.0, 2.0, 0.0]]])
     expected = math.log(math.e + math.e**2 + 1) - 1.0
