@@ -65,8 +65,11 @@ def sft_info(base: str) -> dict[str, Any]:
     return {k: info[k] for k in ("sft_steps", "sft_s", "accuracy_before") if k in info}
 
 
-def medians(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
-    """One line per algorithm: the median gain over the seeds and each seed's gain."""
+def medians(
+    rows: list[dict[str, Any]], target: float, judged: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """One line per algorithm: the median gain over the seeds and each seed's gain; ``met``
+    (median >= ``target``) for the algorithms in ``judged`` (default: all)."""
     import statistics
 
     by_algo: dict[str, list[dict[str, Any]]] = {}
@@ -81,10 +84,10 @@ def medians(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
             "seeds": [r["seed"] for r in runs],
             "gain_points_per_seed": gains,
             "median_gain_points": statistics.median(gains),
-            "target_points": target,
-            "met": statistics.median(gains) >= target,
         }
-        for key in ("bc_only_beta0_gain_points", "train_s"):
+        if judged is None or algo in judged:
+            line.update(target_points=target, met=statistics.median(gains) >= target)
+        for key in ("bc_only_beta0_gain_points", "beta8_gain_points", "train_s"):
             if all(key in r for r in runs):
                 line[f"median_{key}"] = statistics.median(r[key] for r in runs)
         out.append(line)
@@ -437,7 +440,7 @@ def main() -> None:
             )
             value_rows.append({"seed": seed, "pairs": n_pairs, **row})
             emit({"benchmark": "value_based", **value_rows[-1]})
-        for line in medians(value_rows, 15.0):
+        for line in medians(value_rows, 15.0, judged=("ilql",)):  # RSFT, DPO: comparisons
             emit(line)
 
 
