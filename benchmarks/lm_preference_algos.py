@@ -15,15 +15,18 @@ same sampled set, all from one SFT base of the quickstart (JSON lines).
    ``rlft-ray eval`` scores the last checkpoint on the held-out prompts. Target: each
    >= +20 points within 3 minutes of training.
 4. Value-based: ``rlft-ray sample examples/arithmetic_rsft.yaml rsft.select=all`` writes one
-   reward-labelled set of the base's samples (``--sample-prompts`` prompts x 8). From it:
-   ILQL (``examples/arithmetic_ilql.yaml``; evaluated with value-guided decoding, and with
-   ``lm.decode_beta=0``, its behaviour-cloned LM alone), RSFT (supervised fine-tuning on
+   reward-labelled set of the base's samples (the base's ``arith_train.jsonl``, 4000
+   prompts, or its first ``--sample-prompts``, x 8). From it: ILQL
+   (``examples/arithmetic_ilql.yaml``; evaluated with value-guided decoding at its
+   ``lm.decode_beta``, at 8, and at 0: its behaviour-cloned LM alone), RSFT (supervised fine-tuning on
    the samples with reward 1: one round of expert iteration, ``rlft_ray.lm.sft``, one
    pass) and DPO (the best and the worst sample of each prompt).
    Target: ILQL + value-guided decoding >= +15 points.
 
 Each row: gain in points over the base, training seconds (the loop's ``time/wall_s``),
-command seconds, and whether the target was met.
+command seconds, and whether the target was met; after the seeds, one ``median`` line per
+algorithm (median gain and each seed's). Every model, the base included, is scored as the
+quickstart scores its base (greedy, ``lm.max_new_tokens=8``, exact match).
 
 Usage: python benchmarks/lm_preference_algos.py [--base runs/q/sft_base --data runs/q/data] [--seeds 0]
 """
@@ -42,6 +45,53 @@ from _common import ROOT, emit, run_cli, train_cli
 from bench_rlhf import heldout_accuracy
 
 PAIR_ALGOS = ("dpo", "simpo", "orpo", "kto")
+#: How the quickstart scores its SFT base (``examples/arithmetic_grpo.yaml``'s ``lm``): a
+#: bare model directory under ``rlft-ray eval`` otherwise gets the built-in defaults.
+QUICKSTART_EVAL = [
+    "lm.eval_fn=envs.arithmetic:exact_match",
+    "lm.max_prompt_tokens=16",
+    "lm.prompt_overflow=drop",
+    "lm.max_new_tokens=8",
+]
+
+
+def sft_info(base: str) -> dict[str, Any]:
+    """The quickstart's record of how its SFT base was made (``sft_steps`` of 1000: a base
+    whose supervised pass hit ``sft_max_seconds`` on a loaded machine is a weaker start)."""
+    summary = Path(base).parent / "summary.json"
+    if not summary.is_file():
+        return {}
+    info = json.loads(summary.read_text())
+    return {k: info[k] for k in ("sft_steps", "sft_s", "accuracy_before") if k in info}
+
+
+def medians(
+    rows: list[dict[str, Any]], target: float, judged: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """One line per algorithm: the median gain over the seeds and each seed's gain; ``met``
+    (median >= ``target``) for the algorithms in ``judged`` (default: all)."""
+    import statistics
+
+    by_algo: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_algo.setdefault(row["algo"], []).append(row)
+    out = []
+    for algo, runs in by_algo.items():
+        gains = [r["gain_points"] for r in runs]
+        line: dict[str, Any] = {
+            "benchmark": "median",
+            "algo": algo,
+            "seeds": [r["seed"] for r in runs],
+            "gain_points_per_seed": gains,
+            "median_gain_points": statistics.median(gains),
+        }
+        if judged is None or algo in judged:
+            line.update(target_points=target, met=statistics.median(gains) >= target)
+        for key in ("bc_only_beta0_gain_points", "beta8_gain_points", "train_s"):
+            if all(key in r for r in runs):
+                line[f"median_{key}"] = statistics.median(r[key] for r in runs)
+        out.append(line)
+    return out
 
 
 def trl_checks() -> dict[str, Any]:
@@ -292,7 +342,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None, help="its arith_{train,test}.jsonl folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
-        "--sample-prompts", type=int, default=1000, help="prompts of the ILQL set (x 8 samples)"
+        "--sample-prompts",
+        type=int,
+        default=None,
+        help="prompts of the ILQL set (x 8 samples; default: all of arith_train.jsonl)",
     )
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: trl, pairs, ilql")
     p.add_argument("--algos", nargs="*", default=list(PAIR_ALGOS), help="pair algorithms to run")
@@ -309,8 +362,11 @@ def main() -> None:
     data = Path(args.data).resolve()
     if "trl" not in args.skip:
         emit(trl_checks())
-    base_acc = heldout_accuracy(args.base, data)
+    base_acc = eval_with(args.base, data, QUICKSTART_EVAL)
+    emit({"benchmark": "base", "base": args.base, "accuracy": base_acc, **sft_info(args.base)})
     common = [f"lm.model={args.base}", f"lm.eval_prompts={data / 'arith_test.jsonl'}"]
+    pair_rows: list[dict[str, Any]] = []
+    value_rows: list[dict[str, Any]] = []
     if "pairs" not in args.skip:
         if not (data / "arith_prefs_train.jsonl").is_file():
             run_cli("make-arith-prefs", str(data), "--from", args.base)
@@ -340,7 +396,10 @@ def main() -> None:
                     base_acc,
                     20.0,
                 )
-                emit({"benchmark": "preference", "seed": seed, **row})
+                pair_rows.append({"seed": seed, **row})
+                emit({"benchmark": "preference", **pair_rows[-1]})
+        for line in medians(pair_rows, 20.0):
+            emit(line)
     if "ilql" not in args.skip:
         samples = args.samples.resolve() if args.samples else sample_set(args, data, work)
         pairs = work / "sample_pairs.jsonl"
@@ -353,15 +412,15 @@ def main() -> None:
                 data,
                 base_acc,
                 15.0,
-                {"bc_only_beta0": ["lm.decode_beta=0"], "beta4": ["lm.decode_beta=4"]},
+                {"bc_only_beta0": ["lm.decode_beta=0"], "beta8": ["lm.decode_beta=8"]},
             )
-            emit({"benchmark": "value_based", "seed": seed, **row})
+            value_rows.append({"seed": seed, **row})
+            emit({"benchmark": "value_based", **value_rows[-1]})
             out = work / f"rsft_{seed}"
             info = rsft_offline(samples, args.base, data, 1, seed, out)
-            acc = heldout_accuracy(str(out), data)
-            emit(
+            acc = eval_with(str(out), data, QUICKSTART_EVAL)
+            value_rows.append(
                 {
-                    "benchmark": "value_based",
                     "seed": seed,
                     "algo": "rsft_offline",
                     **info,
@@ -370,6 +429,7 @@ def main() -> None:
                     "gain_points": round(100 * (acc - base_acc), 1),
                 }
             )
+            emit({"benchmark": "value_based", **value_rows[-1]})
             row = trained(
                 "dpo_same_set",
                 "examples/arithmetic_dpo.yaml",
@@ -378,7 +438,10 @@ def main() -> None:
                 base_acc,
                 15.0,
             )
-            emit({"benchmark": "value_based", "seed": seed, "pairs": n_pairs, **row})
+            value_rows.append({"seed": seed, "pairs": n_pairs, **row})
+            emit({"benchmark": "value_based", **value_rows[-1]})
+        for line in medians(value_rows, 15.0, judged=("ilql",)):  # RSFT, DPO: comparisons
+            emit(line)
 
 
 if __name__ == "__main__":

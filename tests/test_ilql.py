@@ -51,6 +51,33 @@ def test_td_targets_end_each_completion_at_its_last_token() -> None:
     assert y.tolist() == [[0.125, 4.5, 1.0], [1.5, 2.0, 0.0]]
 
 
+def test_td_lambda_mixes_the_return_into_the_target_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 9.0], [1.0, 3.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # lambda = 1: the discounted return of each completion, gamma = 0.5
+    mc = td_targets(rewards, values, mask, gamma=0.5, td_lambda=1.0)
+    assert mc.tolist() == [[0.25, 0.5, 1.0], [1.0, 2.0, 0.0]]
+    # lambda = 0.5, row 0 backwards: G2 = 1; G1 = 0 + .5 (.5 * 9 + .5 * 1) = 2.5;
+    # G0 = 0 + .5 (.5 * .25 + .5 * 2.5) = 0.6875. Row 1: G1 = 2; G0 = .5 (.5 * 3 + .5 * 2)
+    mixed = td_targets(rewards, values, mask, gamma=0.5, td_lambda=0.5)
+    assert mixed.tolist() == [[0.6875, 2.5, 1.0], [1.25, 2.0, 0.0]]
+    # lambda = 0 is the one-step target
+    assert td_targets(rewards, values, mask, 0.5, 0.0).tolist() == [
+        [0.125, 4.5, 1.0],
+        [1.5, 2.0, 0.0],
+    ]
+
+
+def test_td_lambda_outside_0_1_fails_naming_the_key() -> None:
+    from rlft_ray.config import ConfigError
+
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=r"ilql.td_lambda.*\[0, 1\]"):
+            build_config(overrides=["algo=ilql", f"ilql.td_lambda={bad}"])
+    assert build_config(overrides=["algo=ilql", "ilql.td_lambda=1"]).ilql.td_lambda == 1.0
+
+
 def test_cql_is_the_cross_entropy_of_q_against_the_data_action() -> None:
     q = torch.tensor([[[1.0, 2.0, 0.0]]])
     expected = math.log(math.e + math.e**2 + 1) - 1.0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlft_ray.config import build_config
+from rlft_ray.config import LMConfig, build_config
 from rlft_ray.learners.base import LearnerContext
 from rlft_ray.learners.dpo import DPOLearner
 from rlft_ray.learners.lm_learner import heldout_lm_metrics
@@ -103,6 +103,51 @@ def test_pair_files_are_validated_with_the_line_named(model_dir: Path, tmp_path:
     assert stats.truncated == 1 and len(table["chosen_ids"][1]) == 8
     with pytest.raises(PromptDataError, match="longer than lm.max_prompt_tokens"):
         load_pairs(long, tok, lm.__class__(**{**lm.__dict__, "pair_overflow": "error"}))
+
+
+def test_fit_to_limits_is_the_one_overflow_rule_of_pairs_and_labelled_rows(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from rlft_ray.lm.labelled import load_labelled
+    from rlft_ray.lm.pairs import fit_to_limits
+
+    lm = _cfg(model_dir, tmp_path / "x", "lm.max_prompt_tokens=3", "lm.max_completion_tokens=2").lm
+
+    def policy(name: str) -> LMConfig:
+        return lm.__class__(**{**lm.__dict__, "pair_overflow": name})
+
+    # fits: unchanged, not truncated (every policy)
+    assert fit_to_limits([1, 2, 3], [[4, 5], [6]], policy("error"), "f:1", "k") == (
+        [1, 2, 3],
+        [[4, 5], [6]],
+        False,
+    )
+    # one completion over the limit makes the whole row over-long
+    assert fit_to_limits([1, 2], [[4], [5, 6, 7]], policy("drop"), "f:2", "k") is None
+    # truncate: the prompt's last 3 tokens, each completion's first 2
+    assert fit_to_limits([1, 2, 3, 4], [[5, 6, 7], [8]], policy("truncate"), "f:3", "k") == (
+        [2, 3, 4],
+        [[5, 6], [8]],
+        True,
+    )
+    with pytest.raises(PromptDataError, match=r"f:4: longer than lm.max_prompt_tokens=3"):
+        fit_to_limits([1, 2, 3, 4], [[5]], policy("error"), "f:4", "k")
+
+    # a labelled (ILQL / KTO) file follows the same rule and counts it
+    tok = load_model_and_tokenizer(model_dir)[1]
+    rows = tmp_path / "labelled.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "1+", "completion": "2", "reward": 1.0})
+        + "\n"
+        + json.dumps({"prompt": "1+", "completion": "2345", "reward": 0.0})
+        + "\n"
+    )
+    _, stats = load_labelled(rows, tok, policy("drop"), "ilql.data", "reward")
+    assert (stats.kept, stats.overlong_dropped, stats.truncated) == (1, 1, 0)
+    table, stats = load_labelled(rows, tok, policy("truncate"), "ilql.data", "reward")
+    assert stats.truncated == 1 and len(table["completion_ids"][1]) == 2
+    with pytest.raises(PromptDataError, match=r"labelled.jsonl:2: longer than"):
+        load_labelled(rows, tok, policy("error"), "ilql.data", "reward")
 
 
 def test_conversational_pairs_go_through_the_chat_template(model_dir: Path, tmp_path: Path) -> None:

@@ -45,19 +45,35 @@ def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def td_targets(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    td_lambda: float = 0.0,
 ) -> torch.Tensor:
-    """One-step TD targets of Q (Snell et al. 2022, Eq. 2)::
+    """TD targets of Q: one-step (Snell et al. 2022, Eq. 2) or lambda-returns.
+
+    One step (``td_lambda = 0``, ILQL's)::
 
         y_t = r_t + gamma * V(s_{t+1}) * (1 - done_t)
 
-    where the state after a completion's last real token is terminal (V = 0). Detached.
+    where the state after a completion's last real token is terminal (V = 0). With
+    ``td_lambda`` > 0 the target is the lambda-return (Sutton & Barto 2018, Sec. 12.1;
+    Peng's Q(lambda)), computed backwards from the terminal state::
+
+        G_t = r_t + gamma * (1 - done_t) * ((1 - lambda) V(s_{t+1}) + lambda G_{t+1})
+
+    ``td_lambda = 1`` is the Monte Carlo return of the data's completion (the sequence's
+    reward, discounted). Mixing in the return carries the reward to every token at once
+    instead of through V of each later prefix, which a small model may not yet fit.
+    Detached.
 
     Args:
         rewards: ``[B, L]`` per-token rewards (0 on padding).
         values: ``[B, L]`` V(s_t), the state before completion token t.
         mask: ``[B, L]`` 1 on real completion tokens (right-padded).
         gamma: Discount in [0, 1].
+        td_lambda: lambda in [0, 1] (0: one-step TD).
 
     Returns:
         ``[B, L]`` targets, 0 on padding.
@@ -65,7 +81,16 @@ def td_targets(
     m = mask.to(values.dtype)
     next_mask = F.pad(m[:, 1:], (0, 1))  # 0 after the last real token: terminal
     next_values = F.pad(values[:, 1:], (0, 1)) * next_mask
-    return ((rewards + gamma * next_values) * m).detach()
+    if td_lambda == 0.0:
+        return ((rewards + gamma * next_values) * m).detach()
+    rewards, next_values = rewards.detach().to(values.dtype), next_values.detach()
+    targets = torch.zeros_like(next_values)
+    g_next = torch.zeros_like(next_values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        bootstrap = (1.0 - td_lambda) * next_values[:, t] + td_lambda * next_mask[:, t] * g_next
+        g_next = rewards[:, t] + gamma * bootstrap
+        targets[:, t] = g_next
+    return (targets * m).detach()
 
 
 def cql_loss(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -96,10 +121,11 @@ def ilql_token_losses(
     mask: torch.Tensor,
     gamma: float,
     tau: float,
+    td_lambda: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """ILQL's per-token loss terms (Snell et al. 2022, Sec. 4; trlX's ``ILQLConfig.loss``)::
 
-        y_t   = r_t + gamma V(s_{t+1})                              (V detached here)
+        y_t   = r_t + gamma V(s_{t+1})      (V detached; a lambda-return with td_lambda)
         q     = (Q1(s_t, a_t) - y_t)^2 + (Q2(s_t, a_t) - y_t)^2
         v     = L_tau(min(Q-hat1, Q-hat2)(s_t, a_t) - V(s_t))      (Q-hat: Polyak targets)
         cql   = CE(Q1(s_t, .), a_t) + CE(Q2(s_t, .), a_t)
@@ -112,13 +138,13 @@ def ilql_token_losses(
         target_q1, target_q2: ``[B, L]`` the target heads' Q of the data's action (no grad).
         values: ``[B, L]`` V(s_t) (with grad).
         rewards: ``[B, L]`` per-token rewards. actions: ``[B, L]`` tokens. mask: ``[B, L]``.
-        gamma: Discount. tau: Expectile.
+        gamma: Discount. tau: Expectile. td_lambda: lambda of :func:`td_targets`.
 
     Returns:
         ``{"q": [B, L], "v": [B, L], "cql": [B, L]}``, 0 on padding.
     """
     m = mask.to(values.dtype)
-    targets = td_targets(rewards, values, mask, gamma)
+    targets = td_targets(rewards, values, mask, gamma, td_lambda)
     q1 = q1_all.float().gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     q2 = q2_all.float().gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     q_loss = ((q1 - targets) ** 2 + (q2 - targets) ** 2) * m

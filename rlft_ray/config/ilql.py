@@ -27,6 +27,8 @@ class ILQLConfig(OfflinePasses):
     Attributes:
         data: The reward-labelled file (required).
         gamma: Discount. tau: V's expectile in (0, 1).
+        td_lambda: lambda of Q's target in [0, 1]: 0 is ILQL's one-step TD target
+            r + gamma V(s'), 1 the Monte Carlo return, between them the lambda-return.
         v_coef: Weight of V's expectile loss. cql_coef: Weight of the CQL term.
         bc_coef: Weight of the LM's NLL on the data (behaviour cloning of pi_beta).
         awac_temperature: lambda of advantage-weighted BC (AWAC): each token's NLL weighs
@@ -39,6 +41,7 @@ class ILQLConfig(OfflinePasses):
 
     data: str | None = None
     gamma: float = 0.99
+    td_lambda: float = 0.0
     tau: float = 0.7
     v_coef: float = 1.0
     cql_coef: float = 0.1
@@ -54,6 +57,7 @@ class ILQLConfig(OfflinePasses):
         require(self.data is None or bool(self.data.strip()), "data", "must not be empty")
         require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         require(0 < self.tau < 1, "tau", "must be in (0, 1)")
+        require(0 <= self.td_lambda <= 1, "td_lambda", "must be in [0, 1]")
         for name in ("v_coef", "cql_coef", "bc_coef"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         require(0 < self.polyak <= 1, "polyak", "must be in (0, 1]")

@@ -176,6 +176,7 @@ class ILQLLearner(LMLearnerHooks, Learner):
                 mask,
                 hp.gamma,
                 hp.tau,
+                hp.td_lambda,
             )
             m = mask.float()
             bc = -out["logps"] * m

@@ -25,7 +25,14 @@ import pandas as pd
 import torch
 
 from rlft_ray.config import LMConfig
-from rlft_ray.lm.pairs import PairStats, _empty, _text, completion_text, render_prompt_text
+from rlft_ray.lm.pairs import (
+    PairStats,
+    _empty,
+    _text,
+    completion_text,
+    fit_to_limits,
+    render_prompt_text,
+)
 from rlft_ray.lm.prompts import PromptDataError, read_records
 from rlft_ray.types import pad_sequences
 from rlft_ray.types.episodes import EpisodeStats
@@ -118,19 +125,12 @@ def load_labelled(
             *tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"],
             eos,
         ]
-        if len(p_ids) > lm.max_prompt_tokens or len(c_ids) > lm.max_completion_tokens:
-            if lm.pair_overflow == "error":
-                raise PromptDataError(
-                    key,
-                    f"{where}: longer than lm.max_prompt_tokens={lm.max_prompt_tokens} / "
-                    f"lm.max_completion_tokens={lm.max_completion_tokens}; raise the limits or "
-                    "set lm.pair_overflow=drop|truncate",
-                )
-            if lm.pair_overflow == "drop":
-                overlong += 1
-                continue
-            p_ids, c_ids = p_ids[-lm.max_prompt_tokens :], c_ids[: lm.max_completion_tokens]
-            truncated += 1
+        fitted = fit_to_limits(p_ids, [c_ids], lm, where, key)
+        if fitted is None:
+            overlong += 1
+            continue
+        p_ids, (c_ids,), was_truncated = fitted
+        truncated += was_truncated
         out.append(
             {"row_index": index, "prompt_ids": p_ids, "completion_ids": c_ids, "value": value}
         )

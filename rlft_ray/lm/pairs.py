@@ -131,24 +131,12 @@ def load_pairs(
             invalid += 1
             continue
         p_ids, c_ids, r_ids = _encode(prompt, chosen, rejected, tokenizer, eos, where, key)
-        too_long = (
-            len(p_ids) > lm.max_prompt_tokens
-            or max(len(c_ids), len(r_ids)) > lm.max_completion_tokens
-        )
-        if too_long:
-            if lm.pair_overflow == "error":
-                raise PromptDataError(
-                    key,
-                    f"{where}: longer than lm.max_prompt_tokens={lm.max_prompt_tokens} / "
-                    f"lm.max_completion_tokens={lm.max_completion_tokens}; raise the limits or set "
-                    "lm.pair_overflow=drop|truncate",
-                )
-            if lm.pair_overflow == "drop":
-                overlong += 1
-                continue
-            p_ids = p_ids[-lm.max_prompt_tokens :]
-            c_ids, r_ids = c_ids[: lm.max_completion_tokens], r_ids[: lm.max_completion_tokens]
-            truncated += 1
+        fitted = fit_to_limits(p_ids, [c_ids, r_ids], lm, where, key)
+        if fitted is None:
+            overlong += 1
+            continue
+        p_ids, (c_ids, r_ids), was_truncated = fitted
+        truncated += was_truncated
         out.append(
             {"pair_index": index, "prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids}
         )
@@ -156,6 +144,44 @@ def load_pairs(
     if not out:
         raise PromptDataError(key, f"{path}: no pairs left to use ({stats})")
     return pd.DataFrame(out, columns=list(COLUMNS)), stats
+
+
+def fit_to_limits(
+    prompt_ids: list[int], completions: list[list[int]], lm: LMConfig, where: str, key: str
+) -> tuple[list[int], list[list[int]], bool] | None:
+    """Apply ``lm.pair_overflow`` to one row's token ids (pairs, KTO and ILQL rows alike).
+
+    A row is over-long when its prompt has more than ``lm.max_prompt_tokens`` tokens or
+    any of its completions more than ``lm.max_completion_tokens``. ``error`` refuses it,
+    ``drop`` drops it, ``truncate`` keeps the prompt's last and each completion's first
+    tokens up to the limits.
+
+    Args:
+        prompt_ids: The rendered prompt's ids. completions: Each completion's ids (EOS last).
+        lm: Limits and policy. where: ``file:line`` for errors. key: The config key at fault.
+
+    Returns:
+        ``(prompt_ids, completions, truncated)``, or None where the row is dropped.
+
+    Raises:
+        PromptDataError: Over-long under ``lm.pair_overflow: error``, naming ``where``.
+    """
+    too_long = len(prompt_ids) > lm.max_prompt_tokens or any(
+        len(c) > lm.max_completion_tokens for c in completions
+    )
+    if not too_long:
+        return prompt_ids, completions, False
+    if lm.pair_overflow == "error":
+        raise PromptDataError(
+            key,
+            f"{where}: longer than lm.max_prompt_tokens={lm.max_prompt_tokens} / "
+            f"lm.max_completion_tokens={lm.max_completion_tokens}; raise the limits or set "
+            "lm.pair_overflow=drop|truncate",
+        )
+    if lm.pair_overflow == "drop":
+        return None
+    kept = [c[: lm.max_completion_tokens] for c in completions]
+    return prompt_ids[-lm.max_prompt_tokens :], kept, True
 
 
 def _encode(
