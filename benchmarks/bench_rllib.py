@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from _common import ROOT, emit
 
 from rlft_ray.config import build_config
@@ -168,12 +169,16 @@ def multi(root: Path, seed: int, budget: int, time_limit: float | None = None) -
 def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | None]:
     """The run's RLlib config trained by a plain ``Algorithm.train()`` loop to ``bar``:
     (wall seconds from building the algorithm, env steps, return)."""
-    from rlft_ray.learners.rllib import probe_env
+    from rlft_ray.learners.rllib import probe_env, register_rllib_env
     from rlft_ray.run.rllib_metrics import episode_lists
-    from rlft_ray.run.rllib_run import _algo_config
+    from rlft_ray.run.rllib_run import _algo_config, driver_threads
 
     start = time.perf_counter()
-    algo = _algo_config(cfg, probe_env(cfg)).build_algo()
+    register_rllib_env()
+    algo_config = _algo_config(cfg, probe_env(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(driver_threads(cfg, algo_config))  # as rlft-ray runs it
+    algo = algo_config.build_algo()
     steps, ret, recent = 0, None, deque(maxlen=20)  # the stop rule rlft-ray applies
     while steps < budget:
         result = algo.train()
@@ -183,6 +188,7 @@ def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | N
         if len(recent) == 20 and ret >= bar:
             break
     algo.stop()
+    torch.set_num_threads(threads)
     return time.perf_counter() - start, steps, ret
 
 
