@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from _common import ROOT, emit
 
 from rlft_ray.config import build_config
@@ -34,8 +35,10 @@ from rlft_ray.run.metrics import read_metrics
 BAR = 450.0
 RLLIB_PPO = "examples/cartpole_rllib_ppo.yaml"
 OUR_PPO = "examples/cartpole_ppo.yaml"
-# our PPO's network is RLlib's default-module layout with the example's [64, 64] tanh MLPs
-OUR_PPO_FITS = ["ppo.hidden_sizes=[64, 64]"]
+# our PPO's network is RLlib's default-module layout with the example's [64, 64] tanh MLPs;
+# both of its runs (scratch and fine-tune) use the RLlib agent's learning rate: with the
+# example's 1e-3 the first updates undid the pretrained policy (seed 0: 0.915x scratch's steps)
+OUR_PPO_FITS = ["ppo.hidden_sizes=[64, 64]", "ppo.lr=0.0003"]
 
 
 def train(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -73,7 +76,13 @@ def steps_to(out: Path, bar: float | None) -> int | None:
 
 
 def finetune(
-    root: Path, seed: int, changed: list[str], budget: int, pretrained: Path | None = None
+    root: Path,
+    seed: int,
+    changed: list[str],
+    budget: int,
+    pretrained: Path | None = None,
+    learners: tuple[str, ...] = ("ours_ppo", "rllib_ppo"),
+    ours: tuple[str, ...] = (),
 ) -> None:
     env = ["env.id=rlft/CartPole-v1"]
     common = [f"seed={seed}", f"stop_return={BAR}", f"total_env_steps={budget}"]
@@ -83,9 +92,11 @@ def finetune(
         pretrained = root / "rllib_base" / "checkpoint_last"
     init = f"init_from={pretrained}"
     for algo, config, extra in (
-        ("ours_ppo", OUR_PPO, OUR_PPO_FITS),
+        ("ours_ppo", OUR_PPO, [*OUR_PPO_FITS, *ours]),
         ("rllib_ppo", RLLIB_PPO, []),
     ):
+        if algo not in learners:
+            continue
         scratch = train(config, [*env, *changed, *common, *extra], root / f"{algo}_scratch")
         tuned = train(config, [*env, *changed, *common, *extra, init], root / f"{algo}_finetune")
         s, t = scratch["steps_to_bar"], tuned["steps_to_bar"]
@@ -95,6 +106,7 @@ def finetune(
                 "learner": algo,
                 "seed": seed,
                 "changed": changed,
+                "overrides": extra,
                 "bar": BAR,
                 "scratch_steps_to_bar": s,
                 "finetune_steps_to_bar": t,
@@ -168,12 +180,16 @@ def multi(root: Path, seed: int, budget: int, time_limit: float | None = None) -
 def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | None]:
     """The run's RLlib config trained by a plain ``Algorithm.train()`` loop to ``bar``:
     (wall seconds from building the algorithm, env steps, return)."""
-    from rlft_ray.learners.rllib import probe_env
+    from rlft_ray.learners.rllib import probe_env, register_rllib_env
     from rlft_ray.run.rllib_metrics import episode_lists
-    from rlft_ray.run.rllib_run import _algo_config
+    from rlft_ray.run.rllib_run import _algo_config, driver_threads
 
     start = time.perf_counter()
-    algo = _algo_config(cfg, probe_env(cfg)).build_algo()
+    register_rllib_env()
+    algo_config = _algo_config(cfg, probe_env(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(driver_threads(cfg, algo_config))  # as rlft-ray runs it
+    algo = algo_config.build_algo()
     steps, ret, recent = 0, None, deque(maxlen=20)  # the stop rule rlft-ray applies
     while steps < budget:
         result = algo.train()
@@ -183,6 +199,7 @@ def bare_rllib(cfg: Any, bar: float, budget: int) -> tuple[float, int, float | N
         if len(recent) == 20 and ret >= bar:
             break
     algo.stop()
+    torch.set_num_threads(threads)
     return time.perf_counter() - start, steps, ret
 
 
@@ -229,13 +246,27 @@ def main() -> None:
     p.add_argument(
         "--pretrained", type=Path, default=None, help="reuse an RLlib CartPole checkpoint"
     )
+    p.add_argument(
+        "--learners", nargs="+", default=["ours_ppo", "rllib_ppo"], help="finetune's learners"
+    )
+    p.add_argument(
+        "--ours-overrides", nargs="*", default=[], help="overrides of our PPO's two runs"
+    )
     p.add_argument("--time-limit", type=float, default=None, help="time_limit_s of the multi run")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rlft_bench_rllib_"))
     changed = [f"env.kwargs.gravity={args.gravity}", f"env.kwargs.length={args.length}"]
     for part in args.parts:
         if part == "finetune":
-            finetune(root, args.seed, changed, args.budget, args.pretrained)
+            finetune(
+                root,
+                args.seed,
+                changed,
+                args.budget,
+                args.pretrained,
+                tuple(args.learners),
+                tuple(args.ours_overrides),
+            )
         elif part == "sac":
             sac(root, args.seed, args.sac_steps)
         elif part == "multi":

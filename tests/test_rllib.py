@@ -68,6 +68,27 @@ def test_rllib_config_reaches_the_algorithm_config() -> None:
     assert algo_config.env_config["id"] == "CartPole-v1"
 
 
+def test_sac_example_config_builds_without_starting_ray() -> None:
+    """The shipped SAC example reaches RLlib as its tuned example does (n_step a range: a
+    tuple, which RLlib tells from an int by isinstance), and checking it starts no Ray
+    instance (Tune's registry lookup used to auto-start one, racing the CLI's early start)."""
+    import ray
+
+    from rlft_ray.learners.rllib import build_algorithm_config, probe_env
+
+    cfg = build_config("examples/pendulum_rllib_sac.yaml")
+    algo_config = build_algorithm_config(cfg, probe_env(cfg))
+    assert algo_config.n_step == (2, 5)
+    assert algo_config.get_rollout_fragment_length() == 5
+    assert (algo_config.actor_lr, algo_config.critic_lr, algo_config.alpha_lr) == (
+        2e-4,
+        8e-4,
+        9e-4,
+    )
+    assert algo_config.model_config["fcnet_activation"] == "relu"
+    assert not ray.is_initialized()
+
+
 def test_ppo_module_maps_onto_actor_critic(tmp_path) -> None:
     from ray.rllib.algorithms.ppo import PPOConfig
 
@@ -285,3 +306,39 @@ def test_early_stops_use_the_last_20_episodes_across_iterations() -> None:
     assert not _finished(cfg, counters)  # 19 successes: no full window yet
     counters.record_episodes(*episode_lists({RETURNS_KEY: [0.0], SUCCESSES_KEY: [1.0]}))
     assert _finished(cfg, counters)
+    # an iteration in which one episode ended: RLlib reports the one-item series as the item
+    assert episode_lists({RETURNS_KEY: -150.0, SUCCESSES_KEY: 1.0}) == ([-150.0], [True])
+    assert episode_lists({}) == ([], [])
+
+
+def test_episode_returns_span_the_chunks_an_env_runner_cuts() -> None:
+    """SAC samples 5-step fragments: Pendulum's 200-step episode ends in a chunk of at most
+    5 steps. The logged return is the whole episode's (RLlib's own episode_return_mean), not
+    the last chunk's (about -7 instead of about -1200, as it was)."""
+    import numpy as np
+    from ray.rllib.algorithms.sac import SACConfig
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+    from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
+
+    from rlft_ray.rollout.rllib_env import RETURNS_KEY, EpisodeRecorder
+    from rlft_ray.run.rllib_metrics import episode_lists
+
+    config = (
+        SACConfig()
+        .environment("Pendulum-v1")
+        .env_runners(rollout_fragment_length=5, num_envs_per_env_runner=1)
+        .callbacks(EpisodeRecorder)
+        .debugging(seed=0)
+    )
+    runner = SingleAgentEnvRunner(config=config)
+    try:
+        for _ in range(41):  # 205 steps: one 200-step episode ends
+            runner.sample(num_timesteps=5, random_actions=True)
+        logger = MetricsLogger()  # what the algorithm does with its runners' metrics
+        logger.aggregate([runner.get_metrics()])
+    finally:
+        runner.stop()
+    returns, _ = episode_lists({RETURNS_KEY: logger.peek(RETURNS_KEY)})
+    assert len(returns) == 1
+    assert returns[0] == pytest.approx(float(np.mean(logger.peek("episode_return_mean"))))
+    assert returns[0] < -100.0  # a random 200-step episode; a 5-step chunk is > -5 * 16.3

@@ -109,3 +109,58 @@ def test_multi_agent_navigation_per_agent_policies(tmp_path) -> None:
     assert "loss/policy/agent_0" in row and "loss/policy/agent_1" in row
     summary = json.loads((out / "summary.json").read_text())
     assert summary["agents"] == ["agent_0", "agent_1"]
+
+
+def test_init_from_acts_as_the_pretrained_module_before_any_update(tmp_path) -> None:
+    """``algo: rllib`` with ``init_from`` an RLlib module: before the first ``train()`` the
+    learner's module and the env runner's (which samples the first batch) give the
+    pretrained module's action logits and values, not a fresh init's."""
+    import ray
+    import torch
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from rlft_ray.config import build_config
+    from rlft_ray.learners.rllib import probe_env, register_rllib_env
+    from rlft_ray.run.ray_session import init_ray, shutdown_ray
+    from rlft_ray.run.rllib_init import check_init_from, restore_init_from
+    from rlft_ray.run.rllib_run import _algo_config
+
+    torch.manual_seed(3)
+    spec = PPOConfig().get_default_rl_module_spec()
+    cfg = build_config(
+        "examples/cartpole_rllib_ppo.yaml",
+        [*SMALL, f"init_from={tmp_path / 'module'}", "seed=11"],
+    )
+    env = probe_env(cfg)
+    spec.observation_space, spec.action_space = env.observation, env.action
+    spec.model_config = {**PPOConfig().model_config, "fcnet_hiddens": [16, 16]}
+    pretrained = spec.build()
+    pretrained.save_to_path(str(tmp_path / "module"))
+    obs = torch.randn(32, 4)
+    with torch.no_grad():
+        want = pretrained.forward_inference({"obs": obs})["action_dist_inputs"]
+        want_values = pretrained.compute_values({"obs": obs})
+
+    algo_config = _algo_config(cfg, env)
+    check_init_from(cfg, env, algo_config)
+    init_ray(None)
+    try:
+        register_rllib_env()
+        algo = algo_config.build_algo()
+        try:
+            fresh = algo.env_runner.module.forward_inference({"obs": obs})["action_dist_inputs"]
+            assert not torch.allclose(fresh, want)  # a fresh init (seed 11) acts otherwise
+            restore_init_from(algo, cfg, env)
+            learner_module = algo.learner_group._learner.module["default_policy"]
+            with torch.no_grad():
+                runner = algo.env_runner.module.forward_inference({"obs": obs})
+                learner = learner_module.forward_inference({"obs": obs})
+                values = learner_module.compute_values({"obs": obs})
+            torch.testing.assert_close(runner["action_dist_inputs"], want)
+            torch.testing.assert_close(learner["action_dist_inputs"], want)
+            torch.testing.assert_close(values, want_values)
+        finally:
+            algo.stop()
+    finally:
+        shutdown_ray()
+        assert not ray.is_initialized()

@@ -98,6 +98,24 @@ def _check_keys(algo_config: Any, keys: list[str], name: str) -> None:
             )
 
 
+def register_rllib_env() -> None:
+    """Register :mod:`rlft_ray.rollout.rllib_env`'s creator as ``ENV_NAME`` with Tune's
+    registry, which RLlib's env runners read. Call it once Ray is up: registering writes to
+    Ray's key-value store when Ray looks initialised, and while the CLI's early start
+    (:func:`~rlft_ray.run.ray_session.start_ray_early`) is half-way it made Ray auto-start
+    a second instance ("Perhaps you called ray.init twice by accident?")."""
+    from ray.tune.registry import register_env
+
+    from rlft_ray.rollout import rllib_env
+
+    register_env(rllib_env.ENV_NAME, rllib_env.make_env)
+
+
+#: Settings RLlib tells apart by ``isinstance(value, tuple)`` (a YAML list becomes a tuple):
+#: DQN's / SAC's ``n_step: [2, 5]`` is a range each sampled transition draws its n from.
+TUPLE_SETTINGS: frozenset[str] = frozenset({"n_step"})
+
+
 #: ``AlgorithmConfig`` methods that set groups of settings, searched for a key's setter.
 SETTER_METHODS: tuple[str, ...] = (
     "training",
@@ -128,7 +146,8 @@ def _setter(algo_config: Any, key: str) -> Any:
 def build_algorithm_config(cfg: RunConfig, env: EnvInfo) -> Any:
     """The RLlib ``AlgorithmConfig`` of ``cfg`` (not built into an algorithm yet).
 
-    The env comes from ``env`` / ``env.kwargs`` (registered as ``ENV_NAME``), the seed from
+    The env comes from ``env`` / ``env.kwargs`` (by the name ``ENV_NAME``, which
+    :func:`register_rllib_env` registers once Ray is up), the seed from
     ``seed``, ``num_envs_per_env_runner`` from ``env.num_envs_per_runner``; multi-agent
     envs get ``rllib.policies``; then ``rllib.config`` is applied and RLlib validates.
 
@@ -136,15 +155,17 @@ def build_algorithm_config(cfg: RunConfig, env: EnvInfo) -> Any:
         ConfigError: An unknown ``rllib.config`` key (named), or what RLlib's
             ``validate`` refuses.
     """
-    from ray.tune.registry import get_trainable_cls, register_env
+    from ray.rllib.algorithms.registry import ALGORITHMS
 
     from rlft_ray.rollout import rllib_env
 
     require_rllib()
     name = cfg.rllib.algorithm
-    algo_config = get_trainable_cls(name).get_default_config()
+    # RLlib's own table of its algorithms: Tune's get_trainable_cls would look in Ray's
+    # key-value store and so start a Ray instance of its own, before the run's init_ray
+    algo_cls, _ = ALGORITHMS[name]()
+    algo_config = algo_cls.get_default_config()
     _check_keys(algo_config, list(cfg.rllib.config), name)
-    register_env(rllib_env.ENV_NAME, rllib_env.make_env)
     algo_config = (
         algo_config.environment(env=rllib_env.ENV_NAME, env_config=env_config(cfg))
         .env_runners(num_envs_per_env_runner=cfg.env.num_envs_per_runner)
@@ -159,6 +180,8 @@ def build_algorithm_config(cfg: RunConfig, env: EnvInfo) -> Any:
         )
     try:
         for key, value in cfg.rllib.config.items():
+            if key in TUPLE_SETTINGS and isinstance(value, list):
+                value = tuple(value)
             setter = _setter(algo_config, key)
             if setter is not None:  # RLlib's own method for the setting (training, rl_module, ...)
                 algo_config = setter(**{key: value})

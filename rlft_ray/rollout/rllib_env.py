@@ -93,19 +93,40 @@ class EpisodeRecorder(RLlibCallback):
     reports ``info["is_success"]`` on the final step, its success (a multi-agent episode
     succeeds when every agent reports it), so the driver keeps rlft-ray's window of the
     last 20 episodes. RLlib's own ``episode_return_mean`` averages only the episodes that
-    finished in the iteration."""
+    finished in the iteration.
 
-    def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
+    An env runner hands RLlib's callback only the episode's last *chunk* (the steps since its
+    previous ``sample()`` call; with SAC's 5-step fragments, at most 5 of Pendulum's 200) and
+    the chunks before it as ``prev_episode_chunks``: the return is the sum over all of them,
+    as RLlib's own episode metrics compute it."""
+
+    def on_episode_end(
+        self,
+        *,
+        episode: Any,
+        metrics_logger: Any = None,
+        prev_episode_chunks: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if metrics_logger is None:
             return
         metrics_logger.log_value(
-            RETURNS_KEY, float(episode.get_return()), reduce="item_series", window=10_000
+            RETURNS_KEY,
+            episode_return(episode, prev_episode_chunks),
+            reduce="item_series",
+            window=10_000,
         )
         success = episode_success(episode)
         if success is not None:
             metrics_logger.log_value(
                 SUCCESSES_KEY, float(success), reduce="item_series", window=10_000
             )
+
+
+def episode_return(episode: Any, prev_chunks: Any = None) -> float:
+    """A finished episode's return (all agents' rewards summed): its last chunk's plus those
+    of the chunks an env runner cut it into before."""
+    return float(episode.get_return()) + sum(float(c.get_return()) for c in prev_chunks or ())
 
 
 def episode_success(episode: Any) -> bool | None:

@@ -46,12 +46,26 @@ def env_steps_lifetime(result: dict[str, Any]) -> int:
 
 def episode_lists(runners: dict[str, Any]) -> tuple[list[float], list[bool]]:
     """The returns and successes of the episodes that finished in this iteration (what
-    :class:`~rlft_ray.rollout.rllib_env.EpisodeRecorder` logged)."""
+    :class:`~rlft_ray.rollout.rllib_env.EpisodeRecorder` logged). RLlib reports a series
+    of one item as that item (an iteration in which one episode finished, as Pendulum's
+    200-step episodes do in SAC's ~260-step iterations)."""
     from rlft_ray.rollout.rllib_env import RETURNS_KEY, SUCCESSES_KEY
 
-    returns = [float(v) for v in runners.get(RETURNS_KEY) or ()]
-    successes = [bool(v) for v in runners.get(SUCCESSES_KEY) or ()]
+    returns = [float(v) for v in _series(runners.get(RETURNS_KEY))]
+    successes = [bool(v) for v in _series(runners.get(SUCCESSES_KEY))]
     return returns, successes
+
+
+def _series(value: Any) -> list[Any]:
+    """A logged item series: a list, one bare item, or nothing (None)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if hasattr(value, "tolist"):  # a numpy array / scalar, a torch tensor
+        out = value.tolist()
+        return out if isinstance(out, list) else [out]
+    return [value]
 
 
 def result_row(result: dict[str, Any]) -> dict[str, float]:
