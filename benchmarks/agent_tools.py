@@ -25,6 +25,7 @@ Prints JSON lines: one per seed and section, then one median line per target.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -32,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import emit, eval_curve, last_mean, medians, run_cli, train_cli
+from _common import emit as _emit
+from _common import eval_curve, last_mean, medians, run_cli, train_cli
 
 EXAMPLE = "examples/tool_arithmetic_grpo.yaml"
 HELDOUT = 1_000_000
@@ -233,6 +235,12 @@ def main() -> None:
         "a later `--only throughput --work WORK` measures their SFT base and GRPO policy",
     )
     p.add_argument(
+        "--log",
+        type=Path,
+        help="append every seed's JSON line to LOG; the median lines cover every seed LOG "
+        "holds (a seed's section run again replaces its earlier line)",
+    )
+    p.add_argument(
         "--only",
         choices=("tools", "guess", "throughput"),
         nargs="+",
@@ -240,6 +248,27 @@ def main() -> None:
     )
     args = p.parse_args()
     results: dict[str, list[dict[str, Any]]] = {}
+    section = {
+        "ToolArithmetic-v0 GRPO": "tools",
+        "GuessNumber-v0 GRPO": "guess",
+        "throughput": "throughput",
+    }
+    rerun = {task for task, name in section.items() if name in args.only}
+    if args.log is not None and args.log.exists():  # earlier invocations' seeds, last wins
+        kept: dict[tuple, dict[str, Any]] = {}
+        for line in args.log.read_text().splitlines():
+            r = json.loads(line)
+            if not (r["task"] in rerun and r["seed"] in args.seeds):  # else: run again now
+                kept[(r["seed"], r["task"], r.get("policy"))] = r
+        for r in kept.values():
+            results.setdefault(section[r["task"]], []).append(r)
+
+    def emit(record: dict[str, Any]) -> None:
+        _emit(record)
+        if args.log is not None:
+            with args.log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
     for seed in args.seeds:
         if args.work is None:
             work = Path(tempfile.mkdtemp(prefix=f"rlft_agent_{seed}_"))
@@ -292,12 +321,12 @@ def main() -> None:
         for policy in sorted({r.get("policy", "") for r in results.get(name, [])}):
             rows = [r for r in results[name] if r.get("policy", "") == policy]
             m = medians(rows, keys)
-            emit(
+            _emit(
                 {
                     "task": f"median over seeds: {name}",
                     **({"policy": policy} if policy else {}),
                     "target": target,
-                    "seeds": [r["seed"] for r in rows],
+                    "seeds": sorted(r["seed"] for r in rows),
                     **m,
                     "target_met": met(m),
                 }
