@@ -177,14 +177,14 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 7) -> dict[st
     prompts = seed_prompts(seeds)
     multi, single = [], []
     shapes: list[tuple[int, int]] = []  # (rows, decode steps) of every generate call
-    generate = actor.generate
+    generate_turn = actor.generate_turn
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        out = generate(*args, **kwargs)
+        out = generate_turn(*args, **kwargs)
         shapes.append(out.response_ids.shape)
         return out
 
-    actor.generate = recorded  # play() calls it once per turn
+    actor.generate_turn = recorded  # play() calls it once per turn
     steps = rows_per_step = 0.0
     for _ in range(repeats):
         shapes.clear()
@@ -198,7 +198,7 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 7) -> dict[st
             Prompt(t, actor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
         ]
         start = time.perf_counter()
-        one = generate(plain)
+        one = actor.generate(plain)
         single.append(one.num_tokens / (time.perf_counter() - start))
     width = one.response_ids.shape[1]
     m, s = statistics.median(multi), statistics.median(single)

@@ -31,10 +31,13 @@ import numpy as np
 
 from rlft_ray.agents.text_env import check_text_env, step_with_timeout
 from rlft_ray.config import LMConfig
+from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import AgentStats, GenerationBatch, Prompt, pad_sequences
 
 #: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context:
-#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``.
+#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``. Each
+#: context's ``metadata["episode"]`` names its episode (a KV cache kept across turns
+#: continues that episode's row: :mod:`rlft_ray.rollout.turn_cache`).
 Generate = Callable[[list[Prompt], int], GenerationBatch]
 
 
@@ -118,9 +121,12 @@ def run_episodes(
     env_s = 0.0
     while active := [e for e in episodes if not e.done]:
         room = max(limits.max_tokens - len(e.context()) for e in active)
-        batch = generate(
-            [Prompt("", e.context()) for e in active], min(limits.max_new_tokens, room)
-        )
+        contexts = [
+            Prompt("", e.context(), metadata={"episode": i})
+            for i, e in enumerate(episodes)
+            if not e.done
+        ]
+        batch = generate(contexts, min(limits.max_new_tokens, room))
         texts = []
         for row, e in enumerate(active):
             keep = min(int(batch.response_mask[row].sum()), limits.max_tokens - len(e.context()))
@@ -231,7 +237,8 @@ def episode_token_budget(lm: LMConfig, max_positions: int | None) -> int:
 def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> GenerationBatch:
     """A :class:`~rlft_ray.rollout.generation.GenerationActor`'s episodes in its text
     environment: ``lm.num_samples`` from each prompt's reset seed (greedy: one), with the
-    actor's ``generate`` (one batched call per turn, any backend) and its policy version.
+    actor's ``generate_turn`` (one batched call per turn, any backend; transformers keeps
+    the KV cache from one turn to the next) and its policy version.
     ``generate_s`` is the generation time (the env steps' are ``agent.env_s``)."""
     from rlft_ray.agents import make_text_env
 
@@ -245,8 +252,9 @@ def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> Generat
         step_timeout_s=env_cfg.step_timeout_s,
     )
     start = time.perf_counter()
+    session = TurnSession()  # the KV cache from one turn to the next
     batch = run_episodes(
-        lambda contexts, max_new: actor.generate(contexts, 1, greedy, max_new),
+        lambda contexts, max_new: actor.generate_turn(contexts, session, greedy, max_new),
         actor.tokenizer,
         lambda: make_text_env(env_cfg.id, env_cfg.kwargs),
         [int(p.metadata["seed"]) for p in prompts],
