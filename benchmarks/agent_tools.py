@@ -179,15 +179,22 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 7) -> dict[st
     shapes: list[tuple[int, int]] = []  # (rows, decode steps) of every generate call
     generate_turn = actor.generate_turn
 
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        out = generate_turn(*args, **kwargs)
+    sessions: list[Any] = []
+    reread = [0]  # tokens a turn would feed re-reading every conversation (left-padded)
+
+    def recorded(contexts: list[Prompt], session: Any, *args: Any) -> Any:
+        out = generate_turn(contexts, session, *args)
         shapes.append(out.response_ids.shape)
+        sessions.append(session)
+        reread[0] += len(contexts) * max(len(c.ids) for c in contexts)
         return out
 
     actor.generate_turn = recorded  # play() calls it once per turn
     steps = rows_per_step = 0.0
     for _ in range(repeats):
         shapes.clear()
+        sessions.clear()
+        reread[0] = 0
         start = time.perf_counter()
         batch = actor.sample(prompts)
         multi.append(batch.num_tokens / (time.perf_counter() - start))
@@ -215,6 +222,10 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 7) -> dict[st
         "multi_turn_tokens_per_step": round(rows_per_step, 1),
         "single_turn_decode_steps": width,
         "single_turn_tokens_per_step": round(one.num_tokens / max(width, 1), 1),
+        # The prefills of the last multi-turn batch: fed with the KV cache kept across
+        # turns, and what re-reading every conversation each turn would feed.
+        "multi_turn_prefill_tokens": sessions[-1].fed_tokens,
+        "multi_turn_prefill_tokens_rereading": reread[0],
         "target_met": m / s >= 0.8,
     }
 
