@@ -131,6 +131,26 @@ def test_a_hung_env_step_fails_its_episode_with_the_reason_not_the_batch() -> No
     assert batch.rewards.tolist() == [1.0, 0.0]
     assert "timed out after 0.2 s" in batch.agent.reasons[0]
     assert batch.agent.metrics()["rollout/failed_episodes"] == 1.0
+    # With release_env the finished episode's env is handed back for the next batch
+    # (reset starts its next episode); the timed-out one, whose step may still run, is not.
+    made, idle = [], []
+
+    def make() -> HangsOnSeed1:
+        made.append(HangsOnSeed1())
+        return made[-1]
+
+    run_episodes(scripted(calculator_user), TOK, make, [0, 1], 1, limits, release_env=idle.append)
+    assert idle == [made[0]]
+    reused = run_episodes(
+        scripted(calculator_user),
+        TOK,
+        lambda: idle.pop() if idle else make(),
+        [2, 3],
+        1,
+        LIMITS,
+        release_env=idle.append,
+    )
+    assert len(made) == 3 and reused.rewards.tolist() == [1.0, 1.0]  # one env made anew
 
 
 def test_actor_samples_episodes_whose_logprobs_the_learner_reproduces(model_dir: Path) -> None:

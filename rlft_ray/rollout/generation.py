@@ -106,6 +106,7 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring, TurnCaching):
             self._init_hf(path, tokenizer_path, model_path is None)
         self._init_value_guidance(path)  # lm.decode=ilql: the ILQL heads beside the model
         self.text_env = env
+        self.idle_text_envs: list[Any] = []  # envs of ended episodes, reset for the next
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
