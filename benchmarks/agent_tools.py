@@ -13,13 +13,18 @@ actor. Per seed:
 2. ``rlft-ray train examples/tool_arithmetic_grpo.yaml`` for ``--grpo-seconds`` with
    held-out accuracy every 10 iterations (a curve against training seconds); the trained
    checkpoint evaluated with and without the tool;
-3. the same for GuessNumber (its base, then GRPO for ``--guess-seconds``): mean turns;
+3. the same for GuessNumber (its base, from demonstrations that ignore the feedback on
+   half the episodes, then GRPO for ``--guess-seconds``): mean greedy turns;
 4. throughput: one actor (no Ray), 8 seeds x 8 episodes of ToolArithmetic against one
-   ``generate`` of the same reset prompts x 8 with the same token budget per turn.
+   ``generate`` of the same reset prompts x 8 with the same token budget per turn,
+   alternating, on the SFT base and on the GRPO policy; tokens per wall second and per
+   CPU second of the process (a shared machine inflates the first), decode steps and
+   tokens per step, prefill tokens with the turn cache and re-reading.
 
 Usage: python benchmarks/agent_tools.py [--seeds 0 1 2] [--grpo-seconds 600] [--work DIR]
-    [--only tools guess throughput]
-Prints JSON lines: one per seed and section, then one median line per target.
+    [--log FILE] [--only tools guess throughput]
+Prints JSON lines: one per seed and section, then one median line per target (over the
+seeds of this invocation and those ``--log`` holds from earlier ones).
 """
 
 from __future__ import annotations
