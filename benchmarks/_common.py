@@ -157,7 +157,7 @@ def last_mean(run_dir: Path, key: str, n: int = 5) -> float:
 
 def medians(records: list[dict[str, Any]], keys: tuple[str, ...], prefix: str = "") -> dict:
     """``{prefix + key: median over records}`` for every key (records of several seeds)."""
-    return {f"{prefix}{k}": statistics.median(r[k] for r in records) for k in keys}
+    return {f"{prefix}{k}": round(statistics.median(r[k] for r in records), 4) for k in keys}
 
 
 def base_data_seeds(description: str) -> argparse.Namespace:

@@ -165,14 +165,16 @@ def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, A
     }
 
 
-def throughput(model: Path, seed: int, policy: str, repeats: int = 15) -> dict[str, Any]:
+def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[str, Any]:
     """Model tokens per second of one actor: 8 seeds x 8 ToolArithmetic episodes (every turn
     batched) against one generate of the same 8 reset prompts x 8 (single turn)."""
     import torch
 
     from rlft_ray.config import EnvConfig, LMConfig
+    from rlft_ray.rollout import multiturn
     from rlft_ray.rollout.evaluate import seed_prompts
     from rlft_ray.rollout.generation import GenerationActor
+    from rlft_ray.rollout.turn_cache import TurnSession
     from rlft_ray.types import Prompt
 
     torch.set_num_threads(1)
@@ -180,7 +182,12 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 15) -> dict[s
     actor = GenerationActor(lm, seed=seed, env=EnvConfig(id="rlft/ToolArithmetic-v0"))
     seeds = list(range(seed * 100, seed * 100 + 8))
     prompts = seed_prompts(seeds)
-    multi, single, multi_cpu, single_cpu = [], [], [], []
+    multi, single, multi_cpu, single_cpu, reread_cpu = [], [], [], [], []
+
+    class Rereading(TurnSession):
+        def keep(self, *args: Any) -> None:  # no cache kept: each turn re-reads everything
+            pass
+
     shapes: list[tuple[int, int]] = []  # (rows, decode steps) of every generate call
     generate_turn = actor.generate_turn
 
@@ -214,6 +221,13 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 15) -> dict[s
         one = actor.generate(plain)
         single.append(one.num_tokens / (time.perf_counter() - start))
         single_cpu.append(one.num_tokens / (time.process_time() - cpu))
+        multiturn.TurnSession = Rereading  # the same episodes re-reading every turn
+        try:
+            cpu = time.process_time()
+            again = actor.sample(prompts)
+            reread_cpu.append(again.num_tokens / (time.process_time() - cpu))
+        finally:
+            multiturn.TurnSession = TurnSession
     width = one.response_ids.shape[1]
     m, s = statistics.median(multi), statistics.median(single)
     m_cpu, s_cpu = statistics.median(multi_cpu), statistics.median(single_cpu)
@@ -229,6 +243,9 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 15) -> dict[s
         "multi_turn_tokens_per_cpu_s": round(m_cpu, 1),
         "single_turn_tokens_per_cpu_s": round(s_cpu, 1),
         "ratio_cpu": round(m_cpu / s_cpu, 3),
+        # The KV cache across turns against re-reading the conversation every turn.
+        "multi_turn_rereading_tokens_per_cpu_s": round(statistics.median(reread_cpu), 1),
+        "ratio_cpu_rereading": round(statistics.median(reread_cpu) / s_cpu, 3),
         # Load-independent: a decode step of the tiny model costs about the same for 8 or
         # 64 rows, so tokens/s follows the model tokens each step produces.
         "multi_turn_decode_steps": round(steps, 1),
@@ -342,6 +359,7 @@ def main() -> None:
                 "single_turn_tokens_per_s",
                 "ratio",
                 "ratio_cpu",
+                "ratio_cpu_rereading",
                 "multi_turn_tokens_per_step",
                 "single_turn_tokens_per_step",
             ),
