@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,16 +114,50 @@ def run_cli(*args: str) -> float:
     return wall
 
 
-def train_cli(config: str, overrides: list[str], output_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start."""
+def train_cli(
+    config: str, overrides: list[str], output_dir: Path | None = None, tries: int = 1
+) -> dict[str, Any]:
+    """Run ``rlft-ray train`` in a fresh process; wall time counts from the command's start.
+
+    ``tries > 1`` retries a run whose Ray node did not come up within Ray's fixed 30 s (a
+    machine overloaded by other jobs; the failed start leaves no run directory behind);
+    any other failure raises at once.
+    """
     out = output_dir or Path(tempfile.mkdtemp(prefix="rlft_bench_")) / "run"
     cmd = [sys.executable, "-m", "rlft_ray", "train", str(ROOT / config), *overrides]
-    wall, memory, _ = run_measured([*cmd, "--output-dir", str(out), "--no-progress"])
+    for attempt in range(tries):
+        try:
+            wall, memory, _ = run_measured([*cmd, "--output-dir", str(out), "--no-progress"])
+            break
+        except RuntimeError as exc:
+            if "timed out during startup" not in str(exc) or attempt == tries - 1:
+                raise
     summary = json.loads((out / "summary.json").read_text())
     summary["command_wall_s"] = round(wall, 2)
     summary["tree_memory"] = memory  # the whole run's peak, shared pages counted once
     summary["output_dir"] = str(out)
     return summary
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's ``metrics.jsonl``, one dict per logged iteration."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_curve(run_dir: Path, key: str = "eval/accuracy") -> list[tuple[float, float]]:
+    """``(training seconds, key)`` at every iteration that logged ``key``."""
+    return [(round(r["time/wall_s"], 2), r[key]) for r in read_metrics(run_dir) if key in r]
+
+
+def last_mean(run_dir: Path, key: str, n: int = 5) -> float:
+    """Mean of ``key`` over the last ``n`` iterations that logged it (0 if none did)."""
+    values = [r[key] for r in read_metrics(run_dir) if key in r][-n:]
+    return round(sum(values) / max(len(values), 1), 4)
+
+
+def medians(records: list[dict[str, Any]], keys: tuple[str, ...], prefix: str = "") -> dict:
+    """``{prefix + key: median over records}`` for every key (records of several seeds)."""
+    return {f"{prefix}{k}": round(statistics.median(r[k] for r in records), 4) for k in keys}
 
 
 def base_data_seeds(description: str) -> argparse.Namespace:

@@ -20,13 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import emit, run_cli, train_cli
-
-
-def curve(run_dir: Path) -> list[tuple[float, float]]:
-    """``(training seconds, held-out exact-match)`` at every evaluated iteration."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(round(r["time/wall_s"], 2), r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+from _common import emit, eval_curve, run_cli, train_cli
 
 
 def first_reaching(points: list[tuple[float, float]], level: float) -> float | None:
@@ -45,7 +39,7 @@ def main() -> None:
             "quickstart", "--algo", "rsft", "--output-dir", str(out), "--seed", str(seed)
         )
         s = json.loads((out / "summary.json").read_text())
-        before, rsft = s["accuracy_before"], curve(out)
+        before, rsft = s["accuracy_before"], eval_curve(out)
         train_s = rsft[-1][0]
         grpo_run = train_cli(
             "examples/arithmetic_grpo.yaml",
@@ -59,7 +53,7 @@ def main() -> None:
                 f"time_limit_s={train_s}",
             ],
         )
-        grpo = curve(Path(grpo_run["output_dir"]))
+        grpo = eval_curve(Path(grpo_run["output_dir"]))
         result: dict[str, Any] = {
             "benchmark": "lm_rsft",
             "seed": seed,

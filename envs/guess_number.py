@@ -67,19 +67,29 @@ class GuessNumberEnv(TextEnv):
 
 
 def demonstrations(
-    n: int, seed: int = 0, high: int = 16, max_turns: int = 8
+    n: int, seed: int = 0, high: int = 16, max_turns: int = 8, informed_frac: float = 0.5
 ) -> list[dict[str, Any]]:
-    """``n`` episodes of a weak strategy for a supervised pass (``segments`` rows): each
-    guess uniform over the range still open (about 2 ln(high) turns, where bisection needs
-    log2(high)); seeds ``seed + 10_000_000 + i``."""
+    """``n`` episodes of a weak strategy for a supervised pass (``segments`` rows); seeds
+    ``seed + 10_000_000 + i``.
+
+    An ``informed_frac`` share of the episodes guesses uniformly over the range still open
+    (expected turns ``2 (1 + 1/high) H_high - 3``: 4.18 for ``high=16``); the others guess
+    uniformly over ``[1, high]`` each turn, ignoring the feedback (6.45 turns, 60 % of them
+    truncated at 8). Bisection needs 3.375 turns on average for ``high=16``, so from a base
+    that only imitated the in-range strategy no policy could cut the turns by more than
+    19 %: the feedback-ignoring half leaves GRPO the room to find using the range (which
+    the base has seen) and then to sharpen it towards bisection (which it has not).
+    """
     env = GuessNumberEnv(high=high, max_turns=max_turns)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         prompt, _ = env.reset(seed=seed + 10_000_000 + i)
+        informed = rng.random() < informed_frac
         segments: list[tuple[str, bool]] = []
         while True:
-            guess = str(int(rng.integers(env.lo, env.hi + 1)))
+            lo, hi = (env.lo, env.hi) if informed else (1, high)
+            guess = str(int(rng.integers(lo, hi + 1)))
             reply, _, terminated, truncated, _ = env.step(guess)
             segments.append((guess, True))
             if terminated or truncated:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from envs.tool_arithmetic import ToolArithmeticEnv
+from rlft_ray.agents import TextEnv
 from rlft_ray.algorithms import gapped_gae
 from rlft_ray.config import ConfigError, EnvConfig, LMConfig, build_config
 from rlft_ray.learners.registry import get_learner_cls
@@ -20,6 +21,7 @@ from rlft_ray.lm.tiny import build_tokenizer
 from rlft_ray.rollout.evaluate import seed_prompts
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.multiturn import TurnLimits, run_episodes
+from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
 
 from lm_helpers import first_step_grads, make_learner
@@ -129,6 +131,26 @@ def test_a_hung_env_step_fails_its_episode_with_the_reason_not_the_batch() -> No
     assert batch.rewards.tolist() == [1.0, 0.0]
     assert "timed out after 0.2 s" in batch.agent.reasons[0]
     assert batch.agent.metrics()["rollout/failed_episodes"] == 1.0
+    # With release_env the finished episode's env is handed back for the next batch
+    # (reset starts its next episode); the timed-out one, whose step may still run, is not.
+    made, idle = [], []
+
+    def make() -> HangsOnSeed1:
+        made.append(HangsOnSeed1())
+        return made[-1]
+
+    run_episodes(scripted(calculator_user), TOK, make, [0, 1], 1, limits, release_env=idle.append)
+    assert idle == [made[0]]
+    reused = run_episodes(
+        scripted(calculator_user),
+        TOK,
+        lambda: idle.pop() if idle else make(),
+        [2, 3],
+        1,
+        LIMITS,
+        release_env=idle.append,
+    )
+    assert len(made) == 3 and reused.rewards.tolist() == [1.0, 1.0]  # one env made anew
 
 
 def test_actor_samples_episodes_whose_logprobs_the_learner_reproduces(model_dir: Path) -> None:
@@ -152,6 +174,58 @@ def test_actor_samples_episodes_whose_logprobs_the_learner_reproduces(model_dir:
     )
     mask = batch.loss_mask
     assert np.allclose(out.logprobs.detach().numpy()[mask], batch.logprobs[mask], atol=1e-4)
+
+
+class _EndsAfterSeedModTurns(TextEnv):
+    """Ends after ``seed % 3 + 1`` model turns, whatever the model writes; replies of
+    different lengths (the cache's reply block is padded)."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.seed, self.left = seed, seed % 3 + 1
+        return "go:", {}
+
+    def step(self, action):
+        self.left -= 1
+        return f" next{'!' * (self.seed % 4)}:", 0.0, self.left == 0, False, {}
+
+
+class _NoCache(TurnSession):
+    def keep(self, *args) -> None:  # every turn re-reads the whole conversation
+        pass
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_turn_cache_gives_the_tokens_of_rereading_the_conversation(
+    model_dir: Path, greedy: bool
+) -> None:
+    """Episodes continued from the previous turn's KV cache (rows of ended episodes
+    dropped) equal those that re-read the conversation every turn: greedy token for token,
+    sampled (same seed) token for token with the same log-probs."""
+    lm = LMConfig(model=str(model_dir), max_new_tokens=5, max_turns=4)
+    actor = GenerationActor(lm, seed=0)
+    limits = TurnLimits(max_turns=4, max_new_tokens=5, max_tokens=60, step_timeout_s=5.0)
+    batches, sessions = [], [TurnSession(), _NoCache()]
+    for session in sessions:
+        torch.manual_seed(3)
+        batches.append(
+            run_episodes(
+                lambda c, n, s=session: actor.generate_turn(c, s, greedy, n),
+                actor.tokenizer,
+                _EndsAfterSeedModTurns,
+                range(6),
+                2,
+                limits,
+            )
+        )
+    cached, reread = batches
+    assert cached.agent.turns.tolist() == [1, 1, 2, 2, 3, 3] * 2
+    assert np.array_equal(cached.response_ids, reread.response_ids)
+    assert np.array_equal(cached.loss_mask, reread.loss_mask)
+    assert np.allclose(cached.logprobs, reread.logprobs, atol=1e-5)
+    assert sessions[0].reused_turns == 2 and sessions[1].reused_turns == 0
+    assert sessions[0].fed_tokens < 0.6 * sessions[1].fed_tokens  # 144 vs 280 tokens read
+    assert greedy or (cached.logprobs < 0).any()
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,39 @@ def test_a_hung_raising_or_non_text_step_is_a_recorded_failure_not_a_hang() -> N
     assert out[3].error is None and out[3].result == ("ok", 1.0, True, False, {})
 
 
+class _Sleeps(TextEnv):
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "go", {}
+
+    def step(self, action):
+        time.sleep(float(action))
+        return "ok", 0.0, False, False, {}
+
+
+def _step_threads() -> int:
+    import threading
+
+    return sum(t.name == "env-step" for t in threading.enumerate())
+
+
+def test_step_workers_are_reused_and_a_hung_one_is_replaced() -> None:
+    step_with_timeout([_Sleeps() for _ in range(6)], ["0"] * 6, 5.0)
+    before = _step_threads()
+    for _ in range(5):  # no new thread per step once enough workers wait
+        assert all(o.error is None for o in step_with_timeout([_Sleeps()] * 6, ["0"] * 6, 5.0))
+    assert _step_threads() == before
+    # One step hangs past the deadline: its worker stays stuck, a replacement serves the
+    # next call, whose 6 slow steps still overlap (6 x 0.2 s sequentially would be 1.2 s).
+    out = step_with_timeout([_Sleeps() for _ in range(2)], ["1.5", "0"], 0.2)
+    assert "timed out" in out[0].error and out[1].error is None
+    started = time.perf_counter()
+    out = step_with_timeout([_Sleeps() for _ in range(6)], ["0.2"] * 6, 5.0)
+    assert all(o.error is None for o in out)
+    assert time.perf_counter() - started < 0.9
+    assert _step_threads() <= before + 1  # at most the stuck worker's replacement
+
+
 # ------------------------------------------------------------------------------- tools
 
 
@@ -189,6 +222,32 @@ def test_guess_number_reward_falls_with_turns() -> None:
     env.reset(seed=3)
     reply, r, term, trunc, info = env.step("eight")
     assert (reply, r, term, trunc, info) == (" ?", 0.0, False, False, {"invalid": True})
+
+
+def test_guess_number_demonstrations_leave_grpo_room_below_the_in_range_strategy() -> None:
+    import re
+
+    from envs.guess_number import demonstrations
+
+    def turns_and_out_of_range(rows: list[dict]) -> tuple[float, int]:
+        turns, outside = [], 0
+        for row in rows:
+            lo, hi = 1, 16
+            for text, model in row["segments"]:
+                if model:
+                    outside += not lo <= int(text) <= hi
+                elif m := re.search(r"(\d+)-(\d+)\?", text):
+                    lo, hi = int(m[1]), int(m[2])
+            turns.append(sum(model for _, model in row["segments"]))
+        return sum(turns) / len(turns), outside
+
+    informed, outside = turns_and_out_of_range(demonstrations(2000, informed_frac=1.0))
+    assert outside == 0 and abs(informed - 4.18) < 0.15  # 2 (17/16) H_16 - 3
+    blind, outside = turns_and_out_of_range(demonstrations(2000, informed_frac=0.0))
+    assert outside > 1000 and abs(blind - 6.45) < 0.15  # (1 - (15/16)^8) * 16
+    mixed, _ = turns_and_out_of_range(demonstrations(2000, seed=1))
+    assert abs(mixed - (informed + blind) / 2) < 0.2
+    assert 1 - 3.375 / mixed > 0.3  # bisection (3.375 turns) is >= 30 % below the base's demos
 
 
 def test_text_navigation_moves_and_rewards_by_hand() -> None:

@@ -44,6 +44,7 @@ from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.rollout.shared_weights import SharedSlot, StaleWeightsError
+from rlft_ray.rollout.turn_cache import TurnCaching
 from rlft_ray.rollout.value_guided import ValueGuidedDecoding
 from rlft_ray.rollout.vllm_setup import special_ids
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt, SelectionStats, pad_sequences
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
-class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
+class GenerationActor(ValueGuidedDecoding, HeldOutScoring, TurnCaching):
     """Holds one copy of the policy LM and samples completions for prompts.
 
     Args:
@@ -105,6 +106,7 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
             self._init_hf(path, tokenizer_path, model_path is None)
         self._init_value_guidance(path)  # lm.decode=ilql: the ILQL heads beside the model
         self.text_env = env
+        self.idle_text_envs: list[Any] = []  # envs of ended episodes, reset for the next
         self.reward_fn = load_reward_fn(lm.reward_fn)
         self.reward_model = ScorerClient(scorers, start=seed) if scorers else None
         self.policy_version = UNSYNCED_VERSION  # until the learner publishes
@@ -346,15 +348,7 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
                 logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
             )
             response = out.sequences[:, p_len:]
-        # Real tokens: everything up to and including the first EOS.
-        is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        mask = ~after_eos
-        response = response.masked_fill(~mask, self.pad_id)
-        if recorder is None:
-            logprobs = torch.zeros(response.shape, dtype=torch.float32)
-        else:
-            logprobs = recorder.finish(response).masked_fill(~mask, 0.0)
+        response, mask, logprobs = self._real_tokens(response, recorder)
         return self._batch(
             prompts,
             n,
@@ -364,6 +358,21 @@ class GenerationActor(ValueGuidedDecoding, HeldOutScoring):
             mask.cpu().numpy(),
             logprobs.cpu().numpy().astype(np.float32),
         )
+
+    def _real_tokens(
+        self, response: torch.Tensor, recorder: SampledLogprobs | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(response, mask, logprobs)``: the real tokens are everything up to and
+        including the first EOS; the rest becomes padding with log-prob 0."""
+        is_eos = torch.isin(response, torch.as_tensor(self.eos_ids, device=response.device))
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        mask = ~after_eos
+        response = response.masked_fill(~mask, self.pad_id)
+        if recorder is None:
+            logprobs = torch.zeros(response.shape, dtype=torch.float32)
+        else:
+            logprobs = recorder.finish(response).masked_fill(~mask, 0.0)
+        return response, mask, logprobs
 
     def _engine_batch(
         self, prompts: list[Prompt], n: int, greedy: bool, max_new_tokens: int

@@ -31,10 +31,13 @@ import numpy as np
 
 from rlft_ray.agents.text_env import check_text_env, step_with_timeout
 from rlft_ray.config import LMConfig
+from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import AgentStats, GenerationBatch, Prompt, pad_sequences
 
 #: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context:
-#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``.
+#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``. Each
+#: context's ``metadata["episode"]`` names its episode (a KV cache kept across turns
+#: continues that episode's row: :mod:`rlft_ray.rollout.turn_cache`).
 Generate = Callable[[list[Prompt], int], GenerationBatch]
 
 
@@ -93,34 +96,44 @@ def run_episodes(
     samples_per_seed: int,
     limits: TurnLimits,
     policy_version: int = 0,
+    release_env: Callable[[gym.Env], None] | None = None,
 ) -> GenerationBatch:
     """Play ``samples_per_seed`` episodes from each reset seed; one row per episode,
     seed-major (the rows of one seed are contiguous and share a group id).
+
+    ``release_env`` takes back the env of every episode that did not fail (for reuse:
+    ``reset`` starts its next episode); without it, and for failed episodes, the env is
+    closed. Observations are tokenised in one call per turn.
 
     Raises:
         TextEnvError: ``reset`` returned a non-text observation.
         ValueError: A reset observation already fills the token budget.
     """
-    episodes: list[_Episode] = []
+    resets = []
     for group, seed in enumerate(seeds):
         for _ in range(samples_per_seed):
             env = make_env()
             obs, info = env.reset(seed=int(seed))
-            check_text_env(obs, "env.reset")
-            ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
-            if len(ids) >= limits.max_tokens:
-                raise ValueError(
-                    f"the reset observation of seed {seed} has {len(ids)} tokens, no room "
-                    f"left in the episode's budget of {limits.max_tokens}"
-                )
-            meta = {"seed": int(seed), **{k: v for k, v in info.items() if _plain(v)}}
-            episodes.append(_Episode(env, group, list(ids), obs, metadata=meta))
+            resets.append((group, int(seed), env, check_text_env(obs, "env.reset"), info))
+    episodes: list[_Episode] = []
+    prompt_ids = tokenizer([r[3] for r in resets], add_special_tokens=False)["input_ids"]
+    for (group, seed, env, obs, info), ids in zip(resets, prompt_ids):
+        if len(ids) >= limits.max_tokens:
+            raise ValueError(
+                f"the reset observation of seed {seed} has {len(ids)} tokens, no room "
+                f"left in the episode's budget of {limits.max_tokens}"
+            )
+        meta = {"seed": seed, **{k: v for k, v in info.items() if _plain(v)}}
+        episodes.append(_Episode(env, group, list(ids), obs, metadata=meta))
     env_s = 0.0
     while active := [e for e in episodes if not e.done]:
         room = max(limits.max_tokens - len(e.context()) for e in active)
-        batch = generate(
-            [Prompt("", e.context()) for e in active], min(limits.max_new_tokens, room)
-        )
+        contexts = [
+            Prompt("", e.context(), metadata={"episode": i})
+            for i, e in enumerate(episodes)
+            if not e.done
+        ]
+        batch = generate(contexts, min(limits.max_new_tokens, room))
         texts = []
         for row, e in enumerate(active):
             keep = min(int(batch.response_mask[row].sum()), limits.max_tokens - len(e.context()))
@@ -135,10 +148,12 @@ def run_episodes(
         start = time.perf_counter()
         outcomes = step_with_timeout([e.env for e in active], texts, limits.step_timeout_s)
         env_s += time.perf_counter() - start
-        for e, out in zip(active, outcomes):
-            _advance(e, out, tokenizer, limits)
-    for e in episodes:
-        e.env.close()
+        replies = [out.result[0] if out.result is not None else "" for out in outcomes]
+        reply_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]  # one call
+        for e, out, ids in zip(active, outcomes, reply_ids):
+            _advance(e, out, list(ids), limits)
+    for e in episodes:  # a timed-out step may still run in its env: never reuse that one
+        (release_env if release_env is not None and e.failure is None else _close)(e.env)
     return _to_batch(episodes, samples_per_seed, tokenizer, policy_version, env_s)
 
 
@@ -146,8 +161,13 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool))
 
 
-def _advance(e: _Episode, out: Any, tokenizer: Any, limits: TurnLimits) -> None:
-    """Record one stepped turn and append the env's reply, or end the episode."""
+def _close(env: gym.Env) -> None:
+    env.close()
+
+
+def _advance(e: _Episode, out: Any, reply: list[int], limits: TurnLimits) -> None:
+    """Record one stepped turn and append the env's reply (``reply``: its token ids), or
+    end the episode."""
     if out.result is None:
         e.end(truncated=True, failure=out.error)
         return
@@ -163,7 +183,6 @@ def _advance(e: _Episode, out: Any, tokenizer: Any, limits: TurnLimits) -> None:
     if e.turns >= limits.max_turns:
         e.end(truncated=True)
         return
-    reply = tokenizer(obs, add_special_tokens=False)["input_ids"]
     if len(e.context()) + len(reply) >= limits.max_tokens:  # no room for another turn
         e.end(truncated=True)
         return
@@ -231,7 +250,8 @@ def episode_token_budget(lm: LMConfig, max_positions: int | None) -> int:
 def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> GenerationBatch:
     """A :class:`~rlft_ray.rollout.generation.GenerationActor`'s episodes in its text
     environment: ``lm.num_samples`` from each prompt's reset seed (greedy: one), with the
-    actor's ``generate`` (one batched call per turn, any backend) and its policy version.
+    actor's ``generate_turn`` (one batched call per turn, any backend; transformers keeps
+    the KV cache from one turn to the next) and its policy version.
     ``generate_s`` is the generation time (the env steps' are ``agent.env_s``)."""
     from rlft_ray.agents import make_text_env
 
@@ -245,14 +265,17 @@ def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> Generat
         step_timeout_s=env_cfg.step_timeout_s,
     )
     start = time.perf_counter()
+    session = TurnSession()  # the KV cache from one turn to the next
+    pool: list[gym.Env] = actor.idle_text_envs  # made once, reset for each episode
     batch = run_episodes(
-        lambda contexts, max_new: actor.generate(contexts, 1, greedy, max_new),
+        lambda contexts, max_new: actor.generate_turn(contexts, session, greedy, max_new),
         actor.tokenizer,
-        lambda: make_text_env(env_cfg.id, env_cfg.kwargs),
+        lambda: pool.pop() if pool else make_text_env(env_cfg.id, env_cfg.kwargs),
         [int(p.metadata["seed"]) for p in prompts],
         1 if greedy else lm.num_samples,
         limits,
         actor.policy_version,
+        release_env=pool.append,
     )
     batch.generate_s = time.perf_counter() - start - batch.agent.env_s
     return batch

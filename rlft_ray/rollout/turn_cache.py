@@ -1,0 +1,191 @@
+"""The KV cache of multi-turn episodes, kept from one model turn to the next.
+
+Without it every turn re-reads the whole conversation: on ToolArithmetic the second
+turn's prefill (about 30 episodes x 60-100 tokens, left-padded to the longest) fed the
+tiny model twice the tokens the first turn decoded, the largest cost of a multi-turn
+batch after its decode steps (``benchmarks/agent_tools.py``'s throughput section). With
+it a turn feeds only what is new since the last one: the previous turn's last sampled
+token and the environment's reply.
+
+How (transformers ``generate``): the rows of a turn are the previous turn's rows
+``sequences`` (every token fed or sampled, padding included) with the reply of each
+row appended *left-padded* in a block, so every row's last real token sits in the last
+column. ``mask`` is 0 on every pad: the prompts' left padding, the tokens sampled after
+an EOS, the reply block's padding. ``generate`` derives position ids from the mask's
+cumulative sum, so a real token keeps the position it has in the unpadded conversation,
+and attention skips the pads: the logits (hence tokens and log-probs) are those of the
+re-read conversation (``tests/test_agent_rollout.py`` checks greedy episodes token for
+token and sampled log-probs against a full forward pass). Episodes that ended are
+dropped from the cache (``batch_select_indices``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList
+
+from rlft_ray.config import LMConfig
+from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
+from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
+
+
+@dataclass
+class CachedTurns:
+    """The state after one turn.
+
+    Attributes:
+        keys: ``[B]`` the episode each row belongs to.
+        sequences: ``[B, T]`` every token fed or sampled so far (pads included).
+        mask: ``[B, T]`` 1 on the real tokens of each conversation.
+        cache: The model's KV cache of ``sequences[:, :-1]`` (transformers ``Cache``).
+    """
+
+    keys: list[int]
+    sequences: torch.Tensor
+    mask: torch.Tensor
+    cache: Any
+
+
+@dataclass
+class TurnSession:
+    """One batch of episodes' cache across its turns (:meth:`GenerationActor.generate_turn`).
+
+    Attributes:
+        state: The cache after the last turn; None before the first or after a turn that
+            could not reuse it.
+        fed_tokens: Token columns x rows the model read in prefills (padding included).
+        reused_turns: Turns that continued the cache instead of re-reading everything.
+    """
+
+    state: CachedTurns | None = None
+    fed_tokens: int = 0
+    reused_turns: int = 0
+
+    def inputs(
+        self, contexts: Sequence[Prompt], keys: Sequence[int], pad_id: int, device: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(input_ids, attention_mask, cache)`` for the next turn of ``contexts``:
+        the cached rows continued where every context extends its row's conversation,
+        else the contexts left-padded from scratch (cache None)."""
+        state, self.state = self.state, None
+        if state is not None:
+            rows = {k: i for i, k in enumerate(state.keys)}
+            if all(k in rows for k in keys):
+                sel = torch.as_tensor([rows[k] for k in keys], device=state.sequences.device)
+                seq, mask = state.sequences[sel], state.mask[sel]
+                tails = []
+                for r, context in enumerate(contexts):
+                    known = seq[r][mask[r].bool()].tolist()
+                    if len(context.ids) <= len(known) or context.ids[: len(known)] != known:
+                        break
+                    tails.append(context.ids[len(known) :])
+                else:
+                    if len(sel) != len(state.keys) or bool((sel != torch.arange(len(sel))).any()):
+                        state.cache.batch_select_indices(sel)
+                    block, block_mask = pad_sequences(tails, pad_id, "left")
+                    ids = torch.cat([seq, torch.as_tensor(block, device=device)], dim=1)
+                    mask = torch.cat([mask, torch.as_tensor(block_mask, device=device).long()], 1)
+                    self.reused_turns += 1
+                    self.fed_tokens += len(keys) * (block.shape[1] + 1)
+                    return ids, mask, state.cache
+        ids, mask = pad_sequences([c.ids for c in contexts], pad_id, "left")
+        self.fed_tokens += int(np.prod(ids.shape))
+        return (
+            torch.as_tensor(ids, device=device),
+            torch.as_tensor(mask, device=device).long(),
+            None,
+        )
+
+    def keep(
+        self,
+        keys: Sequence[int],
+        sequences: torch.Tensor,
+        mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        cache: Any,
+    ) -> None:
+        """Remember a turn's rows: ``mask`` of what was fed, ``response_mask`` of the
+        sampled tokens that are real (up to and including EOS)."""
+        self.state = CachedTurns(
+            list(keys), sequences, torch.cat([mask, response_mask.long()], dim=1), cache
+        )
+
+
+class TurnCaching:
+    """:class:`~rlft_ray.rollout.generation.GenerationActor`'s multi-turn generation
+    (a mixin: it uses the actor's model, generation settings and batch building)."""
+
+    lm: LMConfig
+    device: torch.device
+    model: Any
+    engine: Any
+    pad_id: int
+    max_positions: int | None
+
+    @torch.no_grad()
+    def generate_turn(
+        self,
+        contexts: Sequence[Prompt],
+        session: TurnSession,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> GenerationBatch:
+        """One model turn of multi-turn episodes: one completion per context, continuing
+        ``session``'s KV cache where each context extends its episode's conversation
+        (``context.metadata["episode"]`` names the episode; see
+        :mod:`rlft_ray.rollout.turn_cache`). The vLLM engine (its own prefix cache),
+        value-guided decoding and batches over ``lm.generation_batch_size`` use
+        :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` (every turn re-read).
+
+        Returns:
+            As :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` with one sample per context.
+        """
+        max_new = max_new_tokens or self.lm.max_new_tokens
+        if (
+            self.engine is not None
+            or self.lm.decode == "ilql"
+            or not contexts
+            or len(contexts) > self.lm.generation_batch_size
+        ):
+            session.state = None
+            return self.generate(contexts, 1, greedy, max_new)
+        start = time.perf_counter()
+        keys = [int(c.metadata["episode"]) for c in contexts]
+        ids, mask, cache = session.inputs(contexts, keys, self.pad_id, self.device)
+        config = self._generation_config(1, greedy, max_new)
+        longest = max(len(c.ids) for c in contexts)
+        if self.max_positions is not None and longest + max_new > self.max_positions:
+            if longest >= self.max_positions:
+                raise ValueError(
+                    f"a context of {longest} tokens leaves no room in the model's "
+                    f"{self.max_positions} positions"
+                )
+            config.max_new_tokens = self.max_positions - longest
+        recorder = None if greedy else SampledLogprobs(self.lm.temperature)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
+            **({} if cache is None else {"cache": cache}),
+        )
+        response, real, logprobs = self._real_tokens(out.sequences[:, ids.shape[1] :], recorder)
+        session.keep(keys, out.sequences, mask, real, out.cache)
+        prompt_ids, prompt_mask = pad_sequences([c.ids for c in contexts], self.pad_id, "left")
+        batch = self._batch(
+            list(contexts),
+            1,
+            prompt_ids,
+            prompt_mask,
+            response.cpu().numpy(),
+            real.cpu().numpy(),
+            logprobs.cpu().numpy().astype(np.float32),
+        )
+        batch.generate_s = time.perf_counter() - start
+        return batch
