@@ -65,11 +65,12 @@ TOOL_LM = {"max_new_tokens": 24, "max_turns": 3, "max_prompt_tokens": 16, "max_e
 GUESS_LM = {"max_new_tokens": 4, "max_turns": 8, "max_prompt_tokens": 16, "max_episode_tokens": 120}
 
 
-def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    base = work / "tool_base"
-    sft_s = run_cli(
+def make_base(base: Path, seed: int, args: argparse.Namespace, *extra: str) -> float:
+    """``rlft-ray make-agent-base BASE`` with the benchmark's SFT budget; returns seconds."""
+    return run_cli(
         "make-agent-base",
         str(base),
+        *extra,
         "--seed",
         str(seed),
         "--steps",
@@ -77,6 +78,11 @@ def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str
         "--seconds",
         str(args.sft_seconds),
     )
+
+
+def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    base = work / "tool_base"
+    sft_s = make_base(base, seed, args)
     model = base / "sft_base"
     before = heldout(model, "rlft/ToolArithmetic-v0", {}, args.episodes, TOOL_LM)
     before_no_tool = heldout(model, "rlft/ToolArithmetic-v0", {"tools": []}, args.episodes, TOOL_LM)
@@ -118,18 +124,7 @@ def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str
 
 def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     base = work / "guess_base"
-    run_cli(
-        "make-agent-base",
-        str(base),
-        "--env",
-        "rlft/GuessNumber-v0",
-        "--seed",
-        str(seed),
-        "--steps",
-        str(args.sft_steps),
-        "--seconds",
-        str(args.sft_seconds),
-    )
+    make_base(base, seed, args, "--env", "rlft/GuessNumber-v0")
     model = base / "sft_base"
     before = heldout(model, "rlft/GuessNumber-v0", {}, args.episodes, GUESS_LM)
     overrides = [

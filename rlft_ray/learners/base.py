@@ -211,28 +211,13 @@ class Learner(ABC):
     @classmethod
     def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         """``rlft-ray eval``: run the checkpoint's policy for ``opts.episodes`` episodes."""
-        import numpy as np
-
         from rlft_ray.learners.checkpoint import load_modules
-        from rlft_ray.rollout.env_runner import evaluate_policy, probe_spaces
+        from rlft_ray.rollout.env_runner import probe_spaces
 
         policy = cls.make_policy(cfg, Spaces(*probe_spaces(cfg.env)))
         load_modules(checkpoint, {"policy": policy})
         policy.eval()
-        stats = evaluate_policy(
-            policy, cfg.env, opts.episodes, opts.seed, deterministic=not opts.stochastic
-        )
-        result: dict[str, Any] = {
-            "checkpoint": str(checkpoint),
-            "env": cfg.env.id,
-            "episodes": opts.episodes,
-            "episode_return_mean": float(np.mean(stats.returns)),
-            "episode_return_std": float(np.std(stats.returns)),
-            "episode_len_mean": float(np.mean(stats.lengths)),
-        }
-        if stats.successes:
-            result["success_rate"] = float(np.mean(stats.successes))
-        return result
+        return policy_eval_result(policy, checkpoint, cfg, opts)
 
     # -- what the actors need -------------------------------------------------------
     @classmethod
@@ -378,3 +363,30 @@ def to_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         x = x.copy()
     return torch.as_tensor(x, dtype=dtype, device=device)
+
+
+def policy_eval_result(
+    policy: Any, checkpoint: Path, cfg: RunConfig, opts: EvalOptions, **extra: Any
+) -> dict[str, Any]:
+    """``rlft-ray eval`` of a gym policy: ``opts.episodes`` episodes of ``policy`` on
+    ``cfg.env`` summarised (return mean / std, length, success rate where reported), with
+    ``extra`` fields after the env's."""
+    import numpy as np
+
+    from rlft_ray.rollout.env_runner import evaluate_policy
+
+    stats = evaluate_policy(
+        policy, cfg.env, opts.episodes, opts.seed, deterministic=not opts.stochastic
+    )
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "env": cfg.env.id,
+        **extra,
+        "episodes": opts.episodes,
+        "episode_return_mean": float(np.mean(stats.returns)),
+        "episode_return_std": float(np.std(stats.returns)),
+        "episode_len_mean": float(np.mean(stats.lengths)),
+    }
+    if stats.successes:
+        result["success_rate"] = float(np.mean(stats.successes))
+    return result

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from rlft_ray.config import ConfigError, RunConfig
-from rlft_ray.learners.base import EvalOptions, Learner, LearnerContext, Spaces, TaskProbe
+from rlft_ray.learners.base import (
+    EvalOptions,
+    Learner,
+    LearnerContext,
+    Spaces,
+    TaskProbe,
+    policy_eval_result,
+)
 
 
 def require_rllib() -> None:
@@ -266,10 +273,8 @@ class RLlibLearner(Learner):
     def evaluate(cls, checkpoint: Path, cfg: RunConfig, opts: EvalOptions) -> dict[str, Any]:
         """``rlft-ray eval`` of a single-agent ``algo: rllib`` checkpoint: the module is built
         from the run's config and its weights read as data (no pickled code runs)."""
-        import numpy as np
 
         from rlft_ray.learners.rllib_ckpt import read_rllib_module
-        from rlft_ray.rollout.env_runner import evaluate_policy
 
         require_rllib()
         env = probe_env(cfg)
@@ -287,21 +292,7 @@ class RLlibLearner(Learner):
         module.load_state_dict({k: torch.as_tensor(weights[k]) for k in module.state_dict()})
         module.eval()
         actor = RLModuleActor(module, env.action, bool(algo_config.normalize_actions))
-        stats = evaluate_policy(
-            actor, cfg.env, opts.episodes, opts.seed, deterministic=not opts.stochastic
-        )
-        result: dict[str, Any] = {
-            "checkpoint": str(checkpoint),
-            "env": cfg.env.id,
-            "rllib_algorithm": cfg.rllib.algorithm,
-            "episodes": opts.episodes,
-            "episode_return_mean": float(np.mean(stats.returns)),
-            "episode_return_std": float(np.std(stats.returns)),
-            "episode_len_mean": float(np.mean(stats.lengths)),
-        }
-        if stats.successes:
-            result["success_rate"] = float(np.mean(stats.successes))
-        return result
+        return policy_eval_result(actor, checkpoint, cfg, opts, rllib_algorithm=cfg.rllib.algorithm)
 
     def __init__(self, cfg: RunConfig, spaces: Spaces, ctx: LearnerContext) -> None:
         raise TypeError(
