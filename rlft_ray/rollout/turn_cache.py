@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from rlft_ray.config import LMConfig
+from rlft_ray.lm.policy import cache_kwarg
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
 
@@ -173,7 +174,7 @@ class TurnCaching:
             attention_mask=mask,
             generation_config=config,
             logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
-            **({} if cache is None else {"cache": cache}),
+            **({} if cache is None else {cache_kwarg(self.model): cache}),
         )
         response, real, logprobs = self._real_tokens(out.sequences[:, ids.shape[1] :], recorder)
         session.keep(keys, out.sequences, mask, real, out.cache)
