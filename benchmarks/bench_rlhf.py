@@ -21,7 +21,9 @@ From an SFT base (``--base``, ``runs/q/sft_base`` from a fresh ``rlft-ray quicks
 
 Targets (issue 28, medians over seeds): reward model >= 90 % held-out pairwise accuracy;
 true accuracy of checkpoint_last and checkpoint_best >= base + 15 points; peak eval minus
-final eval <= 5 points.
+final eval <= 5 points. Every step's JSON line carries its wall seconds (``command_wall_s``,
+``eval_*_wall_s``); the summary line gives the medians, ``targets_met`` (each target on the
+medians) and ``total_wall_s``.
 
 Usage: python benchmarks/bench_rlhf.py --base runs/q/sft_base --data data [--seeds 0 1 2]
        [--defences]
