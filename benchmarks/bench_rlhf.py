@@ -21,7 +21,9 @@ From an SFT base (``--base``, ``runs/q/sft_base`` from a fresh ``rlft-ray quicks
 
 Targets (issue 28, medians over seeds): reward model >= 90 % held-out pairwise accuracy;
 true accuracy of checkpoint_last and checkpoint_best >= base + 15 points; peak eval minus
-final eval <= 5 points.
+final eval <= 5 points. Every step's JSON line carries its wall seconds (``command_wall_s``,
+``eval_*_wall_s``); the summary line gives the medians, ``targets_met`` (each target on the
+medians) and ``total_wall_s``.
 
 Usage: python benchmarks/bench_rlhf.py --base runs/q/sft_base --data data [--seeds 0 1 2]
        [--defences]
@@ -33,6 +35,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,13 @@ def heldout_accuracy(model: str, data: Path) -> float:
     return float(json.loads(proc.stdout)["accuracy"])
 
 
+def timed_accuracy(model: str, data: Path) -> tuple[float, float]:
+    """:func:`heldout_accuracy` and the wall seconds of its ``rlft-ray eval`` command."""
+    start = time.perf_counter()
+    accuracy = heldout_accuracy(model, data)
+    return accuracy, round(time.perf_counter() - start, 1)
+
+
 def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (Path(summary["output_dir"]) / "metrics.jsonl").open()]
 
@@ -67,6 +77,7 @@ def reward_model(base: str, data: Path, seed: int) -> dict[str, Any]:
             f"lm.eval_pairs={data / 'rm_prefs_test.jsonl'}",
             f"seed={seed}",
         ],
+        tries=3,
     )
     evals = [r["eval/pairwise_accuracy"] for r in _rows(summary) if "eval/pairwise_accuracy" in r]
     return {
@@ -77,6 +88,7 @@ def reward_model(base: str, data: Path, seed: int) -> dict[str, Any]:
         "heldout_pairwise_accuracy_last": round(evals[-1], 4),
         "pairs": summary["pairs/kept"],
         "command_wall_s": summary["command_wall_s"],
+        "output_dir": summary["output_dir"],
         "checkpoint": summary["checkpoint_best"],
     }
 
@@ -103,14 +115,15 @@ def rlhf(
             f"seed={seed}",
             *extra,
         ],
+        tries=3,
     )
     curve = [
         (int(r["counters/iteration"]), r["eval/accuracy"], r.get("eval/reward_model_auc"))
         for r in _rows(summary)
         if "eval/accuracy" in r
     ]
-    last = heldout_accuracy(summary["checkpoint_last"], data)
-    best = heldout_accuracy(summary["checkpoint_best"], data)
+    last, last_eval_s = timed_accuracy(summary["checkpoint_last"], data)
+    best, best_eval_s = timed_accuracy(summary["checkpoint_best"], data)
     peak = max(a for _, a, _ in curve)
     return {
         "stage": name or f"rlhf_{algo}",
@@ -127,10 +140,24 @@ def rlhf(
         "early_stop": summary.get("early_stop"),
         "curve": [(i, round(a, 3), None if u is None else round(u, 3)) for i, a, u in curve],
         "command_wall_s": summary["command_wall_s"],
+        "eval_last_wall_s": last_eval_s,
+        "eval_best_wall_s": best_eval_s,
+        "output_dir": summary["output_dir"],
     }
 
 
+def targets(summary: dict[str, Any]) -> dict[str, bool]:
+    """Each target of issue 28 on the medians: met (True) or missed (False)."""
+    met = {"rm_accuracy_ge_90pct": summary["rm_accuracy_median"] >= 0.90}
+    for a in RL_EXAMPLES:
+        met[f"{a}_last_gain_ge_15"] = summary[f"{a}_last_gain_points_median"] >= 15
+        met[f"{a}_best_gain_ge_15"] = summary[f"{a}_best_gain_points_median"] >= 15
+        met[f"{a}_drop_le_5"] = summary[f"{a}_peak_to_end_drop_points_median"] <= 5
+    return met
+
+
 def main() -> None:
+    start = time.perf_counter()
     defences = "--defences" in sys.argv  # the shared parser knows --base/--data/--seeds only
     if defences:
         sys.argv.remove("--defences")
@@ -141,8 +168,8 @@ def main() -> None:
         "--samples", "16", "--pairs-per-prompt", "8", "--name", "rm_prefs",
     )  # fmt: skip
     emit({"stage": "make_arith_prefs", "command_wall_s": round(prefs_s, 1)})
-    base_accuracy = heldout_accuracy(args.base, data)
-    emit({"stage": "base", "heldout_accuracy": base_accuracy})
+    base_accuracy, base_eval_s = timed_accuracy(args.base, data)
+    emit({"stage": "base", "heldout_accuracy": base_accuracy, "eval_wall_s": base_eval_s})
     rms, results = [], {algo: [] for algo in RL_EXAMPLES}
     for seed in args.seeds:
         row = reward_model(args.base, data, seed)
@@ -162,12 +189,9 @@ def main() -> None:
         for key in ("last_gain_points", "best_gain_points", "peak_to_end_drop_points"):
             summary[f"{algo}_{key}_median"] = statistics.median(r[key] for r in runs)
     summary["targets"] = {"rm_accuracy": 0.90, "gain_points": 15, "peak_to_end_drop_points": 5}
-    summary["met"] = summary["rm_accuracy_median"] >= 0.90 and all(
-        summary[f"{a}_last_gain_points_median"] >= 15
-        and summary[f"{a}_best_gain_points_median"] >= 15
-        and summary[f"{a}_peak_to_end_drop_points_median"] <= 5
-        for a in RL_EXAMPLES
-    )
+    summary["targets_met"] = targets(summary)
+    summary["total_wall_s"] = round(time.perf_counter() - start, 1)
+    summary["met"] = all(summary["targets_met"].values())
     emit(summary)
     if defences:  # each optional defence on its own, GRPO recipe, first seed
         seed, rm = args.seeds[0], rms[0]["checkpoint"]
