@@ -30,7 +30,7 @@ from rlft_ray.learners.lm_learner import heldout_lm_metrics
 from rlft_ray.rollout.dynamic_sampling import fill_batch
 from rlft_ray.types import GenerationBatch
 
-from lm_helpers import make_batch, make_learner
+from lm_helpers import GROUP, make_batch, make_learner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -393,3 +393,60 @@ def test_gspo_and_dr_grpo_micro_batches_give_the_whole_batch_gradient(model_dir:
     assert any(g.abs().max() > 0 for g in whole.values())
     for key, g in whole.items():
         torch.testing.assert_close(micro[key], g, atol=2e-6, rtol=1e-4, msg=key)
+
+
+def _counted_update(learner, batch: GenerationBatch) -> tuple[list[int], dict, dict, dict]:
+    """``learner.update(batch)``: the rows its policy forwards ran, the gradients its
+    optimizer step saw, the parameters after it, and the metrics."""
+    seen: list[int] = []
+    grads: dict[str, torch.Tensor] = {}
+    forward, step = learner.core.forward, learner.optimizer.step
+    named = dict(learner.core.policy.named_parameters())
+
+    def counting(module, tensors, idx, entropy=True):
+        if module is learner.core.net:
+            seen.extend(idx.tolist())
+        return forward(module, tensors, idx, entropy)
+
+    def capture(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in named.items() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    learner.core.forward, learner.optimizer.step = counting, capture
+    metrics = learner.update(batch, progress=0.0)
+    return seen, grads, learner.policy_state(), metrics
+
+
+@pytest.mark.parametrize("all_flat", [False, True])
+def test_zero_advantage_rows_are_skipped_with_the_same_update(
+    model_dir: Path, all_flat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a KL in the loss, rows of flat groups (advantage exactly 0) never run
+    forward or backward, and the step's gradient and parameters are those of the full
+    computation (all flat: a step on zero gradients, as the full computation takes)."""
+    import rlft_ray.learners.grpo as grpo_module
+
+    batch = make_batch(model_dir)  # its first group is flat
+    if all_flat:
+        batch.rewards[:] = 1.0
+    flat = np.ptp(batch.rewards.reshape(-1, GROUP), axis=-1) == 0
+    args = ("grpo.kl_coef=0", "grpo.micro_batch_size=3")
+    skipped = _counted_update(make_learner("grpo", model_dir, *args), batch)
+    monkeypatch.setattr(grpo_module, "update_rows", lambda *a: None)  # every row runs
+    full = _counted_update(make_learner("grpo", model_dir, *args), batch)
+    (seen, grads, params, metrics), (seen_all, grads_all, params_all, _) = skipped, full
+    assert sorted(seen_all) == list(range(len(batch)))
+    assert sorted(seen) == [i for i in range(len(batch)) if not flat[i // GROUP]]
+    assert metrics["optim/skipped_rows_frac"] == pytest.approx(flat.mean())
+    assert metrics["optim/steps"] == 1.0 and (0 < flat.mean() < 1 or all_flat)
+    assert grads.keys() == grads_all.keys() and len(grads) > 5
+    for key, g in grads_all.items():
+        torch.testing.assert_close(grads[key], g, atol=1e-7, rtol=1e-5, msg=key)
+    for key, p in params_all.items():
+        torch.testing.assert_close(params[key], p, atol=2e-5, rtol=0, msg=key)  # lr 1e-3 steps
+
+
+def test_every_row_runs_with_the_kl_in_the_loss(model_dir: Path) -> None:
+    learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.04", "grpo.kl_in=loss")
+    metrics = learner.update(make_batch(model_dir), progress=0.0)
+    assert "optim/skipped_rows_frac" not in metrics

@@ -158,15 +158,21 @@ class StepEngine:
         steps: Steps,
         progress: float,
         row_tokens: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """``steps.num_epochs`` passes of ``steps.num_minibatches`` optimizer steps.
 
         ``row_tokens`` (``[num_rows]``) bounds micro-batches by ``steps.micro_batch_tokens``.
+        ``active`` (``[num_rows]`` bool) marks the rows whose loss can be nonzero: the
+        others (a GRPO row with zero advantage and no KL in its loss) count in the
+        denominator but never run forward or backward, since their gradient is exactly
+        zero. A minibatch with no active row on any rank still takes its optimizer step,
+        on zero gradients, as the full computation would.
 
         Returns:
-            Every statistic of ``micro_loss`` averaged over all ranks' units,
-            ``loss/grad_norm`` (mean over the steps), ``optim/lr``, ``optim/steps``,
-            ``optim/grad_accum_steps`` and ``perf/learner_<unit>_per_s``.
+            Every statistic of ``micro_loss`` averaged over all ranks' units (of the rows
+            that ran), ``loss/grad_norm`` (mean over the steps), ``optim/lr``,
+            ``optim/steps``, ``optim/grad_accum_steps`` and ``perf/learner_<unit>_per_s``.
         """
         ctx = self.ctx
         lr = self.set_lr(progress)
@@ -179,13 +185,21 @@ class StepEngine:
             if steps.keep_order:
                 splits = tuple(mb.sort().values for mb in splits)
             splits = [mb.to(ctx.device) for mb in splits]
-            counts = torch.tensor([float(len(mb)) for mb in splits], device=ctx.device)
-            for mb, size in zip(splits, global_sum(counts, ctx).tolist()):
+            runs = [mb if active is None else mb[active[mb]] for mb in splits]
+            counts = torch.tensor(
+                [[float(len(mb)), float(len(run))] for mb, run in zip(splits, runs)],
+                device=ctx.device,
+            ).reshape(-1, 2)
+            for mb, run, (size, size_run) in zip(splits, runs, global_sum(counts, ctx).tolist()):
                 if size == 0:
                     continue  # empty on every rank: no step anywhere
-                micro = micro_batches(mb, steps, row_tokens) if len(mb) else [None]
-                accum = max(accum, len(micro))
                 den = global_sum(denominator(mb), ctx).clamp_min(1e-8)
+                micro = micro_batches(run, steps, row_tokens) if len(run) else [None]
+                if size_run == 0:  # no active row anywhere: only the step on zero gradients
+                    micro = []
+                    for p in self.params:
+                        p.grad = torch.zeros_like(p)
+                accum = max(accum, len(micro))
                 for k, rows in enumerate(micro):
                     last = k == len(micro) - 1
                     sync = contextlib.nullcontext()

@@ -180,7 +180,12 @@ class GRPOLearner(LMLearnerHooks, Learner):
                 loss = loss + hp.kl_coef * kl_tok
             return loss, stats
 
-        metrics.update(core.optimize(tensors, token_loss, progress))
+        active = update_rows(tensors["advantages"], tensors["mask"], kl_in_loss)
+        metrics.update(core.optimize(tensors, token_loss, progress, active))
+        if active is not None:
+            metrics["optim/skipped_rows_frac"] = float(
+                all_reduce_mean((~active).float().mean(), self.ctx)
+            )
         metrics.update(core.reward_metrics(tensors, batch.group_size))
         metrics.update(dynamic_sampling_metrics(batch, self.ctx))
         metrics.update(agent_metrics(batch, self.ctx))  # multi-turn: turns, tools, truncation
@@ -188,6 +193,32 @@ class GRPOLearner(LMLearnerHooks, Learner):
         adv_mean = masked_mean(adv, tensors["mask"]) if adv.dim() == 2 else adv.mean()
         metrics["adv/abs_mean"] = float(all_reduce_mean(adv_mean, self.ctx))
         return metrics
+
+
+def update_rows(
+    advantages: torch.Tensor, mask: torch.Tensor, kl_in_loss: bool
+) -> torch.Tensor | None:
+    """``[B]`` bool: the rows an update has to run, or None for all of them.
+
+    Without a KL term in the loss, a row whose advantage is exactly zero on every real
+    token (a GRPO / RLOO / Dr. GRPO group whose answers all scored the same) has a loss of
+    exactly zero whatever its ratio (clipped or not, TIS-weighted or not), hence a zero
+    gradient: the update skips its forward and backward and keeps it in the loss
+    denominator, so the gradient is the same. On the chat example two thirds of the
+    groups are flat. (DAPO's dynamic sampling drops such groups before the update and
+    resamples; this keeps the objective as written.) With the KL in the loss every row
+    has a gradient.
+
+    Args:
+        advantages: ``[B]`` sequence or ``[B, L]`` token advantages.
+        mask: ``[B, L]`` real completion tokens.
+        kl_in_loss: Whether the loss has a KL term.
+    """
+    if kl_in_loss:
+        return None
+    if advantages.dim() == 2:
+        return (advantages.masked_fill(mask == 0, 0) != 0).any(-1)
+    return advantages != 0
 
 
 def dynamic_sampling_metrics(batch: GenerationBatch, ctx: LearnerContext) -> dict[str, float]:

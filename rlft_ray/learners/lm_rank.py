@@ -381,13 +381,19 @@ class LMRank:
 
     # -- optimisation --------------------------------------------------------------------
     def optimize(
-        self, tensors: dict[str, torch.Tensor], token_loss: TokenLoss, progress: float
+        self,
+        tensors: dict[str, torch.Tensor],
+        token_loss: TokenLoss,
+        progress: float,
+        active: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """The section's epochs x minibatches of optimizer steps on a token objective.
 
         A micro-batch's loss numerator is ``token_loss`` aggregated by ``loss_agg``; the
         minibatch denominator is its tokens under the same aggregation, over all ranks.
-        A rank without rows of a minibatch runs a zero-weight padding row.
+        A rank without rows of a minibatch runs a zero-weight padding row. Rows outside
+        ``active`` (``[B]`` bool: rows whose ``token_loss`` is exactly zero) count in
+        the denominator and are never run (:meth:`StepEngine.run`).
 
         Returns:
             ``loss/*`` (token means of the objective's statistics and the entropy, grad
@@ -416,7 +422,7 @@ class LMRank:
 
         rows = tensors["mask"].shape[0]
         return self.engine.run(
-            rows, micro_loss, denominator, self._steps(), progress, row_tokens(tensors)
+            rows, micro_loss, denominator, self._steps(), progress, row_tokens(tensors), active
         )
 
     def reward_metrics(self, tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
