@@ -309,15 +309,18 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             logits_to_keep=1,
         )
         cache = output_cache(prefix)
-        cache.batch_repeat_interleave(n)
         single = copy.copy(config)
         single.num_return_sequences = 1
+        given = {}
+        if hasattr(cache, "batch_repeat_interleave"):  # not every model's cache can be repeated
+            cache.batch_repeat_interleave(n)
+            given = {cache_kwarg(self.model): cache}
         out = self.model.generate(
             input_ids=ids.repeat_interleave(n, 0),
             attention_mask=mask.repeat_interleave(n, 0),
             generation_config=single,
             logits_processor=processors,
-            **{cache_kwarg(self.model): cache},
+            **given,
         )
         return out.sequences[:, ids.shape[1] :]
 
