@@ -13,6 +13,7 @@ from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rewards import RewardError
 from rlft_ray.rollout.generation import GenerationActor
+from rlft_ray.rollout.prefill import common_prefix_len, prefilled_generate
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
@@ -225,29 +226,46 @@ def test_concat_pads_and_offsets_groups(model_dir: Path) -> None:
     assert both.episodes.returns == [*a.rewards.tolist(), *b.rewards.tolist()]
 
 
-def test_shared_prefill_is_the_plain_generate(model_dir: Path) -> None:
-    """n samples per prompt from one prefill per prompt: the same tokens as ``generate``
-    over the prompts repeated n times (what ``num_return_sequences`` does): greedy
-    exactly, and sampled with the same seed, since both draw one ``[k n, V]`` sample per
-    step. (Their log-probs against the learner's forward: test_generate_round_trip.)"""
+@pytest.mark.parametrize("prefix", ["", "Sum it: "])
+def test_prefill_without_repeats_is_the_plain_generate(model_dir: Path, prefix: str) -> None:
+    """Each prompt's prefill once per group, and a prefix all prompts share once: the same
+    tokens as ``generate`` over the left-padded prompts repeated n times (what
+    ``num_return_sequences`` does), greedy and sampled with the same seed (both draw one
+    ``[k n, V]`` sample per step), and log-probs the learner's forward agrees with."""
     actor = _actor(model_dir, max_new_tokens=5)
-    lengths = torch.tensor([len(p.ids) for p in _prompts(actor)])  # 4-6 tokens: padding
-    width = int(lengths.max())
-    mask = (torch.arange(width) >= width - lengths[:, None]).long()
-    ids = torch.full(mask.shape, actor.pad_id)
-    for row, p in enumerate(_prompts(actor)):
-        ids[row, width - len(p.ids) :] = torch.as_tensor(p.ids)
-    for greedy in (True, False):
+    rows = [actor.tokenizer(prefix + t)["input_ids"] for t in PROMPTS]
+    assert common_prefix_len(rows) == len(prefix)  # 8 characters: the shared pass runs
+    width = max(map(len, rows))
+    ids = torch.tensor([[actor.pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    for greedy, n in ((True, 1), (True, 3), (False, 3)):
         config = actor._generation_config(1, greedy, 5)
         torch.manual_seed(7)
         plain = actor.model.generate(
-            input_ids=ids.repeat_interleave(3, 0),
-            attention_mask=mask.repeat_interleave(3, 0),
+            input_ids=ids.repeat_interleave(n, 0),
+            attention_mask=mask.repeat_interleave(n, 0),
             generation_config=config,
         ).sequences[:, width:]
         torch.manual_seed(7)
-        shared = actor._shared_prefill_generate(ids, mask, 3, config, None)
-        assert shared.shape == plain.shape and plain.shape[0] == 12
-        assert torch.equal(shared, plain), f"greedy={greedy}"
-        if not greedy:
-            assert len({tuple(r) for r in shared.tolist()}) > 4  # samples differ
+        fast = prefilled_generate(actor.model, rows, n, config, None, actor.pad_id)
+        assert fast.shape == plain.shape == (4 * n, 5)
+        assert torch.equal(fast, plain), f"greedy={greedy} n={n}"
+    assert len({tuple(r) for r in fast.tolist()}) > 4  # the samples differ
+    batch = actor.generate([Prompt(prefix + t, r, {}) for t, r in zip(PROMPTS, rows)])
+    out = response_forward(
+        PolicyWithValueHead(actor.model),
+        *(
+            torch.as_tensor(x)
+            for x in (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        ),
+    )
+    real = torch.as_tensor(batch.response_mask)
+    torch.testing.assert_close(
+        out.logprobs[real], torch.as_tensor(batch.logprobs)[real], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_common_prefix_len_keeps_a_token_per_row() -> None:
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_len([[1, 2], [1, 2, 3]]) == 1  # the shorter row keeps its last token
+    assert common_prefix_len([[5, 2], [1, 2]]) == 0

@@ -31,11 +31,12 @@ from rlft_ray.config import EnvConfig, LMConfig, RSFTConfig
 from rlft_ray.core.torch_utils import hold_threads, peak_rss_mb, tied_aliases
 from rlft_ray.lm.loading import load_model_and_tokenizer, neutral_generation_config
 from rlft_ray.lm.lora import adapter_tensors, apply_lora
-from rlft_ray.lm.policy import PolicyWithValueHead, cache_kwarg, output_cache, response_forward
+from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
 from rlft_ray.rewards import compute_rewards_within, load_reward_fn
 from rlft_ray.rollout.actor_weights import WeightLoading
 from rlft_ray.rollout.heldout import HeldOutScoring
 from rlft_ray.rollout.multiturn import play
+from rlft_ray.rollout.prefill import prefilled_generate
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
@@ -260,8 +261,9 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             ids = torch.as_tensor(prompt_ids, device=self.device)
             mask = torch.as_tensor(prompt_mask, device=self.device).long()
             processors = None if recorder is None else LogitsProcessorList([recorder])
-            if n > 1 and p_len > 1:  # each prompt's prefill once, not once per sample
-                response = self._shared_prefill_generate(ids, mask, n, config, processors)
+            if p_len > 1:  # each prompt's prefill once, a prefix they share once
+                rows = [p.ids for p in prompts]
+                response = prefilled_generate(self.model, rows, n, config, processors, self.pad_id)
             else:
                 out = self.model.generate(
                     input_ids=ids,
@@ -280,49 +282,6 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             mask.cpu().numpy(),
             logprobs.cpu().numpy().astype(np.float32),
         )
-
-    def _shared_prefill_generate(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        n: int,
-        config: GenerationConfig,
-        processors: LogitsProcessorList | None,
-    ) -> torch.Tensor:
-        """``[k n, L]`` sampled ids for ``n`` samples of each of ``k`` left-padded prompts
-        (``ids``, ``mask`` ``[k, P]``), each prompt's prefill computed once.
-
-        ``num_return_sequences`` would repeat every prompt ``n`` times before the prefill,
-        so a group of 4 fed its prompt 4 times (on the chat example the prefill was half
-        of the sampling's FLOPs). Here the prompts but their last token run once, their
-        KV cache is repeated per sample, and ``generate`` continues from it: it feeds only
-        the uncached last token, at the position the mask's cumulative sum gives, so the
-        logits are those of the plain call (``tests/test_generation.py`` checks greedy
-        ids and sampled log-probs against it).
-        """
-        prefix_mask = mask[:, :-1]
-        prefix = self.model(
-            input_ids=ids[:, :-1],
-            attention_mask=prefix_mask,
-            position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = output_cache(prefix)
-        single = copy.copy(config)
-        single.num_return_sequences = 1
-        given = {}
-        if hasattr(cache, "batch_repeat_interleave"):  # not every model's cache can be repeated
-            cache.batch_repeat_interleave(n)
-            given = {cache_kwarg(self.model): cache}
-        out = self.model.generate(
-            input_ids=ids.repeat_interleave(n, 0),
-            attention_mask=mask.repeat_interleave(n, 0),
-            generation_config=single,
-            logits_processor=processors,
-            **given,
-        )
-        return out.sequences[:, ids.shape[1] :]
 
     def _real_tokens(
         self, response: torch.Tensor, recorder: SampledLogprobs | None
