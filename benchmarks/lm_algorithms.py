@@ -8,7 +8,8 @@ when missing), run for ``--seconds`` of training (``time_limit_s``) with held-ou
 every ``--eval-every`` iterations. Printed per method and seed: held-out accuracy against
 training seconds, the samples generated, DAPO's dropped groups and extra samples, and pass@1 /
 pass@8 / maj@8 (``rlft-ray eval --samples 8``) of the base and of each method's last checkpoint;
-then medians over seeds.
+then each method's medians over seeds (iterations, seconds, samples, accuracy, pass@k, DAPO's
+dropped groups). A run that fails prints an ``error`` line; the medians use the seeds that finished.
 
 Usage: python benchmarks/lm_algorithms.py [--seeds 0 1 2] [--seconds 120] [--methods grpo dapo]
 """
