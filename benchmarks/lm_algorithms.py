@@ -8,7 +8,8 @@ when missing), run for ``--seconds`` of training (``time_limit_s``) with held-ou
 every ``--eval-every`` iterations. Printed per method and seed: held-out accuracy against
 training seconds, the samples generated, DAPO's dropped groups and extra samples, and pass@1 /
 pass@8 / maj@8 (``rlft-ray eval --samples 8``) of the base and of each method's last checkpoint;
-then medians over seeds.
+then each method's medians over seeds (iterations, seconds, samples, accuracy, pass@k, DAPO's
+dropped groups). A run that fails prints an ``error`` line; the medians use the seeds that finished.
 
 Usage: python benchmarks/lm_algorithms.py [--seeds 0 1 2] [--seconds 120] [--methods grpo dapo]
 """
@@ -62,6 +63,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             f"eval_every={args.eval_every}",
             "checkpoint_every=100000",
         ],
+        tries=2,  # a Ray node that did not come up in 30 s under load: start once more
     )
     out = Path(summary["output_dir"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
@@ -111,24 +113,31 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            record = run(method, args, seed)
+            try:
+                record = run(method, args, seed)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:  # one run, not all 18
+                detail = getattr(exc, "stderr", None) or str(exc)
+                error = {"method": method, "seed": seed, "error": detail[-1500:]}
+                emit({"benchmark": "lm_algorithms", **error})
+                continue
             results[method].append(record)
             emit({"benchmark": "lm_algorithms", **record, "load_avg_1m": os.getloadavg()[0]})
     for method, records in results.items():
-        emit(
-            {
-                "benchmark": "lm_algorithms",
-                "method": method,
-                "seeds": args.seeds,
-                "seconds": args.seconds,
-                **{
-                    f"median_{k}": statistics.median(r[k] for r in records)
-                    for k in ("final_accuracy", "after_pass@1", "after_pass@8", "after_maj@8")
-                },
-                "before_pass@1": before["pass@1"],
-                "before_pass@8": before["pass@8"],
-            }
-        )
+        emit(summarise(method, records, args, before))
+
+
+def summarise(method: str, records: list[dict], args: argparse.Namespace, before: dict) -> dict:
+    """One method's medians over the seeds that finished (``seeds`` lists them)."""
+    keys = ["iterations", "train_s", "samples", "final_accuracy"]
+    keys += ["after_pass@1", "after_pass@8", "after_maj@8", "filtered_groups", "extra_samples"]
+    out = {"benchmark": "lm_algorithms", "method": method, "seeds": [r["seed"] for r in records]}
+    out["seconds"] = args.seconds
+    for k in keys:
+        values = [r[k] for r in records if r.get(k) is not None]
+        if values:
+            out[f"median_{k}"] = statistics.median(values)
+    out["before_pass@1"], out["before_pass@8"] = before["pass@1"], before["pass@8"]
+    return out
 
 
 if __name__ == "__main__":
