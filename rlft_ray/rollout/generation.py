@@ -258,16 +258,14 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             response, guided = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
             recorder = None if greedy else SampledLogprobs.given(guided)
         else:
-            ids = torch.as_tensor(prompt_ids, device=self.device)
-            mask = torch.as_tensor(prompt_mask, device=self.device).long()
             processors = None if recorder is None else LogitsProcessorList([recorder])
             if p_len > 1:  # each prompt's prefill once, a prefix they share once
                 rows = [p.ids for p in prompts]
                 response = prefilled_generate(self.model, rows, n, config, processors, self.pad_id)
             else:
                 out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=torch.as_tensor(prompt_ids, device=self.device),
+                    attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
                     generation_config=config,
                     logits_processor=processors,
                 )
