@@ -150,6 +150,31 @@ class StepEngine:
             group["lr"] = lr
         return lr
 
+    def _accumulate(
+        self,
+        micro: list[torch.Tensor | None],
+        micro_loss: MicroLoss,
+        den: torch.Tensor,
+        sums: dict[str, float],
+    ) -> float:
+        """Backward of each micro-batch's loss over the global denominator ``den``
+        (DDP synchronises on the last one only); adds their statistics to ``sums`` and
+        returns their units."""
+        units = 0.0
+        for k, rows in enumerate(micro):
+            sync = contextlib.nullcontext()
+            if k < len(micro) - 1 and self.ctx.world_size > 1:
+                sync = self.net.no_sync()
+            with sync:
+                out = micro_loss(rows)
+                loss = out.loss * self.ctx.world_size / den
+                check_finite("loss/total", loss)
+                loss.backward()
+            units += out.count
+            for key, value in out.stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        return units
+
     def run(
         self,
         num_rows: int,
@@ -200,19 +225,7 @@ class StepEngine:
                     for p in self.params:
                         p.grad = torch.zeros_like(p)
                 accum = max(accum, len(micro))
-                for k, rows in enumerate(micro):
-                    last = k == len(micro) - 1
-                    sync = contextlib.nullcontext()
-                    if not last and ctx.world_size > 1:
-                        sync = self.net.no_sync()
-                    with sync:
-                        out = micro_loss(rows)
-                        loss = out.loss * ctx.world_size / den
-                        check_finite("loss/total", loss)
-                        loss.backward()
-                    units += out.count
-                    for key, value in out.stats.items():
-                        sums[key] = sums.get(key, 0.0) + value
+                units += self._accumulate(micro, micro_loss, den, sums)
                 norm = nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
                 check_finite("loss/grad_norm", norm)
                 self.optimizer.step()
