@@ -12,10 +12,13 @@ forward of the same weights (the learner's). One JSON line per measurement::
     python benchmarks/bench_vllm.py --model DIR --only sync          # where a weight sync goes
     python benchmarks/bench_vllm.py --model DIR --only lora --lora-r 16  # LoRARequest vs merge
     python benchmarks/bench_vllm.py --model DIR --only grpo --grpo-iterations 3  # iteration time
+    python benchmarks/bench_vllm.py --only tis --seeds 0 1 2   # bf16 engine + TIS vs fp32
 
 ``--only sync`` splits one weight sync of the vLLM actor into the learner's write to the
-shared-memory slot, the actor's read of it, and the engine's reload, of which the CPU
-backend's oneDNN weight packing. ``--only lora`` compares the two ways a LoRA run could
+shared-memory slot, the actor's read of it, and the engine's reload (wall and process
+CPU seconds), of which the CPU backend's oneDNN weight packing; it alternates vLLM's
+layer-by-layer ``reload_weights`` (``"path": "layerwise"``, the old path) with the
+direct write into the engine's parameters (``"direct"``, what the actor does). ``--only lora`` compares the two ways a LoRA run could
 feed vLLM: adapters as a ``LoRARequest`` (what ``lm.backend: vllm`` does) against merging
 them into the base weights and reloading those (sync seconds, generation tokens/s; the
 two engines run one after the other, an engine per process at a time). ``--only grpo``
@@ -170,7 +173,8 @@ def run(model_dir: str, name: str, dtype: str, args: argparse.Namespace) -> None
 
 def sync_profile(model_dir: str, name: str, dtype: str, args: argparse.Namespace) -> None:
     """One vLLM actor's weight sync, split: slot write (learner), slot read, engine reload
-    (of which oneDNN packing: ``create_onednn_mm`` timed around each call)."""
+    (wall and process CPU seconds; of which oneDNN packing: ``create_onednn_mm`` timed
+    around each call), alternating vLLM's layer-by-layer reload and the direct one."""
     from vllm import _custom_ops as ops
 
     from rlft_ray.rollout.shared_weights import SharedWeights
@@ -194,8 +198,19 @@ def sync_profile(model_dir: str, name: str, dtype: str, args: argparse.Namespace
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}  # an fp32 learner's
     del hf
     shared = SharedWeights(max_bytes=16 * 2**30)  # the slot file, whatever the model's size
+    reload = [0.0, 0.0]  # the engine's reload: wall and process CPU seconds
+    engine_load = actor.engine.load_weights
+
+    def timed_load(weights):  # what set_weights spends in the engine (cast included)
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            return engine_load(weights)
+        finally:
+            reload[:] = [time.perf_counter() - start, time.process_time() - cpu]
+
+    actor.engine.load_weights = timed_load
     try:
-        for version in range(args.repeats):
+        for version in range(2 * args.repeats):  # layerwise and direct reloads, alternating
             start = time.perf_counter()
             slot = shared.write(state, version)
             write_s = time.perf_counter() - start
@@ -203,6 +218,7 @@ def sync_profile(model_dir: str, name: str, dtype: str, args: argparse.Namespace
             slot.read()
             read_s = time.perf_counter() - start
             packing[0] = 0.0
+            actor.engine.direct_reload = version % 2 == 1
             start = time.perf_counter()
             actor.set_weights(slot, version)  # reads the slot again, then reloads
             total_s = time.perf_counter() - start
@@ -211,12 +227,15 @@ def sync_profile(model_dir: str, name: str, dtype: str, args: argparse.Namespace
                     "model": name,
                     "dtype": dtype,
                     "bench": "weight_sync",
-                    "repeat": version,
+                    "path": actor.engine.last_reload,
+                    "repeat": version // 2,
                     "slot_write_s": round(write_s, 4),
                     "slot_read_s": round(read_s, 4),
                     "set_weights_s": round(total_s, 4),
-                    "reload_s": round(total_s - read_s, 4),
+                    "reload_s": round(reload[0], 4),
+                    "reload_cpu_s": round(reload[1], 4),
                     "onednn_pack_s": round(packing[0], 4),
+                    "load_avg_1m": round(os.getloadavg()[0], 1),
                     "mb": round(sum(v.numel() * 4 for v in state.values()) / 1e6, 1),
                 }
             )
@@ -356,12 +375,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPUs of each actor")
     parser.add_argument(
         "--only",
-        choices=["generate", "sync", "lora", "grpo"],
+        choices=["generate", "sync", "lora", "grpo", "tis"],
         default=None,
         help="one measurement (default: generate tokens/s and the short sync figure)",
     )
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--grpo-iterations", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--only tis")
+    parser.add_argument("--tis-iterations", type=int, default=40, help="--only tis")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # stdout stays JSON lines
     from rlft_ray.lm import quiet_transformers
@@ -376,6 +397,11 @@ def main() -> None:
             name = "tiny-llama"
         else:
             model_dir, name = args.model, Path(args.model).name
+        if args.only == "tis":  # bf16 engine + TIS vs fp32 (benchmarks/bench_vllm_tis.py)
+            from bench_vllm_tis import tis_seeds
+
+            tis_seeds(args)
+            return
         if args.only == "grpo":
             grpo_iterations(args.model or model_dir, name, args.dtypes, args)
             return

@@ -90,6 +90,7 @@ def test_logprobs_match_hf_forward_across_weight_updates(
         start = time.perf_counter()
         assert actor.set_weights(state, version) == version
         sync_s = time.perf_counter() - start
+        assert actor.engine.last_reload == "direct"  # written into the parameters in place
         hf_model.lm.load_state_dict(state)
         after = actor.generate(prompts)
         assert after.policy_version == version
@@ -117,6 +118,36 @@ def test_a_shared_slot_loads_without_a_copy_and_the_engine_keeps_its_own(
         assert _gap(hf_model, actor.generate(_prompts(actor))) < LOGPROB_TOL
     finally:
         shared.close()
+
+
+def test_direct_reload_matches_vllm_layerwise_reload(
+    actor: GenerationActor, hf_model: PolicyWithValueHead
+) -> None:
+    """Writing the weights straight into the engine (fused shards concatenated, packed
+    GEMM weights packed again) gives the model vLLM's own layer-by-layer reload builds."""
+    prompts = _prompts(actor)
+    generator = torch.Generator().manual_seed(5)
+    state = {
+        k: v.detach() + 0.05 * torch.randn(v.shape, generator=generator)
+        for k, v in hf_model.lm.state_dict().items()
+    }
+    state.pop("lm_head.weight")  # tied: the engine sends the embedding as the head
+    batches = {}
+    try:
+        for direct, version in ((False, 30), (True, 31)):
+            actor.engine.direct_reload = direct
+            actor.set_weights(state, version)
+            assert actor.engine.last_reload == ("direct" if direct else "layerwise")
+            torch.manual_seed(3)
+            batches[direct] = actor.generate(prompts)
+    finally:
+        actor.engine.direct_reload = True
+    layerwise, direct = batches[False], batches[True]
+    np.testing.assert_array_equal(direct.response_ids, layerwise.response_ids)
+    np.testing.assert_allclose(direct.logprobs, layerwise.logprobs, atol=1e-6)
+    hf_model.lm.load_state_dict(state, strict=False)
+    hf_model.lm.tie_weights()
+    assert _gap(hf_model, direct) < LOGPROB_TOL
 
 
 def test_greedy_eval_picks_hf_argmax(actor: GenerationActor, hf_model: PolicyWithValueHead) -> None:

@@ -11,10 +11,11 @@ including the EOS, and the log-prob of every sampled token under the
 temperature-scaled policy (``logprobs_mode="processed_logprobs"``: log_softmax(z / T)
 over the full vocabulary, what the learner recomputes).
 
-Weights are replaced in place (:meth:`VLLMEngine.load_weights`): the worker's own
-``reload_weights`` runs on the published state dict through a ``worker_extension_cls``
-and ``collective_rpc`` (the CPU backend repacks linear weights for oneDNN, so copying
-into the model's parameters directly would not work), then the prefix cache is dropped.
+Weights are replaced in place (:meth:`VLLMEngine.load_weights`): through a
+``worker_extension_cls`` and ``collective_rpc`` the published state dict is written
+straight into the engine's parameters, the CPU backend's packed GEMM weights packed
+again (:mod:`rlft_ray.rollout.vllm_reload`; vLLM's own layer-by-layer
+``reload_weights`` where the names do not map), then the prefix cache is dropped.
 With LoRA (``lm.lora.r > 0``) the base weights never change: the engine is built with
 ``enable_lora`` and each published set of adapters becomes a new ``LoRARequest``
 (:meth:`VLLMEngine.load_adapters`: written as a ``peft`` adapter directory to a temporary
@@ -25,6 +26,7 @@ vLLM is imported only when an engine is built; this module imports without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from rlft_ray.config import LMConfig
+from rlft_ray.rollout.vllm_reload import WeightReloadExtension, one_thread
 
 #: How to install vLLM (the error raised when it is missing names these).
 INSTALL_HINT = (
@@ -136,20 +139,6 @@ class EngineOutput:
     logprobs: np.ndarray
 
 
-class WeightReloadExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``): in-place weight reload.
-
-    Runs inside the worker; :meth:`VLLMEngine.load_weights` calls it through
-    ``LLM.collective_rpc``. Defined here, importable without vLLM, so the engine can
-    name it by its qualified name.
-    """
-
-    def rlft_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        """Load checkpoint-format (Hugging Face) named tensors; returns how many."""
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return len(weights)
-
-
 class VLLMEngine:
     """An in-process ``vllm.LLM`` that samples completions of token-id prompts.
 
@@ -220,12 +209,16 @@ class VLLMEngine:
             kv_cache_memory_bytes=kv_cache_bytes(lm, text_config, max_model_len),
             logprobs_mode="processed_logprobs",  # log_softmax(z / T), the learner's
             generation_config="vllm",  # not the checkpoint's sampling defaults
-            worker_extension_cls=f"{__name__}.{WeightReloadExtension.__name__}",
+            worker_extension_cls=f"{WeightReloadExtension.__module__}.WeightReloadExtension",
             disable_log_stats=True,
             **lora_kwargs,
         )
         self._sampling_params = vllm.SamplingParams
         self.closed = False
+        #: write published weights straight into the engine's parameters (``vllm_reload``);
+        #: False: vLLM's layer-by-layer ``reload_weights`` (the benchmark's baseline)
+        self.direct_reload = True
+        self.last_reload: str | None = None  # the path the last weight update took
         # published weights travel in the engine's dtype (an fp32 learner, a bf16 engine)
         self.weight_dtype = None if lm.dtype == "auto" else getattr(torch, lm.dtype)
         reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -306,16 +299,22 @@ class VLLMEngine:
         """Replace the engine's weights in place with a Hugging Face state dict; returns
         seconds.
 
-        Tensors are cast to ``lm.dtype`` first. With tied embeddings ``lm_head.weight``
+        Tensors are cast to ``lm.dtype`` first. ``direct_reload`` (the default) writes
+        them straight into the engine's parameters on one thread
+        (:func:`~rlft_ray.rollout.vllm_reload.direct_reload`), else vLLM's layer-by-layer
+        ``reload_weights`` runs. With tied embeddings ``lm_head.weight``
         is sent as well (the embedding's tensor when the state dict lacks it). The prefix
         cache is dropped afterwards: its keys and values came from the old weights.
         """
         start = time.perf_counter()
-        named = [
-            (name, value if self.weight_dtype is None else value.to(self.weight_dtype))
-            for name, value in _checkpoint_tensors(weights, self.tie_embeddings)
-        ]
-        self.llm.collective_rpc("rlft_load_weights", args=(named,))
+        # the cast and the direct reload copy memory: one thread is cheaper (one_thread)
+        with one_thread() if self.direct_reload else contextlib.nullcontext():
+            named = [
+                (name, value if self.weight_dtype is None else value.to(self.weight_dtype))
+                for name, value in _checkpoint_tensors(weights, self.tie_embeddings)
+            ]
+            paths = self.llm.collective_rpc("rlft_load_weights", args=(named, self.direct_reload))
+        self.last_reload = paths[0]
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
