@@ -65,8 +65,11 @@ TOOL_LM = {"max_new_tokens": 24, "max_turns": 3, "max_prompt_tokens": 16, "max_e
 GUESS_LM = {"max_new_tokens": 4, "max_turns": 8, "max_prompt_tokens": 16, "max_episode_tokens": 120}
 
 
-def make_base(base: Path, seed: int, args: argparse.Namespace, *extra: str) -> float:
-    """``rlft-ray make-agent-base BASE`` with the benchmark's SFT budget; returns seconds."""
+def make_base(base: Path, seed: int, args: argparse.Namespace, *extra: str) -> float | None:
+    """``rlft-ray make-agent-base BASE`` with the benchmark's SFT budget; returns seconds
+    (None: ``--reuse-bases`` and BASE already holds one, used as is)."""
+    if args.reuse_bases and (base / "sft_base" / "config.json").is_file():
+        return None
     return run_cli(
         "make-agent-base",
         str(base),
@@ -106,7 +109,7 @@ def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str
     return {
         "task": "ToolArithmetic-v0 GRPO",
         "seed": seed,
-        "sft_command_s": round(sft_s, 1),
+        "sft_command_s": None if sft_s is None else round(sft_s, 1),
         "accuracy_before": before["accuracy"],
         "tool_calls_before": before["tool_calls_mean"],
         "accuracy_before_no_tool": before_no_tool["accuracy"],
@@ -124,7 +127,7 @@ def tool_arithmetic(seed: int, work: Path, args: argparse.Namespace) -> dict[str
 
 def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     base = work / "guess_base"
-    make_base(base, seed, args, "--env", "rlft/GuessNumber-v0")
+    sft_s = make_base(base, seed, args, "--env", "rlft/GuessNumber-v0")
     model = base / "sft_base"
     before = heldout(model, "rlft/GuessNumber-v0", {}, args.episodes, GUESS_LM)
     overrides = [
@@ -149,6 +152,7 @@ def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, A
     return {
         "task": "GuessNumber-v0 GRPO",
         "seed": seed,
+        "base_reused": sft_s is None,
         "turns_before": before["turns_mean"],
         "solved_before": before["accuracy"],
         "turns_after": after["turns_mean"],
@@ -206,6 +210,8 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         batch = actor.sample(prompts)
         multi.append(batch.num_tokens / (time.perf_counter() - start))
         multi_cpu.append(batch.num_tokens / (time.process_time() - cpu))
+        # this batch's prefills (the re-reading run below records its own)
+        fed, fed_reread, shared = sessions[-1].fed_tokens, reread[0], sessions[-1].shared_rows
         steps += sum(w for _, w in shapes) / repeats
         rows_per_step += batch.num_tokens / max(sum(w for _, w in shapes), 1) / repeats
         texts = [batch.prompts[i] for i in range(0, len(batch), 8)]
@@ -248,9 +254,11 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         "single_turn_decode_steps": width,
         "single_turn_tokens_per_step": round(one.num_tokens / max(width, 1), 1),
         # The prefills of the last multi-turn batch: fed with the KV cache kept across
-        # turns, and what re-reading every conversation each turn would feed.
-        "multi_turn_prefill_tokens": sessions[-1].fed_tokens,
-        "multi_turn_prefill_tokens_rereading": reread[0],
+        # turns, what re-reading every conversation each turn would feed, and the rows
+        # whose reply an identical conversation read for them (shared prefill).
+        "multi_turn_prefill_tokens": fed,
+        "multi_turn_prefill_tokens_rereading": fed_reread,
+        "multi_turn_shared_prefill_rows": shared,
         "target_met": m / s >= 0.8,
     }
 
@@ -260,7 +268,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--grpo-seconds", type=float, default=600.0)
-    p.add_argument("--guess-seconds", type=float, default=300.0)
+    p.add_argument("--guess-seconds", type=float, default=600.0)
     p.add_argument("--sft-steps", type=int, default=1500)
     p.add_argument("--sft-seconds", type=float, default=240.0)
     p.add_argument("--episodes", type=int, default=200, help="held-out episodes per evaluation")
@@ -269,6 +277,11 @@ def main() -> None:
         type=Path,
         help="keep each seed's bases and runs in WORK/seed<N> (default: a fresh temp dir); "
         "a later `--only throughput --work WORK` measures their SFT base and GRPO policy",
+    )
+    p.add_argument(
+        "--reuse-bases",
+        action="store_true",
+        help="with --work: a seed's SFT base already in WORK/seed<N> is used as is, not rebuilt",
     )
     p.add_argument(
         "--log",

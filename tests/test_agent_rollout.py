@@ -53,7 +53,9 @@ def scripted(reply_for):
             rewards=np.zeros(n, np.float32),
             group_ids=np.arange(n),
             prompts=[""] * n,
-            completions=[""] * n,
+            completions=TOK.batch_decode(
+                [r[m].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True
+            ),
             metadata=[{}] * n,
             policy_version=0,
             group_size=1,
@@ -226,6 +228,50 @@ def test_the_turn_cache_gives_the_tokens_of_rereading_the_conversation(
     assert sessions[0].reused_turns == 2 and sessions[1].reused_turns == 0
     assert sessions[0].fed_tokens < 0.6 * sessions[1].fed_tokens  # 144 vs 280 tokens read
     assert greedy or (cached.logprobs < 0).any()
+    # greedy, every reset "go:": equal replies make equal conversations, read once each
+    # (turn 2: 8 rows, 3 distinct; turn 3: 4 rows, 2 distinct); sampled turns differ
+    assert sessions[0].shared_rows == (5 + 2 if greedy else 0)
+
+
+def test_a_shared_prefill_gives_every_duplicate_row_the_cache_of_reading_it(
+    model_dir: Path,
+) -> None:
+    """Rows that repeat another row (tokens and mask) get its KV cache copied instead of
+    re-reading: the cache equals that of reading every row; mostly distinct rows are left
+    to generate."""
+    from transformers import DynamicCache
+
+    from rlft_ray.rollout.turn_cache import shared_prefill
+
+    model = GenerationActor(LMConfig(model=str(model_dir)), seed=0).model
+    torch.manual_seed(0)
+    distinct = torch.randint(5, 60, (3, 12))
+    ids = distinct[[0, 1, 0, 2, 1, 0]]
+    mask = torch.ones_like(ids)
+    mask[[1, 4], :3] = 0  # left padding (rows 1 and 4 are still equal)
+    caches = []
+    for share in (True, False):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache)
+            if share:
+                assert shared_prefill(model, ids, mask, cache) == 3  # 3 rows copied
+            else:
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, 5:11]
+                model(ids[:, 5:11], attention_mask=mask[:, :11], position_ids=pos, cache=cache)
+        caches.append(cache)
+    shared, read = (c.layers[0] for c in caches)
+    assert shared.keys.shape == read.keys.shape == (6, 2, 11, 16)
+    assert torch.allclose(shared.keys, read.keys, atol=1e-5)
+    assert torch.allclose(shared.values, read.values, atol=1e-5)
+    before = caches[1].get_seq_length()  # 6 distinct rows: nothing shared, nothing read
+    assert (
+        shared_prefill(
+            model, distinct[[0, 1, 2, 0, 1, 2]] + torch.arange(6)[:, None], mask, caches[1]
+        )
+        == 0
+    )
+    assert caches[1].get_seq_length() == before
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import AgentStats, GenerationBatch, Prompt, pad_sequences
 
 #: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context:
-#: ``response_ids``, ``response_mask`` (up to and including EOS) and ``logprobs``. Each
+#: ``response_ids``, ``response_mask`` (up to and including EOS), ``logprobs`` and
+#: ``completions`` (the real tokens decoded without special tokens: the env's action). Each
 #: context's ``metadata["episode"]`` names its episode (a KV cache kept across turns
 #: continues that episode's row: :mod:`rlft_ray.rollout.turn_cache`).
 Generate = Callable[[list[Prompt], int], GenerationBatch]
@@ -142,7 +143,10 @@ def run_episodes(
             e.train += [True] * len(ids)
             e.logprobs += batch.logprobs[row, :keep].tolist()
             e.step_rewards += [0.0] * len(ids)
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            cut = keep < int(batch.response_mask[row].sum())  # the budget cut the turn
+            texts.append(
+                tokenizer.decode(ids, skip_special_tokens=True) if cut else batch.completions[row]
+            )
             e.texts.append(texts[-1])
             e.turns += 1
         start = time.perf_counter()
