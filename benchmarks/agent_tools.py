@@ -19,10 +19,12 @@ actor. Per seed:
    ``generate`` of the same reset prompts x 8 with the same token budget per turn,
    alternating, on the SFT base and on the GRPO policy; tokens per wall second and per
    CPU second of the process (a shared machine inflates the first), decode steps and
-   tokens per step, prefill tokens with the turn cache and re-reading.
+   tokens per step, prefill tokens with the turn cache and re-reading;
+5. ``--only real`` (not by default; ``benchmarks/agent_real.py``): SmolLM2-135M-Instruct
+   on ToolArithmetic in ChatML, its greedy tool call rate before and after a short GRPO.
 
 Usage: python benchmarks/agent_tools.py [--seeds 0 1 2] [--grpo-seconds 600] [--work DIR]
-    [--log FILE] [--only tools guess throughput]
+    [--log FILE] [--only tools guess throughput real] [--reuse-bases]
 Prints JSON lines: one per seed and section, then one median line per target (over the
 seeds of this invocation and those ``--log`` holds from earlier ones).
 """
@@ -40,6 +42,7 @@ from typing import Any
 
 from _common import emit as _emit
 from _common import eval_curve, last_mean, medians, run_cli, train_cli
+from agent_real import real_tools
 
 EXAMPLE = "examples/tool_arithmetic_grpo.yaml"
 HELDOUT = 1_000_000
@@ -291,16 +294,21 @@ def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("tools", "guess", "throughput"),
+        choices=("tools", "guess", "throughput", "real"),
         nargs="+",
         default=["tools", "guess", "throughput"],
+        help="real (not run by default): SmolLM2-135M-Instruct learns to call the "
+        "calculator (benchmarks/agent_real.py)",
     )
+    p.add_argument("--real-iterations", type=int, default=10)
+    p.add_argument("--real-episodes", type=int, default=32, help="held-out episodes (real)")
     args = p.parse_args()
     results: dict[str, list[dict[str, Any]]] = {}
     section = {
         "ToolArithmetic-v0 GRPO": "tools",
         "GuessNumber-v0 GRPO": "guess",
         "throughput": "throughput",
+        "SmolLM2 ToolArithmetic GRPO": "real",
     }
     rerun = {task for task, name in section.items() if name in args.only}
     if args.log is not None and args.log.exists():  # earlier invocations' seeds, last wins
@@ -341,6 +349,9 @@ def main() -> None:
         if "guess" in args.only:
             results.setdefault("guess", []).append(r := guess_number(seed, work, args))
             emit(r)
+        if "real" in args.only:
+            results.setdefault("real", []).append(r := real_tools(seed, work, args, heldout))
+            emit(r)
     # One median line per target (issue 29's targets are medians of 3 seeds).
     targets = {
         "tools": (
@@ -372,6 +383,11 @@ def main() -> None:
                 "single_turn_tokens_per_step",
             ),
             lambda m: m["ratio"] >= 0.8,
+        ),
+        "real": (
+            "SmolLM2-135M-Instruct: the run completes and its tool call rate rises",
+            ("tool_calls_before", "tool_calls_after", "accuracy_before", "accuracy_after"),
+            lambda m: m["tool_calls_after"] > m["tool_calls_before"],
         ),
     }
     for name, (target, keys, met) in targets.items():

@@ -12,10 +12,22 @@ A turn without a tool tag is the answer (exact match after stripping whitespace;
 episode terminates with reward 1 or 0 and ``info["is_success"]``). A call that cannot be
 parsed, names a disabled tool, or fails is a recorded zero-reward turn whose reply is
 ``<error>...</error>``. After ``max_turns`` model turns the episode is truncated.
+
+An instruct model does not know the tool format: ``chat=True`` writes the conversation in
+ChatML (SmolLM2, Qwen: the model's turns end with its ``<|im_end|>`` EOS, which stays in
+the conversation) with ``instruction`` as the system message, the question as the user's
+message and each tool reply as a user message; the answer is then the last number of
+the turn (an instruct model says "The answer is 56088.")::
+
+    obs    "<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\nWhat is 123 * 456?<|im_end|>\n<|im_start|>assistant\n"
+    model  "<calc>123*456</calc><|im_end|>"
+    obs    "\n<|im_start|>user\n<result>56088</result><|im_end|>\n<|im_start|>assistant\n"
+    model  "The answer is 56088.<|im_end|>"
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -54,6 +66,14 @@ class ToolArithmeticEnv(TextEnv):
         python_limits: :class:`~rlft_ray.agents.SandboxLimits` fields of the Python tool
             (``cpu_s``, ``memory_mb``, ``wall_s``, ...); keep ``wall_s`` below
             ``env.step_timeout_s`` so a slow call is a tool error, not a failed episode.
+        chat: ChatML turns for an instruct model (module docstring); the answer is the
+            turn's last number.
+        instruction: The system message of ``chat`` episodes (default
+            :data:`INSTRUCTION`: the tool format).
+        call_bonus: Reward of an episode's first tool call that runs (a format reward, as
+            tool-use RL recipes such as ToolRL, Qian et al. 2025, add to the answer's):
+            an instruct model that rarely calls the tool at first gets a signal before
+            it answers right. 0 (default): the answer alone is rewarded.
     """
 
     def __init__(
@@ -63,14 +83,21 @@ class ToolArithmeticEnv(TextEnv):
         tools: tuple[str, ...] | list[str] = ("calc",),
         max_turns: int = 3,
         python_limits: dict[str, Any] | None = None,
+        chat: bool = False,
+        instruction: str | None = None,
+        call_bonus: float = 0.0,
     ) -> None:
         if digits < 1 or op not in ("*", "+") or max_turns < 1:
             raise ValueError(
                 f"digits >= 1, op in * +, max_turns >= 1 (got {digits}, {op!r}, {max_turns})"
             )
+        if instruction is not None and not chat:
+            raise ValueError("instruction is the system message of chat=True episodes")
         self.digits, self.op, self.tools, self.max_turns = digits, op, tuple(tools), max_turns
         self.limits = SandboxLimits(**(python_limits or {}))
-        self.a = self.b = self.turn = 0
+        self.chat, self.instruction = chat, INSTRUCTION if instruction is None else instruction
+        self.call_bonus = call_bonus
+        self.a = self.b = self.turn = self.calls = 0
 
     @property
     def answer(self) -> int:
@@ -82,16 +109,49 @@ class ToolArithmeticEnv(TextEnv):
         super().reset(seed=seed)
         low, high = 10 ** (self.digits - 1), 10**self.digits
         self.a, self.b = (int(v) for v in self.np_random.integers(low, high, size=2))
-        self.turn = 0
+        self.turn = self.calls = 0
+        if self.chat:
+            shot = (  # one worked episode: a 135M instruct model imitates it, not the words
+                _im("user", f"What is 12 {self.op} 34?")
+                + _im("assistant", f"<calc>12{self.op}34</calc>")
+                + _im("user", f"<result>{12 * 34 if self.op == '*' else 46}</result>")
+                + _im("assistant", str(12 * 34 if self.op == "*" else 46))
+            )
+            question = _im("user", f"What is {self.a} {self.op} {self.b}?")
+            return _im("system", self.instruction) + shot + question + _ASSISTANT, {
+                "answer": self.answer
+            }
         return f"{self.a}{self.op}{self.b}=", {"answer": self.answer}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         self.turn += 1
         reply, info = tool_reply(action, self.tools, self.limits)
-        if reply is not None:  # a tool call (or a failed one): no reward yet
-            return reply, 0.0, False, self.turn >= self.max_turns, info
-        correct = action.strip() == str(self.answer)
+        if reply is not None:  # a tool call (or a failed one): no answer yet
+            bonus = self.call_bonus if "tool_error" not in info and self.calls == 0 else 0.0
+            self.calls += int(info.get("tool_calls", 0))
+            if self.chat:  # the tool's reply as the user's message, then the model's turn
+                reply = "\n" + _im("user", reply.strip("\n")) + _ASSISTANT
+            return reply, bonus, False, self.turn >= self.max_turns, info
+        if self.chat:
+            numbers = re.findall(r"-?\d+", action.replace(",", ""))
+            correct = bool(numbers) and numbers[-1] == str(self.answer)
+        else:
+            correct = action.strip() == str(self.answer)
         return "", float(correct), True, False, {"is_success": correct, "tool_calls": 0}
+
+
+#: The system message of ``chat=True`` episodes: the tool format, for an instruct model.
+INSTRUCTION = (
+    "You have a calculator. To use it, reply with only <calc>EXPRESSION</calc>, for example "
+    "<calc>12*34</calc>; its result comes back as <result>VALUE</result>. "
+    "Then reply with the final number."
+)
+_ASSISTANT = "<|im_start|>assistant\n"
+
+
+def _im(role: str, text: str) -> str:
+    """One ChatML message."""
+    return f"<|im_start|>{role}\n{text}<|im_end|>\n"
 
 
 def demonstrations(

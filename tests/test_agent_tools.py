@@ -182,6 +182,31 @@ def test_tool_arithmetic_rewards_by_hand() -> None:
     assert (r, term, info["is_success"]) == (0.0, True, False)
 
 
+def test_tool_arithmetic_chat_episodes_for_an_instruct_model() -> None:
+    """chat=True: ChatML turns with the instruction and one worked episode, the tool's
+    reply as a user message, the turn's last number as the answer; call_bonus rewards the
+    first call that runs, once."""
+    env = ToolArithmeticEnv(chat=True, call_bonus=0.25)
+    obs, info = env.reset(seed=0)
+    a, b = env.a, env.b
+    assert obs.startswith("<|im_start|>system\nYou have a calculator.")
+    assert "<|im_start|>assistant\n<calc>12*34</calc><|im_end|>\n" in obs  # the worked one
+    assert obs.endswith(f"<|im_start|>user\nWhat is {a} * {b}?<|im_end|>\n<|im_start|>assistant\n")
+    reply, r, term, _, _ = env.step(f"<calc>{a}*{b}</calc>")
+    assert reply == (
+        f"\n<|im_start|>user\n<result>{a * b}</result><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (r, term) == (0.25, False)
+    assert env.step("<calc>1+1</calc>")[1] == 0.0  # the bonus is paid once
+    _, r, term, _, info = env.step(f"The answer is {a * b:,}.")
+    assert (r, term, info["is_success"]) == (1.0, True, True)
+    env.reset(seed=0)
+    assert env.step("<calc>1+</calc>")[1] == 0.0  # a call that fails earns nothing
+    assert env.step(f"{a * b} is not {a * b + 1}")[1] == 0.0  # the last number counts
+    with pytest.raises(ValueError, match="instruction is the system message of chat"):
+        ToolArithmeticEnv(instruction="Use the calculator.")
+
+
 def test_tool_arithmetic_bad_calls_are_recorded_zero_reward_turns() -> None:
     env = ToolArithmeticEnv(max_turns=3)
     env.reset(seed=1)
