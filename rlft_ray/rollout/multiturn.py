@@ -134,21 +134,9 @@ def run_episodes(
             for i, e in enumerate(episodes)
             if not e.done
         ]
-        batch = generate(contexts, min(limits.max_new_tokens, room))
-        texts = []
-        for row, e in enumerate(active):
-            keep = min(int(batch.response_mask[row].sum()), limits.max_tokens - len(e.context()))
-            ids = batch.response_ids[row, :keep].tolist()
-            e.ids += ids
-            e.train += [True] * len(ids)
-            e.logprobs += batch.logprobs[row, :keep].tolist()
-            e.step_rewards += [0.0] * len(ids)
-            cut = keep < int(batch.response_mask[row].sum())  # the budget cut the turn
-            texts.append(
-                tokenizer.decode(ids, skip_special_tokens=True) if cut else batch.completions[row]
-            )
-            e.texts.append(texts[-1])
-            e.turns += 1
+        texts = _record_turn(
+            active, generate(contexts, min(limits.max_new_tokens, room)), tokenizer, limits
+        )
         start = time.perf_counter()
         outcomes = step_with_timeout([e.env for e in active], texts, limits.step_timeout_s)
         env_s += time.perf_counter() - start
@@ -159,6 +147,29 @@ def run_episodes(
     for e in episodes:  # a timed-out step may still run in its env: never reuse that one
         (release_env if release_env is not None and e.failure is None else _close)(e.env)
     return _to_batch(episodes, samples_per_seed, tokenizer, policy_version, env_s)
+
+
+def _record_turn(
+    active: list[_Episode], batch: GenerationBatch, tokenizer: Any, limits: TurnLimits
+) -> list[str]:
+    """Append each active episode's sampled turn (ids and log-probs as sampled, cut to the
+    token budget); the turns' texts, the actions for the envs."""
+    lengths = batch.response_mask.sum(axis=1).tolist()
+    all_ids, all_logprobs = batch.response_ids.tolist(), batch.logprobs.tolist()
+    texts = []
+    for row, e in enumerate(active):
+        keep = min(lengths[row], limits.max_tokens - len(e.prompt_ids) - len(e.ids))
+        ids = all_ids[row][:keep]
+        e.ids += ids
+        e.train += [True] * keep
+        e.logprobs += all_logprobs[row][:keep]
+        e.step_rewards += [0.0] * keep
+        cut = keep < lengths[row]  # the budget cut the turn: decode what is kept
+        text = tokenizer.decode(ids, skip_special_tokens=True) if cut else batch.completions[row]
+        texts.append(text)
+        e.texts.append(text)
+        e.turns += 1
+    return texts
 
 
 def _plain(value: Any) -> bool:
