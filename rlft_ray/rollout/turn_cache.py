@@ -152,27 +152,23 @@ def shared_prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
     cache.batch_select_indices(first)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model(
         input_ids=ids[first, past : width - 1],
         attention_mask=mask[first, : width - 1],
         position_ids=positions[first, past : width - 1],
-        cache=cache,
         use_cache=True,
-        **({"logits_to_keep": 1} if _keeps_logits(model) else {}),
+        **{cache_kwarg(base): cache},
+        **({"logits_to_keep": 1} if _forward_takes(type(base), "logits_to_keep") else {}),
     )
     cache.batch_select_indices(inverse)
     return ids.shape[0] - distinct
 
 
-def _keeps_logits(model: Any) -> bool:
-    """Whether the (base) model's forward takes ``logits_to_keep`` (skip the logits of
-    the prefill's columns; only ``generate``'s own last column is sampled from)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes(type(base), "logits_to_keep")
-
-
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
+    """Whether a model class's ``forward`` takes ``name`` (``logits_to_keep``: the
+    prefill's logits are skipped; only ``generate``'s own last column is sampled from)."""
     return name in inspect.signature(cls.forward).parameters
 
 
