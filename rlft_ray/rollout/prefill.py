@@ -124,6 +124,20 @@ def prefilled_generate(
         return _plain(model, rows, n, config, processors, pad_id)
     if cache is not None and n > 1:  # 3. per sample
         cache.batch_repeat_interleave(n)
+    return _generate_from(model, ids, mask, n, config, processors, cache)
+
+
+def _generate_from(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    config: GenerationConfig,
+    processors: LogitsProcessorList | None,
+    cache: Any,
+) -> torch.Tensor:
+    """``generate`` over the prompts ``ids`` / ``mask`` ``[k, P]`` each repeated ``n``
+    times, continuing ``cache`` (of all but their last column) where given."""
     single = copy.copy(config)
     single.num_return_sequences = 1
     out = model.generate(
@@ -146,12 +160,4 @@ def _plain(
 ) -> torch.Tensor:
     """``generate`` over the left-padded prompts, each repeated ``n`` times."""
     ids, mask = _layout(rows, 0, pad_id, next(model.parameters()).device)
-    single = copy.copy(config)
-    single.num_return_sequences = 1
-    out = model.generate(
-        input_ids=ids.repeat_interleave(n, 0),
-        attention_mask=mask.repeat_interleave(n, 0),
-        generation_config=single,
-        logits_processor=processors,
-    )
-    return out.sequences[:, ids.shape[1] :]
+    return _generate_from(model, ids, mask, n, config, processors, None)
