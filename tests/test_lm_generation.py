@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from rlft_ray.config import LMConfig
 from rlft_ray.lm.policy import PolicyWithValueHead, response_forward
@@ -14,7 +16,7 @@ from rlft_ray.lm.tiny import make_tiny_model
 from rlft_ray.rewards import RewardError
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.prefill import common_prefix_len, prefilled_generate
-from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
+from rlft_ray.rollout.sampled_logprobs import SampledLogprobs, draw
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]
@@ -131,6 +133,58 @@ def test_sampled_logprobs_recorder_by_hand() -> None:
     assert rec.step_logps is None and rec.taken == []  # ready for the next generate call
 
 
+def test_draw_samples_the_categorical_distribution() -> None:
+    """The two-level inverse CDF draws each token with its probability (a chi-square test
+    against 400k draws, beside torch.multinomial's statistic), never a zero-probability
+    token, and picks the only token of a one-hot row whichever block it sits in."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1000) * 2
+    logits[:, [5, 999]] = float("-inf")  # a zero in the middle and at the padded end
+    probs = torch.softmax(logits, -1)
+    draws = draw(probs.repeat(200_000, 1), block=64).view(-1, 2)  # 1000 = 15 blocks + 40
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=1000).float()
+        expected = probs[row] * draws.shape[0]
+        assert counts[5] == counts[999] == 0
+        kept = expected > 5
+        chi2 = (((counts - expected) ** 2 / expected)[kept]).sum().item()
+        dof = int(kept.sum()) - 1
+        assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)  # ~5 sigma
+    one_hot = torch.zeros(3, 10)
+    one_hot[0, 9] = one_hot[1, 0] = 1.0
+    one_hot[2, 3] = one_hot[2, 7] = 0.5
+    drawn = draw(one_hot.repeat(500, 1), block=4).view(-1, 3)
+    assert (drawn[:, 0] == 9).all() and (drawn[:, 1] == 0).all()
+    assert set(drawn[:, 2].tolist()) == {3, 7}
+
+
+def test_a_drawing_recorder_is_what_generate_takes(model_dir: Path) -> None:
+    """With top_p = 1 the recorder draws each token (generate runs its argmax over scores
+    that are -inf but at the draw) and records log softmax(logits / T) of it."""
+    actor = _actor(model_dir, temperature=0.7, max_new_tokens=6)
+    assert actor._draws_itself() and not actor._generation_config(False, 6).do_sample
+    recorder = actor._recorder(greedy=False)
+    config = actor._generation_config(False, 6)
+    config.output_scores = config.output_logits = True
+    prompts = _prompts(actor)
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
+    torch.manual_seed(3)
+    out = actor.model.generate(
+        input_ids=ids.repeat_interleave(4, 0),
+        attention_mask=(ids != actor.pad_id).long().repeat_interleave(4, 0),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([recorder]),
+    )
+    tokens, real, logprobs = actor._real_tokens(out.sequences[:, width:], recorder)
+    raw = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
+    want = raw.gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(logprobs[real], want[real], atol=1e-5, rtol=1e-5)
+    taken = torch.stack(out.scores, 1).argmax(-1)
+    assert torch.equal(taken[real], tokens[real])
+    assert len({tuple(r) for r in tokens.tolist()}) > 4  # sampled, not greedy
+
+
 def test_logprobs_are_of_the_tempered_policy_under_top_p(model_dir: Path) -> None:
     """top-p truncates sampling, not the recorded log-probs: log softmax(logits / T), as the
     learner computes them (and no [B, T, V] logits are kept to get them)."""
@@ -239,15 +293,17 @@ def test_prefill_without_repeats_is_the_plain_generate(model_dir: Path, prefix: 
     ids = torch.tensor([[actor.pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     for greedy, n in ((True, 1), (True, 3), (False, 3)):
-        config = actor._generation_config(1, greedy, 5)
+        config = actor._generation_config(greedy, 5)
         torch.manual_seed(7)
         plain = actor.model.generate(
             input_ids=ids.repeat_interleave(n, 0),
             attention_mask=mask.repeat_interleave(n, 0),
             generation_config=config,
+            logits_processor=LogitsProcessorList([actor._recorder(greedy)] if not greedy else []),
         ).sequences[:, width:]
         torch.manual_seed(7)
-        fast = prefilled_generate(actor.model, rows, n, config, None, actor.pad_id)
+        processors = LogitsProcessorList([actor._recorder(greedy)] if not greedy else [])
+        fast = prefilled_generate(actor.model, rows, n, config, processors, actor.pad_id)
         assert fast.shape == plain.shape == (4 * n, 5)
         assert torch.equal(fast, plain), f"greedy={greedy} n={n}"
     assert len({tuple(r) for r in fast.tolist()}) > 4  # the samples differ

@@ -309,8 +309,11 @@ def test_quickstart_runs_rsft_from_its_example(tmp_path: Path) -> None:
 
 def test_sampling_ignores_processors_a_checkpoint_ships(tmp_path: Path) -> None:
     """A model whose generation_config.json asks for repetition_penalty / min_p / n-gram
-    blocking is sampled from exactly the temperature-scaled distribution that is recorded."""
+    blocking is sampled from exactly the temperature-scaled distribution that is recorded:
+    the recorder, which draws the tokens, sees the raw logits."""
     import json
+
+    from transformers import LogitsProcessorList
 
     model = make_tiny_model(tmp_path / "m", n_layer=1, hidden=32, n_head=2, max_positions=64)
     gen = json.loads((model / "generation_config.json").read_text())
@@ -318,14 +321,23 @@ def test_sampling_ignores_processors_a_checkpoint_ships(tmp_path: Path) -> None:
     (model / "generation_config.json").write_text(json.dumps(gen))
     actor = GenerationActor(LMConfig(model=str(model), temperature=0.7, max_new_tokens=6), seed=0)
     prompts = _prompts(actor, ["1+2=", "30+4="])
-    config = actor._generation_config(4, greedy=False, max_new_tokens=6)
-    config.output_scores = True  # the scores the sampler drew from, after every processor
-    config.output_logits = True  # the raw logits (the actor records log_softmax(logits / T))
+    config = actor._generation_config(greedy=False, max_new_tokens=6)
+    config.output_scores = True  # the scores generate took its argmax over
+    config.output_logits = True  # the raw logits
+    recorder = actor._recorder(greedy=False)
     width = max(len(p.ids) for p in prompts)
     ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
+    ids = ids.repeat_interleave(4, 0)
     out = actor.model.generate(
-        input_ids=ids, attention_mask=(ids != actor.pad_id).long(), generation_config=config
+        input_ids=ids,
+        attention_mask=(ids != actor.pad_id).long(),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([recorder]),
     )
-    drawn = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
-    recorded = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
-    torch.testing.assert_close(drawn, recorded, atol=1e-5, rtol=1e-5)
+    tokens, real, recorded = actor._real_tokens(out.sequences[:, width:], recorder)
+    raw = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
+    want = raw.gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(recorded[real], want[real], atol=1e-5, rtol=1e-5)
+    taken = torch.stack(out.scores, 1)  # -inf but at the recorder's draw: nothing after it
+    assert (taken.isfinite().sum(-1) == 1).all()
+    assert torch.equal(taken.argmax(-1)[real], tokens[real])

@@ -36,7 +36,7 @@ from rlft_ray.rewards import compute_rewards_within, load_reward_fn
 from rlft_ray.rollout.actor_weights import WeightLoading
 from rlft_ray.rollout.heldout import HeldOutScoring
 from rlft_ray.rollout.multiturn import play
-from rlft_ray.rollout.prefill import prefilled_generate
+from rlft_ray.rollout.prefill import generate_repeated, prefilled_generate
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
@@ -179,14 +179,14 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             self.engine.close()
 
     # -- generate / score / select -------------------------------------------------------
-    def _generation_config(
-        self, num_samples: int, greedy: bool, max_new_tokens: int
-    ) -> GenerationConfig:
+    def _generation_config(self, greedy: bool, max_new_tokens: int) -> GenerationConfig:
+        """One sequence per input row: callers repeat a prompt's rows for its samples
+        (:func:`~rlft_ray.rollout.prefill.generate_repeated`)."""
         from transformers import GenerationConfig
 
         kwargs = (
             {"do_sample": False}
-            if greedy
+            if greedy or self._draws_itself()  # the recorder draws; generate's argmax takes it
             else {
                 "do_sample": True,
                 "temperature": self.lm.temperature,
@@ -196,13 +196,23 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
         )
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
             return_dict_in_generate=True,
             **kwargs,
         )
+
+    def _draws_itself(self) -> bool:
+        """Whether sampled calls draw their tokens in the log-prob recorder
+        (:func:`~rlft_ray.rollout.sampled_logprobs.draw`: the same distribution at a tenth
+        of ``torch.multinomial``'s cost) rather than in ``generate``; with top-p,
+        ``generate``'s nucleus warper samples."""
+        return self.lm.top_p == 1.0
+
+    def _recorder(self, greedy: bool) -> SampledLogprobs | None:
+        """The sampled tokens' log-prob recorder of a ``generate`` call (None: greedy)."""
+        return None if greedy else SampledLogprobs(self.lm.temperature, self._draws_itself())
 
     @torch.no_grad()
     def generate(
@@ -228,7 +238,7 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
         if self.engine is not None:  # vLLM schedules the whole batch itself
             parts = [self._engine_batch(list(prompts), n, greedy, max_new)] if prompts else []
         else:
-            config = self._generation_config(n, greedy, max_new)
+            config = self._generation_config(greedy, max_new)
             parts = [
                 self._generate_chunk(list(prompts[i : i + per_call]), n, config, greedy)
                 for i in range(0, len(prompts), per_call)
@@ -253,7 +263,7 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
         prompt_ids, prompt_mask = pad_sequences(
             [p.ids for p in prompts], self.pad_id, "left", p_len
         )
-        recorder = None if greedy else SampledLogprobs(self.lm.temperature)
+        recorder = self._recorder(greedy)
         if self.lm.decode == "ilql":  # value-guided decoding records its own log-probs
             response, guided = self._ilql_chunk(prompt_ids, prompt_mask, n, config, greedy)
             recorder = None if greedy else SampledLogprobs.given(guided)
@@ -263,13 +273,14 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
                 rows = [p.ids for p in prompts]
                 response = prefilled_generate(self.model, rows, n, config, processors, self.pad_id)
             else:
-                out = self.model.generate(
-                    input_ids=torch.as_tensor(prompt_ids, device=self.device),
-                    attention_mask=torch.as_tensor(prompt_mask, device=self.device).long(),
-                    generation_config=config,
-                    logits_processor=processors,
+                response = generate_repeated(
+                    self.model,
+                    torch.as_tensor(prompt_ids, device=self.device),
+                    torch.as_tensor(prompt_mask, device=self.device).long(),
+                    n,
+                    config,
+                    processors,
                 )
-                response = out.sequences[:, p_len:]
         response, mask, logprobs = self._real_tokens(response, recorder)
         return self._batch(
             prompts,

@@ -124,26 +124,33 @@ def prefilled_generate(
         return _plain(model, rows, n, config, processors, pad_id)
     if cache is not None and n > 1:  # 3. per sample
         cache.batch_repeat_interleave(n)
-    return _generate_from(model, ids, mask, n, config, processors, cache)
+    return generate_repeated(model, ids, mask, n, config, processors, cache)
 
 
-def _generate_from(
+def generate_repeated(
     model: Any,
     ids: torch.Tensor,
     mask: torch.Tensor,
     n: int,
     config: GenerationConfig,
     processors: LogitsProcessorList | None,
-    cache: Any,
+    cache: Any = None,
 ) -> torch.Tensor:
     """``generate`` over the prompts ``ids`` / ``mask`` ``[k, P]`` each repeated ``n``
-    times, continuing ``cache`` (of all but their last column) where given."""
-    single = copy.copy(config)
-    single.num_return_sequences = 1
+    times, continuing ``cache`` (of all but their last column) where given.
+
+    Returns:
+        ``[k n, L]`` generated ids (prompt 0's ``n`` rows first). The rows are repeated
+        here rather than by ``num_return_sequences``, which ``generate`` refuses without
+        ``do_sample`` (the recorder may draw the tokens itself).
+    """
+    if config.num_return_sequences != 1:
+        config = copy.copy(config)
+        config.num_return_sequences = 1
     out = model.generate(
         input_ids=ids.repeat_interleave(n, 0),
         attention_mask=mask.repeat_interleave(n, 0),
-        generation_config=single,
+        generation_config=config,
         logits_processor=processors,
         **({} if cache is None else {cache_kwarg(model): cache}),
     )
@@ -160,4 +167,4 @@ def _plain(
 ) -> torch.Tensor:
     """``generate`` over the left-padded prompts, each repeated ``n`` times."""
     ids, mask = _layout(rows, 0, pad_id, next(model.parameters()).device)
-    return _generate_from(model, ids, mask, n, config, processors, None)
+    return generate_repeated(model, ids, mask, n, config, processors, None)

@@ -34,7 +34,6 @@ from transformers import LogitsProcessorList
 
 from rlft_ray.config import LMConfig
 from rlft_ray.lm.policy import cache_kwarg
-from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
 
 
@@ -218,7 +217,7 @@ class TurnCaching:
             spared = shared_prefill(self.model, ids, mask, cache)
             session.shared_rows += spared
             session.fed_tokens -= spared * new_columns
-        config = self._generation_config(1, greedy, max_new)
+        config = self._generation_config(greedy, max_new)
         longest = max(len(c.ids) for c in contexts)
         if self.max_positions is not None and longest + max_new > self.max_positions:
             if longest >= self.max_positions:
@@ -227,7 +226,7 @@ class TurnCaching:
                     f"{self.max_positions} positions"
                 )
             config.max_new_tokens = self.max_positions - longest
-        recorder = None if greedy else SampledLogprobs(self.lm.temperature)
+        recorder = self._recorder(greedy)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
