@@ -17,11 +17,12 @@
 Every record is a JSON line; ``ratio_iterations_per_s`` is TRL's command seconds over ours
 (the same iterations), ``ratio_iterations_per_s_same_work`` the same with our held-out
 evaluations' seconds (``perf/eval_s``) taken out of ours, since TRL's run evaluates nothing
-(the target is judged on it), ``rss_ratio`` the sum of our processes' peak RSS over TRL's (a page
+(the target names command start to exit; both are flagged met or not, and with several
+seeds a ``median`` line closes the output), ``rss_ratio`` the sum of our processes' peak RSS over TRL's (a page
 two processes share is counted twice), ``memory_ratio`` the peak of the whole process
 tree's memory (summed PSS: shared pages once) over TRL's, sampled the same way for both.
 
-Usage: python benchmarks/real_model.py [--seeds 0] [--iterations 30] [--skip-trl] [--skip-lora]
+Usage: python benchmarks/real_model.py [--seeds 0 1 2] [--iterations 30] [--skip-trl] [--skip-lora]
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def main() -> None:
     lm = example_lm(model_dir)
     base = held_out_accuracy(model_dir, lm)
     emit({"who": "base", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)", "accuracy": base})
+    ratios: list[dict] = []  # per seed, ours against TRL
+    gains: list[list[float]] = []  # per seed: full (, LoRA) held-out points gained
     for seed in args.seeds:
         runs = [ours(gguf, seed, args.iterations, lora=False)]
         if not args.skip_lora:
@@ -275,7 +278,7 @@ def main() -> None:
         full = runs[0]
         same_work = full["command_s"] - full["eval_s_total"]  # TRL's run evaluates nothing
         ours_total = (full["peak_rss_mb"] or {}).get("total")
-        emit(
+        ratios.append(
             {
                 "who": "ratio",
                 "seed": seed,
@@ -288,7 +291,26 @@ def main() -> None:
                     / theirs["whole_run_memory"]["peak_pss_mb"],
                     2,
                 ),
-                "met_1_5x": theirs["command_s"] / same_work >= 1.5,
+                "met_1_5x_start_to_exit": theirs["command_s"] / full["command_s"] >= 1.5,
+                "met_1_5x_same_work": theirs["command_s"] / same_work >= 1.5,
+            }
+        )
+        emit(ratios[-1])
+        gains.append([r["gain_points_last"] for r in runs])
+    if len(ratios) > 1:  # the targets are judged on medians over seeds
+        med = {
+            k: statistics.median(r[k] for r in ratios)
+            for k in ("ratio_iterations_per_s", "ratio_iterations_per_s_same_work", "rss_ratio")
+            if all(r[k] is not None for r in ratios)
+        }
+        emit(
+            {
+                "who": "median",
+                "seeds": args.seeds,
+                **med,
+                "gain_points_last_full": statistics.median(g[0] for g in gains),
+                "met_1_5x_start_to_exit": med["ratio_iterations_per_s"] >= 1.5,
+                "met_1_5x_same_work": med["ratio_iterations_per_s_same_work"] >= 1.5,
             }
         )
 
