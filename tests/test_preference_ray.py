@@ -41,6 +41,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write("train.jsonl", rows[:96]), write("test.jsonl", rows[96:128])
 
 
+@pytest.mark.slow  # 37-45 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_dpo_precomputes_reference_logps_once_and_reuses_the_cache(
     model_dir: Path, pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -87,6 +88,7 @@ def test_dpo_precomputes_reference_logps_once_and_reuses_the_cache(
     assert fresh.info["ref_logps/reused"] is False and fresh.info["ref_logps/cache"] != str(cache)
 
 
+@pytest.mark.slow  # 37-45 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_reward_model_trains_then_scores_for_grpo(
     model_dir: Path, pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:

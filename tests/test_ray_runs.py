@@ -151,6 +151,7 @@ def test_resume_continues_counters(tmp_path: Path) -> None:
     assert summary["env_steps"] == 8192
 
 
+@pytest.mark.slow  # 37-45 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_a_fresh_run_never_continues_a_foreign_checkpoint(tmp_path: Path) -> None:
     """Two runs with one shared storage_path and the same run-directory name: the second
     starts at iteration 1 (Ray Train would find the first one's state and continue it)."""
@@ -163,6 +164,7 @@ def test_a_fresh_run_never_continues_a_foreign_checkpoint(tmp_path: Path) -> Non
     assert [r["counters/iteration"] for r in read_metrics(tmp_path / "b" / "run")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # 37-45 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_dqn_resume_keeps_its_replay(tmp_path: Path) -> None:
     out = tmp_path / "dqn"
     common = [
