@@ -107,3 +107,29 @@ class FrameShard:
         for i in range(0, max(stop, 0), batch_size):
             rows = table.iloc[i : i + batch_size]
             yield {c: rows[c].to_numpy() for c in rows.columns}
+
+
+def generate_with_drawing_recorder(actor, prompts, n: int, temperature: float):
+    """``generate`` with the actor's drawing recorder, each prompt ``n`` times, raw logits and
+    the scores generate took its argmax over kept; checks that the recorded log-probs are
+    log softmax(logits / T) of the drawn tokens. Returns ``(tokens, real, scores)``."""
+    from transformers import LogitsProcessorList
+
+    config = actor._generation_config(greedy=False, max_new_tokens=actor.lm.max_new_tokens)
+    config.output_scores = True  # the scores generate took its argmax over
+    config.output_logits = True  # the raw logits
+    recorder = actor._recorder(greedy=False)
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
+    ids = ids.repeat_interleave(n, 0)
+    out = actor.model.generate(
+        input_ids=ids,
+        attention_mask=(ids != actor.pad_id).long(),
+        generation_config=config,
+        logits_processor=LogitsProcessorList([recorder]),
+    )
+    tokens, real, recorded = actor._real_tokens(out.sequences[:, width:], recorder)
+    raw = torch.log_softmax(torch.stack(out.logits, 1).float() / temperature, -1)
+    want = raw.gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(recorded[real], want[real], atol=1e-5, rtol=1e-5)
+    return tokens, real, torch.stack(out.scores, 1)

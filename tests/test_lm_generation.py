@@ -19,6 +19,8 @@ from rlft_ray.rollout.prefill import common_prefix_len, prefilled_generate
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs, draw
 from rlft_ray.types import UNSYNCED_VERSION, GenerationBatch, Prompt
 
+from lm_helpers import generate_with_drawing_recorder
+
 PROMPTS = ["1+2=", "12+34=", "5+7=", "40+40="]
 
 
@@ -163,24 +165,9 @@ def test_a_drawing_recorder_is_what_generate_takes(model_dir: Path) -> None:
     that are -inf but at the draw) and records log softmax(logits / T) of it."""
     actor = _actor(model_dir, temperature=0.7, max_new_tokens=6)
     assert actor._draws_itself() and not actor._generation_config(False, 6).do_sample
-    recorder = actor._recorder(greedy=False)
-    config = actor._generation_config(False, 6)
-    config.output_scores = config.output_logits = True
-    prompts = _prompts(actor)
-    width = max(len(p.ids) for p in prompts)
-    ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
     torch.manual_seed(3)
-    out = actor.model.generate(
-        input_ids=ids.repeat_interleave(4, 0),
-        attention_mask=(ids != actor.pad_id).long().repeat_interleave(4, 0),
-        generation_config=config,
-        logits_processor=LogitsProcessorList([recorder]),
-    )
-    tokens, real, logprobs = actor._real_tokens(out.sequences[:, width:], recorder)
-    raw = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
-    want = raw.gather(-1, tokens[..., None]).squeeze(-1)
-    torch.testing.assert_close(logprobs[real], want[real], atol=1e-5, rtol=1e-5)
-    taken = torch.stack(out.scores, 1).argmax(-1)
+    tokens, real, scores = generate_with_drawing_recorder(actor, _prompts(actor), 4, 0.7)
+    taken = scores.argmax(-1)
     assert torch.equal(taken[real], tokens[real])
     assert len({tuple(r) for r in tokens.tolist()}) > 4  # sampled, not greedy
 

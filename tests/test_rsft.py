@@ -22,7 +22,13 @@ from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.selection import Selector
 from rlft_ray.types import GenerationBatch, Prompt, SelectionStats
 
-from lm_helpers import GROUP, first_step_grads, free_port, make_batch
+from lm_helpers import (
+    GROUP,
+    first_step_grads,
+    free_port,
+    generate_with_drawing_recorder,
+    make_batch,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -313,31 +319,13 @@ def test_sampling_ignores_processors_a_checkpoint_ships(tmp_path: Path) -> None:
     the recorder, which draws the tokens, sees the raw logits."""
     import json
 
-    from transformers import LogitsProcessorList
-
     model = make_tiny_model(tmp_path / "m", n_layer=1, hidden=32, n_head=2, max_positions=64)
     gen = json.loads((model / "generation_config.json").read_text())
     gen.update(repetition_penalty=1.5, min_p=0.05, no_repeat_ngram_size=1, top_k=5)
     (model / "generation_config.json").write_text(json.dumps(gen))
     actor = GenerationActor(LMConfig(model=str(model), temperature=0.7, max_new_tokens=6), seed=0)
     prompts = _prompts(actor, ["1+2=", "30+4="])
-    config = actor._generation_config(greedy=False, max_new_tokens=6)
-    config.output_scores = True  # the scores generate took its argmax over
-    config.output_logits = True  # the raw logits
-    recorder = actor._recorder(greedy=False)
-    width = max(len(p.ids) for p in prompts)
-    ids = torch.tensor([[actor.pad_id] * (width - len(p.ids)) + p.ids for p in prompts])
-    ids = ids.repeat_interleave(4, 0)
-    out = actor.model.generate(
-        input_ids=ids,
-        attention_mask=(ids != actor.pad_id).long(),
-        generation_config=config,
-        logits_processor=LogitsProcessorList([recorder]),
-    )
-    tokens, real, recorded = actor._real_tokens(out.sequences[:, width:], recorder)
-    raw = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
-    want = raw.gather(-1, tokens[..., None]).squeeze(-1)
-    torch.testing.assert_close(recorded[real], want[real], atol=1e-5, rtol=1e-5)
-    taken = torch.stack(out.scores, 1)  # -inf but at the recorder's draw: nothing after it
+    tokens, real, taken = generate_with_drawing_recorder(actor, prompts, 4, 0.7)
+    # taken: -inf but at the recorder's draw: nothing after it
     assert (taken.isfinite().sum(-1) == 1).all()
     assert torch.equal(taken.argmax(-1)[real], tokens[real])

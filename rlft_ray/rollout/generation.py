@@ -36,7 +36,7 @@ from rlft_ray.rewards import compute_rewards_within, load_reward_fn
 from rlft_ray.rollout.actor_weights import WeightLoading
 from rlft_ray.rollout.heldout import HeldOutScoring
 from rlft_ray.rollout.multiturn import play
-from rlft_ray.rollout.prefill import generate_repeated, prefilled_generate
+from rlft_ray.rollout.prefill import prefilled_generate
 from rlft_ray.rollout.sampled_logprobs import SampledLogprobs
 from rlft_ray.rollout.scoring import ScorerClient
 from rlft_ray.rollout.selection import Selector
@@ -269,18 +269,9 @@ class GenerationActor(WeightLoading, ValueGuidedDecoding, HeldOutScoring, TurnCa
             recorder = None if greedy else SampledLogprobs.given(guided)
         else:
             processors = None if recorder is None else LogitsProcessorList([recorder])
-            if p_len > 1:  # each prompt's prefill once, a prefix they share once
-                rows = [p.ids for p in prompts]
-                response = prefilled_generate(self.model, rows, n, config, processors, self.pad_id)
-            else:
-                response = generate_repeated(
-                    self.model,
-                    torch.as_tensor(prompt_ids, device=self.device),
-                    torch.as_tensor(prompt_mask, device=self.device).long(),
-                    n,
-                    config,
-                    processors,
-                )
+            # each prompt's prefill once, a prefix they share once (none for 1-token prompts)
+            rows = [p.ids for p in prompts]
+            response = prefilled_generate(self.model, rows, n, config, processors, self.pad_id)
         response, mask, logprobs = self._real_tokens(response, recorder)
         return self._batch(
             prompts,

@@ -21,7 +21,6 @@ tokens and the recorded log-probs, are the plain call's up to float rounding
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -141,12 +140,9 @@ def generate_repeated(
 
     Returns:
         ``[k n, L]`` generated ids (prompt 0's ``n`` rows first). The rows are repeated
-        here rather than by ``num_return_sequences``, which ``generate`` refuses without
-        ``do_sample`` (the recorder may draw the tokens itself).
+        here rather than by ``num_return_sequences`` (``config`` leaves it at 1), which
+        ``generate`` refuses without ``do_sample`` (the recorder may draw the tokens itself).
     """
-    if config.num_return_sequences != 1:
-        config = copy.copy(config)
-        config.num_return_sequences = 1
     out = model.generate(
         input_ids=ids.repeat_interleave(n, 0),
         attention_mask=mask.repeat_interleave(n, 0),
