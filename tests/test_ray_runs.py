@@ -130,6 +130,7 @@ def _tensorboard(
     return scalars, texts, hparams
 
 
+@pytest.mark.slow  # 32-34 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_resume_continues_counters(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = build_config(
@@ -208,6 +209,7 @@ def test_ddp_two_learners_learn(tmp_path: Path) -> None:
     assert returns[-1] > 2 * returns[0] and returns[-1] > 100, returns
 
 
+@pytest.mark.slow  # 32-34 s end to end: the default suite stays under 10 minutes on slower CPUs
 def test_killed_env_runner_is_restarted_and_run_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = build_config(CARTPOLE, ["total_env_steps=25600", "report_interval_s=0"])
