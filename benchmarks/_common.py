@@ -172,15 +172,24 @@ def base_data_seeds(description: str) -> argparse.Namespace:
     return args
 
 
+# TRL 1.x's configs default to bf16 autocast and gradient checkpointing (``bf16=None`` becomes
+# True, ``gradient_checkpointing=True``), even with ``use_cpu``; ours learns in float32 without
+# checkpointing, so every side-by-side run turns both off. (On a CPU without bf16 instructions
+# the autocast alone made TRL's GRPO step ~20x slower.)
+TRL_AS_OURS: dict[str, bool] = {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+
+
 def trl_grpo_config(out: str, seed: int, steps: int, **settings: Any) -> Any:
     """TRL's ``GRPOConfig`` for a side-by-side run on the CPU: one update per batch, PPO clip
     0.2, group-normalised advantages, sequence-mean-token-mean loss, a constant learning
     rate, grad norm 1, full sampling (T 1, no top-k / top-p), no dropout, nothing saved;
+    float32 without gradient checkpointing, as ours runs (``TRL_AS_OURS``);
     ``settings`` gives the batch, lengths, beta and learning rate of the comparison."""
     from trl import GRPOConfig
 
     return GRPOConfig(
         output_dir=out,
+        **TRL_AS_OURS,
         temperature=1.0,
         top_k=0,
         top_p=1.0,

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, emit, train_cli
+from _common import ROOT, TRL_AS_OURS, emit, train_cli
 
 LR, BETA, BATCH, PAIRS = 5e-4, 0.1, 32, 512
 
@@ -84,6 +84,7 @@ def trl_worker(model: str, pairs: str, out: str, epochs: int, seed: int) -> None
         use_cpu=True,
         seed=seed,
         dataloader_num_workers=0,
+        **TRL_AS_OURS,  # float32, no gradient checkpointing: TRL's defaults are neither
     )
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model),
