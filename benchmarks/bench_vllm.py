@@ -23,7 +23,9 @@ feed vLLM: adapters as a ``LoRARequest`` (what ``lm.backend: vllm`` does) agains
 them into the base weights and reloading those (sync seconds, generation tokens/s; the
 two engines run one after the other, an engine per process at a time). ``--only grpo``
 runs ``examples/chat_grpo.yaml`` on ``--model`` for a few iterations per backend and
-dtype, alternating, and prints the median ``perf/iteration_s`` after the first.
+dtype, alternating, and prints the median ``perf/iteration_s`` after the first, with its
+sampling, update and weight-sync parts (the sync: the learner's publish and the actor's
+load, for vLLM the engine's reload).
 
 Needs vLLM (README "vLLM backend"). ``--model`` takes any ``save_pretrained``
 directory whose head size vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).
@@ -348,7 +350,14 @@ def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Nam
                     rows = read_metrics(out)[1:]
                     med = {
                         k: round(statistics.median(r[f"perf/{k}"] for r in rows), 3)
-                        for k in ("iteration_s", "sample_s", "update_s", "weight_sync_s")
+                        for k in (
+                            "iteration_s",
+                            "sample_s",
+                            "update_s",
+                            "weight_sync_s",  # publish + the actor's load (reload)
+                            "weight_publish_s",
+                            "weight_load_s",
+                        )
                     }
                     emit(
                         {

@@ -73,6 +73,11 @@ def test_weight_sync_reaches_every_actor(model_dir: Path, tmp_path: Path) -> Non
         assert [b.policy_version for b in batches] == [5, 5] and [len(b) for b in batches] == [4, 2]
         for b in batches:  # the actors now sample from the published weights
             _assert_sampled_by(new, b)
+        # the loads' own seconds are read back once each (perf/weight_load_s)
+        assert 0 < group.load_seconds() < 60 and group.load_seconds() == 0.0
+        group.publish({k: v.clone() for k, v in new.state_dict().items()}, 6, wait=False)
+        group.sample(lambda: ({}, 0), per_actor=[(prompts,), (prompts,)], version=6)
+        assert group.load_seconds() > 0  # done before the sample that followed it
     finally:
         for a in actors:
             ray.kill(a)
@@ -135,6 +140,10 @@ def test_grpo_reward_rises_then_resumes(model_dir: Path, tmp_path: Path) -> None
         "perf/learner_tokens_per_s",
     ):
         assert all(np.isfinite(r[key]) for r in rows), key
+    # the sync is the learner's publish plus the actors' loads (read back when done)
+    for r in rows:
+        assert r["perf/weight_sync_s"] == r["perf/weight_publish_s"] + r["perf/weight_load_s"]
+    assert sum(r["perf/weight_load_s"] > 0 for r in rows) >= 20
     assert rows[-1]["kl/mean"] > rows[0]["kl/mean"]  # the policy moved away from the reference
     # the example overlaps sampling with the update: each batch is one version behind
     assert [r["rollout/policy_lag"] for r in rows] == [0.0] + [1.0] * 23

@@ -11,6 +11,7 @@ import torch
 
 from rlft_ray.core.torch_utils import weights_from_wire
 from rlft_ray.rollout.shared_weights import SharedSlot, StaleWeightsError
+from rlft_ray.rollout.weight_timing import TimedWeightLoads
 from rlft_ray.types import UNSYNCED_VERSION
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from rlft_ray.rollout.vllm_engine import VLLMEngine
 
 
-class WeightLoading:
+class WeightLoading(TimedWeightLoads):
     """The weights half of a generation actor; needs its ``model`` (or ``engine``), ``lm``,
     ``lora`` / ``merge_lora`` / ``merged``, ``_tensors``, ``_tensor_names``, ``_alias_of``,
     ``_aliased`` and ``_take_ilql_heads``."""

@@ -17,6 +17,7 @@ from torch import nn
 from rlft_ray.config import EnvConfig
 from rlft_ray.core.torch_utils import hold_threads
 from rlft_ray.rollout.shared_weights import SharedSlot, received_weights
+from rlft_ray.rollout.weight_timing import TimedWeightLoads
 from rlft_ray.types import UNSYNCED_VERSION, EpisodeStats, RolloutBatch
 
 #: Longest evaluation episode of an env that sets no ``max_episode_steps``.
@@ -48,7 +49,7 @@ def probe_spaces(env_cfg: EnvConfig) -> tuple[gym.Space, gym.Space]:
     return spaces
 
 
-class EnvRunner:
+class EnvRunner(TimedWeightLoads):
     """Steps ``num_envs`` copies of an env with the latest published policy.
 
     Args:

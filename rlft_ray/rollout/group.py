@@ -110,6 +110,8 @@ class RunnerGroup:
         self.recovery_timeout_s = recovery_timeout_s
         self.sample_timeout_s = sample_timeout_s
         self.restarts = 0
+        # ``set_weights_timed`` calls not yet read back: (version, call)
+        self._loads: list[tuple[int, Any]] = []
 
     def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
         """Put the weights in the object store once (or in the ``shared`` file); every actor
@@ -133,7 +135,10 @@ class RunnerGroup:
         # a shared slot is a few hundred bytes (inlined in the calls); else one object
         ref = self.shared.write(weights, version) if self.shared is not None else None
         ref = ref if ref is not None else ray.put(weights_to_wire(weights))
-        pending = {i: r.set_weights.remote(ref, version) for i, r in enumerate(self.all_runners)}
+        pending = {
+            i: r.set_weights_timed.remote(ref, version) for i, r in enumerate(self.all_runners)
+        }
+        self._loads.extend((version, call) for call in pending.values())
         if wait:
             for i, call in pending.items():
                 try:
@@ -142,6 +147,29 @@ class RunnerGroup:
                     # Its rank restores it (with its own copy of the weights) on the next sample.
                     logger.warning("rollout actor %d was down during weight sync", i)
         return time.perf_counter() - start
+
+    def load_seconds(self) -> float:
+        """Seconds the actors spent loading published weights, over the loads that finished
+        since the last call: per version the slowest actor's (they load in parallel), summed
+        over versions. With one learner :meth:`publish` does not wait for the loads (the
+        actors run them before their next ``sample``), so a load is read here an iteration
+        later; the learner's ``perf/weight_sync_s`` is the publish plus this. A load that
+        failed (a dead actor, restored by :meth:`collect`) counts nothing."""
+        if not self._loads:
+            return 0.0
+        done, _ = ray.wait([c for _, c in self._loads], num_returns=len(self._loads), timeout=0)
+        finished = set(done)
+        slowest: dict[int, float] = {}
+        for version, call in self._loads:
+            if call not in finished:
+                continue
+            try:
+                _, seconds = ray.get(call, timeout=0)
+            except (*_ACTOR_DOWN, ray.exceptions.RayTaskError):
+                continue
+            slowest[version] = max(slowest.get(version, 0.0), seconds)
+        self._loads = [(v, c) for v, c in self._loads if c not in finished]
+        return sum(slowest.values())
 
     def sample(
         self,

@@ -108,7 +108,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # actors that sample need every version; an offline learner's only score held-out sets
         publish = rank == 0 and (not learner.offline or eval_due)
         state = learner.policy_state() if publish else {}  # with LoRA: the adapters only
-        sync_s = runners.publish(state, counters.policy_version, wait=world > 1) if publish else 0.0
+        publish_s = (
+            runners.publish(state, counters.policy_version, wait=world > 1) if publish else 0.0
+        )
+        sync_s = (publish_s, runners.load_seconds())  # the actors' loads that are done by now
         if rank == 0 and eval_due:
             metrics.update(learner.heldout_eval(runners, counters.policy_version))
         if eval_due and not last and watch.active:
@@ -154,19 +157,30 @@ class _OveroptimizationWatch:
 
 
 def _timing_metrics(
-    marks: tuple[float, float, float], sync_s: float, state: dict[str, Any], restarts: int
+    marks: tuple[float, float, float],
+    sync_s: tuple[float, float],
+    state: dict[str, Any],
+    restarts: int,
 ) -> dict[str, float]:
     """Where an iteration's seconds went: sampling (``t0`` -> ``t1``), the update (-> ``t2``),
-    the weight sync (and its bytes), the whole iteration; and actor restarts so far."""
+    the weight sync (and its bytes), the whole iteration; and actor restarts so far.
+
+    ``sync_s`` is (the learner's publish, the actors' loads read back this iteration; see
+    :meth:`~rlft_ray.rollout.group.RunnerGroup.load_seconds`); ``perf/weight_sync_s`` is
+    their sum. With one learner an actor loads before its next ``sample`` call, so on a
+    synchronous run its load also lies inside the next iteration's ``perf/sample_s``."""
     t0, t1, t2 = marks
     iteration_s = time.perf_counter() - t0
+    publish_s, load_s = sync_s
     return {
         "perf/sample_s": t1 - t0,
         "perf/update_s": t2 - t1,
-        "perf/weight_sync_s": sync_s,
+        "perf/weight_publish_s": publish_s,
+        "perf/weight_load_s": load_s,
+        "perf/weight_sync_s": publish_s + load_s,
         "perf/weight_sync_mb": sum(v.numel() * v.element_size() for v in state.values()) / 1e6,
         "perf/iteration_s": iteration_s,
-        "perf/weight_sync_frac": sync_s / max(iteration_s, 1e-9),
+        "perf/weight_sync_frac": (publish_s + load_s) / max(iteration_s, 1e-9),
         "perf/actor_restarts": float(restarts),
     }
 
