@@ -359,6 +359,12 @@ def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Nam
                             "weight_load_s",
                         )
                     }
+                    # the engine's recorded log-probs against the learner's, every iteration
+                    gaps = {
+                        k: [round(r[f"rollout/{k}"], 6) for r in read_metrics(out)]
+                        for k in ("logprob_gap", "logprob_gap_max")
+                        if backend == "vllm"
+                    }
                     emit(
                         {
                             "model": name,
@@ -367,6 +373,7 @@ def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Nam
                             "backend": backend,
                             "iterations": len(rows),
                             **med,
+                            **gaps,
                         }
                     )
     finally:

@@ -10,8 +10,9 @@
    accuracy at every evaluation and of ``checkpoint_best`` / the last.
 4. Side by side in the same run, TRL's ``GRPOTrainer`` (``pip install -e ".[bench]"``) on the
    same model, prompts, reward, batch (8 prompts x 4 answers), sampling (T 1, 32 new tokens),
-   KL (none in the loss: beta 0, as the example), learning rate (1e-5) and iterations, in a
-   fresh process with both cores:
+   KL (none in the loss: beta 0, as the example), learning rate (1e-5), precision (float32:
+   TRL's bf16 autocast default off), no gradient checkpointing (TRL's default off, as ours)
+   and iterations, in a fresh process with both cores:
    command seconds, peak RSS, and held-out accuracy of its final model (our scorer).
 
 Every record is a JSON line; ``ratio_iterations_per_s`` is TRL's command seconds over ours
