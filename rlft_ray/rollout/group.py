@@ -115,7 +115,8 @@ class RunnerGroup:
 
     def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
         """Put the weights in the object store once (or in the ``shared`` file); every actor
-        loads them. Returns seconds.
+        loads them. Returns the seconds of the write (or the put); the actors' own load
+        seconds come from :meth:`load_seconds`.
 
         Tensors travel as numpy arrays (shared memory, no per-tensor unpickling); the
         actors' ``set_weights`` accept either, or a shared slot.
@@ -135,6 +136,7 @@ class RunnerGroup:
         # a shared slot is a few hundred bytes (inlined in the calls); else one object
         ref = self.shared.write(weights, version) if self.shared is not None else None
         ref = ref if ref is not None else ray.put(weights_to_wire(weights))
+        written_s = time.perf_counter() - start
         pending = {
             i: r.set_weights_timed.remote(ref, version) for i, r in enumerate(self.all_runners)
         }
@@ -146,7 +148,7 @@ class RunnerGroup:
                 except (*_ACTOR_DOWN, _TimedOut):
                     # Its rank restores it (with its own copy of the weights) on the next sample.
                     logger.warning("rollout actor %d was down during weight sync", i)
-        return time.perf_counter() - start
+        return written_s
 
     def load_seconds(self) -> float:
         """Seconds the actors spent loading published weights, over the loads that finished
@@ -165,11 +167,11 @@ class RunnerGroup:
                 continue
             try:
                 _, seconds = ray.get(call, timeout=0)
-            except (*_ACTOR_DOWN, ray.exceptions.RayTaskError):
+            except ray.exceptions.RayError:  # a failed load (restored elsewhere): no figure
                 continue
             slowest[version] = max(slowest.get(version, 0.0), seconds)
         self._loads = [(v, c) for v, c in self._loads if c not in finished]
-        return sum(slowest.values())
+        return sum(slowest.values(), 0.0)
 
     def sample(
         self,

@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if rank == 0:
         runners.publish(learner.policy_state(), counters.policy_version)
+        runners.load_seconds()  # the first load is start-up, not an iteration's sync
     _barrier(world)
     clock_start = time.perf_counter() - counters.wall_s
     reporter = _Reporter(cfg, spaces, ctx, loop_cfg.get("report_to", ()))
