@@ -183,8 +183,9 @@ def trl(model_dir: str, seed: int, iterations: int, lm) -> dict:
 
 def big_model(model_dir: str, iterations: int) -> dict:
     """A 0.5B-parameter llama config with random weights and SmolLM2's vocabulary (hidden
-    1024, 24 layers, MLP 4096: Qwen2-0.5B's shape class) trained ``iterations`` GRPO steps
-    by the example with gradient checkpointing: does it complete, and in how much memory."""
+    1024, 27 layers, MLP 4096, tied embeddings: 503M parameters, Qwen2-0.5B's shape class)
+    trained ``iterations`` GRPO steps by the example with gradient checkpointing: does it
+    complete, and in how much memory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(tempfile.mkdtemp(prefix="rlft_big_")) / "llama-0.5b"
@@ -193,7 +194,7 @@ def big_model(model_dir: str, iterations: int) -> dict:
         vocab_size=len(tok),
         hidden_size=1024,
         intermediate_size=4096,
-        num_hidden_layers=24,
+        num_hidden_layers=27,  # 24 layers are 0.45B with this vocabulary
         num_attention_heads=16,
         num_key_value_heads=16,
         max_position_embeddings=2048,

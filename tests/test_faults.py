@@ -513,7 +513,7 @@ def test_resuming_an_init_from_run_keeps_its_reference(tmp_path: Path) -> None:
     resume (not ``lm.model``); optimizer, RNG and counters come from the checkpoint."""
     from rlft_ray.learners.base import LearnerContext
     from rlft_ray.learners.checkpoint import Counters, save_checkpoint
-    from rlft_ray.run.loop import restore
+    from rlft_ray.run.restore import restore
 
     cfg = build_config(CARTPOLE, [f"init_from={tmp_path / 'start'}"])
 

@@ -31,12 +31,12 @@ from rlft_ray.learners import checkpoint as ckpt
 from rlft_ray.learners.base import Learner, LearnerContext, Spaces
 from rlft_ray.learners.ddp import global_sum, rank0_decides
 from rlft_ray.learners.registry import get_learner_cls
-from rlft_ray.learners.rllib_ckpt import is_rllib_checkpoint, load_rllib_into
 from rlft_ray.lm.prompts import TableShard
 from rlft_ray.rollout.dynamic_sampling import fill_batch
 from rlft_ray.rollout.group import PendingSample, RunnerGroup
 from rlft_ray.run.early_stop import fallen_metric, watched_metrics
 from rlft_ray.run.metrics import ROWS_KEY
+from rlft_ray.run.restore import restore
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         last = _finished(cfg, counters, time.perf_counter() - clock_start, ctx)
         eval_due = _eval_due(cfg, counters, last)
-        # actors that sample need every version; an offline learner's only score held-out sets
-        publish = rank == 0 and (not learner.offline or eval_due)
-        state = learner.policy_state() if publish else {}  # with LoRA: the adapters only
-        publish_s = (
-            runners.publish(state, counters.policy_version, wait=world > 1) if publish else 0.0
-        )
-        sync_s = (publish_s, runners.load_seconds())  # the actors' loads that are done by now
+        state, sync_s = _sync_weights(learner, runners, counters.policy_version, ctx, eval_due)
         if rank == 0 and eval_due:
             metrics.update(learner.heldout_eval(runners, counters.policy_version))
         if eval_due and not last and watch.active:
@@ -155,6 +149,20 @@ class _OveroptimizationWatch:
                 self.falls,
             )
         return stop
+
+
+def _sync_weights(
+    learner: Learner, runners: RunnerGroup, version: int, ctx: LearnerContext, eval_due: bool
+) -> tuple[dict[str, Any], tuple[float, float]]:
+    """Rank 0 publishes ``version``: actors that sample need every version, an offline
+    learner's actors only score held-out sets. Returns the published state (with LoRA the
+    adapters only; empty when nothing was published) and the seconds of the publish and of
+    the actors' loads that are done by now (:meth:`RunnerGroup.load_seconds`)."""
+    if ctx.rank != 0 or (learner.offline and not eval_due):
+        return {}, (0.0, 0.0)
+    state = learner.policy_state()
+    publish_s = runners.publish(state, version, wait=ctx.world_size > 1)
+    return state, (publish_s, runners.load_seconds())
 
 
 def _timing_metrics(
@@ -280,68 +288,6 @@ def _quiet_ray_train_reports() -> None:
         train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # private module moved: only the log volume changes
         pass
-
-
-def restore(
-    learner: Learner,
-    cfg: RunConfig,
-    spaces: Spaces,
-    resume_from: ray.train.Checkpoint | None = None,
-    start_checkpoint: ray.train.Checkpoint | None = None,
-) -> ckpt.Counters:
-    """Continue ``resume_from`` (the run directory's ``checkpoint_last``: weights,
-    optimizer, RNG, counters), else ``start_checkpoint`` (counters, optimizer moments;
-    hyperparameters from ``cfg``), else start from ``init_from``, else fresh."""
-    sig = spaces.signature()
-    if cfg.init_from and (resume_from is not None or start_checkpoint is not None):
-        learner.load_start_point(Path(cfg.init_from))  # e.g. the KL reference, not lm.model
-    if resume_from is not None:
-        with resume_from.as_directory() as path:
-            ckpt.check_compatible(path, cfg, sig)
-            ckpt.load_modules(path, learner.modules())
-            return _load_rank_parts(
-                learner, path, ckpt.load_training_state(path, learner.optimizer)
-            )
-    if start_checkpoint is not None:
-        # Ray Train V2 dropped `resume_from_checkpoint`; its replacement is a checkpoint
-        # passed in the loop config. Used by Tune trials (PBT exploit, trial restarts).
-        with start_checkpoint.as_directory() as path:
-            ckpt.check_compatible(path, cfg, sig)
-            ckpt.load_modules(path, learner.modules())
-            # The checkpoint brings the optimizer's state; this run's config its
-            # hyperparameters (PBT mutates e.g. lr between the two).
-            groups = [
-                {k: v for k, v in g.items() if k != "params"}
-                for g in learner.optimizer.param_groups
-            ]
-            counters = ckpt.load_training_state(path, learner.optimizer)
-            for group, fresh in zip(learner.optimizer.param_groups, groups):
-                group.update(fresh)
-            return _load_rank_parts(learner, path, counters)
-    if cfg.init_from and is_rllib_checkpoint(cfg.init_from):  # an RLlib RLModule's weights
-        load_rllib_into(learner.modules()["policy"], cfg.init_from)
-        learner.after_init_from()
-        return ckpt.Counters()
-    if cfg.init_from:
-        ckpt.check_compatible(cfg.init_from, cfg, sig, same_algo=False)
-        # the weights to start from; the reference is this run's own (after_init_from)
-        seeds = [name for name in learner.modules() if name != "reference"]
-        if "policy" not in ckpt.load_modules(cfg.init_from, learner.modules(), names=seeds):
-            raise ckpt.CheckpointError(f"init_from {cfg.init_from}: no policy was loaded from it")
-        learner.after_init_from()
-    return ckpt.Counters()
-
-
-def _load_rank_parts(learner: Learner, path: str, counters: ckpt.Counters) -> ckpt.Counters:
-    """Per-rank parts of a resume: the learner's rank state, and distinct RNG streams
-    (``rng.json`` is rank 0's, so other ranks reseed from the seed, rank and iteration)."""
-    rank, world = learner.ctx.rank, learner.ctx.world_size
-    state = ckpt.load_rank_state(path, rank, world)
-    if state is not None:
-        learner.load_rank_state(state)
-    if rank > 0:
-        seed_everything(learner.cfg.seed + 7919 * rank + counters.iteration)
-    return counters
 
 
 def _gather_rank_states(learner: Learner, world: int) -> list[dict[str, Any]]:
