@@ -110,8 +110,7 @@ class RunnerGroup:
         self.recovery_timeout_s = recovery_timeout_s
         self.sample_timeout_s = sample_timeout_s
         self.restarts = 0
-        # ``set_weights_timed`` calls not yet read back: (version, call)
-        self._loads: list[tuple[int, Any]] = []
+        self._loads: list[Any] = []  # ``set_weights_timed`` calls not yet read back
 
     def publish(self, weights: dict[str, torch.Tensor], version: int, wait: bool = True) -> float:
         """Put the weights in the object store once (or in the ``shared`` file); every actor
@@ -140,7 +139,7 @@ class RunnerGroup:
         pending = {
             i: r.set_weights_timed.remote(ref, version) for i, r in enumerate(self.all_runners)
         }
-        self._loads.extend((version, call) for call in pending.values())
+        self._loads.extend(pending.values())
         if wait:
             for i, call in pending.items():
                 try:
@@ -159,18 +158,14 @@ class RunnerGroup:
         failed (a dead actor, restored by :meth:`collect`) counts nothing."""
         if not self._loads:
             return 0.0
-        done, _ = ray.wait([c for _, c in self._loads], num_returns=len(self._loads), timeout=0)
-        finished = set(done)
-        slowest: dict[int, float] = {}
-        for version, call in self._loads:
-            if call not in finished:
-                continue
+        done, self._loads = ray.wait(self._loads, num_returns=len(self._loads), timeout=0)
+        slowest: dict[int, float] = {}  # per version held
+        for call in done:
             try:
-                _, seconds = ray.get(call, timeout=0)
+                version, seconds = ray.get(call, timeout=0)
             except ray.exceptions.RayError:  # a failed load (restored elsewhere): no figure
                 continue
             slowest[version] = max(slowest.get(version, 0.0), seconds)
-        self._loads = [(v, c) for v, c in self._loads if c not in finished]
         return sum(slowest.values(), 0.0)
 
     def sample(
