@@ -156,8 +156,15 @@ def last_mean(run_dir: Path, key: str, n: int = 5) -> float:
 
 
 def medians(records: list[dict[str, Any]], keys: tuple[str, ...], prefix: str = "") -> dict:
-    """``{prefix + key: median over records}`` for every key (records of several seeds)."""
-    return {f"{prefix}{k}": round(statistics.median(r[k] for r in records), 4) for k in keys}
+    """``{prefix + key: median over records}`` for every key (records of several seeds;
+    a key only some records hold, from an older log, is the median of those, and one no
+    record holds is left out)."""
+    out = {}
+    for k in keys:
+        values = [r[k] for r in records if k in r]
+        if values:
+            out[f"{prefix}{k}"] = round(statistics.median(values), 4)
+    return out
 
 
 def base_data_seeds(description: str) -> argparse.Namespace:

@@ -19,7 +19,9 @@ actor. Per seed:
    ``generate`` of the same reset prompts x 8 with the same token budget per turn,
    alternating, on the SFT base and on the GRPO policy; tokens per wall second and per
    CPU second of the process (a shared machine inflates the first), decode steps and
-   tokens per step, prefill tokens with the turn cache and re-reading;
+   tokens per step, prefill tokens with the turn cache and re-reading, and the same
+   episodes without parking (every call runs to its last row; the two multi-turn runs
+   swap places every repeat);
 5. ``--only real`` (not by default; ``benchmarks/agent_real.py``): SmolLM2-135M-Instruct
    on ToolArithmetic in ChatML, its greedy tool call rate before and after a short GRPO.
 
@@ -178,18 +180,19 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
     import torch
 
     from rlft_ray.config import EnvConfig, LMConfig
-    from rlft_ray.rollout import multiturn
+    from rlft_ray.rollout import multiturn, turn_cache
     from rlft_ray.rollout.evaluate import seed_prompts
     from rlft_ray.rollout.generation import GenerationActor
     from rlft_ray.rollout.turn_cache import TurnSession
     from rlft_ray.types import Prompt
 
     torch.set_num_threads(1)
+    park_below = turn_cache.PARK_BELOW
     lm = LMConfig(model=str(model), num_samples=8, **TOOL_LM)
     actor = GenerationActor(lm, seed=seed, env=EnvConfig(id="rlft/ToolArithmetic-v0"))
     seeds = list(range(seed * 100, seed * 100 + 8))
     prompts = seed_prompts(seeds)
-    multi, single, multi_cpu, single_cpu, reread_cpu = [], [], [], [], []
+    multi, single, multi_cpu, single_cpu, reread_cpu, unparked = [], [], [], [], [], []
 
     class Rereading(TurnSession):
         def keep(self, *args: Any) -> None:  # no cache kept: each turn re-reads everything
@@ -209,8 +212,13 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         return out
 
     actor.generate_turn = recorded  # play() calls it once per turn
+    texts = [p.text for p in actor.sample(prompts).prompts[::8]]  # the reset prompts
+    plain = [Prompt(t, actor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     steps = rows_per_step = 0.0
-    for _ in range(repeats):
+    stats: dict[str, int] = {}
+
+    def run_multi() -> None:
+        nonlocal steps, rows_per_step
         shapes.clear()
         sessions.clear()
         reread[0] = 0
@@ -218,18 +226,33 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         batch = actor.sample(prompts)
         multi.append(batch.num_tokens / (time.perf_counter() - start))
         multi_cpu.append(batch.num_tokens / (time.process_time() - cpu))
-        # this batch's prefills (the re-reading run below records its own)
-        fed, fed_reread, shared = sessions[-1].fed_tokens, reread[0], sessions[-1].shared_rows
+        # this batch's prefills (the re-reading run records its own) and parked turns
+        stats.update(
+            fed=sessions[-1].fed_tokens,
+            fed_reread=reread[0],
+            shared=sessions[-1].shared_rows,
+            parked=stats.get("parked", 0) + sessions[-1].parked_rows,  # one session a batch
+        )
         steps += sum(w for _, w in shapes) / repeats
         rows_per_step += batch.num_tokens / max(sum(w for _, w in shapes), 1) / repeats
-        texts = [batch.prompts[i] for i in range(0, len(batch), 8)]
-        plain = [
-            Prompt(t, actor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
-        ]
+
+    def run_single() -> Any:
         start, cpu = time.perf_counter(), time.process_time()
         one = actor.generate(plain)
         single.append(one.num_tokens / (time.perf_counter() - start))
         single_cpu.append(one.num_tokens / (time.process_time() - cpu))
+        return one
+
+    def run_unparked() -> None:
+        turn_cache.PARK_BELOW = 0.0  # every call runs until its last row ends
+        try:
+            start = time.perf_counter()
+            again = actor.sample(prompts)
+            unparked.append(again.num_tokens / (time.perf_counter() - start))
+        finally:
+            turn_cache.PARK_BELOW = park_below
+
+    def run_rereading() -> None:
         multiturn.TurnSession = Rereading  # the same episodes re-reading every turn
         try:
             cpu = time.process_time()
@@ -237,6 +260,20 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
             reread_cpu.append(again.num_tokens / (time.process_time() - cpu))
         finally:
             multiturn.TurnSession = TurnSession
+
+    for i in range(repeats):  # the two multi-turn runs swap places every repeat
+        first, second = (run_multi, run_unparked) if i % 2 == 0 else (run_unparked, run_multi)
+        first()
+        one = run_single()
+        second()
+        run_single()
+        run_rereading()
+    fed, fed_reread, shared, parked = (
+        stats["fed"],
+        stats["fed_reread"],
+        stats["shared"],
+        stats["parked"],
+    )
     width = one.response_ids.shape[1]
     m, s = statistics.median(multi), statistics.median(single)
     m_cpu, s_cpu = statistics.median(multi_cpu), statistics.median(single_cpu)
@@ -247,6 +284,13 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         "multi_turn_tokens_per_s": round(m, 1),
         "single_turn_tokens_per_s": round(s, 1),
         "ratio": round(m / s, 3),
+        # Continuous batching at the turn level (TurnStops): turns still running once at
+        # most park_below of a call's rows run go on in the next call; against every call
+        # running until its last row ends.
+        "park_below": park_below,
+        "multi_turn_parks_per_batch": round(parked / repeats, 2),
+        "multi_turn_unparked_tokens_per_s": round(statistics.median(unparked), 1),
+        "ratio_unparked": round(statistics.median(unparked) / s, 3),
         # Per second of this process's CPU time (all its threads): what a machine shared
         # with other jobs does not inflate; wall tokens/s above is what a user sees.
         "multi_turn_tokens_per_cpu_s": round(m_cpu, 1),
@@ -382,6 +426,8 @@ def main() -> None:
                 "multi_turn_tokens_per_s",
                 "single_turn_tokens_per_s",
                 "ratio",
+                "ratio_unparked",
+                "multi_turn_parks_per_batch",
                 "ratio_cpu",
                 "ratio_cpu_rereading",
                 "multi_turn_tokens_per_step",

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from envs.tool_arithmetic import ToolArithmeticEnv
-from rlft_ray.agents import TextEnv
 from rlft_ray.algorithms import gapped_gae
 from rlft_ray.config import ConfigError, EnvConfig, LMConfig, build_config
 from rlft_ray.learners.registry import get_learner_cls
@@ -21,7 +20,6 @@ from rlft_ray.lm.tiny import build_tokenizer
 from rlft_ray.rollout.evaluate import seed_prompts
 from rlft_ray.rollout.generation import GenerationActor
 from rlft_ray.rollout.multiturn import TurnLimits, run_episodes
-from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import GenerationBatch, Prompt, pad_sequences
 
 from lm_helpers import first_step_grads, make_learner
@@ -31,17 +29,18 @@ EOS = TOK.eos_token_id
 LOGP = -0.5
 
 
-def scripted(reply_for):
+def scripted(reply_for, obey_caps: bool = True):
     """A ``generate`` that answers each context with ``reply_for(context text)`` + EOS,
-    every token at log-prob -0.5; counts its calls (one per turn)."""
+    every token at log-prob -0.5 (cut to each context's cap unless ``obey_caps`` is
+    False, as the vLLM engine's one cap per call does); counts its calls (one per turn)."""
     calls = []
 
-    def generate(prompts: list[Prompt], max_new: int) -> GenerationBatch:
+    def generate(prompts: list[Prompt], max_new: list[int]) -> GenerationBatch:
         calls.append(len(prompts))
         rows = []
-        for p in prompts:
+        for p, cap in zip(prompts, max_new, strict=True):
             ids = TOK(reply_for(TOK.decode(p.ids)), add_special_tokens=False)["input_ids"]
-            rows.append([*ids, EOS][:max_new])
+            rows.append([*ids, EOS][: cap if obey_caps else None])
         ids, mask = pad_sequences(rows, TOK.pad_token_id, "right")
         n = len(prompts)
         return GenerationBatch(
@@ -116,6 +115,12 @@ def test_max_turns_and_the_token_budget_truncate() -> None:
     batch = run_episodes(always_call, TOK, lambda: ToolArithmeticEnv(max_turns=9), [0], 1, tight)
     assert batch.agent.turns.tolist() == [1] and batch.agent.truncated.tolist() == [True]
     assert len(batch.prompt_ids[0]) + batch.response_mask[0].sum() <= 40
+    # A generate that samples past a row's cap is cut to it here, its text decoded anew.
+    careless = scripted(lambda ctx: "<calc>1+1</calc>", obey_caps=False)
+    short = dataclasses.replace(LIMITS, max_new_tokens=7, max_turns=1)
+    batch = run_episodes(careless, TOK, ToolArithmeticEnv, [0], 1, short)
+    assert TOK.decode(batch.response_ids[0][batch.response_mask[0]]) == "<calc>1"
+    assert batch.completions == ["<calc>1"] and batch.logprobs.shape[1] == 7
 
 
 def test_a_hung_env_step_fails_its_episode_with_the_reason_not_the_batch() -> None:
@@ -176,102 +181,6 @@ def test_actor_samples_episodes_whose_logprobs_the_learner_reproduces(model_dir:
     )
     mask = batch.loss_mask
     assert np.allclose(out.logprobs.detach().numpy()[mask], batch.logprobs[mask], atol=1e-4)
-
-
-class _EndsAfterSeedModTurns(TextEnv):
-    """Ends after ``seed % 3 + 1`` model turns, whatever the model writes; replies of
-    different lengths (the cache's reply block is padded)."""
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.seed, self.left = seed, seed % 3 + 1
-        return "go:", {}
-
-    def step(self, action):
-        self.left -= 1
-        return f" next{'!' * (self.seed % 4)}:", 0.0, self.left == 0, False, {}
-
-
-class _NoCache(TurnSession):
-    def keep(self, *args) -> None:  # every turn re-reads the whole conversation
-        pass
-
-
-@pytest.mark.parametrize("greedy", [True, False])
-def test_the_turn_cache_gives_the_tokens_of_rereading_the_conversation(
-    model_dir: Path, greedy: bool
-) -> None:
-    """Episodes continued from the previous turn's KV cache (rows of ended episodes
-    dropped) equal those that re-read the conversation every turn: greedy token for token,
-    sampled (same seed) token for token with the same log-probs."""
-    lm = LMConfig(model=str(model_dir), max_new_tokens=5, max_turns=4)
-    actor = GenerationActor(lm, seed=0)
-    limits = TurnLimits(max_turns=4, max_new_tokens=5, max_tokens=60, step_timeout_s=5.0)
-    batches, sessions = [], [TurnSession(), _NoCache()]
-    for session in sessions:
-        torch.manual_seed(3)
-        batches.append(
-            run_episodes(
-                lambda c, n, s=session: actor.generate_turn(c, s, greedy, n),
-                actor.tokenizer,
-                _EndsAfterSeedModTurns,
-                range(6),
-                2,
-                limits,
-            )
-        )
-    cached, reread = batches
-    assert cached.agent.turns.tolist() == [1, 1, 2, 2, 3, 3] * 2
-    assert np.array_equal(cached.response_ids, reread.response_ids)
-    assert np.array_equal(cached.loss_mask, reread.loss_mask)
-    assert np.allclose(cached.logprobs, reread.logprobs, atol=1e-5)
-    assert sessions[0].reused_turns == 2 and sessions[1].reused_turns == 0
-    assert sessions[0].fed_tokens < 0.6 * sessions[1].fed_tokens  # 144 vs 280 tokens read
-    assert greedy or (cached.logprobs < 0).any()
-    # greedy, every reset "go:": equal replies make equal conversations, read once each
-    # (turn 2: 8 rows, 3 distinct; turn 3: 4 rows, 2 distinct); sampled turns differ
-    assert sessions[0].shared_rows == (5 + 2 if greedy else 0)
-
-
-def test_a_shared_prefill_gives_every_duplicate_row_the_cache_of_reading_it(
-    model_dir: Path,
-) -> None:
-    """Rows that repeat another row (tokens and mask) get its KV cache copied instead of
-    re-reading: the cache equals that of reading every row; mostly distinct rows are left
-    to generate."""
-    from transformers import DynamicCache
-
-    from rlft_ray.rollout.turn_cache import shared_prefill
-
-    model = GenerationActor(LMConfig(model=str(model_dir)), seed=0).model
-    torch.manual_seed(0)
-    distinct = torch.randint(5, 60, (3, 12))
-    ids = distinct[[0, 1, 0, 2, 1, 0]]
-    mask = torch.ones_like(ids)
-    mask[[1, 4], :3] = 0  # left padding (rows 1 and 4 are still equal)
-    caches = []
-    for share in (True, False):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache)
-            if share:
-                assert shared_prefill(model, ids, mask, cache) == 3  # 3 rows copied
-            else:
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, 5:11]
-                model(ids[:, 5:11], attention_mask=mask[:, :11], position_ids=pos, cache=cache)
-        caches.append(cache)
-    shared, read = (c.layers[0] for c in caches)
-    assert shared.keys.shape == read.keys.shape == (6, 2, 11, 16)
-    assert torch.allclose(shared.keys, read.keys, atol=1e-5)
-    assert torch.allclose(shared.values, read.values, atol=1e-5)
-    before = caches[1].get_seq_length()  # 6 distinct rows: nothing shared, nothing read
-    assert (
-        shared_prefill(
-            model, distinct[[0, 1, 2, 0, 1, 2]] + torch.arange(6)[:, None], mask, caches[1]
-        )
-        == 0
-    )
-    assert caches[1].get_seq_length() == before
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,10 @@
 ``samples_per_seed`` episodes are one GRPO group: the same task). Every turn, all active
 episodes generate in one batched call (``generate``); each model turn is then stepped in
 its environment (concurrently, under ``step_timeout_s``) and the reply is tokenised once
-and appended. Token-in / token-out: a model turn keeps the sampled ids and their
+and appended. A call may *park* a few long turns rather than keep every other row
+waiting for them (:class:`~rlft_ray.rollout.turn_cache.TurnStops`): a parked turn keeps
+its tokens, is not stepped, and goes on in the next call, capped at what is left of its
+``max_new_tokens``. Token-in / token-out: a model turn keeps the sampled ids and their
 log-probs exactly as sampled (no decode -> re-encode); the decoded text only goes to the
 environment. An episode ends when the env terminates or truncates it, after
 ``max_turns`` model turns, when its tokens reach the budget, or when a step fails (times
@@ -31,15 +34,18 @@ import numpy as np
 
 from rlft_ray.agents.text_env import check_text_env, step_with_timeout
 from rlft_ray.config import LMConfig
+from rlft_ray.rollout import turn_cache
 from rlft_ray.rollout.turn_cache import TurnSession
 from rlft_ray.types import AgentStats, GenerationBatch, Prompt, pad_sequences
 
-#: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context:
-#: ``response_ids``, ``response_mask`` (up to and including EOS), ``logprobs`` and
-#: ``completions`` (the real tokens decoded without special tokens: the env's action). Each
-#: context's ``metadata["episode"]`` names its episode (a KV cache kept across turns
-#: continues that episode's row: :mod:`rlft_ray.rollout.turn_cache`).
-Generate = Callable[[list[Prompt], int], GenerationBatch]
+#: ``(contexts, max_new_tokens) -> GenerationBatch`` with one completion per context, at
+#: most ``max_new_tokens[i]`` tokens for context ``i`` (longer rows are cut here):
+#: ``response_ids``, ``response_mask`` (up to and including EOS), ``logprobs``,
+#: ``completions`` (the real tokens decoded without special tokens: the env's action) and
+#: optionally ``unfinished`` (parked turns). Each context's ``metadata["episode"]`` names
+#: its episode (a KV cache kept across turns continues that episode's row:
+#: :mod:`rlft_ray.rollout.turn_cache`).
+Generate = Callable[[list[Prompt], list[int]], GenerationBatch]
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class _Episode:
     logprobs: list[float] = field(default_factory=list)
     step_rewards: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    turn_ids: list[int] = field(default_factory=list)  # the model turn going on (parked)
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -82,6 +89,13 @@ class _Episode:
 
     def context(self) -> list[int]:
         return self.prompt_ids + self.ids
+
+    def cap(self, limits: TurnLimits) -> int:
+        """New tokens this episode's next call may sample: what is left of its turn's
+        ``max_new_tokens`` and of its token budget."""
+        return min(
+            limits.max_new_tokens - len(self.turn_ids), limits.max_tokens - len(self.context())
+        )
 
     def end(self, truncated: bool, failure: str | None = None) -> None:
         self.done, self.truncated, self.failure = True, truncated, failure
@@ -117,7 +131,7 @@ def run_episodes(
             obs, info = env.reset(seed=int(seed))
             resets.append((group, int(seed), env, check_text_env(obs, "env.reset"), info))
     episodes: list[_Episode] = []
-    prompt_ids = tokenizer([r[3] for r in resets], add_special_tokens=False)["input_ids"]
+    prompt_ids = _token_ids(tokenizer, [r[3] for r in resets])
     for (group, seed, env, obs, info), ids in zip(resets, prompt_ids):
         if len(ids) >= limits.max_tokens:
             raise ValueError(
@@ -128,48 +142,73 @@ def run_episodes(
         episodes.append(_Episode(env, group, list(ids), obs, metadata=meta))
     env_s = 0.0
     while active := [e for e in episodes if not e.done]:
-        room = max(limits.max_tokens - len(e.context()) for e in active)
         contexts = [
             Prompt("", e.context(), metadata={"episode": i})
             for i, e in enumerate(episodes)
             if not e.done
         ]
-        texts = _record_turn(
-            active, generate(contexts, min(limits.max_new_tokens, room)), tokenizer, limits
-        )
+        caps = [e.cap(limits) for e in active]
+        texts = _record_turn(active, generate(contexts, caps), caps, tokenizer)
+        stepped = [(e, text) for e, text in zip(active, texts) if text is not None]
+        if not stepped:  # every turn of the call was parked
+            continue
         start = time.perf_counter()
-        outcomes = step_with_timeout([e.env for e in active], texts, limits.step_timeout_s)
+        outcomes = step_with_timeout(
+            [e.env for e, _ in stepped], [t for _, t in stepped], limits.step_timeout_s
+        )
         env_s += time.perf_counter() - start
-        replies = [out.result[0] if out.result is not None else "" for out in outcomes]
-        reply_ids = tokenizer(replies, add_special_tokens=False)["input_ids"]  # one call
-        for e, out, ids in zip(active, outcomes, reply_ids):
-            _advance(e, out, list(ids), limits)
+        going = [(e, out) for (e, _), out in zip(stepped, outcomes) if _settle(e, out, limits)]
+        reply_ids = _token_ids(tokenizer, [out.result[0] for _, out in going])  # one call
+        for (e, out), ids in zip(going, reply_ids):
+            _append_reply(e, out.result[0], ids, limits)
     for e in episodes:  # a timed-out step may still run in its env: never reuse that one
         (release_env if release_env is not None and e.failure is None else _close)(e.env)
     return _to_batch(episodes, samples_per_seed, tokenizer, policy_version, env_s)
 
 
 def _record_turn(
-    active: list[_Episode], batch: GenerationBatch, tokenizer: Any, limits: TurnLimits
-) -> list[str]:
-    """Append each active episode's sampled turn (ids and log-probs as sampled, cut to the
-    token budget); the turns' texts, the actions for the envs."""
+    active: list[_Episode], batch: GenerationBatch, caps: list[int], tokenizer: Any
+) -> list[str | None]:
+    """Append each active episode's sampled tokens (ids and log-probs as sampled, cut to
+    the row's cap); the text of every turn that ended (the env's action), None where the
+    turn was parked."""
     lengths = batch.response_mask.sum(axis=1).tolist()
     all_ids, all_logprobs = batch.response_ids.tolist(), batch.logprobs.tolist()
-    texts = []
+    parked = batch.unfinished if batch.unfinished is not None else [False] * len(active)
+    texts: list[str | None] = []
     for row, e in enumerate(active):
-        keep = min(lengths[row], limits.max_tokens - len(e.prompt_ids) - len(e.ids))
+        keep = min(lengths[row], caps[row])
         ids = all_ids[row][:keep]
         e.ids += ids
         e.train += [True] * keep
         e.logprobs += all_logprobs[row][:keep]
         e.step_rewards += [0.0] * keep
-        cut = keep < lengths[row]  # the budget cut the turn: decode what is kept
-        text = tokenizer.decode(ids, skip_special_tokens=True) if cut else batch.completions[row]
+        e.turn_ids += ids
+        if parked[row] and keep < caps[row]:
+            texts.append(None)
+            continue
+        # A turn sampled in one call and not cut is the call's completion; else decode it.
+        whole = len(e.turn_ids) == keep == lengths[row]
+        text = (
+            batch.completions[row]
+            if whole
+            else tokenizer.decode(e.turn_ids, skip_special_tokens=True)
+        )
+        e.turn_ids = []
         texts.append(text)
         e.texts.append(text)
         e.turns += 1
     return texts
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, each distinct text tokenised once (a GRPO group's episodes
+    reset to one task, and their steps often get one reply), in one call."""
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:  # a tokenizer refuses an empty batch
+        return []
+    ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"]))
+    return [list(ids[t]) for t in texts]
 
 
 def _plain(value: Any) -> bool:
@@ -180,13 +219,17 @@ def _close(env: gym.Env) -> None:
     env.close()
 
 
-def _advance(e: _Episode, out: Any, reply: list[int], limits: TurnLimits) -> None:
-    """Record one stepped turn and append the env's reply (``reply``: its token ids), or
-    end the episode."""
+def _settle(e: _Episode, out: Any, limits: TurnLimits) -> bool:
+    """Record one stepped turn (its reward, tool calls, success); end the episode where
+    the step failed, the env ended it or it used its turns.
+
+    Returns:
+        Whether the episode goes on (its env's reply is to be appended).
+    """
     if out.result is None:
         e.end(truncated=True, failure=out.error)
-        return
-    obs, reward, terminated, truncated, info = out.result
+        return False
+    _, reward, terminated, truncated, info = out.result
     if e.step_rewards:
         e.step_rewards[-1] += reward  # the turn's reward sits on its last token
     e.tool_calls += int(info.get("tool_calls", 0))
@@ -194,11 +237,17 @@ def _advance(e: _Episode, out: Any, reply: list[int], limits: TurnLimits) -> Non
     e.success = bool(info.get("is_success", e.success))
     if terminated or truncated:
         e.end(truncated=bool(truncated and not terminated))
-        return
+        return False
     if e.turns >= limits.max_turns:
         e.end(truncated=True)
-        return
-    if len(e.context()) + len(reply) >= limits.max_tokens:  # no room for another turn
+        return False
+    return True
+
+
+def _append_reply(e: _Episode, obs: str, reply: list[int], limits: TurnLimits) -> None:
+    """Append the env's reply (``reply``: its token ids) for the next turn to read, or end
+    the episode where no room is left for another turn."""
+    if len(e.context()) + len(reply) >= limits.max_tokens:
         e.end(truncated=True)
         return
     e.ids += reply
@@ -280,7 +329,8 @@ def play(actor: Any, prompts: Sequence[Prompt], greedy: bool = False) -> Generat
         step_timeout_s=env_cfg.step_timeout_s,
     )
     start = time.perf_counter()
-    session = TurnSession()  # the KV cache from one turn to the next
+    # The KV cache from one turn to the next (the threshold read now: benchmarks vary it)
+    session = TurnSession(park_below=turn_cache.PARK_BELOW)
     pool: list[gym.Env] = actor.idle_text_envs  # made once, reset for each episode
     batch = run_episodes(
         lambda contexts, max_new: actor.generate_turn(contexts, session, greedy, max_new),

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from rlft_ray.config import LMConfig
 from rlft_ray.lm.policy import cache_kwarg
@@ -65,19 +66,28 @@ class TurnSession:
         reused_turns: Turns that continued the cache instead of re-reading everything.
         shared_rows: Rows whose new tokens another identical row read for them
             (:func:`shared_prefill`).
+        park_below: Park a call's unfinished turns once at most this fraction of its
+            rows still runs (:class:`TurnStops`; 0: every call runs to its last row).
+            A call of parked turns alone is not parked again: nothing else would start.
+        parked_rows: Parks, summed over calls (a turn parked twice counts twice).
+        parked_keys: The episodes whose turn the last call parked.
     """
 
     state: CachedTurns | None = None
     fed_tokens: int = 0
     reused_turns: int = 0
     shared_rows: int = 0
+    park_below: float = 0.0
+    parked_rows: int = 0
+    parked_keys: set[int] = field(default_factory=set)
 
     def inputs(
         self, contexts: Sequence[Prompt], keys: Sequence[int], pad_id: int, device: Any
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``(input_ids, attention_mask, cache)`` for the next turn of ``contexts``:
-        the cached rows continued where every context extends its row's conversation,
-        else the contexts left-padded from scratch (cache None)."""
+        the cached rows continued where every context extends its row's conversation
+        (or, a parked turn, equals it), else the contexts left-padded from scratch
+        (cache None)."""
         state, self.state = self.state, None
         if state is not None:
             rows = {k: i for i, k in enumerate(state.keys)}
@@ -85,10 +95,20 @@ class TurnSession:
                 sel = torch.as_tensor([rows[k] for k in keys], device=state.sequences.device)
                 seq, mask = state.sequences[sel], state.mask[sel]
                 tails = []
+                seq_rows, mask_rows = seq.tolist(), mask.tolist()  # one copy, not one per row
                 for r, context in enumerate(contexts):
-                    known = seq[r][mask[r].bool()].tolist()
-                    if len(context.ids) <= len(known) or context.ids[: len(known)] != known:
+                    known = list(itertools.compress(seq_rows[r], mask_rows[r]))
+                    if len(context.ids) < len(known) or context.ids[: len(known)] != known:
                         break
+                    if len(context.ids) == len(known):  # a parked turn goes on
+                        if not mask_rows[r][-1]:  # an ended turn and an empty reply:
+                            break  # nothing new to read, so everything is re-read
+                        # Its last sampled token (the last column, not in the cache yet)
+                        # moves to the block's last column: that is where generate reads
+                        # the next token's logits. Its old column becomes a pad.
+                        mask[r, -1] = 0
+                        tails.append(known[-1:])
+                        continue
                     tails.append(context.ids[len(known) :])
                 else:
                     if len(sel) != len(state.keys) or bool((sel != torch.arange(len(sel))).any()):
@@ -120,6 +140,59 @@ class TurnSession:
         self.state = CachedTurns(
             list(keys), sequences, torch.cat([mask, response_mask.long()], dim=1), cache
         )
+
+
+#: Park the turns still running once at most this fraction of a call's rows runs
+#: (``benchmarks/agent_tools.py``'s throughput section).
+PARK_BELOW = 0.25
+
+
+class TurnStops(StoppingCriteria):
+    """Where each row of a turn's ``generate`` call stops: at EOS, at the row's own token
+    cap, or parked.
+
+    Parking is continuous batching at the turn level. A call runs until its last row
+    ends, and a decode step over 64 rows of a small model costs little more than one over
+    a few, so the few long turns of a batch leave the other rows' next turns waiting (on
+    ToolArithmetic one rambling answer in 64 made a 7-step turn last 24 steps).
+    Once at most ``park_below`` of the rows still run, the call ends; those turns are
+    *parked* (``parked``: ``[B]`` bool) and go on in the next call beside the next turns
+    of the rows that ended or, where those episodes ended, in a call of their own whose
+    steps cost less than the full batch's (:meth:`TurnSession.inputs` continues their
+    cache; the rows of ended episodes are dropped from it).
+
+    Args:
+        width: Columns of the call's input (the sampled tokens start after them).
+        caps: ``[B]`` int, each row's new-token cap.
+        eos_ids: ``[E]`` int, the token ids that end a turn.
+        park_below: Park once at most this fraction of the rows runs (0: never).
+    """
+
+    def __init__(
+        self, width: int, caps: torch.Tensor, eos_ids: torch.Tensor, park_below: float
+    ) -> None:
+        self.width, self.caps, self.eos_ids = width, caps, eos_ids
+        # Parking needs at least one running row at or below the threshold.
+        self.park_below = park_below if park_below * len(caps) >= 1 else 0.0
+        self.first_cap = int(caps.min())
+        self.ended = torch.zeros(len(caps), dtype=torch.bool, device=caps.device)
+        self.parked: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """``[B]`` bool, the rows that are done after the token just sampled (every row
+        once the call parks); ``input_ids`` ``[B, width + sampled]``."""
+        if self.parked is not None:  # sticky: a deferred extra step changes nothing
+            return torch.ones_like(self.ended)
+        sampled = input_ids.shape[1] - self.width
+        self.ended = self.ended | torch.isin(input_ids[:, -1], self.eos_ids)
+        if sampled >= self.first_cap:  # (a few tensor ops a step: only where they can bite)
+            self.ended |= sampled >= self.caps
+        if self.park_below > 0:
+            running = len(self.ended) - int(self.ended.sum())
+            if 0 < running <= self.park_below * len(self.ended):
+                self.parked = ~self.ended
+                return torch.ones_like(self.ended)
+        return self.ended
 
 
 #: Share a prefill only when at most this fraction of the rows is distinct (an extra
@@ -188,19 +261,29 @@ class TurnCaching:
         contexts: Sequence[Prompt],
         session: TurnSession,
         greedy: bool = False,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | Sequence[int] | None = None,
     ) -> GenerationBatch:
         """One model turn of multi-turn episodes: one completion per context, continuing
         ``session``'s KV cache where each context extends its episode's conversation
         (``context.metadata["episode"]`` names the episode; see
-        :mod:`rlft_ray.rollout.turn_cache`). The vLLM engine (its own prefix cache),
-        value-guided decoding and batches over ``lm.generation_batch_size`` use
-        :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` (every turn re-read).
+        :mod:`rlft_ray.rollout.turn_cache`). The vLLM engine (its own prefix cache and
+        continuous batching), value-guided decoding and batches over
+        ``lm.generation_batch_size`` use
+        :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` (every turn re-read,
+        nothing parked, every row up to the largest cap: the caller cuts).
+
+        Args:
+            contexts: Each episode's conversation so far (token ids).
+            session: The batch's cache across turns and its parking threshold.
+            greedy: Argmax decoding.
+            max_new_tokens: New tokens at most, one cap for every context or one per
+                context (a parked turn's remaining tokens); default ``lm.max_new_tokens``.
 
         Returns:
-            As :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` with one sample per context.
+            As :meth:`~rlft_ray.rollout.generation.GenerationActor.generate` with one
+            sample per context; ``unfinished`` marks the parked turns (:class:`TurnStops`).
         """
-        max_new = max_new_tokens or self.lm.max_new_tokens
+        caps = self._turn_caps(contexts, max_new_tokens)
         if (
             self.engine is not None
             or self.lm.decode == "ilql"
@@ -208,7 +291,7 @@ class TurnCaching:
             or len(contexts) > self.lm.generation_batch_size
         ):
             session.state = None
-            return self.generate(contexts, 1, greedy, max_new)
+            return self.generate(contexts, 1, greedy, max(caps, default=self.lm.max_new_tokens))
         start = time.perf_counter()
         keys = [int(c.metadata["episode"]) for c in contexts]
         ids, mask, cache = session.inputs(contexts, keys, self.pad_id, self.device)
@@ -217,24 +300,22 @@ class TurnCaching:
             spared = shared_prefill(self.model, ids, mask, cache)
             session.shared_rows += spared
             session.fed_tokens -= spared * new_columns
-        config = self._generation_config(greedy, max_new)
-        longest = max(len(c.ids) for c in contexts)
-        if self.max_positions is not None and longest + max_new > self.max_positions:
-            if longest >= self.max_positions:
-                raise ValueError(
-                    f"a context of {longest} tokens leaves no room in the model's "
-                    f"{self.max_positions} positions"
-                )
-            config.max_new_tokens = self.max_positions - longest
+        caps_t = torch.as_tensor(caps, device=self.device)
+        eos = torch.as_tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        only_parked = set(keys) <= session.parked_keys  # nothing new would start
+        stops = TurnStops(ids.shape[1], caps_t, eos, 0.0 if only_parked else session.park_below)
         recorder = self._recorder(greedy)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            generation_config=config,
+            generation_config=self._generation_config(greedy, max(caps)),
             logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([stops]),
             **({} if cache is None else {cache_kwarg(self.model): cache}),
         )
         response, real, logprobs = self._real_tokens(out.sequences[:, ids.shape[1] :], recorder)
+        within = torch.arange(response.shape[1], device=response.device) < caps_t[:, None]
+        real &= within  # a row stopped at its own cap: what generate appended is padding
         session.keep(keys, out.sequences, mask, real, out.cache)
         prompt_ids, prompt_mask = pad_sequences([c.ids for c in contexts], self.pad_id, "left")
         batch = self._batch(
@@ -242,9 +323,42 @@ class TurnCaching:
             1,
             prompt_ids,
             prompt_mask,
-            response.cpu().numpy(),
+            response.masked_fill(~within, self.pad_id).cpu().numpy(),
             real.cpu().numpy(),
-            logprobs.cpu().numpy().astype(np.float32),
+            logprobs.masked_fill(~within.to(logprobs.device), 0.0).cpu().numpy().astype(np.float32),
         )
+        session.parked_keys = set()
+        if stops.parked is not None:
+            batch.unfinished = stops.parked.cpu().numpy()
+            session.parked_rows += int(stops.parked.sum())
+            session.parked_keys = {k for k, p in zip(keys, batch.unfinished.tolist()) if p}
         batch.generate_s = time.perf_counter() - start
         return batch
+
+    def _turn_caps(
+        self, contexts: Sequence[Prompt], max_new_tokens: int | Sequence[int] | None
+    ) -> list[int]:
+        """Each context's new-token cap, at most the model's positions left after it.
+
+        Args:
+            contexts: The call's contexts.
+            max_new_tokens: One cap for all, one per context, or None
+                (``lm.max_new_tokens``).
+
+        Returns:
+            ``len(contexts)`` caps.
+
+        Raises:
+            ValueError: A context already fills the model's positions.
+        """
+        cap = self.lm.max_new_tokens if max_new_tokens is None else max_new_tokens
+        caps = [int(cap)] * len(contexts) if np.ndim(cap) == 0 else [int(c) for c in cap]
+        if self.max_positions is None:
+            return caps
+        for c in contexts:
+            if len(c.ids) >= self.max_positions:
+                raise ValueError(
+                    f"a context of {len(c.ids)} tokens leaves no room in the model's "
+                    f"{self.max_positions} positions"
+                )
+        return [min(n, self.max_positions - len(c.ids)) for n, c in zip(caps, contexts)]

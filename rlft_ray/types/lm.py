@@ -84,6 +84,11 @@ class GenerationBatch:
             single-turn completions.
         reward_timeouts: Reward-function calls that passed ``lm.reward_timeout_s`` (their
             samples were scored 0).
+        unfinished: ``[B]`` bool, the rows of one multi-turn call whose turn was parked
+            before its EOS or cap, to go on in the next call
+            (:class:`~rlft_ray.rollout.turn_cache.TurnStops`); None: every row ended.
+            Only between a turn's call and :func:`~rlft_ray.rollout.multiturn.run_episodes`
+            (``concat`` of several batches drops it).
     """
 
     prompt_ids: np.ndarray
@@ -110,6 +115,7 @@ class GenerationBatch:
     step_rewards: np.ndarray | None = None
     agent: AgentStats | None = None
     reward_timeouts: int = 0
+    unfinished: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -182,6 +188,7 @@ class GenerationBatch:
             prompt_templated=None if self.prompt_templated is None else self.prompt_templated[idx],
             loss_mask=None if self.loss_mask is None else self.loss_mask[idx],
             step_rewards=None if self.step_rewards is None else self.step_rewards[idx],
+            unfinished=None if self.unfinished is None else self.unfinished[idx],
         )
 
     @staticmethod
