@@ -34,6 +34,7 @@ seeds of this invocation and those ``--log`` holds from earlier ones).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -174,7 +175,7 @@ def guess_number(seed: int, work: Path, args: argparse.Namespace) -> dict[str, A
     }
 
 
-def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[str, Any]:
+def throughput(model: Path, seed: int, policy: str, repeats: int = 41) -> dict[str, Any]:
     """Model tokens per second of one actor: 8 seeds x 8 ToolArithmetic episodes (every turn
     batched) against one generate of the same 8 reset prompts x 8 (single turn)."""
     import torch
@@ -212,7 +213,7 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         return out
 
     actor.generate_turn = recorded  # play() calls it once per turn
-    texts = [p.text for p in actor.sample(prompts).prompts[::8]]  # the reset prompts
+    texts = actor.sample(prompts).prompts[::8]  # the reset prompts
     plain = [Prompt(t, actor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     steps = rows_per_step = 0.0
     stats: dict[str, int] = {}
@@ -261,13 +262,12 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 11) -> dict[s
         finally:
             multiturn.TurnSession = TurnSession
 
+    one = None  # the last single-turn batch
     for i in range(repeats):  # the two multi-turn runs swap places every repeat
         first, second = (run_multi, run_unparked) if i % 2 == 0 else (run_unparked, run_multi)
-        first()
-        one = run_single()
-        second()
-        run_single()
-        run_rereading()
+        for run in (first, run_single, second, run_single, run_rereading):
+            gc.collect()  # no run pays for the garbage of the one before
+            one = run() or one
     fed, fed_reread, shared, parked = (
         stats["fed"],
         stats["fed_reread"],
