@@ -25,7 +25,8 @@ two engines run one after the other, an engine per process at a time). ``--only 
 runs ``examples/chat_grpo.yaml`` on ``--model`` for a few iterations per backend and
 dtype, alternating, and prints the median ``perf/iteration_s`` after the first, with its
 sampling, update and weight-sync parts (the sync: the learner's publish and the actor's
-load, for vLLM the engine's reload).
+load, for vLLM the engine's reload) and what the update's time follows: the share of
+groups scored alike (skipped: no gradient) and the mean answer length.
 
 Needs vLLM (README "vLLM backend"). ``--model`` takes any ``save_pretrained``
 directory whose head size vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).
@@ -359,6 +360,15 @@ def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Nam
                             "weight_load_s",
                         )
                     }
+                    # What the update trains on follows the samples, which differ between
+                    # backends: groups whose rewards are all equal carry no gradient (their
+                    # rows are skipped), and longer answers cost more.
+                    med.update(
+                        {
+                            k: round(statistics.median(r[f"rollout/{k}"] for r in rows), 3)
+                            for k in ("flat_group_frac", "response_len_mean")
+                        }
+                    )
                     # the engine's recorded log-probs against the learner's, every iteration
                     gaps = {
                         k: [round(r[f"rollout/{k}"], 6) for r in read_metrics(out)]

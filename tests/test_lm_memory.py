@@ -135,3 +135,35 @@ def test_the_sampler_gap_is_measured_and_tis_corrects_it(model_dir: Path) -> Non
         capped["rollout/tis_mean"] == pytest.approx(1.2)
         and capped["rollout/tis_clipped_frac"] == 1.0
     )
+
+
+def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: Path) -> None:
+    """Without a KL term in the loss a group scored alike is skipped by the update, so the
+    learner's own log-prob pass (TIS, the vLLM gap) leaves its rows out: a sampler 5 nats
+    off on that group and 0.3 off elsewhere reads a gap of 0.3, not 5; a batch of flat
+    groups only reports no gap at all."""
+    from lm_helpers import GROUP
+
+    batch = make_batch(model_dir)  # rows [0, GROUP) are one group all scored 1
+    shift = np.where(np.arange(len(batch)) < GROUP, 5.0, 0.3)[:, None]
+    batch.logprobs = np.where(batch.response_mask, batch.logprobs - shift, 0.0).astype(np.float32)
+    learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0")
+    calls = []  # the rows of every forward of the policy (the reference reads them all)
+    forward, policy = learner.core.forward, learner.core.policy
+
+    def recorded(module, t, idx, **kw):
+        if module is policy:
+            calls.append(idx.tolist())
+        return forward(module, t, idx, **kw)
+
+    learner.core.forward = recorded
+    m = learner.update(batch, progress=0.0)
+    assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+    assert m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
+    assert calls and all(i >= GROUP for idx in calls for i in idx)  # never the flat group
+    flat = make_batch(model_dir)
+    flat.rewards[:] = 1.0
+    m = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0").update(
+        flat, progress=0.0
+    )
+    assert "rollout/logprob_gap" not in m and m["optim/skipped_rows_frac"] == 1.0

@@ -144,20 +144,17 @@ class GRPOLearner(LMLearnerHooks, Learner):
     def update(self, batch: GenerationBatch, progress: float) -> dict[str, float]:
         hp, core = self.hp, self.core
         tensors = core.tensors(batch)
-        tensors.update(
-            core.score_pass(
-                tensors,
-                kl_in_objective=hp.kl_coef > 0,
-                learner_logprobs=core.recomputes_logprobs(hp.tis_cap),
-            )
-        )
+        tensors.update(core.score_pass(tensors, kl_in_objective=hp.kl_coef > 0))
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
-        metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
         scores, shaping = self.shaped_scores(tensors, kl)
         metrics.update(shaping)
         tensors["advantages"] = self.advantages(scores, batch.group_size, tensors["mask"], kl)
         kl_in_loss = hp.kl_in == "loss" and hp.kl_coef > 0
         sequence_ratio = hp.ratio_level == "sequence"
+        active = update_rows(tensors["advantages"], tensors["mask"], kl_in_loss)
+        if core.recomputes_logprobs(hp.tis_cap):  # on the rows the update runs
+            tensors.update(core.learner_logprob_pass(tensors, active))
+            metrics.update(core.sampler_mismatch(tensors, hp.tis_cap, active))
 
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
@@ -180,7 +177,6 @@ class GRPOLearner(LMLearnerHooks, Learner):
                 loss = loss + hp.kl_coef * kl_tok
             return loss, stats
 
-        active = update_rows(tensors["advantages"], tensors["mask"], kl_in_loss)
         metrics.update(core.optimize(tensors, token_loss, progress, active))
         if active is not None:
             metrics["optim/skipped_rows_frac"] = float(

@@ -322,25 +322,49 @@ class LMRank:
                     out["learner_logprobs"].append(pad_to(old.logprobs, width))
         return {k: torch.cat(v) for k, v in out.items() if v}
 
+    @torch.no_grad()
+    def learner_logprob_pass(
+        self, tensors: dict[str, torch.Tensor], active: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """``learner_logprobs`` ``[B, L]``: the policy's own log-probs of the sampled
+        tokens before the update, on the rows the update runs (``active`` ``[B]`` bool;
+        None: all), 0 on the others. A row the update skips (a group scored alike) has
+        no gradient for TIS to weight, and its forward would double the pass's cost
+        behind a vLLM sampler, where most groups of a hard task score alike."""
+        logprobs = torch.zeros_like(tensors["old_logprobs"])
+        rows = torch.arange(logprobs.shape[0], device=self.ctx.device)
+        if active is not None:
+            rows = rows[active]
+        for idx in micro_batches(rows, self._steps(), row_tokens(tensors)) if len(rows) else []:
+            old = self.forward(self.policy, tensors, idx, entropy=False)
+            logprobs[idx, : old.logprobs.shape[1]] = old.logprobs
+        return {"learner_logprobs": logprobs}
+
     def recomputes_logprobs(self, tis_cap: float | None) -> bool:
         """Whether the update recomputes the sampled tokens' log-probs on the learner: for
         truncated importance sampling, and always behind a vLLM sampler (to report the gap)."""
         return tis_cap is not None or self.cfg.lm.backend == "vllm"
 
     def sampler_mismatch(
-        self, tensors: dict[str, torch.Tensor], tis_cap: float | None
+        self,
+        tensors: dict[str, torch.Tensor],
+        tis_cap: float | None,
+        active: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """``rollout/logprob_gap`` (mean and max |log p_learner - log p_sampler| over the
-        sampled tokens) and, with ``tis_cap``, the TIS weights (``tensors["tis"]``) and the
-        learner's log-probs as the base of the PPO ratio (``tensors["ratio_logprobs"]``)."""
+        sampled tokens of the ``active`` ``[B]`` rows, default all; none when no rank has
+        one) and, with ``tis_cap``, the TIS weights (``tensors["tis"]``) and the learner's
+        log-probs as the base of the PPO ratio (``tensors["ratio_logprobs"]``)."""
         if "learner_logprobs" not in tensors:
             return {}
-        mask = tensors["mask"]
+        mask = tensors["mask"] if active is None else tensors["mask"] * active[:, None]
         gap = (
             (tensors["learner_logprobs"] - tensors["old_logprobs"]).abs().masked_fill(mask == 0, 0)
         )
         total = global_sum(torch.stack([gap.sum(), mask.float().sum()]).double(), self.ctx)
         top = gap.max() if gap.numel() else gap.new_zeros(())
+        if total[1] == 0:  # every rank skips every row (a global count: all ranks agree)
+            return {}
         metrics = {
             "rollout/logprob_gap": float(total[0] / total[1].clamp_min(1.0)),
             "rollout/logprob_gap_max": float(global_max(top, self.ctx)),
