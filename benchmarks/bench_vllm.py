@@ -370,8 +370,12 @@ def grpo_iterations(model: str, name: str, dtypes: list[str], args: argparse.Nam
                         }
                     )
                     # the engine's recorded log-probs against the learner's, every iteration
+                    # that trained a row (None: every group scored alike, nothing compared)
                     gaps = {
-                        k: [round(r[f"rollout/{k}"], 6) for r in read_metrics(out)]
+                        k: [
+                            None if r.get(f"rollout/{k}") is None else round(r[f"rollout/{k}"], 6)
+                            for r in read_metrics(out)
+                        ]
                         for k in ("logprob_gap", "logprob_gap_max")
                         if backend == "vllm"
                     }

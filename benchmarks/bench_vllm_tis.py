@@ -110,8 +110,17 @@ def tis_seeds(args: argparse.Namespace) -> None:
                             "reward_mean_last5": round(
                                 statistics.mean(r["reward/mean"] for r in rows[-5:]), 4
                             ),
+                            # over the iterations that trained a row (the others compare none)
                             "logprob_gap_mean": round(
-                                statistics.mean(r.get("rollout/logprob_gap", 0.0) for r in rows), 5
+                                statistics.mean(
+                                    [
+                                        r["rollout/logprob_gap"]
+                                        for r in rows
+                                        if "rollout/logprob_gap" in r
+                                    ]
+                                    or [0.0]
+                                ),
+                                5,
                             ),
                             "tis_mean": round(last.get("rollout/tis_mean", 1.0), 4),
                             "tis_clipped_frac": round(last.get("rollout/tis_clipped_frac", 0.0), 5),
