@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from _common import emit as _emit
 from _common import eval_curve, last_mean, medians, run_cli, train_cli
@@ -244,23 +245,17 @@ def throughput(model: Path, seed: int, policy: str, repeats: int = 41) -> dict[s
         single_cpu.append(one.num_tokens / (time.process_time() - cpu))
         return one
 
+    def sampled_per(clock: Any) -> float:
+        start = clock()
+        return actor.sample(prompts).num_tokens / (clock() - start)
+
     def run_unparked() -> None:
-        turn_cache.PARK_BELOW = 0.0  # every call runs until its last row ends
-        try:
-            start = time.perf_counter()
-            again = actor.sample(prompts)
-            unparked.append(again.num_tokens / (time.perf_counter() - start))
-        finally:
-            turn_cache.PARK_BELOW = park_below
+        with mock.patch.object(turn_cache, "PARK_BELOW", 0.0):  # calls run to their last row
+            unparked.append(sampled_per(time.perf_counter))
 
     def run_rereading() -> None:
-        multiturn.TurnSession = Rereading  # the same episodes re-reading every turn
-        try:
-            cpu = time.process_time()
-            again = actor.sample(prompts)
-            reread_cpu.append(again.num_tokens / (time.process_time() - cpu))
-        finally:
-            multiturn.TurnSession = TurnSession
+        with mock.patch.object(multiturn, "TurnSession", Rereading):  # no cache across turns
+            reread_cpu.append(sampled_per(time.process_time))
 
     one = None  # the last single-turn batch
     for i in range(repeats):  # the two multi-turn runs swap places every repeat

@@ -34,6 +34,22 @@ class _EndsAfterSeedModTurns(TextEnv):
         return f" next{'!' * (self.seed % 4)}:", 0.0, self.left == 0, False, {}
 
 
+def _episodes(
+    actor: GenerationActor, session: TurnSession, greedy: bool, limits: TurnLimits
+) -> GenerationBatch:
+    """2 episodes from each of the reset seeds 0-5 of :class:`_EndsAfterSeedModTurns`,
+    every turn through ``actor.generate_turn`` in ``session`` (torch seeded alike)."""
+    torch.manual_seed(3)
+    return run_episodes(
+        lambda c, n: actor.generate_turn(c, session, greedy, n),
+        actor.tokenizer,
+        _EndsAfterSeedModTurns,
+        range(6),
+        2,
+        limits,
+    )
+
+
 class _NoCache(TurnSession):
     def keep(self, *args) -> None:  # every turn re-reads the whole conversation
         pass
@@ -49,20 +65,8 @@ def test_the_turn_cache_gives_the_tokens_of_rereading_the_conversation(
     lm = LMConfig(model=str(model_dir), max_new_tokens=5, max_turns=4)
     actor = GenerationActor(lm, seed=0)
     limits = TurnLimits(max_turns=4, max_new_tokens=5, max_tokens=60, step_timeout_s=5.0)
-    batches, sessions = [], [TurnSession(), _NoCache()]
-    for session in sessions:
-        torch.manual_seed(3)
-        batches.append(
-            run_episodes(
-                lambda c, n, s=session: actor.generate_turn(c, s, greedy, n),
-                actor.tokenizer,
-                _EndsAfterSeedModTurns,
-                range(6),
-                2,
-                limits,
-            )
-        )
-    cached, reread = batches
+    sessions = [TurnSession(), _NoCache()]
+    cached, reread = (_episodes(actor, session, greedy, limits) for session in sessions)
     assert cached.agent.turns.tolist() == [1, 1, 2, 2, 3, 3] * 2
     assert np.array_equal(cached.response_ids, reread.response_ids)
     assert np.array_equal(cached.loss_mask, reread.loss_mask)
@@ -148,20 +152,8 @@ def test_parking_continues_the_cache_as_rereading_does(model_dir: Path) -> None:
 
     actor.model.get_output_embeddings().register_forward_hook(eos_prone)
     limits = TurnLimits(max_turns=4, max_new_tokens=8, max_tokens=60, step_timeout_s=5.0)
-    batches, sessions = [], [TurnSession(park_below=0.5), _NoCache(park_below=0.5)]
-    for session in sessions:
-        torch.manual_seed(3)
-        batches.append(
-            run_episodes(
-                lambda c, n, s=session: actor.generate_turn(c, s, False, n),
-                actor.tokenizer,
-                _EndsAfterSeedModTurns,
-                range(6),
-                2,
-                limits,
-            )
-        )
-    cached, reread = batches
+    sessions = [TurnSession(park_below=0.5), _NoCache(park_below=0.5)]
+    cached, reread = (_episodes(actor, session, False, limits) for session in sessions)
     assert sessions[0].parked_rows == sessions[1].parked_rows > 0
     assert sessions[0].reused_turns > 2  # parked calls continued the cache too
     assert np.array_equal(cached.response_ids, reread.response_ids)
@@ -271,16 +263,7 @@ def test_the_uncached_fallback_cuts_rows_to_their_caps_and_matches(model_dir: Pa
         lm = LMConfig(model=str(model_dir), max_new_tokens=5, generation_batch_size=batch_size)
         actor = GenerationActor(lm, seed=0)
         session = TurnSession(park_below=0.5)
-        batches.append(
-            run_episodes(
-                lambda c, n, s=session, a=actor: a.generate_turn(c, s, True, n),
-                actor.tokenizer,
-                _EndsAfterSeedModTurns,
-                range(6),
-                2,
-                limits,
-            )
-        )
+        batches.append(_episodes(actor, session, True, limits))
         assert (session.reused_turns > 0) == (batch_size == 64)
     cached, fallback = batches
     lengths = (cached.prompt_mask.sum(1) + cached.response_mask.sum(1)).tolist()
