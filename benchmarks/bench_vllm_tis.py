@@ -77,6 +77,18 @@ def one_run(base: Path, train: Path, test: Path, out: Path, seed: int, arm: list
     return read_metrics(out)
 
 
+def _mean_of(rows: list[dict], key: str, digits: int) -> float | None:
+    """The mean of ``key`` over the metrics rows that report it (None: none does)."""
+    values = [r[key] for r in rows if key in r]
+    return round(statistics.mean(values), digits) if values else None
+
+
+def _last_of(rows: list[dict], key: str, digits: int) -> float | None:
+    """``key`` of the last metrics row that reports it (None: none does)."""
+    values = [r[key] for r in rows if key in r]
+    return round(values[-1], digits) if values else None
+
+
 def tis_seeds(args: argparse.Namespace) -> None:
     """Per seed, the fp32 run and the bf16 + TIS run (alternating); medians per arm."""
     import ray
@@ -97,7 +109,6 @@ def tis_seeds(args: argparse.Namespace) -> None:
                     out = Path(tmp) / f"{name}-{seed}"
                     rows = one_run(base, train, test, out, seed, arm, args.tis_iterations)
                     evals = [r for r in rows if "eval/accuracy" in r]
-                    last = rows[-1]
                     finals[name].append(evals[-1]["eval/accuracy"])
                     emit(
                         {
@@ -110,20 +121,11 @@ def tis_seeds(args: argparse.Namespace) -> None:
                             "reward_mean_last5": round(
                                 statistics.mean(r["reward/mean"] for r in rows[-5:]), 4
                             ),
-                            # over the iterations that trained a row (the others compare none)
-                            "logprob_gap_mean": round(
-                                statistics.mean(
-                                    [
-                                        r["rollout/logprob_gap"]
-                                        for r in rows
-                                        if "rollout/logprob_gap" in r
-                                    ]
-                                    or [0.0]
-                                ),
-                                5,
-                            ),
-                            "tis_mean": round(last.get("rollout/tis_mean", 1.0), 4),
-                            "tis_clipped_frac": round(last.get("rollout/tis_clipped_frac", 0.0), 5),
+                            # over the iterations that trained a row (the others compare
+                            # none; None: no iteration did)
+                            "logprob_gap_mean": _mean_of(rows, "rollout/logprob_gap", 5),
+                            "tis_mean": _last_of(rows, "rollout/tis_mean", 4),
+                            "tis_clipped_frac": _last_of(rows, "rollout/tis_clipped_frac", 5),
                             "iteration_s": round(
                                 statistics.median(r["perf/iteration_s"] for r in rows[1:]), 3
                             ),

@@ -140,12 +140,15 @@ def test_the_sampler_gap_is_measured_and_tis_corrects_it(model_dir: Path) -> Non
 def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: Path) -> None:
     """Without a KL term in the loss a group scored alike is skipped by the update, so the
     learner's own log-prob pass (TIS, the vLLM gap) leaves its rows out: a sampler 5 nats
-    off on that group and 0.3 off elsewhere reads a gap of 0.3, not 5; a batch of flat
-    groups only reports no gap at all."""
+    off on the flat groups and 0.3 off on the others reads a gap of 0.3, not 5, and the
+    policy reads only the other groups' rows; a batch of flat groups only reports no gap."""
     from lm_helpers import GROUP
 
-    batch = make_batch(model_dir)  # rows [0, GROUP) are one group all scored 1
-    shift = np.where(np.arange(len(batch)) < GROUP, 5.0, 0.3)[:, None]
+    batch = make_batch(model_dir)
+    flat = np.ptp(batch.rewards.reshape(-1, GROUP), axis=-1) == 0  # [groups]
+    assert flat.any() and not flat.all()
+    rows_flat = np.repeat(flat, GROUP)
+    shift = np.where(rows_flat, 5.0, 0.3)[:, None]
     batch.logprobs = np.where(batch.response_mask, batch.logprobs - shift, 0.0).astype(np.float32)
     learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0")
     calls = []  # the rows of every forward of the policy (the reference reads them all)
@@ -160,10 +163,12 @@ def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: 
     m = learner.update(batch, progress=0.0)
     assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
     assert m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
-    assert calls and all(i >= GROUP for idx in calls for i in idx)  # never the flat group
-    flat = make_batch(model_dir)
-    flat.rewards[:] = 1.0
+    assert m["rollout/tis_mean"] == pytest.approx(float(np.exp(0.3)), abs=1e-3)
+    read = sorted({i for idx in calls for i in idx})  # the pass and the update alike
+    assert read == np.flatnonzero(~rows_flat).tolist()
+    all_flat = make_batch(model_dir)
+    all_flat.rewards[:] = 1.0
     m = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0").update(
-        flat, progress=0.0
+        all_flat, progress=0.0
     )
     assert "rollout/logprob_gap" not in m and m["optim/skipped_rows_frac"] == 1.0

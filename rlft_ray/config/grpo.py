@@ -59,7 +59,8 @@ class GRPOConfig:
             sampled tokens' log-probs under the sampling weights, takes the PPO ratio
             against them, and weights each token by min(pi_learner / pi_sampler, tis_cap)
             (2.0 is usual); null: off. ``rollout/logprob_gap`` reports the mismatch
-            whenever the learner recomputes (TIS on, or ``lm.backend: vllm``).
+            whenever the learner recomputes (TIS on, or ``lm.backend: vllm``), over the
+            rows the update trains (none: no gap that iteration).
         num_epochs: Passes over each batch. num_minibatches: optimizer steps per pass.
         micro_batch_size: Sequences per forward/backward; gradients accumulate over a
             minibatch's micro-batches (and average over DDP ranks) before each step.

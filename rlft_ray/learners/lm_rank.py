@@ -328,10 +328,11 @@ class LMRank:
     ) -> dict[str, torch.Tensor]:
         """``learner_logprobs`` ``[B, L]``: the policy's own log-probs of the sampled
         tokens before the update, on the rows the update runs (``active`` ``[B]`` bool;
-        None: all), 0 on the others. A row the update skips (a group scored alike) has
-        no gradient for TIS to weight, and its forward would double the pass's cost
-        behind a vLLM sampler, where most groups of a hard task score alike."""
-        logprobs = torch.zeros_like(tensors["old_logprobs"])
+        None: all); the others keep the sampler's (a gap of 0, TIS weights of 1). A row
+        the update skips (a group scored alike) has no gradient for TIS to weight, and
+        its forward would double the pass's cost behind a vLLM sampler, where most groups
+        of a hard task score alike."""
+        logprobs = tensors["old_logprobs"].clone()
         rows = torch.arange(logprobs.shape[0], device=self.ctx.device)
         if active is not None:
             rows = rows[active]
