@@ -446,6 +446,32 @@ def test_zero_advantage_rows_are_skipped_with_the_same_update(
         torch.testing.assert_close(params[key], p, atol=2e-5, rtol=0, msg=key)  # lr 1e-3 steps
 
 
+def test_a_tis_weighted_update_is_the_same_with_flat_rows_skipped(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With TIS the learner recomputes log-probs only on the rows the update runs; the
+    TIS-weighted gradient and step equal those of recomputing and running every row (a
+    sampler 0.3 nats below the learner: every weight exp(0.3))."""
+    import rlft_ray.learners.grpo as grpo_module
+
+    batch = make_batch(model_dir)  # its first group is flat
+    batch.logprobs = np.where(batch.response_mask, batch.logprobs - 0.3, 0.0).astype(np.float32)
+    args = ("grpo.kl_coef=0", "grpo.micro_batch_size=3", "grpo.tis_cap=2.0")
+    _, grads, params, metrics = _counted_update(make_learner("grpo", model_dir, *args), batch)
+    monkeypatch.setattr(grpo_module, "update_rows", lambda *a: None)  # every row runs
+    _, grads_all, params_all, metrics_all = _counted_update(
+        make_learner("grpo", model_dir, *args), batch
+    )
+    assert metrics["optim/skipped_rows_frac"] > 0 and "optim/skipped_rows_frac" not in metrics_all
+    for m in (metrics, metrics_all):
+        assert m["rollout/tis_mean"] == pytest.approx(float(np.exp(0.3)), abs=1e-3)
+    assert grads.keys() == grads_all.keys() and len(grads) > 5
+    for key, g in grads_all.items():
+        torch.testing.assert_close(grads[key], g, atol=1e-7, rtol=1e-5, msg=key)
+    for key, p in params_all.items():
+        torch.testing.assert_close(params[key], p, atol=2e-5, rtol=0, msg=key)
+
+
 def test_every_row_runs_with_the_kl_in_the_loss(model_dir: Path) -> None:
     learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.04", "grpo.kl_in=loss")
     metrics = learner.update(make_batch(model_dir), progress=0.0)
