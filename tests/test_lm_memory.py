@@ -172,3 +172,62 @@ def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: 
         all_flat, progress=0.0
     )
     assert "rollout/logprob_gap" not in m and m["optim/skipped_rows_frac"] == 1.0
+
+
+def _policy_reads(learner) -> list[int]:
+    """Records the rows of every forward of the policy (the reference's are left out)."""
+    calls: list[int] = []
+    forward, policy = learner.core.forward, learner.core.policy
+
+    def recorded(module, t, idx, **kw):
+        if module is policy:
+            calls.extend(idx.tolist())
+        return forward(module, t, idx, **kw)
+
+    learner.core.forward = recorded
+    return calls
+
+
+def test_a_single_step_update_takes_the_learners_log_probs_from_its_own_forward(
+    model_dir: Path,
+) -> None:
+    """One optimizer step per batch (the default): the update's forward runs on the
+    weights the batch was sampled for, so it gives the gap and the TIS weights without
+    a pass of its own; each trained row is read once, not twice, and the metrics, the
+    gradient step and the parameters equal those of the separate pass. With two
+    minibatches the second step sees moved weights, so the pass runs first."""
+    from lm_helpers import GROUP
+
+    batch = make_batch(model_dir)
+    flat = np.repeat(np.ptp(batch.rewards.reshape(-1, GROUP), axis=-1) == 0, GROUP)
+    shift = np.where(flat, 5.0, 0.3)[:, None]  # the flat group's rows are never compared
+    batch.logprobs = np.where(batch.response_mask, batch.logprobs - shift, 0.0).astype(np.float32)
+    args = ("grpo.kl_coef=0.0", "grpo.tis_cap=1.3", "grpo.micro_batch_size=3")
+    runs = {}
+    for how in ("inline", "pass"):
+        torch.manual_seed(0)
+        learner = make_learner("grpo", model_dir, *args)
+        if how == "pass":
+            learner.core.single_step = lambda: False
+        reads = _policy_reads(learner)
+        metrics = learner.update(batch, progress=0.0)
+        runs[how] = (reads, metrics, learner.policy_state())
+    trained = np.flatnonzero(~flat).tolist()
+    assert sorted(runs["inline"][0]) == trained  # the update's forward only
+    assert sorted(runs["pass"][0]) == sorted(trained * 2)  # the pass, then the update
+    inline_m, pass_m = runs["inline"][1], runs["pass"][1]
+    assert inline_m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+    assert inline_m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
+    # exp(0.3) = 1.35 is capped at 1.3 on every token
+    assert inline_m["rollout/tis_mean"] == pytest.approx(1.3, abs=1e-6)
+    assert inline_m["rollout/tis_clipped_frac"] == 1.0
+    for key in ("logprob_gap", "logprob_gap_max", "tis_mean", "tis_clipped_frac"):
+        assert inline_m[f"rollout/{key}"] == pytest.approx(pass_m[f"rollout/{key}"], abs=1e-5)
+    assert inline_m["loss/policy"] == pytest.approx(pass_m["loss/policy"], abs=1e-5)
+    for key, value in runs["pass"][2].items():
+        torch.testing.assert_close(runs["inline"][2][key], value, atol=2e-5, rtol=0, msg=key)
+    two_steps = make_learner("grpo", model_dir, *args, "grpo.num_minibatches=2")
+    reads = _policy_reads(two_steps)
+    m = two_steps.update(batch, progress=0.0)
+    assert m["optim/steps"] == 2.0 and sorted(reads) == sorted(trained * 2)
+    assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)

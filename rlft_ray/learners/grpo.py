@@ -38,6 +38,7 @@ from rlft_ray.learners.ddp import all_reduce_mean, global_max, global_sum
 from rlft_ray.learners.lm_batches import agent_metrics
 from rlft_ray.learners.lm_learner import LMLearnerHooks
 from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.sampler_gap import InlineMismatch, sampler_mismatch
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -152,14 +153,19 @@ class GRPOLearner(LMLearnerHooks, Learner):
         kl_in_loss = hp.kl_in == "loss" and hp.kl_coef > 0
         sequence_ratio = hp.ratio_level == "sequence"
         active = update_rows(tensors["advantages"], tensors["mask"], kl_in_loss)
-        if core.recomputes_logprobs(hp.tis_cap):  # on the rows the update runs
+        inline = None  # pi_learner before the update, on the rows it runs (sampler_gap)
+        if core.recomputes_logprobs(hp.tis_cap) and core.single_step():
+            inline = InlineMismatch(hp.tis_cap, self.ctx)  # from the update's own forward
+        elif core.recomputes_logprobs(hp.tis_cap):  # a pass first: later steps move weights
             tensors.update(core.learner_logprob_pass(tensors, active))
-            metrics.update(core.sampler_mismatch(tensors, hp.tis_cap, active))
+            metrics.update(sampler_mismatch(tensors, hp.tis_cap, self.ctx, active))
 
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             base = sub.get("ratio_logprobs", sub["old_logprobs"])  # TIS: the learner's
+            if inline is not None:
+                base = inline.observe(out.logprobs, sub)
             if sequence_ratio:  # GSPO
                 loss, stats = gspo_sequence_policy_losses(
                     out.logprobs, base, sub["advantages"], sub["mask"], hp.clip_low, hp.clip_high
@@ -178,6 +184,8 @@ class GRPOLearner(LMLearnerHooks, Learner):
             return loss, stats
 
         metrics.update(core.optimize(tensors, token_loss, progress, active))
+        if inline is not None:
+            metrics.update(inline.metrics())
         if active is not None:
             metrics["optim/skipped_rows_frac"] = float(
                 all_reduce_mean((~active).float().mean(), self.ctx)

@@ -27,6 +27,7 @@ from rlft_ray.learners.ddp import all_reduce_mean, global_masked_whiten
 from rlft_ray.learners.lm_batches import agent_metrics
 from rlft_ray.learners.lm_learner import LMLearnerHooks
 from rlft_ray.learners.lm_rank import LMRank
+from rlft_ray.learners.sampler_gap import sampler_mismatch
 from rlft_ray.lm.policy import ResponseOutput
 from rlft_ray.types import GenerationBatch
 
@@ -61,7 +62,7 @@ class LMPPOLearner(LMLearnerHooks, Learner):
             )
         )
         kl, metrics = core.kl_metrics(tensors, hp.kl_estimator)
-        metrics.update(core.sampler_mismatch(tensors, hp.tis_cap))
+        metrics.update(sampler_mismatch(tensors, hp.tis_cap, self.ctx))
         if "step_rewards" in tensors:  # multi-turn: each turn's reward on its last token
             rewards = (
                 token_rewards(

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from rlft_ray.algorithms import aggregate_loss_parts, kl_penalty, masked_mean, masked_sum
-from rlft_ray.algorithms.lm import truncated_is_weights
 from rlft_ray.config import RunConfig
 from rlft_ray.core.torch_utils import distinct_tensors
-from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, global_max, global_sum, wrap_ddp
+from rlft_ray.learners.ddp import LearnerContext, all_reduce_mean, wrap_ddp
 from rlft_ray.learners.engine import MicroOut, StepEngine, Steps, micro_batches
 from rlft_ray.learners.lm_batches import pad_to, padding_row, row_tokens, rows_cut_to, trim_padding
 from rlft_ray.lm.loading import (
@@ -342,47 +341,16 @@ class LMRank:
         return {"learner_logprobs": logprobs}
 
     def recomputes_logprobs(self, tis_cap: float | None) -> bool:
-        """Whether the update recomputes the sampled tokens' log-probs on the learner: for
-        truncated importance sampling, and always behind a vLLM sampler (to report the gap)."""
+        """Whether the update needs the learner's log-probs of the sampled tokens before
+        it: for truncated importance sampling, and always behind a vLLM sampler (to report
+        the gap; :mod:`~rlft_ray.learners.sampler_gap`)."""
         return tis_cap is not None or self.cfg.lm.backend == "vllm"
 
-    def sampler_mismatch(
-        self,
-        tensors: dict[str, torch.Tensor],
-        tis_cap: float | None,
-        active: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        """``rollout/logprob_gap`` (mean and max |log p_learner - log p_sampler| over the
-        sampled tokens of the ``active`` ``[B]`` rows, default all; none when no rank has
-        one) and, with ``tis_cap``, the TIS weights (``tensors["tis"]``) and the learner's
-        log-probs as the base of the PPO ratio (``tensors["ratio_logprobs"]``)."""
-        if "learner_logprobs" not in tensors:
-            return {}
-        mask = tensors["mask"] if active is None else tensors["mask"] * active[:, None]
-        gap = (
-            (tensors["learner_logprobs"] - tensors["old_logprobs"]).abs().masked_fill(mask == 0, 0)
-        )
-        total = global_sum(torch.stack([gap.sum(), mask.float().sum()]).double(), self.ctx)
-        top = gap.max() if gap.numel() else gap.new_zeros(())
-        if total[1] == 0:  # every rank skips every row (a global count: all ranks agree)
-            return {}
-        metrics = {
-            "rollout/logprob_gap": float(total[0] / total[1].clamp_min(1.0)),
-            "rollout/logprob_gap_max": float(global_max(top, self.ctx)),
-        }
-        if tis_cap is not None:
-            weights = truncated_is_weights(
-                tensors["learner_logprobs"], tensors["old_logprobs"], tis_cap
-            )
-            tensors["tis"] = weights
-            tensors["ratio_logprobs"] = tensors["learner_logprobs"]
-            clipped = ((weights >= tis_cap) & (mask != 0)).float().sum()
-            counts = global_sum(
-                torch.stack([masked_sum(weights, mask), clipped]).double(), self.ctx
-            )
-            metrics["rollout/tis_mean"] = float(counts[0] / total[1].clamp_min(1.0))
-            metrics["rollout/tis_clipped_frac"] = float(counts[1] / total[1].clamp_min(1.0))
-        return metrics
+    def single_step(self) -> bool:
+        """Whether an update is one optimizer step (one epoch of one minibatch): its
+        forward then runs on the weights the batch was sampled for, and gives the
+        learner's log-probs itself (:class:`~rlft_ray.learners.sampler_gap.InlineMismatch`)."""
+        return self.hp.num_epochs * self.hp.num_minibatches == 1
 
     def kl_metrics(
         self, tensors: dict[str, torch.Tensor], kind: str
