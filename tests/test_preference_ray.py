@@ -133,6 +133,7 @@ def test_reward_model_trains_then_scores_for_grpo(
     assert len(evals) == 2 and all("eval/reward_model_mean" in r for r in evals)
 
 
+@pytest.mark.slow  # 28 s; its pairing and reference refresh are unit-tested in test_preference.py
 def test_online_dpo_ranks_the_actors_samples(model_dir: Path, tmp_path: Path) -> None:
     cfg = build_config(
         EXAMPLES / "arithmetic_online_dpo.yaml",

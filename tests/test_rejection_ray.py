@@ -52,6 +52,7 @@ def _rsft(model_dir: Path, *overrides: str):
     )
 
 
+@pytest.mark.slow  # 35 s; test_rsft.py's quickstart run keeps RSFT end to end in the default suite
 def test_rsft_run_selects_on_actors_and_learns(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "r"
     summary = run_training(_rsft(model_dir, "rsft.rounds=15"), out, progress=False)
@@ -178,11 +179,14 @@ def test_sample_job_writes_the_accepted_set_and_resumes_without_duplicates(
     "env",
     [
         ["env.id=CartPole-v1"],
-        [
-            "env.id=rlft/Navigation-v0",
-            "env.kwargs={action_type: continuous}",
-            "env.max_episode_steps=20",
-        ],
+        pytest.param(  # the same run on a continuous policy: slow, so the default suite
+            [  # (which keeps the discrete one) stays under 10 minutes
+                "env.id=rlft/Navigation-v0",
+                "env.kwargs={action_type: continuous}",
+                "env.max_episode_steps=20",
+            ],
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["discrete", "continuous"],
 )
