@@ -137,6 +137,20 @@ def test_the_sampler_gap_is_measured_and_tis_corrects_it(model_dir: Path) -> Non
     )
 
 
+def _policy_reads(learner) -> list[int]:
+    """Records the rows of every forward of the policy (the reference's are left out)."""
+    calls: list[int] = []
+    forward, policy = learner.core.forward, learner.core.policy
+
+    def recorded(module, t, idx, **kw):
+        if module is policy:
+            calls.extend(idx.tolist())
+        return forward(module, t, idx, **kw)
+
+    learner.core.forward = recorded
+    return calls
+
+
 def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: Path) -> None:
     """Without a KL term in the loss a group scored alike is skipped by the update, so the
     learner's own log-prob pass (TIS, the vLLM gap) leaves its rows out: a sampler 5 nats
@@ -151,41 +165,18 @@ def test_the_learner_recomputes_log_probs_only_on_the_rows_it_trains(model_dir: 
     shift = np.where(rows_flat, 5.0, 0.3)[:, None]
     batch.logprobs = np.where(batch.response_mask, batch.logprobs - shift, 0.0).astype(np.float32)
     learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0")
-    calls = []  # the rows of every forward of the policy (the reference reads them all)
-    forward, policy = learner.core.forward, learner.core.policy
-
-    def recorded(module, t, idx, **kw):
-        if module is policy:
-            calls.append(idx.tolist())
-        return forward(module, t, idx, **kw)
-
-    learner.core.forward = recorded
+    read = _policy_reads(learner)  # the reference reads every row
     m = learner.update(batch, progress=0.0)
     assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
     assert m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
     assert m["rollout/tis_mean"] == pytest.approx(float(np.exp(0.3)), abs=1e-3)
-    read = sorted({i for idx in calls for i in idx})  # the pass and the update alike
-    assert read == np.flatnonzero(~rows_flat).tolist()
+    assert sorted(set(read)) == np.flatnonzero(~rows_flat).tolist()
     all_flat = make_batch(model_dir)
     all_flat.rewards[:] = 1.0
     m = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.tis_cap=2.0").update(
         all_flat, progress=0.0
     )
     assert "rollout/logprob_gap" not in m and m["optim/skipped_rows_frac"] == 1.0
-
-
-def _policy_reads(learner) -> list[int]:
-    """Records the rows of every forward of the policy (the reference's are left out)."""
-    calls: list[int] = []
-    forward, policy = learner.core.forward, learner.core.policy
-
-    def recorded(module, t, idx, **kw):
-        if module is policy:
-            calls.extend(idx.tolist())
-        return forward(module, t, idx, **kw)
-
-    learner.core.forward = recorded
-    return calls
 
 
 def test_a_single_step_update_takes_the_learners_log_probs_from_its_own_forward(
