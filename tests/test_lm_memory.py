@@ -222,3 +222,23 @@ def test_a_single_step_update_takes_the_learners_log_probs_from_its_own_forward(
     m = two_steps.update(batch, progress=0.0)
     assert m["optim/steps"] == 2.0 and sorted(reads) == sorted(trained * 2)
     assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_token_ppo_measures_the_gap_and_weights_by_tis_from_its_value_pass(
+    model_dir: Path,
+) -> None:
+    """Token-level PPO takes several optimizer steps, so the learner's log-probs come from
+    its no-gradient pass (with the old values): a sampler 0.3 nats below the learner reads
+    a gap of 0.3 and TIS weights of exp(0.3); with a cap of 1.2 every weight is clipped."""
+    batch = make_batch(model_dir)
+    batch.logprobs = np.where(batch.response_mask, batch.logprobs - 0.3, 0.0).astype(np.float32)
+    for cap, tis_mean, clipped in ((2.0, float(np.exp(0.3)), 0.0), (1.2, 1.2, 1.0)):
+        learner = make_learner("lm_ppo", model_dir, f"lm_ppo.tis_cap={cap}")
+        assert not learner.core.single_step()
+        m = learner.update(batch, progress=0.0)
+        assert m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+        assert m["rollout/logprob_gap_max"] == pytest.approx(0.3, abs=1e-4)
+        assert m["rollout/tis_mean"] == pytest.approx(tis_mean, abs=1e-3)
+        assert m["rollout/tis_clipped_frac"] == clipped
+    plain = make_learner("lm_ppo", model_dir).update(batch, progress=0.0)
+    assert "rollout/logprob_gap" not in plain  # HF sampler, no TIS: nothing recomputed
