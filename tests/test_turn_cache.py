@@ -221,7 +221,7 @@ def test_a_shared_prefill_gives_every_duplicate_row_the_cache_of_reading_it(
         with torch.no_grad():
             model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache)
             if share:
-                assert shared_prefill(model, ids, mask, cache) == 3  # 3 rows copied
+                assert shared_prefill(model, ids, mask, cache) == (3, None)  # 3 rows copied
             else:
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, 5:11]
                 model(ids[:, 5:11], attention_mask=mask[:, :11], position_ids=pos, cache=cache)
@@ -231,12 +231,9 @@ def test_a_shared_prefill_gives_every_duplicate_row_the_cache_of_reading_it(
     assert torch.allclose(shared.keys, read.keys, atol=1e-5)
     assert torch.allclose(shared.values, read.values, atol=1e-5)
     before = caches[1].get_seq_length()  # 6 distinct rows: nothing shared, nothing read
-    assert (
-        shared_prefill(
-            model, distinct[[0, 1, 2, 0, 1, 2]] + torch.arange(6)[:, None], mask, caches[1]
-        )
-        == 0
-    )
+    assert shared_prefill(
+        model, distinct[[0, 1, 2, 0, 1, 2]] + torch.arange(6)[:, None], mask, caches[1]
+    ) == (0, None)
     assert caches[1].get_seq_length() == before
 
 
@@ -271,3 +268,43 @@ def test_the_uncached_fallback_cuts_rows_to_their_caps_and_matches(model_dir: Pa
     assert np.array_equal(cached.response_ids, fallback.response_ids)
     assert np.array_equal(cached.loss_mask, fallback.loss_mask)
     assert cached.completions == fallback.completions
+
+
+def test_a_shared_turn_draws_its_first_token_from_the_shared_forward(model_dir: Path) -> None:
+    """Sampled (temperature 0.001: the two episodes of a seed say the same), so the second
+    and third turns share their prefill, read the last column too and draw the first token
+    from its logits before ``generate``: the same tokens and log-probs as re-reading every
+    conversation every turn, and the shared forward's last-column logits are those of
+    reading every row."""
+    from transformers import DynamicCache
+
+    from rlft_ray.rollout.turn_cache import shared_prefill
+
+    lm = LMConfig(model=str(model_dir), max_new_tokens=5, max_turns=4, temperature=0.001)
+    actor = GenerationActor(lm, seed=0)
+    limits = TurnLimits(max_turns=4, max_new_tokens=5, max_tokens=60, step_timeout_s=5.0)
+    sessions = [TurnSession(), _NoCache()]
+    cached, reread = (_episodes(actor, session, False, limits) for session in sessions)
+    assert sessions[0].shared_rows > 0 and sessions[1].shared_rows == 0
+    assert np.array_equal(cached.response_ids, reread.response_ids)
+    assert np.array_equal(cached.loss_mask, reread.loss_mask)
+    assert np.allclose(cached.logprobs, reread.logprobs, atol=1e-5)
+    assert (cached.logprobs[cached.loss_mask] < 0).any()  # the recorder's log-probs, not 0s
+    torch.manual_seed(0)
+    ids = torch.randint(5, 60, (2, 12))[[0, 1, 0, 0]]
+    mask = torch.ones_like(ids)
+    logits = []
+    for share in (True, False):
+        cache = DynamicCache(config=actor.model.config)
+        actor.model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache)
+        if share:
+            spared, last = shared_prefill(actor.model, ids, mask, cache, through_last=True)
+            assert spared == 2 and cache.get_seq_length() == 12
+        else:
+            pos = torch.arange(5, 12).expand(4, -1)
+            out = actor.model(
+                ids[:, 5:], attention_mask=mask, position_ids=pos, past_key_values=cache
+            )
+            last = out.logits[:, -1].float()
+        logits.append(last)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)

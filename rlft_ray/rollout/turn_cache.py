@@ -166,16 +166,25 @@ class TurnStops(StoppingCriteria):
         caps: ``[B]`` int, each row's new-token cap.
         eos_ids: ``[E]`` int, the token ids that end a turn.
         park_below: Park once at most this fraction of the rows runs (0: never).
+        ended: ``[B]`` bool, rows already done when the call starts (their first token,
+            drawn before it, was EOS or their cap); default none.
     """
 
     def __init__(
-        self, width: int, caps: torch.Tensor, eos_ids: torch.Tensor, park_below: float
+        self,
+        width: int,
+        caps: torch.Tensor,
+        eos_ids: torch.Tensor,
+        park_below: float,
+        ended: torch.Tensor | None = None,
     ) -> None:
         self.width, self.caps, self.eos_ids = width, caps, eos_ids
         # Parking needs at least one running row at or below the threshold.
         self.park_below = park_below if park_below * len(caps) >= 1 else 0.0
         self.first_cap = int(caps.min())
-        self.ended = torch.zeros(len(caps), dtype=torch.bool, device=caps.device)
+        if ended is None:
+            ended = torch.zeros(len(caps), dtype=torch.bool, device=caps.device)
+        self.ended = ended
         self.parked: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -200,9 +209,13 @@ class TurnStops(StoppingCriteria):
 SHARE_BELOW = 0.75
 
 
-def shared_prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> int:
-    """Read the new columns of ``ids`` (all but the last) into ``cache`` once per distinct
-    row, and copy the result to the row's duplicates; returns the rows spared.
+def shared_prefill(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, through_last: bool = False
+) -> tuple[int, torch.Tensor | None]:
+    """Read the new columns of ``ids`` (all but the last; with ``through_last`` the last
+    too) into ``cache`` once per distinct row, and copy the result to the row's
+    duplicates; returns the rows spared and, with ``through_last``, the last column's
+    logits ``[B, V]`` float32 (None when nothing was shared).
 
     Rows whose padded tokens and mask are equal have equal KV caches (the same tokens at
     the same positions, the same pads): the episodes of a GRPO group start from one
@@ -215,26 +228,28 @@ def shared_prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     """
     past, width = cache.get_seq_length(), ids.shape[1]
     if width - past < 3:
-        return 0
+        return 0, None
     rows, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
     distinct = rows.shape[0]
     if distinct > SHARE_BELOW * ids.shape[0]:
-        return 0
+        return 0, None
     first = torch.full((distinct,), ids.shape[0], dtype=torch.long, device=ids.device)
     first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
+    end = width if through_last else width - 1
     cache.batch_select_indices(first)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model(
-        input_ids=ids[first, past : width - 1],
-        attention_mask=mask[first, : width - 1],
-        position_ids=positions[first, past : width - 1],
+    out = model(
+        input_ids=ids[first, past:end],
+        attention_mask=mask[first, :end],
+        position_ids=positions[first, past:end],
         use_cache=True,
         **{cache_kwarg(base): cache},
         **({"logits_to_keep": 1} if _forward_takes(type(base), "logits_to_keep") else {}),
     )
     cache.batch_select_indices(inverse)
-    return ids.shape[0] - distinct
+    last = out.logits[inverse, -1].float() if through_last else None
+    return ids.shape[0] - distinct, last
 
 
 @functools.cache
@@ -295,28 +310,17 @@ class TurnCaching:
         start = time.perf_counter()
         keys = [int(c.metadata["episode"]) for c in contexts]
         ids, mask, cache = session.inputs(contexts, keys, self.pad_id, self.device)
-        if cache is not None:
-            new_columns = ids.shape[1] - 1 - cache.get_seq_length()
-            spared = shared_prefill(self.model, ids, mask, cache)
-            session.shared_rows += spared
-            session.fed_tokens -= spared * new_columns
         caps_t = torch.as_tensor(caps, device=self.device)
-        eos = torch.as_tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        only_parked = set(keys) <= session.parked_keys  # nothing new would start
-        stops = TurnStops(ids.shape[1], caps_t, eos, 0.0 if only_parked else session.park_below)
         recorder = self._recorder(greedy)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            generation_config=self._generation_config(greedy, max(caps)),
-            logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
-            stopping_criteria=StoppingCriteriaList([stops]),
-            **({} if cache is None else {cache_kwarg(self.model): cache}),
+        only_parked = set(keys) <= session.parked_keys  # nothing new would start
+        park_below = 0.0 if only_parked else session.park_below
+        sequences, cache, stops = self._decode_turn(
+            ids, mask, cache, caps_t, recorder, greedy, park_below, session
         )
-        response, real, logprobs = self._real_tokens(out.sequences[:, ids.shape[1] :], recorder)
+        response, real, logprobs = self._real_tokens(sequences[:, ids.shape[1] :], recorder)
         within = torch.arange(response.shape[1], device=response.device) < caps_t[:, None]
         real &= within  # a row stopped at its own cap: what generate appended is padding
-        session.keep(keys, out.sequences, mask, real, out.cache)
+        session.keep(keys, sequences, mask, real, cache)
         prompt_ids, prompt_mask = pad_sequences([c.ids for c in contexts], self.pad_id, "left")
         batch = self._batch(
             list(contexts),
@@ -334,6 +338,56 @@ class TurnCaching:
             session.parked_keys = {k for k, p in zip(keys, batch.unfinished.tolist()) if p}
         batch.generate_s = time.perf_counter() - start
         return batch
+
+    def _decode_turn(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        caps: torch.Tensor,
+        recorder: Any,
+        greedy: bool,
+        park_below: float,
+        session: TurnSession,
+    ) -> tuple[torch.Tensor, Any, TurnStops]:
+        """Decode a turn from ``ids`` / ``mask`` ``[B, W]`` (continuing ``cache``, or from
+        scratch); returns (``sequences`` ``[B, W + R]``, their cache of all but the last
+        column, the call's :class:`TurnStops`).
+
+        Where the new columns are shared (:func:`shared_prefill`: equal conversations),
+        the shared forward reads the last column too and the first token is drawn here
+        from its logits, by the recorder (or argmax) exactly as ``generate``'s first step
+        would: ``generate`` then starts with a decode step, not with a forward of one
+        column over every row (on ToolArithmetic about 8 ms of a 200 ms batch).
+        """
+        eos = torch.as_tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        first = None  # [B, 1] the first token, drawn here
+        if cache is not None:
+            new_columns = ids.shape[1] - 1 - cache.get_seq_length()
+            here = greedy or self._draws_itself()  # no warper of generate's to mirror
+            spared, last = shared_prefill(self.model, ids, mask, cache, through_last=here)
+            session.shared_rows += spared
+            session.fed_tokens -= spared * (new_columns + int(last is not None))
+            if last is not None:
+                first = (last if recorder is None else recorder(ids, last)).argmax(-1, True)
+        if first is None:
+            inputs, rest, ended = ids, caps, None
+        else:
+            inputs, rest = torch.cat([ids, first], dim=1), caps - 1
+            ended = torch.isin(first[:, 0], eos) | (rest <= 0)
+            mask = torch.cat([mask, torch.ones_like(first)], dim=1)
+        stops = TurnStops(inputs.shape[1], rest, eos, park_below, ended)
+        if ended is not None and bool(ended.all()):  # every row ended at its first token
+            return inputs, cache, stops
+        out = self.model.generate(
+            input_ids=inputs,
+            attention_mask=mask,
+            generation_config=self._generation_config(greedy, int(rest.max())),
+            logits_processor=None if recorder is None else LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([stops]),
+            **({} if cache is None else {cache_kwarg(self.model): cache}),
+        )
+        return out.sequences, out.cache, stops
 
     def _turn_caps(
         self, contexts: Sequence[Prompt], max_new_tokens: int | Sequence[int] | None
