@@ -302,9 +302,7 @@ def test_a_shared_turn_draws_its_first_token_from_the_shared_forward(model_dir: 
             assert spared == 2 and cache.get_seq_length() == 12
         else:
             pos = torch.arange(5, 12).expand(4, -1)
-            out = actor.model(
-                ids[:, 5:], attention_mask=mask, position_ids=pos, past_key_values=cache
-            )
+            out = actor.model(ids[:, 5:], attention_mask=mask, position_ids=pos, cache=cache)
             last = out.logits[:, -1].float()
         logits.append(last)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
