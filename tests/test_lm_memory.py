@@ -242,3 +242,30 @@ def test_token_ppo_measures_the_gap_and_weights_by_tis_from_its_value_pass(
         assert m["rollout/tis_clipped_frac"] == clipped
     plain = make_learner("lm_ppo", model_dir).update(batch, progress=0.0)
     assert "rollout/logprob_gap" not in plain  # HF sampler, no TIS: nothing recomputed
+
+
+def test_without_tis_the_single_step_ratio_stays_on_the_samplers_log_probs(
+    model_dir: Path,
+) -> None:
+    """Behind vLLM without TIS the update still measures the gap from its own forward, but
+    its PPO ratio is against the sampler's log-probs, as with the separate pass: a sampler
+    0.3 nats below the learner gives ratios of exp(0.3) = 1.35, clipped at 1.2, and the
+    same step as the pass."""
+    batch = make_batch(model_dir)
+    batch.logprobs = np.where(batch.response_mask, batch.logprobs - 0.3, 0.0).astype(np.float32)
+    runs = {}
+    for how in ("inline", "pass"):
+        torch.manual_seed(0)
+        learner = make_learner("grpo", model_dir, "grpo.kl_coef=0.0", "grpo.micro_batch_size=3")
+        learner.core.recomputes_logprobs = lambda tis_cap: True  # what lm.backend=vllm does
+        if how == "pass":
+            learner.core.single_step = lambda: False
+        runs[how] = (learner.update(batch, progress=0.0), learner.policy_state())
+    (inline_m, inline_p), (pass_m, pass_p) = runs["inline"], runs["pass"]
+    assert inline_m["rollout/logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+    assert "rollout/tis_mean" not in inline_m
+    assert inline_m["loss/clip_frac"] == pytest.approx(pass_m["loss/clip_frac"], abs=1e-6)
+    assert inline_m["loss/clip_frac"] > 0.1  # ratio 1.35 > 1 + clip_low on positive rows
+    assert inline_m["loss/policy"] == pytest.approx(pass_m["loss/policy"], abs=1e-5)
+    for key, value in pass_p.items():
+        torch.testing.assert_close(inline_p[key], value, atol=2e-5, rtol=0, msg=key)

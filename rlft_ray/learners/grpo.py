@@ -165,7 +165,9 @@ class GRPOLearner(LMLearnerHooks, Learner):
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             base = sub.get("ratio_logprobs", sub["old_logprobs"])  # TIS: the learner's
             if inline is not None:
-                base = inline.observe(out.logprobs, sub)
+                learner = inline.observe(out.logprobs, sub)  # the gap (and TIS weights)
+                if hp.tis_cap is not None:  # without TIS the ratio stays on the sampler's
+                    base = learner
             if sequence_ratio:  # GSPO
                 loss, stats = gspo_sequence_policy_losses(
                     out.logprobs, base, sub["advantages"], sub["mask"], hp.clip_low, hp.clip_high

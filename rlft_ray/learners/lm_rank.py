@@ -348,8 +348,8 @@ class LMRank:
 
     def single_step(self) -> bool:
         """Whether an update is one optimizer step (one epoch of one minibatch): its
-        forward then runs on the weights the batch was sampled for, and gives the
-        learner's log-probs itself (:class:`~rlft_ray.learners.sampler_gap.InlineMismatch`)."""
+        forward then runs on the weights the update starts from (what a pass before it
+        would read), and gives the learner's log-probs itself (:class:`~rlft_ray.learners.sampler_gap.InlineMismatch`)."""
         return self.hp.num_epochs * self.hp.num_minibatches == 1
 
     def kl_metrics(

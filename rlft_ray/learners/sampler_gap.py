@@ -12,7 +12,7 @@ Two ways to get pi_learner before the update:
   (:meth:`~rlft_ray.learners.lm_rank.LMRank.learner_logprob_pass`): needed when the update
   takes several optimizer steps, since later minibatches see moved weights;
 - :class:`InlineMismatch`, inside the update's own forward when the update is a single
-  optimizer step: every micro-batch runs on the weights the batch started from, so the
+  optimizer step: every micro-batch runs on the weights the update started from, so the
   detached log-probs of the update's forward are pi_learner (TRL's GRPO does the same with
   ``num_iterations=1``). This saves the pass, a third of the update's compute.
 
@@ -91,11 +91,13 @@ def sampler_mismatch(
 class InlineMismatch:
     """The same measurement and correction inside a single-step update's forward.
 
-    :meth:`observe` takes each micro-batch's log-probs (with gradient) and returns the
-    PPO ratio's base, their detached values: pi_learner, since the one optimizer step
-    comes after every micro-batch. With ``tis_cap`` it puts the TIS weights in the
-    micro-batch's tensors (``sub["tis"]``). :meth:`metrics` gives what
-    :func:`sampler_mismatch` gives, over the tokens observed.
+    :meth:`observe` takes each micro-batch's log-probs (with gradient) and returns their
+    detached values: pi_learner, since the one optimizer step comes after every
+    micro-batch. With ``tis_cap`` the caller takes them as the PPO ratio's base (as
+    :func:`sampler_mismatch`'s ``ratio_logprobs``) and ``observe`` puts the TIS weights
+    in the micro-batch's tensors (``sub["tis"]``); without it the ratio stays against the
+    sampler's log-probs. :meth:`metrics` gives what :func:`sampler_mismatch` gives, over
+    the tokens observed.
     """
 
     def __init__(self, tis_cap: float | None, ctx: LearnerContext) -> None:

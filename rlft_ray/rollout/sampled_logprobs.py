@@ -42,7 +42,9 @@ def draw(probs: torch.Tensor, block: int = DRAW_BLOCK) -> torch.Tensor:
 
 
 class SampledLogprobs(LogitsProcessor):
-    """Records log π(y_t) of each sampled token during ``generate``, one step at a time.
+    """Records log π(y_t) of each sampled token during ``generate``, one step at a time
+    (a multi-turn turn's first token may be drawn by calling it before ``generate``, on
+    the logits of a shared prefill: :mod:`rlft_ray.rollout.turn_cache`).
 
     ``output_logits=True`` keeps every step's logits, ``[B, T, V]`` fp32 (0.8 GB for 128
     samples of 32 tokens over a 49k vocabulary, twice that once stacked); this keeps one

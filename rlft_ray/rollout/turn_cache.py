@@ -196,12 +196,19 @@ class TurnStops(StoppingCriteria):
         self.ended = self.ended | torch.isin(input_ids[:, -1], self.eos_ids)
         if sampled >= self.first_cap:  # (a few tensor ops a step: only where they can bite)
             self.ended |= sampled >= self.caps
+        if self.parks():
+            return torch.ones_like(self.ended)
+        return self.ended
+
+    def parks(self) -> bool:
+        """Whether the call parks now (at most ``park_below`` of the rows still run, at
+        least one does); sets :attr:`parked`. Also asked before ``generate`` where rows
+        were ``ended`` by a first token drawn before it."""
         if self.park_below > 0:
             running = len(self.ended) - int(self.ended.sum())
             if 0 < running <= self.park_below * len(self.ended):
                 self.parked = ~self.ended
-                return torch.ones_like(self.ended)
-        return self.ended
+        return self.parked is not None
 
 
 #: Share a prefill only when at most this fraction of the rows is distinct (an extra
@@ -222,9 +229,10 @@ def shared_prefill(
     prompt, and a policy that has learnt its tool call samples the same call in most of
     them, so the environment's reply lands on identical conversations. Without this, each
     copy re-reads the reply: on ToolArithmetic that prefill (64 rows x 26 tokens) cost as
-    much as 13 decode steps. ``generate`` then reads the last column itself (and samples
-    from its logits) as it would after any cached prefix. Nothing is shared when most
-    rows are distinct (:data:`SHARE_BELOW`) or there is at most one new column.
+    much as 13 decode steps. Without ``through_last``, ``generate`` then reads the last
+    column itself (and samples from its logits) as it would after any cached prefix; with
+    it the caller samples from the returned logits. Nothing is shared when most rows are
+    distinct (:data:`SHARE_BELOW`) or there is at most one new column.
     """
     past, width = cache.get_seq_length(), ids.shape[1]
     if width - past < 3:
@@ -254,8 +262,8 @@ def shared_prefill(
 
 @functools.cache
 def _forward_takes(cls: type, name: str) -> bool:
-    """Whether a model class's ``forward`` takes ``name`` (``logits_to_keep``: the
-    prefill's logits are skipped; only ``generate``'s own last column is sampled from)."""
+    """Whether a model class's ``forward`` takes ``name`` (``logits_to_keep``: only the
+    last column's logits are computed, the one a turn's first token is sampled from)."""
     return name in inspect.signature(cls.forward).parameters
 
 
@@ -377,8 +385,8 @@ class TurnCaching:
             ended = torch.isin(first[:, 0], eos) | (rest <= 0)
             mask = torch.cat([mask, torch.ones_like(first)], dim=1)
         stops = TurnStops(inputs.shape[1], rest, eos, park_below, ended)
-        if ended is not None and bool(ended.all()):  # every row ended at its first token
-            return inputs, cache, stops
+        if ended is not None and (bool(ended.all()) or stops.parks()):
+            return inputs, cache, stops  # every row ended at its first token, or few run on
         out = self.model.generate(
             input_ids=inputs,
             attention_mask=mask,
