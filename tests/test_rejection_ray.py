@@ -175,18 +175,17 @@ def test_sample_job_writes_the_accepted_set_and_resumes_without_duplicates(
         run_sampling(_bon(model_dir, prompts, "lm.num_samples=2"), out, resume=True, progress=False)
 
 
+@pytest.mark.slow  # 26 s and 21 s: the default suite stays under 10 minutes, with
+# test_core_components.py's filtered-BC updates (both action types) in it
 @pytest.mark.parametrize(
     "env",
     [
         ["env.id=CartPole-v1"],
-        pytest.param(  # the same run on a continuous policy: slow, so the default suite
-            [  # (which keeps the discrete one) stays under 10 minutes
-                "env.id=rlft/Navigation-v0",
-                "env.kwargs={action_type: continuous}",
-                "env.max_episode_steps=20",
-            ],
-            marks=pytest.mark.slow,
-        ),
+        [
+            "env.id=rlft/Navigation-v0",
+            "env.kwargs={action_type: continuous}",
+            "env.max_episode_steps=20",
+        ],
     ],
     ids=["discrete", "continuous"],
 )
