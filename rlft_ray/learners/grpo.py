@@ -154,11 +154,12 @@ class GRPOLearner(LMLearnerHooks, Learner):
         sequence_ratio = hp.ratio_level == "sequence"
         active = update_rows(tensors["advantages"], tensors["mask"], kl_in_loss)
         inline = None  # pi_learner before the update, on the rows it runs (sampler_gap)
-        if core.recomputes_logprobs(hp.tis_cap) and core.single_step():
-            inline = InlineMismatch(hp.tis_cap, self.ctx)  # from the update's own forward
-        elif core.recomputes_logprobs(hp.tis_cap):  # a pass first: later steps move weights
-            tensors.update(core.learner_logprob_pass(tensors, active))
-            metrics.update(sampler_mismatch(tensors, hp.tis_cap, self.ctx, active))
+        if core.recomputes_logprobs(hp.tis_cap):
+            if core.single_step():  # from the update's own forward
+                inline = InlineMismatch(hp.tis_cap, self.ctx)
+            else:  # a pass first: later steps move the weights
+                tensors.update(core.learner_logprob_pass(tensors, active))
+                metrics.update(sampler_mismatch(tensors, hp.tis_cap, self.ctx, active))
 
         def token_loss(
             out: ResponseOutput, sub: dict[str, torch.Tensor]

@@ -372,7 +372,7 @@ class TurnCaching:
         first = None  # [B, 1] the first token, drawn here
         if cache is not None:
             new_columns = ids.shape[1] - 1 - cache.get_seq_length()
-            here = greedy or self._draws_itself()  # no warper of generate's to mirror
+            here = recorder is None or recorder.draws  # no warper of generate's to mirror
             spared, last = shared_prefill(self.model, ids, mask, cache, through_last=here)
             session.shared_rows += spared
             session.fed_tokens -= spared * (new_columns + int(last is not None))
